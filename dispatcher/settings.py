@@ -1,0 +1,79 @@
+"""All of spinyard's settings, read once at start from `SPINYARD_*` variables.
+
+Nested parts use `__`: `SPINYARD_NATS__URL`, `SPINYARD_GATEWAY__PORT`. Nothing
+else in spinyard reads the environment. docs/configuration.md lists every
+field with its default.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class NatsSettings(BaseModel):
+    url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
+    user: str | None = Field(None, description="User name, if the server wants one")
+    password: SecretStr | None = Field(None, description="Password for `user`")
+    token: SecretStr | None = Field(None, description="Auth token, instead of user/password")
+    creds_file: Path | None = Field(None, description="NATS .creds file (JWT + nkey)")
+    connect_timeout_s: float = Field(5.0, description="Seconds to wait for the first connection")
+    replicas: int = Field(1, ge=1, le=5, description="JetStream replicas of streams and buckets")
+    events_max_age_s: float = Field(24 * 3600, description="Unhandled events are dropped after this")
+    status_max_age_s: float = Field(7 * 24 * 3600, description="Last status per subject kept this long")
+    dead_max_age_s: float = Field(14 * 24 * 3600, description="Dead letters kept this long")
+    dedup_window_s: float = Field(120.0, description="Window in which a repeated event id is dropped")
+
+
+class HandlerSettings(BaseModel):
+    ack_wait_s: float = Field(30.0, gt=0, description="Unacked message is redelivered after this")
+    max_ack_pending: int = Field(1000, ge=1, description="Messages out at once per handler, all replicas")
+    fetch_batch: int = Field(16, ge=1, description="Messages asked for per pull request")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="In-flight work may finish for this long")
+    concurrency: dict[str, int] = Field(
+        default_factory=dict, description="Per-handler concurrency override, e.g. {\"page_load\": 128}"
+    )
+
+
+class ReaperSettings(BaseModel):
+    interval_s: float = Field(5.0, gt=0, description="Seconds between reaper passes")
+    pool_refill_per_tick: int = Field(1, ge=1, description="Warm instances started per app per pass")
+    reconcile_grace_s: float = Field(
+        30.0, ge=0, description="Instances younger than this are never treated as orphans"
+    )
+
+
+class LocalBackendSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Address app processes bind to")
+    stop_grace_s: float = Field(5.0, ge=0, description="SIGTERM, then SIGKILL after this")
+    probe_interval_s: float = Field(0.05, gt=0, description="Readiness probe period while starting")
+    python: str | None = Field(None, description="Interpreter for '{python}' in commands; default: ours")
+
+
+class BackendSettings(BaseModel):
+    kind: Literal["local", "kubernetes"] = Field("local", description="Where apps and jobs run")
+    local: LocalBackendSettings = Field(default_factory=LocalBackendSettings)
+
+
+class GatewaySettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Address the gateway listens on")
+    port: int = Field(8080, ge=0, le=65535, description="Port; 0 picks a free one")
+    public_url: str | None = Field(None, description="Base URL pages use; default http://host:port")
+    max_body_bytes: int = Field(64 * 1024, gt=0, description="Largest event body accepted")
+    sse_keepalive_s: float = Field(15.0, gt=0, description="Comment line sent this often on SSE")
+
+
+class Settings(BaseSettings):
+    """spinyard's configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="SPINYARD_", env_nested_delimiter="__")
+
+    data_dir: Path = Field(Path(".spinyard"), description="State of the embedded stack and local backend")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a tty")
+    log_level: str = Field("info", description="debug, info, warning, error")
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    handlers: HandlerSettings = Field(default_factory=HandlerSettings)
+    reaper: ReaperSettings = Field(default_factory=ReaperSettings)
+    backend: BackendSettings = Field(default_factory=BackendSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)

@@ -1,0 +1,50 @@
+"""The `ctx` every handler receives: KV state, backend, store, publisher, logger.
+
+It is built once per handler process by the runtime and re-bound per message
+with that message's log context. Nothing in it holds per-message state.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nats.js import JetStreamContext
+from pydantic import BaseModel
+
+from handlers.ports import Backend
+from handlers.state import State
+from schemas.codec import encode
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Handler behaviour that operators tune (from `dispatcher.settings`)."""
+
+    pool_refill_per_tick: int = 1
+    reconcile_grace_s: float = 30.0
+    tick_interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Context:
+    state: State
+    backend: Backend
+    js: JetStreamContext
+    log: Any
+    knobs: Knobs = field(default_factory=Knobs)
+    store: Any = None
+    now: Callable[[], float] = time.time
+
+    def bind(self, **values: Any) -> "Context":
+        """A copy whose logger carries `values`."""
+        return replace(self, log=self.log.bind(**values))
+
+    async def publish_status(self, subject: str, status: BaseModel) -> None:
+        """Publish a status message; the status stream keeps the last one per subject."""
+        await self.js.publish(subject, encode(status))
+
+    async def emit(self, subject: str, event: BaseModel, msg_id: str | None = None) -> None:
+        """Publish an event for another handler, de-duplicated by its id."""
+        headers = {"Nats-Msg-Id": msg_id or event.id}  # type: ignore[attr-defined]
+        await self.js.publish(subject, encode(event), headers=headers)

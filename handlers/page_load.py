@@ -1,0 +1,136 @@
+"""page_load: give the page a ready app, starting or claiming one if needed.
+
+With a live deployment for the page's slot (the app's shared slot, or the
+session's own), it records the load and answers with the current status.
+Otherwise it wins the slot with a KV create (only one of any number of
+concurrent page loads can), then claims a warm instance or starts a new one,
+publishing `starting` and then `ready` or `failed`.
+
+A redelivered page load that created a deployment resumes that deployment,
+so a handler killed mid-start does not leave a second instance behind.
+"""
+
+from handlers.context import Context
+from handlers.errors import StartFailed
+from handlers.pool import claim, request_refill
+from handlers.registry import handler, on_failure
+from handlers.state import SHARED, Deployment, cas_loop, session_slot, slot_key
+from handlers.viz import LIVE, load_viz_app, mutate, new_instance_id, status_of
+from schemas import subjects
+from schemas.errors import ErrorInfo
+from schemas.events import PageLoad
+from schemas.spec import AppSpec
+from schemas.status import AppState, AppStatus, Phases
+
+# A page load within this many seconds of the last one is not written again:
+# the idle limits are minutes to hours, and it spares the KV a write per load.
+LOAD_RECORD_SLACK_S = 1.0
+
+
+@handler(subjects.PAGE_LOAD, schema=PageLoad, concurrency=64, retries=3, timeout_s=900)
+async def page_load(ctx: Context, event: PageLoad) -> None:
+    spec = await load_viz_app(ctx, event.app)
+    session = event.session if spec.sharing == "per_session" else None
+    slot = session_slot(session) if session else SHARED
+    key = slot_key(event.app, slot)
+    subject = subjects.app_status(event.app, session)
+
+    async for _ in cas_loop():
+        entry = await ctx.state.read(ctx.state.deployments, key, Deployment)
+        now = ctx.now()
+        if entry is None or entry.value.state not in LIVE:
+            dep = Deployment(
+                app=event.app,
+                slot=slot,
+                instance=new_instance_id(),
+                state=AppState.PENDING,
+                event_id=event.id,
+                created_at=now,
+                last_page_load=now,
+                phases=Phases(requested=event.time),
+                session=session,
+            )
+            if entry is None:
+                rev = await ctx.state.create(ctx.state.deployments, key, dep)
+            else:
+                rev = await ctx.state.update(ctx.state.deployments, key, dep, entry.revision)
+            if rev is None:
+                continue  # another page load won the slot: go round and report theirs
+            ctx.log.info("viz_deployment_created", instance=dep.instance)
+            await _bring_up(ctx, spec, key, dep, subject)
+            return
+
+        dep = entry.value
+        if dep.event_id == event.id and dep.state != AppState.READY:
+            ctx.log.info("viz_start_resumed", instance=dep.instance)
+            await _bring_up(ctx, spec, key, dep, subject)
+            return
+        if now - dep.last_page_load > LOAD_RECORD_SLACK_S:
+            bumped = dep.model_copy(update={"last_page_load": now})
+            if await ctx.state.update(ctx.state.deployments, key, bumped, entry.revision) is None:
+                continue
+        await ctx.publish_status(subject, status_of(dep))
+        return
+
+
+async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subject: str) -> None:
+    """Make `dep` ready: from the warm pool if it has one, else by starting an instance."""
+    if spec.pool.size and dep.state == AppState.PENDING:
+        member = await claim(ctx, spec.name)
+        if member is not None:
+            phases = dep.phases.model_copy(
+                update={"scheduled": member.created_at, "started": member.created_at,
+                        "ready": ctx.now(), "warm": True}
+            )
+            ready = await mutate(ctx, key, lambda d: d.model_copy(update={
+                "instance": member.instance, "state": AppState.READY, "url": member.url,
+                "phases": phases}) if d.event_id == dep.event_id else None)
+            if ready is None:
+                await ctx.backend.stop_viz(member.instance)  # the slot moved on without us
+                return
+            await ctx.publish_status(subject, status_of(ready[0]))
+            await request_refill(ctx, spec, limit=1)
+            return
+
+    now = ctx.now()
+    started = await mutate(ctx, key, lambda d: d.model_copy(update={
+        "state": AppState.STARTING,
+        "phases": d.phases.model_copy(update={"scheduled": d.phases.scheduled or now}),
+    }) if d.instance == dep.instance and d.state in LIVE else None)
+    if started is None:
+        return
+    await ctx.publish_status(subject, status_of(started[0]))
+    await ctx.backend.start_viz(dep.instance, spec)
+    t_started = ctx.now()
+    remaining = max(1.0, spec.start_timeout_s - (t_started - dep.created_at))
+    try:
+        await ctx.backend.wait_ready(dep.instance, spec, remaining)
+    except StartFailed as exc:
+        await ctx.backend.stop_viz(dep.instance)
+        failed = await mutate(ctx, key, lambda d: d.model_copy(update={
+            "state": AppState.FAILED, "error": ErrorInfo(code=exc.code, message=exc.message),
+        }) if d.instance == dep.instance else None)
+        ctx.log.warning("viz_start_failed", instance=dep.instance, code=exc.code, reason=exc.message)
+        if failed:
+            await ctx.publish_status(subject, status_of(failed[0]))
+        return
+    url = ctx.backend.url(dep.instance, spec)
+    t_ready = ctx.now()
+    ready = await mutate(ctx, key, lambda d: d.model_copy(update={
+        "state": AppState.READY, "url": url,
+        "phases": d.phases.model_copy(update={"started": t_started, "ready": t_ready}),
+    }) if d.instance == dep.instance and d.state in LIVE else None)
+    if ready is None:
+        await ctx.backend.stop_viz(dep.instance)  # reaped or replaced while starting
+        return
+    ctx.log.info("viz_deployment_ready", instance=dep.instance, start_s=round(t_ready - dep.created_at, 3))
+    await ctx.publish_status(subject, status_of(ready[0]))
+
+
+@on_failure(page_load)
+async def _page_load_failed(ctx: Context, event: PageLoad, error: ErrorInfo) -> None:
+    """Tell the page why its load could not be served."""
+    spec = await ctx.state.get_app(event.app)
+    session = event.session if spec is not None and spec.sharing == "per_session" else None
+    status = AppStatus(app=event.app, state=AppState.FAILED, error=error, session=session)
+    await ctx.publish_status(subjects.app_status(event.app, session), status)

@@ -1,0 +1,87 @@
+"""What handlers need from the outside world, as abstract classes.
+
+Handlers reach processes and Kubernetes only through `Backend`, and object
+storage only through `ObjectStore`. The implementations live in
+`dispatcher.backends` and `dispatcher.store`; tests may pass their own.
+"""
+
+import abc
+from dataclasses import dataclass, field
+from typing import Literal
+
+from schemas.spec import AppSpec
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One thing a backend runs for spinyard: a viz instance or a job."""
+
+    id: str
+    app: str
+    kind: Literal["viz", "job"]
+    created_at: float
+    pooled: bool = False
+    alive: bool = True
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobLaunch:
+    """Everything a job needs to run, and nothing more (no credentials)."""
+
+    job_id: str
+    inputs: dict
+    upload_urls: dict[str, str]
+    deadline_s: float
+
+
+class Backend(abc.ABC):
+    """Runs viz instances and jobs. Every method is idempotent."""
+
+    name: str = "abstract"
+
+    async def setup(self) -> None:  # noqa: B027 - optional hook
+        """Load configuration and connect. Called once before use."""
+
+    async def cleanup(self) -> None:  # noqa: B027 - optional hook
+        """Release connections. Leaves running instances alone."""
+
+    @abc.abstractmethod
+    async def start_viz(self, instance_id: str, spec: AppSpec, *, pooled: bool = False) -> None:
+        """Start a viz instance; return at once. Starting one that exists does nothing."""
+
+    @abc.abstractmethod
+    async def wait_ready(self, instance_id: str, spec: AppSpec, timeout: float) -> None:
+        """Wait until the instance answers its readiness probe.
+
+        Raises:
+            handlers.errors.StartFailed: it exited, or was not ready within `timeout`.
+        """
+
+    @abc.abstractmethod
+    def url(self, instance_id: str, spec: AppSpec) -> str:
+        """The URL a browser opens to reach the instance."""
+
+    @abc.abstractmethod
+    async def stop_viz(self, instance_id: str) -> None:
+        """Stop an instance: gracefully, then by force. Stopping one that is gone does nothing."""
+
+    @abc.abstractmethod
+    async def claim(self, instance_id: str) -> None:
+        """Mark a warm pool instance as in use (relabel)."""
+
+    async def target(self, instance_id: str) -> tuple[str, str] | None:
+        """(app, base URL) the gateway proxies to, for backends the gateway fronts; else None."""
+        return None
+
+    @abc.abstractmethod
+    async def list_instances(self) -> list[Instance]:
+        """Everything this backend runs for spinyard, found by label or state dir."""
+
+    async def submit_job(self, launch: JobLaunch, spec: AppSpec) -> None:
+        """Start a job. Submitting one that exists does nothing."""
+        raise NotImplementedError(f"the {self.name} backend does not run jobs yet")
+
+    async def cancel_job(self, job_id: str) -> None:
+        """Stop a job. Cancelling one that is gone does nothing."""
+        raise NotImplementedError(f"the {self.name} backend does not run jobs yet")

@@ -1,0 +1,120 @@
+"""reaper: one pass over every deployment on each tick.
+
+A pass (1) stops deployments past an idle limit, (2) fails starts that
+overran their timeout, (3) keeps warm pools at size, a few refills per app
+per tick, and (4) reconciles: backend instances that no record names are
+stopped, records whose instance is gone are failed and removed.
+
+Ticks come from a ticker in every reaper process, de-duplicated by JetStream
+on a per-interval message id, so any number of reaper replicas make one pass
+per interval between them.
+"""
+
+from handlers.context import Context
+from handlers.registry import handler
+from handlers.state import POOL, Deployment, PoolIndex, slot_key
+from handlers.pool import _change_pool, request_refill
+from handlers.viz import LIVE, status_of, status_subject, stop_deployment
+from schemas import errors as codes
+from schemas import subjects
+from schemas.errors import ErrorInfo
+from schemas.events import ReaperTick
+from schemas.spec import AppSpec
+from schemas.status import AppState
+
+# How long a failed or stopped record is kept so a late reader still sees why.
+KEEP_ENDED_S = 300.0
+
+
+def idle_reason(dep: Deployment, spec: AppSpec, now: float) -> str | None:
+    """Which idle limit, if any, `dep` has passed."""
+    idle = spec.idle
+    if now - dep.created_at > idle.max_lifetime_s:
+        return "max_lifetime"
+    if now - dep.last_page_load > idle.since_page_load_s:
+        return "idle_page_load"
+    last_active = max(dep.last_page_load, dep.last_heartbeat or 0.0)
+    if now - last_active > idle.since_heartbeat_s:
+        return "idle_heartbeat"
+    return None
+
+
+@handler(subjects.REAPER_TICK, schema=ReaperTick, concurrency=1, retries=1, timeout_s=300)
+async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
+    now = ctx.now()
+    apps = {spec.name: spec for spec in await ctx.state.list_apps()}
+    instances = {i.id: i for i in await ctx.backend.list_instances()}
+    known: set[str] = set()
+    counts = {"reaped": 0, "failed": 0, "orphans": 0, "refills": 0}
+
+    for key, raw, rev in await ctx.state.scan(ctx.state.deployments):
+        if key.endswith(f".{POOL}"):
+            known.update(await _tend_pool(ctx, PoolIndex.model_validate(raw), key, apps, now))
+            continue
+        dep = Deployment.model_validate(raw)
+        known.add(dep.instance)
+        spec = apps.get(dep.app)
+        if dep.state not in LIVE:
+            if dep.state != AppState.STOPPING and now - dep.created_at > KEEP_ENDED_S:
+                await ctx.state.delete(ctx.state.deployments, key, rev)
+            continue
+        reason = "app_removed" if spec is None else idle_reason(dep, spec, now)
+        if reason:
+            counts["reaped"] += await stop_deployment(ctx, key, dep, rev, reason)
+            continue
+        timeout = spec.start_timeout_s + ctx.knobs.reconcile_grace_s
+        instance = instances.get(dep.instance)
+        if dep.state != AppState.READY and now - dep.created_at > timeout:
+            error = ErrorInfo(code=codes.START_TIMEOUT, message="the app did not become ready in time")
+        elif dep.state == AppState.READY and (instance is None or not instance.alive):
+            error = ErrorInfo(code=codes.INSTANCE_LOST, message="the app's instance stopped unexpectedly")
+        else:
+            continue
+        failed = dep.model_copy(update={"state": AppState.FAILED, "error": error})
+        if await ctx.state.update(ctx.state.deployments, key, failed, rev) is not None:
+            await ctx.backend.stop_viz(dep.instance)
+            await ctx.publish_status(status_subject(dep), status_of(failed))
+            ctx.log.warning("viz_deployment_failed", instance=dep.instance, code=error.code)
+            counts["failed"] += 1
+
+    for spec in apps.values():
+        if spec.kind == "viz" and spec.pool.size:
+            counts["refills"] += await request_refill(ctx, spec, ctx.knobs.pool_refill_per_tick)
+
+    for instance in instances.values():
+        if instance.kind != "viz" or instance.id in known:
+            continue
+        if now - instance.created_at > ctx.knobs.reconcile_grace_s:
+            await ctx.backend.stop_viz(instance.id)
+            ctx.log.info("orphan_instance_stopped", instance=instance.id, app=instance.app)
+            counts["orphans"] += 1
+    ctx.log.info("reaper_pass_finished", deployments=len(known), **counts)
+
+
+async def _tend_pool(
+    ctx: Context, index: PoolIndex, key: str, apps: dict[str, AppSpec], now: float
+) -> set[str]:
+    """Expire stuck reservations and empty pools of removed apps. Returns the instances kept."""
+    app = key.rsplit(".", 1)[0].replace(".", "/", 1)
+    spec = apps.get(app)
+    timeout = (spec.start_timeout_s if spec else 0.0) + ctx.knobs.reconcile_grace_s
+    expired = {i for i, t in index.starting.items() if spec is None or now - t > timeout}
+    excess = [m.instance for m in index.warm[spec.pool.size:]] if spec else [m.instance for m in index.warm]
+    drop = expired | set(excess)
+    if drop:
+
+        def remove(idx: PoolIndex) -> bool:
+            for instance in drop:
+                idx.starting.pop(instance, None)
+            idx.warm = [m for m in idx.warm if m.instance not in drop]
+            return True
+
+        await _change_pool(ctx, app, remove)
+        for instance in drop:
+            await ctx.backend.stop_viz(instance)
+            ctx.log.info("pool_instance_dropped", instance=instance, app=app)
+    kept = {m.instance for m in index.warm} | set(index.starting)
+    return kept - drop
+
+
+__all__ = ["idle_reason", "reaper_tick", "slot_key"]

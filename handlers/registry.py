@@ -1,0 +1,129 @@
+"""The handler registry: `@handler(kind, schema=...)` and what it records.
+
+A handler is an async function `fn(ctx, event)`. Its id names its durable
+JetStream consumer, so every replica of the same handler shares the work.
+Tests build their own `Registry` and pass it to the runtime instead of the
+default one.
+"""
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from schemas import subjects
+
+HandlerFn = Callable[[Any, Any], Awaitable[None]]
+FailureHook = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """One registered handler and its delivery options."""
+
+    id: str
+    kind: str
+    fn: HandlerFn
+    schema: type[BaseModel]
+    concurrency: int = 32
+    retries: int = 3
+    timeout_s: float = 60.0
+    backoff_s: tuple[float, ...] = (0.5, 2.0, 10.0)
+    on_failure: FailureHook | None = None
+
+    @property
+    def filter_subject(self) -> str:
+        return subjects.kind_filter(self.kind)
+
+    @property
+    def max_deliver(self) -> int:
+        return self.retries + 1
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before try `attempt + 1`, given `attempt` tries so far (1-based)."""
+        return self.backoff_s[min(attempt, len(self.backoff_s)) - 1]
+
+
+@dataclass
+class Registry:
+    """Handlers by id."""
+
+    handlers: dict[str, HandlerSpec] = field(default_factory=dict)
+
+    def add(self, spec: HandlerSpec) -> None:
+        if spec.id in self.handlers:
+            raise ValueError(f"handler {spec.id!r} is registered twice")
+        self.handlers[spec.id] = spec
+
+    def get(self, handler_id: str) -> HandlerSpec:
+        try:
+            return self.handlers[handler_id]
+        except KeyError:
+            known = ", ".join(sorted(self.handlers)) or "none"
+            raise KeyError(f"no handler {handler_id!r}; known: {known}") from None
+
+    def select(self, ids: list[str] | None) -> list[HandlerSpec]:
+        """The named handlers, or all when `ids` is empty."""
+        if not ids:
+            return list(self.handlers.values())
+        return [self.get(i) for i in ids]
+
+
+default_registry = Registry()
+
+
+def handler(
+    kind: str,
+    *,
+    schema: type[BaseModel],
+    id: str | None = None,
+    concurrency: int = 32,
+    retries: int = 3,
+    timeout_s: float = 60.0,
+    backoff_s: tuple[float, ...] = (0.5, 2.0, 10.0),
+    registry: Registry | None = None,
+) -> Callable[[HandlerFn], HandlerFn]:
+    """Register `fn` as the handler of events of `kind`.
+
+    Args:
+        kind: the event kind (see `schemas.subjects.KINDS`).
+        schema: the event model the message is decoded into.
+        id: durable consumer name; defaults to `kind`.
+        concurrency: messages handled at once per replica.
+        retries: tries after the first before the message is dead-lettered.
+        timeout_s: a try that runs longer is cancelled and counts as failed.
+        backoff_s: delays before the 2nd, 3rd, ... try.
+        registry: where to register; the default registry otherwise.
+    """
+
+    def register(fn: HandlerFn) -> HandlerFn:
+        spec = HandlerSpec(
+            id=id or kind,
+            kind=kind,
+            fn=fn,
+            schema=schema,
+            concurrency=concurrency,
+            retries=retries,
+            timeout_s=timeout_s,
+            backoff_s=backoff_s,
+        )
+        (registry or default_registry).add(spec)
+        fn.spec = spec  # type: ignore[attr-defined]
+        return fn
+
+    return register
+
+
+def on_failure(fn: HandlerFn, registry: Registry | None = None) -> Callable[[FailureHook], FailureHook]:
+    """Attach a hook run once when `fn`'s message fails for good: `hook(ctx, event, error)`."""
+
+    def attach(hook: FailureHook) -> FailureHook:
+        reg = registry or default_registry
+        spec: HandlerSpec = fn.spec  # type: ignore[attr-defined]
+        updated = HandlerSpec(**{**spec.__dict__, "on_failure": hook})
+        reg.handlers[spec.id] = updated
+        fn.spec = updated  # type: ignore[attr-defined]
+        return hook
+
+    return attach

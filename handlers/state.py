@@ -1,0 +1,187 @@
+"""Records handlers keep in JetStream KV, and compare-and-set access to them.
+
+Handlers hold no state between messages: each decision is read from here
+and written back with the revision it was read at, so concurrent replicas
+never both win. Keys:
+
+- apps:         `owner.title` -> AppSpec
+- deployments:  `owner.title.shared`, `owner.title.session.<sid>` -> Deployment;
+                `owner.title.pool` -> PoolIndex
+- sessions:     `owner.title.<sid>` -> SessionRecord (who viewed what, when)
+- jobs:         `<job_id>` -> job record; `idem.<hash>` -> job id
+"""
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import msgpack
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from pydantic import BaseModel, Field
+
+from schemas import subjects
+from schemas.errors import ErrorInfo
+from schemas.spec import AppSpec
+from schemas.status import AppState, Phases
+
+M = TypeVar("M", bound=BaseModel)
+
+SHARED = "shared"
+POOL = "pool"
+
+
+class Deployment(BaseModel):
+    """A viz instance serving a slot: the shared slot, or one session's."""
+
+    app: str
+    slot: str
+    instance: str
+    state: AppState
+    url: str | None = None
+    event_id: str = Field(description="The page load that created it; its redelivery resumes it")
+    created_at: float
+    last_page_load: float
+    last_heartbeat: float | None = None
+    phases: Phases = Field(default_factory=Phases)
+    error: ErrorInfo | None = None
+    session: str | None = None
+
+
+class PoolMember(BaseModel):
+    instance: str
+    url: str
+    created_at: float
+    ready_at: float
+
+
+class PoolIndex(BaseModel):
+    """An app's warm pool: ready instances, and those still starting."""
+
+    warm: list[PoolMember] = Field(default_factory=list)
+    starting: dict[str, float] = Field(default_factory=dict, description="instance -> start time")
+
+    def size(self) -> int:
+        return len(self.warm) + len(self.starting)
+
+
+class SessionRecord(BaseModel):
+    app: str
+    session: str
+    first_seen: float
+    last_page_load: float
+
+
+def slot_key(app: str, slot: str) -> str:
+    return f"{subjects.app_key(app)}.{slot}"
+
+
+def session_slot(session: str) -> str:
+    return f"session.{session}"
+
+
+@dataclass
+class Entry(Generic[M]):  # noqa: UP046 - Python 3.11
+    key: str
+    value: M
+    revision: int
+
+
+def _pack(model: BaseModel) -> bytes:
+    return msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+
+
+class State:
+    """Typed, compare-and-set access to spinyard's KV buckets."""
+
+    def __init__(self, apps: KeyValue, deployments: KeyValue, sessions: KeyValue, jobs: KeyValue):
+        self.apps = apps
+        self.deployments = deployments
+        self.sessions = sessions
+        self.jobs = jobs
+
+    async def read(self, kv: KeyValue, key: str, model: type[M]) -> Entry[M] | None:
+        """The current value and revision, or None if absent or deleted."""
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
+            return None
+        return Entry(key, model.model_validate(msgpack.unpackb(entry.value)), entry.revision)
+
+    async def create(self, kv: KeyValue, key: str, value: BaseModel) -> int | None:
+        """Write `value` only if `key` is absent. Returns the revision, or None if it exists."""
+        try:
+            return await kv.create(key, _pack(value))
+        except KeyWrongLastSequenceError:
+            return None
+
+    async def update(self, kv: KeyValue, key: str, value: BaseModel, revision: int) -> int | None:
+        """Write `value` only if `key` is still at `revision`. None on conflict."""
+        try:
+            return await kv.update(key, _pack(value), last=revision)
+        except KeyWrongLastSequenceError:
+            return None
+
+    async def put(self, kv: KeyValue, key: str, value: BaseModel) -> int:
+        return await kv.put(key, _pack(value))
+
+    async def delete(self, kv: KeyValue, key: str, revision: int | None = None) -> bool:
+        """Delete `key` (only at `revision`, if given). False on conflict."""
+        try:
+            await kv.delete(key, last=revision)
+        except KeyWrongLastSequenceError:
+            return False
+        except Exception as exc:  # nats-py raises APIError for the wrong-sequence case on delete
+            if getattr(exc, "err_code", None) in (10071, 10164):
+                return False
+            raise
+        return True
+
+    async def scan(self, kv: KeyValue, pattern: str = ">") -> list[tuple[str, Any, int]]:
+        """Every live key matching `pattern`, with its raw decoded value and revision."""
+        watcher = await kv.watch(pattern, ignore_deletes=True)
+        found: dict[str, tuple[Any, int]] = {}
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
+                    found.pop(entry.key, None)
+                else:
+                    found[entry.key] = (msgpack.unpackb(entry.value), entry.revision)
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        return [(k, v, r) for k, (v, r) in found.items()]
+
+    async def keys(self, kv: KeyValue) -> list[str]:
+        try:
+            return await kv.keys()
+        except NoKeysError:
+            return []
+
+    async def get_app(self, name: str) -> AppSpec | None:
+        entry = await self.read(self.apps, subjects.app_key(name), AppSpec)
+        return entry.value if entry else None
+
+    async def list_apps(self) -> list[AppSpec]:
+        return [AppSpec.model_validate(v) for _, v, _ in await self.scan(self.apps)]
+
+    async def put_app(self, spec: AppSpec) -> None:
+        await self.put(self.apps, subjects.app_key(spec.name), spec)
+
+    async def delete_app(self, name: str) -> bool:
+        if await self.get_app(name) is None:
+            return False
+        await self.apps.delete(subjects.app_key(name))
+        return True
+
+
+async def cas_loop(attempts: int = 20) -> Any:
+    """Yield try numbers for a compare-and-set loop, with a tiny jittered pause between tries."""
+    for i in range(attempts):
+        yield i
+        await asyncio.sleep(0.001 * (i + 1))

@@ -1,0 +1,42 @@
+"""The error body every 4xx answer and every `failed` status carries.
+
+`code` is a stable machine-readable word; `message` is safe to show a user.
+"""
+
+from pydantic import BaseModel, ConfigDict
+
+# Stable error codes. Add, never rename.
+BAD_REQUEST = "bad_request"
+BAD_ENCODING = "bad_encoding"
+INVALID_EVENT = "invalid_event"
+UNKNOWN_APP = "unknown_app"
+WRONG_KIND = "wrong_kind"
+TOO_LARGE = "too_large"
+TOO_MANY = "too_many"
+UNAUTHORIZED = "unauthorized"
+FORBIDDEN = "forbidden"
+NOT_FOUND = "not_found"
+START_TIMEOUT = "start_timeout"
+START_FAILED = "start_failed"
+INSTANCE_LOST = "instance_lost"
+INTERNAL = "internal"
+UNAVAILABLE = "unavailable"
+
+
+class ErrorInfo(BaseModel):
+    """What went wrong, in a form safe to show a browser."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer: `{"error": {"code", "message"}}`."""
+
+    error: ErrorInfo
+
+    @classmethod
+    def of(cls, code: str, message: str) -> "ErrorBody":
+        return cls(error=ErrorInfo(code=code, message=message))

@@ -1,0 +1,143 @@
+"""The app spec: what an app author registers, loaded from a YAML file.
+
+One spec describes one app, `owner/title`, of kind `viz` (a long-running web
+server shown in a page) or `job` (a model run that ends). The same spec
+serves the local process backend (`command`, `{port}`/`{prefix}`
+placeholders) and the Kubernetes backend (`image`, `port`, `resources`).
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.names import check_app
+
+SPEC_VERSION = 1
+
+
+class IdleLimits(BaseModel):
+    """When a viz deployment counts as idle and is reaped. All in seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since_heartbeat_s: float = Field(
+        600, gt=0, description="Reap after this long with no counted heartbeat and no page load."
+    )
+    since_page_load_s: float = Field(
+        8 * 3600, gt=0, description="Reap this long after the last page load, even if heartbeats go on."
+    )
+    max_lifetime_s: float = Field(
+        24 * 3600, gt=0, description="Reap this long after the deployment started, whatever its use."
+    )
+    input_window_s: float = Field(
+        300, gt=0, description="A heartbeat counts only if the viewer acted within this many seconds."
+    )
+
+
+class Pool(BaseModel):
+    """Warm instances kept started ahead of page loads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(0, ge=0, le=100, description="Warm instances to keep ready.")
+
+
+class Resources(BaseModel):
+    """Requests and limits, in Kubernetes quantity syntax."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: str = "500m"
+    memory: str = "512Mi"
+
+
+class AppSpec(BaseModel):
+    """One registered app. See docs/app-spec.md for every field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = SPEC_VERSION
+    name: str = Field(description="owner/title")
+    kind: Literal["viz", "job"] = "viz"
+    description: str = ""
+    command: list[str] = Field(
+        min_length=1,
+        description="argv; '{port}' and '{prefix}' are replaced for viz apps",
+    )
+    workdir: str | None = Field(None, description="Working directory; relative to the spec file.")
+    env: dict[str, str] = Field(default_factory=dict)
+    image: str | None = Field(None, description="Container image, for the Kubernetes backend.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the app listens on in its container.")
+    resources: Resources = Field(default_factory=Resources)
+    readiness_path: str = "/"
+    sharing: Literal["shared", "per_session"] = "shared"
+    pool: Pool = Field(default_factory=Pool)
+    idle: IdleLimits = Field(default_factory=IdleLimits)
+    start_timeout_s: float = Field(60, gt=0)
+    embed_origins: list[str] = Field(default_factory=list)
+    # Jobs only.
+    deadline_s: float = Field(600, gt=0, description="A run past this is stopped: timed_out.")
+    max_input_bytes: int = Field(64 * 1024, gt=0, le=1024 * 1024)
+    retention_s: float = Field(7 * 24 * 3600, gt=0, description="How long results are kept.")
+    outputs: list[str] = Field(
+        default_factory=list, description="File names a run may upload (job apps)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_app(v)
+
+    @field_validator("readiness_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("readiness_path must start with '/'")
+        return v
+
+    @field_validator("embed_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin != "'self'" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"embed origin {origin!r} must be 'self' or an http(s) origin")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> "AppSpec":
+        if self.kind == "job" and self.pool.size:
+            raise ValueError("a job app cannot have a warm pool")
+        for name in self.outputs:
+            if "/" in name or name.startswith(".") or not name:
+                raise ValueError(f"output {name!r} must be a plain file name")
+        return self
+
+    @property
+    def owner(self) -> str:
+        return self.name.split("/")[0]
+
+    @property
+    def title(self) -> str:
+        return self.name.split("/")[1]
+
+
+def load_spec(path: str | Path) -> AppSpec:
+    """Read and validate one app spec file, resolving `workdir` against it.
+
+    Raises:
+        ValueError: the file is not YAML, or not a valid spec (the message names the field).
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: an app spec must be a mapping")
+    spec = AppSpec.model_validate(data)
+    workdir = Path(spec.workdir) if spec.workdir else Path(".")
+    if not workdir.is_absolute():
+        workdir = (path.parent / workdir).resolve()
+    return spec.model_copy(update={"workdir": str(workdir)})

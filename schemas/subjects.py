@@ -1,0 +1,74 @@
+"""The NATS subject tree, streams and KV buckets: the one place they are named.
+
+Events:   spinyard.v1.events.<kind>.<owner>.<title>   (run_cancel: .<job_id>)
+Status:   spinyard.v1.status.app.<owner>.<title>        shared apps
+          spinyard.v1.status.session.<owner>.<title>.<session>   per-session apps
+          spinyard.v1.status.job.<job_id>
+Dead:     spinyard.v1.dead.<kind>
+"""
+
+from schemas.names import split_app
+
+PREFIX = "spinyard.v1"
+EVENTS = f"{PREFIX}.events"
+STATUS = f"{PREFIX}.status"
+DEAD = f"{PREFIX}.dead"
+
+# JetStream streams and KV buckets.
+EVENTS_STREAM = "SPINYARD_EVENTS"
+STATUS_STREAM = "SPINYARD_STATUS"
+DEAD_STREAM = "SPINYARD_DEAD"
+APPS_BUCKET = "spinyard_apps"
+DEPLOYMENTS_BUCKET = "spinyard_deployments"
+SESSIONS_BUCKET = "spinyard_sessions"
+JOBS_BUCKET = "spinyard_jobs"
+
+# Event kinds; each is consumed by one durable consumer named after its handler.
+PAGE_LOAD = "page_load"
+HEARTBEAT = "heartbeat"
+REAPER_TICK = "reaper_tick"
+POOL_REFILL = "pool_refill"
+RUN_REQUEST = "run_request"
+RUN_CANCEL = "run_cancel"
+JOB_UPDATE = "job_update"
+KINDS = (PAGE_LOAD, HEARTBEAT, REAPER_TICK, POOL_REFILL, RUN_REQUEST, RUN_CANCEL, JOB_UPDATE)
+
+
+def kind_filter(kind: str) -> str:
+    """Subject filter of the durable consumer for one event kind."""
+    return f"{EVENTS}.{kind}.>"
+
+
+def event(kind: str, app: str) -> str:
+    """Subject an app-scoped event of `kind` is published on."""
+    owner, title = split_app(app)
+    return f"{EVENTS}.{kind}.{owner}.{title}"
+
+
+def event_for(kind: str, token: str) -> str:
+    """Subject for an event addressed by one token (a job id, or 'tick')."""
+    return f"{EVENTS}.{kind}.{token}"
+
+
+def app_status(app: str, session: str | None = None) -> str:
+    """Status subject of a shared app, or of one session's instance of a per-session app."""
+    owner, title = split_app(app)
+    if session is None:
+        return f"{STATUS}.app.{owner}.{title}"
+    return f"{STATUS}.session.{owner}.{title}.{session}"
+
+
+def job_status(job_id: str) -> str:
+    """Status subject of one run."""
+    return f"{STATUS}.job.{job_id}"
+
+
+def dead(kind: str) -> str:
+    """Dead-letter subject for events of `kind` that used up their tries."""
+    return f"{DEAD}.{kind}"
+
+
+def app_key(app: str) -> str:
+    """KV key of an app: `owner.title`."""
+    owner, title = split_app(app)
+    return f"{owner}.{title}"
