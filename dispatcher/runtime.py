@@ -1,0 +1,110 @@
+"""Wiring: connect, set up JetStream, start the backend, run handler consumers.
+
+`Handlers` is what `spinyard handlers <kind>...` runs and what `spinyard up`
+embeds. Everything it opens is closed in reverse order by one
+`AsyncExitStack`. On stop it stops fetching, lets in-flight messages finish
+within the grace period, and drains NATS. If any root task dies, the whole
+service stops instead of running on half-alive.
+"""
+
+import asyncio
+import contextlib
+import math
+import time
+from contextlib import AsyncExitStack
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from dispatcher import bus, logs
+from dispatcher.consumer import Consumer
+from dispatcher.settings import Settings
+from handlers import catalog  # noqa: F401 - registers the built-in handlers
+from handlers.context import Context, Knobs
+from handlers.ports import Backend
+from handlers.registry import HandlerSpec, Registry, default_registry
+from schemas import subjects
+from schemas.codec import encode
+from schemas.events import ReaperTick
+
+log = logs.get("spinyard.runtime")
+
+
+async def tick_forever(js: JetStreamContext, interval_s: float, stopping: asyncio.Event) -> None:
+    """Publish a reaper tick each interval. Every reaper replica does; JetStream keeps one."""
+    while not stopping.is_set():
+        slot = math.floor(time.time() / interval_s)
+        tick = ReaperTick(id=f"tick-{slot}")
+        try:
+            await js.publish(subjects.event_for(subjects.REAPER_TICK, "tick"), encode(tick),
+                             headers={"Nats-Msg-Id": tick.id})
+        except Exception as exc:  # NATS reconnecting: try again next interval
+            log.warning("tick_not_published", error=repr(exc))
+        next_at = (slot + 1) * interval_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), max(0.0, next_at - time.time()))
+
+
+def make_knobs(settings: Settings) -> Knobs:
+    return Knobs(
+        pool_refill_per_tick=settings.reaper.pool_refill_per_tick,
+        reconcile_grace_s=settings.reaper.reconcile_grace_s,
+        tick_interval_s=settings.reaper.interval_s,
+    )
+
+
+class Handlers:
+    """A handler service: the named handlers (all if none), their consumers and, with the reaper, its ticker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        handler_ids: list[str] | None = None,
+        *,
+        backend: Backend,
+        registry: Registry | None = None,
+        nc: Client | None = None,
+    ):
+        self.settings = settings
+        self.specs: list[HandlerSpec] = (registry or default_registry).select(handler_ids)
+        self.backend = backend
+        self.nc = nc
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        """Run until `stop()`; raise if a root task dies."""
+        async with AsyncExitStack() as stack:
+            nc = self.nc
+            if nc is None:
+                nc = await bus.connect(self.settings.nats, name="spinyard-handlers")
+                stack.push_async_callback(nc.drain)
+            js = nc.jetstream()
+            state = await bus.ensure(js, self.settings.nats, self.specs, self.settings.handlers)
+            ctx = Context(state=state, backend=self.backend, js=js, log=logs.get("spinyard.handler"),
+                          knobs=make_knobs(self.settings))
+            tasks = [
+                asyncio.create_task(
+                    Consumer(js, spec, ctx, self.settings.handlers, self.stopping).run(),
+                    name=f"consumer:{spec.id}",
+                )
+                for spec in self.specs
+            ]
+            if any(spec.kind == subjects.REAPER_TICK for spec in self.specs):
+                tasks.append(asyncio.create_task(
+                    tick_forever(js, self.settings.reaper.interval_s, self.stopping), name="reaper-ticker"))
+            log.info("handlers_started", handlers=[s.id for s in self.specs])
+            self.ready.set()
+            stop_waiter = asyncio.create_task(self.stopping.wait(), name="stop-waiter")
+            done, _ = await asyncio.wait([*tasks, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+            self.stopping.set()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            stop_waiter.cancel()
+            died = [r for r in results if isinstance(r, BaseException)
+                    and not isinstance(r, asyncio.CancelledError)]
+            log.info("handlers_stopped")
+            if stop_waiter not in done and died:
+                raise RuntimeError(f"a handler task died: {died[0]!r}") from died[0]
