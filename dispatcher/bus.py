@@ -109,14 +109,23 @@ async def ensure_streams(js: JetStreamContext, settings: NatsSettings) -> None:
 async def ensure_state(js: JetStreamContext, settings: NatsSettings) -> State:
     """Open (creating if missing) the KV buckets and wrap them."""
     buckets = []
-    for name in (subjects.APPS_BUCKET, subjects.DEPLOYMENTS_BUCKET,
-                 subjects.SESSIONS_BUCKET, subjects.JOBS_BUCKET):
+    for name in (
+        subjects.APPS_BUCKET,
+        subjects.DEPLOYMENTS_BUCKET,
+        subjects.SESSIONS_BUCKET,
+        subjects.JOBS_BUCKET,
+    ):
         try:
             kv = await js.key_value(name)
         except BucketNotFoundError:
             kv = await js.create_key_value(
-                KeyValueConfig(bucket=name, history=1, replicas=settings.replicas,
-                               storage=StorageType.FILE, direct=True)
+                KeyValueConfig(
+                    bucket=name,
+                    history=1,
+                    replicas=settings.replicas,
+                    storage=StorageType.FILE,
+                    direct=True,
+                )
             )
             log.info("bucket_created", bucket=name)
         buckets.append(kv)

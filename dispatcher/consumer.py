@@ -60,7 +60,9 @@ class Consumer:
                     await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    msgs = await sub.fetch(min(free, self.settings.fetch_batch), timeout=FETCH_TIMEOUT_S)
+                    msgs = await sub.fetch(
+                        min(free, self.settings.fetch_batch), timeout=FETCH_TIMEOUT_S
+                    )
                 except nats.errors.TimeoutError:
                     continue
                 for msg in msgs:
@@ -123,8 +125,14 @@ class Consumer:
             raise
         except PermanentError as exc:
             outcome = "failed"
-            await self._give_up(ctx, msg, event, ErrorInfo(code=exc.code, message=exc.message),
-                                f"{exc.code}: {exc.message}", attempt)
+            await self._give_up(
+                ctx,
+                msg,
+                event,
+                ErrorInfo(code=exc.code, message=exc.message),
+                f"{exc.code}: {exc.message}",
+                attempt,
+            )
         except RetryableError as exc:
             outcome = await self._retry_or_give_up(ctx, msg, event, exc, exc.delay, attempt)
         except Exception as exc:
@@ -136,15 +144,24 @@ class Consumer:
             await msg.ack()
         finally:
             keep_alive.cancel()
-            log.info("message_handled", outcome=outcome,
-                     duration_ms=round((loop.time() - started) * 1000, 2))
+            log.info(
+                "message_handled",
+                outcome=outcome,
+                duration_ms=round((loop.time() - started) * 1000, 2),
+            )
 
     async def _retry_or_give_up(self, ctx, msg, event, exc, delay: float, attempt: int) -> str:
         if attempt < self.spec.max_deliver:
             await msg.nak(delay=delay)
             return "retried"
-        error = ErrorInfo(code=codes.INTERNAL, message=str(exc)) if isinstance(exc, RetryableError) else _HIDDEN
-        await self._give_up(ctx, msg, event, error, f"after {attempt} tries: {exc!r}"[:1000], attempt)
+        error = (
+            ErrorInfo(code=codes.INTERNAL, message=str(exc))
+            if isinstance(exc, RetryableError)
+            else _HIDDEN
+        )
+        await self._give_up(
+            ctx, msg, event, error, f"after {attempt} tries: {exc!r}"[:1000], attempt
+        )
         return "dead_lettered"
 
     async def _give_up(self, ctx, msg, event, error: ErrorInfo, reason: str, attempt: int) -> None:

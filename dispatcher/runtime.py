@@ -36,8 +36,11 @@ async def tick_forever(js: JetStreamContext, interval_s: float, stopping: asynci
         slot = math.floor(time.time() / interval_s)
         tick = ReaperTick(id=f"tick-{slot}")
         try:
-            await js.publish(subjects.event_for(subjects.REAPER_TICK, "tick"), encode(tick),
-                             headers={"Nats-Msg-Id": tick.id})
+            await js.publish(
+                subjects.event_for(subjects.REAPER_TICK, "tick"),
+                encode(tick),
+                headers={"Nats-Msg-Id": tick.id},
+            )
         except Exception as exc:  # NATS reconnecting: try again next interval
             log.warning("tick_not_published", error=repr(exc))
         next_at = (slot + 1) * interval_s
@@ -54,7 +57,7 @@ def make_knobs(settings: Settings) -> Knobs:
 
 
 class Handlers:
-    """A handler service: the named handlers (all if none), their consumers and, with the reaper, its ticker."""
+    """A handler service: the named handlers (all if none) and, with the reaper, its ticker."""
 
     def __init__(
         self,
@@ -84,8 +87,13 @@ class Handlers:
                 stack.push_async_callback(nc.drain)
             js = nc.jetstream()
             state = await bus.ensure(js, self.settings.nats, self.specs, self.settings.handlers)
-            ctx = Context(state=state, backend=self.backend, js=js, log=logs.get("spinyard.handler"),
-                          knobs=make_knobs(self.settings))
+            ctx = Context(
+                state=state,
+                backend=self.backend,
+                js=js,
+                log=logs.get("spinyard.handler"),
+                knobs=make_knobs(self.settings),
+            )
             tasks = [
                 asyncio.create_task(
                     Consumer(js, spec, ctx, self.settings.handlers, self.stopping).run(),
@@ -94,8 +102,12 @@ class Handlers:
                 for spec in self.specs
             ]
             if any(spec.kind == subjects.REAPER_TICK for spec in self.specs):
-                tasks.append(asyncio.create_task(
-                    tick_forever(js, self.settings.reaper.interval_s, self.stopping), name="reaper-ticker"))
+                tasks.append(
+                    asyncio.create_task(
+                        tick_forever(js, self.settings.reaper.interval_s, self.stopping),
+                        name="reaper-ticker",
+                    )
+                )
             log.info("handlers_started", handlers=[s.id for s in self.specs])
             self.ready.set()
             stop_waiter = asyncio.create_task(self.stopping.wait(), name="stop-waiter")
@@ -103,8 +115,11 @@ class Handlers:
             self.stopping.set()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             stop_waiter.cancel()
-            died = [r for r in results if isinstance(r, BaseException)
-                    and not isinstance(r, asyncio.CancelledError)]
+            died = [
+                r
+                for r in results
+                if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+            ]
             log.info("handlers_stopped")
             if stop_waiter not in done and died:
                 raise RuntimeError(f"a handler task died: {died[0]!r}") from died[0]

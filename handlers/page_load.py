@@ -75,28 +75,24 @@ async def page_load(ctx: Context, event: PageLoad) -> None:
 
 async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subject: str) -> None:
     """Make `dep` ready: from the warm pool if it has one, else by starting an instance."""
-    if spec.pool.size and dep.state == AppState.PENDING:
-        member = await claim(ctx, spec.name)
-        if member is not None:
-            phases = dep.phases.model_copy(
-                update={"scheduled": member.created_at, "started": member.created_at,
-                        "ready": ctx.now(), "warm": True}
-            )
-            ready = await mutate(ctx, key, lambda d: d.model_copy(update={
-                "instance": member.instance, "state": AppState.READY, "url": member.url,
-                "phases": phases}) if d.event_id == dep.event_id else None)
-            if ready is None:
-                await ctx.backend.stop_viz(member.instance)  # the slot moved on without us
-                return
-            await ctx.publish_status(subject, status_of(ready[0]))
-            await request_refill(ctx, spec, limit=1)
-            return
+    if (
+        spec.pool.size
+        and dep.state == AppState.PENDING
+        and await _from_pool(ctx, spec, key, dep, subject)
+    ):
+        return
 
-    now = ctx.now()
-    started = await mutate(ctx, key, lambda d: d.model_copy(update={
-        "state": AppState.STARTING,
-        "phases": d.phases.model_copy(update={"scheduled": d.phases.scheduled or now}),
-    }) if d.instance == dep.instance and d.state in LIVE else None)
+    def ours(d: Deployment) -> bool:
+        return d.instance == dep.instance and d.state in LIVE
+
+    def to_starting(d: Deployment) -> Deployment | None:
+        scheduled = d.phases.scheduled or ctx.now()
+        phases = d.phases.model_copy(update={"scheduled": scheduled})
+        return (
+            d.model_copy(update={"state": AppState.STARTING, "phases": phases}) if ours(d) else None
+        )
+
+    started = await mutate(ctx, key, to_starting)
     if started is None:
         return
     await ctx.publish_status(subject, status_of(started[0]))
@@ -106,25 +102,72 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
     try:
         await ctx.backend.wait_ready(dep.instance, spec, remaining)
     except StartFailed as exc:
+        error = ErrorInfo(code=exc.code, message=exc.message)
+    else:
+        error = None
+
+    if error is not None:
         await ctx.backend.stop_viz(dep.instance)
-        failed = await mutate(ctx, key, lambda d: d.model_copy(update={
-            "state": AppState.FAILED, "error": ErrorInfo(code=exc.code, message=exc.message),
-        }) if d.instance == dep.instance else None)
-        ctx.log.warning("viz_start_failed", instance=dep.instance, code=exc.code, reason=exc.message)
+        update = {"state": AppState.FAILED, "error": error}
+        failed = await mutate(ctx, key, lambda d: d.model_copy(update=update) if ours(d) else None)
+        ctx.log.warning(
+            "viz_start_failed", instance=dep.instance, code=error.code, reason=error.message
+        )
         if failed:
             await ctx.publish_status(subject, status_of(failed[0]))
         return
+
     url = ctx.backend.url(dep.instance, spec)
     t_ready = ctx.now()
-    ready = await mutate(ctx, key, lambda d: d.model_copy(update={
-        "state": AppState.READY, "url": url,
-        "phases": d.phases.model_copy(update={"started": t_started, "ready": t_ready}),
-    }) if d.instance == dep.instance and d.state in LIVE else None)
+
+    def to_ready(d: Deployment) -> Deployment | None:
+        phases = d.phases.model_copy(update={"started": t_started, "ready": t_ready})
+        return (
+            d.model_copy(update={"state": AppState.READY, "url": url, "phases": phases})
+            if ours(d)
+            else None
+        )
+
+    ready = await mutate(ctx, key, to_ready)
     if ready is None:
         await ctx.backend.stop_viz(dep.instance)  # reaped or replaced while starting
         return
-    ctx.log.info("viz_deployment_ready", instance=dep.instance, start_s=round(t_ready - dep.created_at, 3))
+    ctx.log.info(
+        "viz_deployment_ready", instance=dep.instance, start_s=round(t_ready - dep.created_at, 3)
+    )
     await ctx.publish_status(subject, status_of(ready[0]))
+
+
+async def _from_pool(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subject: str) -> bool:
+    """Serve `dep` with a warm instance. False if the pool was empty."""
+    member = await claim(ctx, spec.name)
+    if member is None:
+        return False
+    now = ctx.now()
+    phases = dep.phases.model_copy(
+        update={
+            "scheduled": member.created_at,
+            "started": member.created_at,
+            "ready": now,
+            "warm": True,
+        }
+    )
+    update = {
+        "instance": member.instance,
+        "state": AppState.READY,
+        "url": member.url,
+        "phases": phases,
+    }
+    ready = await mutate(
+        ctx, key, lambda d: d.model_copy(update=update) if d.event_id == dep.event_id else None
+    )
+    if ready is None:
+        await ctx.backend.stop_viz(member.instance)  # the slot moved on without us
+        return True
+    ctx.log.info("viz_deployment_ready", instance=member.instance, warm=True)
+    await ctx.publish_status(subject, status_of(ready[0]))
+    await request_refill(ctx, spec, limit=1)
+    return True
 
 
 @on_failure(page_load)

@@ -17,8 +17,8 @@ from schemas.events import PoolRefill
 from schemas.spec import AppSpec
 
 
-async def _change_pool(ctx: Context, app: str, change) -> PoolIndex | None:
-    """Compare-and-set loop on an app's pool record. `change(index)` edits in place, False aborts."""
+async def change_pool(ctx: Context, app: str, change) -> PoolIndex | None:
+    """Compare-and-set loop on an app's pool record; `change(index)` edits it, False aborts."""
     key = slot_key(app, POOL)
     async for _ in cas_loop():
         entry = await ctx.state.read(ctx.state.deployments, key, PoolIndex)
@@ -45,7 +45,7 @@ async def claim(ctx: Context, app: str) -> PoolMember | None:
         taken.append(index.warm.pop(0))
         return True
 
-    if await _change_pool(ctx, app, take) is None:
+    if await change_pool(ctx, app, take) is None:
         return None
     member = taken[0]
     await ctx.backend.claim(member.instance)
@@ -73,11 +73,13 @@ async def request_refill(ctx: Context, spec: AppSpec, limit: int) -> int:
             new.append(instance)
         return True
 
-    if await _change_pool(ctx, spec.name, reserve) is None:
+    if await change_pool(ctx, spec.name, reserve) is None:
         return 0
     for instance in new:
         event = PoolRefill(app=spec.name, instance=instance)
-        await ctx.emit(subjects.event(subjects.POOL_REFILL, spec.name), event, msg_id=f"refill-{instance}")
+        await ctx.emit(
+            subjects.event(subjects.POOL_REFILL, spec.name), event, msg_id=f"refill-{instance}"
+        )
     return len(new)
 
 
@@ -90,7 +92,7 @@ async def forget(ctx: Context, app: str, instance: str) -> None:
         index.warm = [m for m in index.warm if m.instance != instance]
         return index.size() != before
 
-    await _change_pool(ctx, app, drop)
+    await change_pool(ctx, app, drop)
 
 
 @handler(subjects.POOL_REFILL, schema=PoolRefill, concurrency=4, retries=2, timeout_s=900)
@@ -126,7 +128,7 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
         index.warm.append(member)
         return True
 
-    if await _change_pool(ctx, event.app, promote) is None:
+    if await change_pool(ctx, event.app, promote) is None:
         # The reaper gave up on this reservation while it started.
         await ctx.backend.stop_viz(event.instance)
         return

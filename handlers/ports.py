@@ -51,7 +51,7 @@ class Backend(abc.ABC):
         """Start a viz instance; return at once. Starting one that exists does nothing."""
 
     @abc.abstractmethod
-    async def wait_ready(self, instance_id: str, spec: AppSpec, timeout: float) -> None:
+    async def wait_ready(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
         """Wait until the instance answers its readiness probe.
 
         Raises:

@@ -11,9 +11,9 @@ per interval between them.
 """
 
 from handlers.context import Context
+from handlers.pool import change_pool, request_refill
 from handlers.registry import handler
 from handlers.state import POOL, Deployment, PoolIndex, slot_key
-from handlers.pool import _change_pool, request_refill
 from handlers.viz import LIVE, status_of, status_subject, stop_deployment
 from schemas import errors as codes
 from schemas import subjects
@@ -65,9 +65,13 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
         timeout = spec.start_timeout_s + ctx.knobs.reconcile_grace_s
         instance = instances.get(dep.instance)
         if dep.state != AppState.READY and now - dep.created_at > timeout:
-            error = ErrorInfo(code=codes.START_TIMEOUT, message="the app did not become ready in time")
+            error = ErrorInfo(
+                code=codes.START_TIMEOUT, message="the app did not become ready in time"
+            )
         elif dep.state == AppState.READY and (instance is None or not instance.alive):
-            error = ErrorInfo(code=codes.INSTANCE_LOST, message="the app's instance stopped unexpectedly")
+            error = ErrorInfo(
+                code=codes.INSTANCE_LOST, message="the app's instance stopped unexpectedly"
+            )
         else:
             continue
         failed = dep.model_copy(update={"state": AppState.FAILED, "error": error})
@@ -99,7 +103,11 @@ async def _tend_pool(
     spec = apps.get(app)
     timeout = (spec.start_timeout_s if spec else 0.0) + ctx.knobs.reconcile_grace_s
     expired = {i for i, t in index.starting.items() if spec is None or now - t > timeout}
-    excess = [m.instance for m in index.warm[spec.pool.size:]] if spec else [m.instance for m in index.warm]
+    excess = (
+        [m.instance for m in index.warm[spec.pool.size :]]
+        if spec
+        else [m.instance for m in index.warm]
+    )
     drop = expired | set(excess)
     if drop:
 
@@ -109,7 +117,7 @@ async def _tend_pool(
             idx.warm = [m for m in idx.warm if m.instance not in drop]
             return True
 
-        await _change_pool(ctx, app, remove)
+        await change_pool(ctx, app, remove)
         for instance in drop:
             await ctx.backend.stop_viz(instance)
             ctx.log.info("pool_instance_dropped", instance=instance, app=app)

@@ -115,7 +115,9 @@ def handler(
     return register
 
 
-def on_failure(fn: HandlerFn, registry: Registry | None = None) -> Callable[[FailureHook], FailureHook]:
+def on_failure(
+    fn: HandlerFn, registry: Registry | None = None
+) -> Callable[[FailureHook], FailureHook]:
     """Attach a hook run once when `fn`'s message fails for good: `hook(ctx, event, error)`."""
 
     def attach(hook: FailureHook) -> FailureHook:

@@ -81,7 +81,7 @@ def session_slot(session: str) -> str:
 
 
 @dataclass
-class Entry(Generic[M]):  # noqa: UP046 - Python 3.11
+class Entry(Generic[M]):
     key: str
     value: M
     revision: int

@@ -77,7 +77,9 @@ async def mutate(
     raise RetryableError(f"deployment {key} kept changing under us", delay=0.2)
 
 
-async def stop_deployment(ctx: Context, key: str, dep: Deployment, revision: int, reason: str) -> bool:
+async def stop_deployment(
+    ctx: Context, key: str, dep: Deployment, revision: int, reason: str
+) -> bool:
     """Move a deployment to stopping, stop its instance, and remove the record.
 
     Returns:

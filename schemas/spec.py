@@ -26,13 +26,19 @@ class IdleLimits(BaseModel):
         600, gt=0, description="Reap after this long with no counted heartbeat and no page load."
     )
     since_page_load_s: float = Field(
-        8 * 3600, gt=0, description="Reap this long after the last page load, even if heartbeats go on."
+        8 * 3600,
+        gt=0,
+        description="Reap this long after the last page load, even if heartbeats go on.",
     )
     max_lifetime_s: float = Field(
-        24 * 3600, gt=0, description="Reap this long after the deployment started, whatever its use."
+        24 * 3600,
+        gt=0,
+        description="Reap this long after the deployment started, whatever its use.",
     )
     input_window_s: float = Field(
-        300, gt=0, description="A heartbeat counts only if the viewer acted within this many seconds."
+        300,
+        gt=0,
+        description="A heartbeat counts only if the viewer acted within this many seconds.",
     )
 
 
@@ -71,7 +77,10 @@ class AppSpec(BaseModel):
     image: str | None = Field(None, description="Container image, for the Kubernetes backend.")
     port: int = Field(8000, ge=1, le=65535, description="Port the app listens on in its container.")
     resources: Resources = Field(default_factory=Resources)
-    readiness_path: str = "/"
+    readiness_path: str = Field(
+        "/", description="Probed under the instance's prefix until it answers"
+    )
+    entry_path: str = Field("", description="Page opened under the instance's prefix, e.g. 'main'")
     sharing: Literal["shared", "per_session"] = "shared"
     pool: Pool = Field(default_factory=Pool)
     idle: IdleLimits = Field(default_factory=IdleLimits)
@@ -95,6 +104,13 @@ class AppSpec(BaseModel):
     def _path(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError("readiness_path must start with '/'")
+        return v
+
+    @field_validator("entry_path")
+    @classmethod
+    def _entry(cls, v: str) -> str:
+        if v.startswith("/") or ".." in v.split("/"):
+            raise ValueError("entry_path is relative to the app's prefix: no leading '/' or '..'")
         return v
 
     @field_validator("embed_origins")

@@ -49,5 +49,7 @@ class AppStatus(BaseModel):
     error: ErrorInfo | None = None
     session: str | None = None
     instance: str | None = None
-    reason: str | None = Field(None, description="Why it stopped: idle_heartbeat, max_lifetime, ...")
+    reason: str | None = Field(
+        None, description="Why it stopped: idle_heartbeat, max_lifetime, ..."
+    )
     time: float = Field(default_factory=_time.time)

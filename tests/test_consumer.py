@@ -20,16 +20,29 @@ class NoBackend(Backend):
 
     name = "none"
 
-    async def start_viz(self, *a, **k): raise AssertionError("unused")
-    async def wait_ready(self, *a, **k): raise AssertionError("unused")
-    def url(self, *a, **k): raise AssertionError("unused")
-    async def stop_viz(self, *a, **k): raise AssertionError("unused")
-    async def claim(self, *a, **k): raise AssertionError("unused")
-    async def list_instances(self): return []
+    async def start_viz(self, *a, **k):
+        raise AssertionError("unused")
+
+    async def wait_ready(self, *a, **k):
+        raise AssertionError("unused")
+
+    def url(self, *a, **k):
+        raise AssertionError("unused")
+
+    async def stop_viz(self, *a, **k):
+        raise AssertionError("unused")
+
+    async def claim(self, *a, **k):
+        raise AssertionError("unused")
+
+    async def list_instances(self):
+        return []
 
 
 async def _publish(js, event, kind=subjects.PAGE_LOAD):
-    await js.publish(subjects.event(kind, event.app), encode(event), headers={"Nats-Msg-Id": event.id})
+    await js.publish(
+        subjects.event(kind, event.app), encode(event), headers={"Nats-Msg-Id": event.id}
+    )
 
 
 async def _dead_letters(js, kind):

