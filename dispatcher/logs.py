@@ -40,4 +40,5 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
 
 
 def get(name: str = "spinyard", **values) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name).bind(**values)
+    """A lazy logger: it takes the configuration in force when it first logs, not when made."""
+    return structlog.get_logger(name, **values)

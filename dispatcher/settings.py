@@ -20,25 +20,38 @@ class NatsSettings(BaseModel):
     creds_file: Path | None = Field(None, description="NATS .creds file (JWT + nkey)")
     connect_timeout_s: float = Field(5.0, description="Seconds to wait for the first connection")
     replicas: int = Field(1, ge=1, le=5, description="JetStream replicas of streams and buckets")
-    events_max_age_s: float = Field(24 * 3600, description="Unhandled events are dropped after this")
-    status_max_age_s: float = Field(7 * 24 * 3600, description="Last status per subject kept this long")
+    events_max_age_s: float = Field(
+        24 * 3600, description="Unhandled events are dropped after this"
+    )
+    status_max_age_s: float = Field(
+        7 * 24 * 3600, description="Last status per subject kept this long"
+    )
     dead_max_age_s: float = Field(14 * 24 * 3600, description="Dead letters kept this long")
-    dedup_window_s: float = Field(120.0, description="Window in which a repeated event id is dropped")
+    dedup_window_s: float = Field(
+        120.0, description="Window in which a repeated event id is dropped"
+    )
 
 
 class HandlerSettings(BaseModel):
     ack_wait_s: float = Field(30.0, gt=0, description="Unacked message is redelivered after this")
-    max_ack_pending: int = Field(1000, ge=1, description="Messages out at once per handler, all replicas")
+    max_ack_pending: int = Field(
+        1000, ge=1, description="Messages out at once per handler, all replicas"
+    )
     fetch_batch: int = Field(16, ge=1, description="Messages asked for per pull request")
-    shutdown_grace_s: float = Field(10.0, ge=0, description="In-flight work may finish for this long")
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="In-flight work may finish for this long"
+    )
     concurrency: dict[str, int] = Field(
-        default_factory=dict, description="Per-handler concurrency override, e.g. {\"page_load\": 128}"
+        default_factory=dict,
+        description='Per-handler concurrency override, e.g. {"page_load": 128}',
     )
 
 
 class ReaperSettings(BaseModel):
     interval_s: float = Field(5.0, gt=0, description="Seconds between reaper passes")
-    pool_refill_per_tick: int = Field(1, ge=1, description="Warm instances started per app per pass")
+    pool_refill_per_tick: int = Field(
+        1, ge=1, description="Warm instances started per app per pass"
+    )
     reconcile_grace_s: float = Field(
         30.0, ge=0, description="Instances younger than this are never treated as orphans"
     )
@@ -48,7 +61,9 @@ class LocalBackendSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address app processes bind to")
     stop_grace_s: float = Field(5.0, ge=0, description="SIGTERM, then SIGKILL after this")
     probe_interval_s: float = Field(0.05, gt=0, description="Readiness probe period while starting")
-    python: str | None = Field(None, description="Interpreter for '{python}' in commands; default: ours")
+    python: str | None = Field(
+        None, description="Interpreter for '{python}' in commands; default: ours"
+    )
 
 
 class BackendSettings(BaseModel):
@@ -64,16 +79,46 @@ class GatewaySettings(BaseModel):
     sse_keepalive_s: float = Field(15.0, gt=0, description="Comment line sent this often on SSE")
 
 
+class StoreSettings(BaseModel):
+    endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3 API spinyard calls")
+    public_endpoint: str | None = Field(
+        None,
+        description="host:port (or http(s)://host:port) jobs and browsers use in presigned URLs, "
+        "if not `endpoint`; a URL's scheme overrides `secure` for them",
+    )
+    access_key: SecretStr | None = Field(None, description="S3 access key (required)")
+    secret_key: SecretStr | None = Field(None, description="S3 secret key (required)")
+    secure: bool = Field(False, description="Use HTTPS to reach `endpoint`")
+    region: str = Field("us-east-1", min_length=1, description="Region; presigning is then offline")
+    bucket: str = Field("spinyard-results", description="Bucket for run results; made at start")
+    upload_url_ttl_s: int = Field(900, ge=1, le=604800, description="Seconds a PUT URL is valid")
+    download_url_ttl_s: int = Field(3600, ge=1, le=604800, description="Seconds a GET URL is valid")
+    lifecycle_days: int = Field(
+        7,
+        ge=0,
+        description="Days after which the server deletes results/ objects, whatever the app's "
+        "retention (keep it >= the longest retention_s); 0: no rule",
+    )
+    max_result_bytes: int = Field(100 * 2**20, gt=0, description="Largest result kept, bytes")
+    timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout per request, s")
+    tries: int = Field(3, ge=1, description="Attempts per call on transient errors, then give up")
+
+
 class Settings(BaseSettings):
     """spinyard's configuration."""
 
     model_config = SettingsConfigDict(env_prefix="SPINYARD_", env_nested_delimiter="__")
 
-    data_dir: Path = Field(Path(".spinyard"), description="State of the embedded stack and local backend")
-    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a tty")
+    data_dir: Path = Field(
+        Path(".spinyard"), description="State of the embedded stack and local backend"
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a tty"
+    )
     log_level: str = Field("info", description="debug, info, warning, error")
     nats: NatsSettings = Field(default_factory=NatsSettings)
     handlers: HandlerSettings = Field(default_factory=HandlerSettings)
     reaper: ReaperSettings = Field(default_factory=ReaperSettings)
     backend: BackendSettings = Field(default_factory=BackendSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)

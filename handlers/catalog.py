@@ -1,3 +1,11 @@
 """Importing this module registers every built-in handler in the default registry."""
 
-from handlers import heartbeat, page_load, pool, reaper  # noqa: F401
+from handlers import (  # noqa: F401
+    heartbeat,
+    job_update,
+    page_load,
+    pool,
+    reaper,
+    run_cancel,
+    run_request,
+)

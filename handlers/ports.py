@@ -6,10 +6,15 @@ storage only through `ObjectStore`. The implementations live in
 """
 
 import abc
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from schemas.events import JobUpdate
 from schemas.spec import AppSpec
+
+JobReport = Callable[[JobUpdate], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -85,3 +90,42 @@ class Backend(abc.ABC):
     async def cancel_job(self, job_id: str) -> None:
         """Stop a job. Cancelling one that is gone does nothing."""
         raise NotImplementedError(f"the {self.name} backend does not run jobs yet")
+
+    async def watch_jobs(self, report: JobReport, stopping: asyncio.Event) -> None:
+        """Call `report` for each change of a job's state until `stopping` is set.
+
+        Reports may repeat (they are de-duplicated downstream by job and state).
+        A backend that runs no jobs just waits.
+        """
+        await stopping.wait()
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One result object of a finished run."""
+
+    key: str
+    name: str
+    size: int
+    url: str
+
+
+class ObjectStore(abc.ABC):
+    """Where run results live. Unreachable storage raises a `RetryableError`."""
+
+    @abc.abstractmethod
+    def upload_urls(self, job_id: str, names: list[str]) -> dict[str, str]:
+        """Presigned PUT URLs, one per declared output name."""
+
+    @abc.abstractmethod
+    async def collect(self, job_id: str, expected: list[str]) -> list[StoredResult]:
+        """Check a run's uploads against `expected`; results with GET URLs.
+
+        Raises:
+            handlers.errors.PermanentError: an output is missing or unexpected.
+            handlers.errors.RetryableError: the store did not answer.
+        """
+
+    @abc.abstractmethod
+    async def delete_job(self, job_id: str) -> int:
+        """Delete all of a run's objects; returns how many."""

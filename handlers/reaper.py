@@ -10,6 +10,7 @@ on a per-interval message id, so any number of reaper replicas make one pass
 per interval between them.
 """
 
+from handlers import runs
 from handlers.context import Context
 from handlers.pool import change_pool, request_refill
 from handlers.registry import handler
@@ -20,7 +21,7 @@ from schemas import subjects
 from schemas.errors import ErrorInfo
 from schemas.events import ReaperTick
 from schemas.spec import AppSpec
-from schemas.status import AppState
+from schemas.status import AppState, JobState
 
 # How long a failed or stopped record is kept so a late reader still sees why.
 KEEP_ENDED_S = 300.0
@@ -92,7 +93,44 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
             await ctx.backend.stop_viz(instance.id)
             ctx.log.info("orphan_instance_stopped", instance=instance.id, app=instance.app)
             counts["orphans"] += 1
+    await _tend_jobs(ctx, instances, now, counts)
     ctx.log.info("reaper_pass_finished", deployments=len(known), **counts)
+
+
+def _timed_out(now: float):
+    message = "the run passed its deadline and was stopped"
+    error = ErrorInfo(code=codes.DEADLINE_EXCEEDED, message=message)
+    return lambda job: runs.finish(job, JobState.TIMED_OUT, now, error=error)
+
+
+async def _tend_jobs(ctx: Context, instances: dict, now: float, counts: dict) -> None:
+    """Stop runs past their deadline, drop results past retention, cancel unknown jobs."""
+    grace = ctx.knobs.reconcile_grace_s
+    known: set[str] = set()
+    for job_id, raw, _ in await ctx.state.scan(ctx.state.jobs):
+        job = runs.Job.model_validate(raw)
+        known.add(job_id)
+        if not job.state.terminal and now - job.created_at > job.deadline_s + grace:
+            await ctx.backend.cancel_job(job_id)
+            done = await runs.advance(ctx, job_id, _timed_out(now))
+            if done is not None:
+                await runs.publish(ctx, done)
+                counts["timed_out"] = counts.get("timed_out", 0) + 1
+        elif job.state.terminal and now - (job.phases.finished or job.created_at) > job.retention_s:
+            if ctx.store is not None:
+                await ctx.store.delete_job(job_id)
+            await ctx.state.delete(ctx.state.jobs, job_id)
+            ctx.log.info("job_expired", job_id=job_id)
+            counts["expired"] = counts.get("expired", 0) + 1
+    for instance in instances.values():
+        if (
+            instance.kind == "job"
+            and instance.id not in known
+            and now - instance.created_at > grace
+        ):
+            await ctx.backend.cancel_job(instance.id)
+            ctx.log.info("orphan_job_cancelled", job_id=instance.id)
+            counts["orphans"] += 1
 
 
 async def _tend_pool(

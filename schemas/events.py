@@ -5,6 +5,7 @@ Every event has a `type`, an `id` (also the JetStream de-duplication id), a
 viewer's `session`.
 """
 
+import hashlib
 import time as _time
 import uuid
 from typing import Annotated, Any, Literal
@@ -110,3 +111,13 @@ Event = Annotated[
     PageLoad | Heartbeat | RunRequest | RunCancel | ReaperTick | PoolRefill | JobUpdate,
     Field(discriminator="type"),
 ]
+
+
+def job_id_for(app: str, idempotency_key: str | None, event_id: str) -> str:
+    """The job id of a run request: the same for the same app and idempotency key.
+
+    Without a key it derives from the event id, so a redelivered request maps
+    to the same job rather than starting a second one.
+    """
+    seed = f"{app}\0key\0{idempotency_key}" if idempotency_key else f"event\0{event_id}"
+    return "j-" + hashlib.sha256(seed.encode()).hexdigest()[:24]

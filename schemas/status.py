@@ -53,3 +53,53 @@ class AppStatus(BaseModel):
         None, description="Why it stopped: idle_heartbeat, max_lifetime, ..."
     )
     time: float = Field(default_factory=_time.time)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+class ResultRef(BaseModel):
+    """One result object of a run: its key in the results bucket and a presigned GET URL."""
+
+    key: str
+    url: str
+    name: str | None = None
+    size: int | None = None
+
+
+class JobPhases(BaseModel):
+    """Unix times (seconds) at which a run reached each phase."""
+
+    model_config = ConfigDict(extra="allow")
+
+    queued: float | None = None
+    running: float | None = None
+    finished: float | None = None
+
+
+class JobStatus(BaseModel):
+    """Where a run is. `results` is set on success, `log_tail` on failure."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    v: Literal[1] = STATUS_VERSION
+    job_id: str
+    app: str
+    state: JobState
+    results: list[ResultRef] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    exit_code: int | None = None
+    log_tail: str | None = None
+    phases: JobPhases = Field(default_factory=JobPhases)
+    session: str | None = None
+    time: float = Field(default_factory=_time.time)

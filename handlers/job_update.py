@@ -1,0 +1,80 @@
+"""job_update: turn a backend's report on a run into its record and status.
+
+On success it checks the uploads against the app's declared outputs and
+attaches presigned GET URLs. If object storage is down it raises a
+retryable error, so the report is tried again with backoff until the store
+is back, and the run then ends `succeeded` as it should.
+"""
+
+from handlers import runs
+from handlers.context import Context
+from handlers.errors import PermanentError
+from handlers.registry import handler
+from schemas import subjects
+from schemas.errors import ErrorInfo
+from schemas.events import JobUpdate
+from schemas.status import JobState, ResultRef
+
+_FAILURES = {
+    JobState.FAILED: ("job_failed", "the run exited with an error"),
+    JobState.TIMED_OUT: ("deadline_exceeded", "the run passed its deadline and was stopped"),
+    JobState.CANCELLED: ("cancelled", "the run was cancelled"),
+}
+
+
+@handler(
+    subjects.JOB_UPDATE,
+    schema=JobUpdate,
+    concurrency=32,
+    retries=10,
+    backoff_s=(0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0),
+    timeout_s=120,
+)
+async def job_update(ctx: Context, event: JobUpdate) -> None:
+    job = await runs.load(ctx, event.job_id)
+    if job.state.terminal:
+        ctx.log.info("job_update_ignored", state=event.state, current=job.state)
+        return
+    state = JobState(event.state)
+    now = ctx.now()
+    if state == JobState.RUNNING:
+        if job.state == JobState.RUNNING:
+            return
+        phases = job.phases.model_copy(update={"running": now})
+        new = await runs.advance(
+            ctx,
+            job.job_id,
+            lambda j: (
+                None
+                if j.state.terminal
+                else j.model_copy(update={"state": state, "phases": phases})
+            ),
+        )
+    elif state == JobState.SUCCEEDED:
+        fields = await _collect(ctx, job)
+        end = JobState.SUCCEEDED if "error" not in fields else JobState.FAILED
+        new = await runs.advance(
+            ctx, job.job_id, lambda j: runs.finish(j, end, now, exit_code=event.exit_code, **fields)
+        )
+    else:
+        code, message = _FAILURES[state]
+        if event.exit_code is not None and state == JobState.FAILED:
+            message = f"the run exited with code {event.exit_code}"
+        fields = {
+            "error": ErrorInfo(code=code, message=message),
+            "exit_code": event.exit_code,
+            "log_tail": event.log_tail,
+        }
+        new = await runs.advance(ctx, job.job_id, lambda j: runs.finish(j, state, now, **fields))
+    if new is not None:
+        ctx.log.info("job_state_changed", state=new.state)
+        await runs.publish(ctx, new)
+
+
+async def _collect(ctx: Context, job: runs.Job) -> dict:
+    """Results for a run that exited 0, or an error if its uploads don't match its outputs."""
+    try:
+        results = await ctx.store.collect(job.job_id, job.outputs) if job.outputs else []
+    except PermanentError as exc:  # missing or unexpected uploads: the run failed
+        return {"error": ErrorInfo(code="bad_results", message=exc.message)}
+    return {"results": [ResultRef(key=r.key, url=r.url, name=r.name, size=r.size) for r in results]}

@@ -1,0 +1,89 @@
+"""run_request: accept a run of a job app, record it as queued, and submit it.
+
+The job id comes from the request (the gateway sets it) or is derived from
+the app and idempotency key, so a repeated key yields the existing run. The
+record is created with a KV create, so of any number of deliveries of
+requests for one job id only one submits it; a redelivery of that same
+request resumes the submission, which the backend makes idempotent.
+"""
+
+import msgpack
+
+from handlers import runs
+from handlers.context import Context
+from handlers.errors import PermanentError
+from handlers.ports import JobLaunch
+from handlers.registry import handler, on_failure
+from schemas import errors as codes
+from schemas import subjects
+from schemas.errors import ErrorInfo
+from schemas.events import RunRequest, job_id_for
+from schemas.status import JobPhases, JobState, JobStatus
+
+
+@handler(subjects.RUN_REQUEST, schema=RunRequest, concurrency=32, retries=4, timeout_s=120)
+async def run_request(ctx: Context, event: RunRequest) -> None:
+    spec = await ctx.state.get_app(event.app)
+    if spec is None:
+        raise PermanentError(f"no app named {event.app!r} is registered", code=codes.UNKNOWN_APP)
+    if spec.kind != "job":
+        raise PermanentError(
+            f"{event.app!r} is a {spec.kind} app, not a job app", code=codes.WRONG_KIND
+        )
+    size = len(msgpack.packb(event.inputs, use_bin_type=True))
+    if size > spec.max_input_bytes:
+        raise PermanentError(
+            f"inputs are {size} bytes; {event.app} accepts at most {spec.max_input_bytes}",
+            code=codes.TOO_LARGE,
+        )
+    job_id = event.job_id or job_id_for(event.app, event.idempotency_key, event.id)
+    now = ctx.now()
+    job = runs.Job(
+        job_id=job_id,
+        app=event.app,
+        session=event.session,
+        state=JobState.QUEUED,
+        event_id=event.id,
+        inputs=event.inputs,
+        outputs=spec.outputs,
+        deadline_s=spec.deadline_s,
+        retention_s=spec.retention_s,
+        created_at=now,
+        phases=JobPhases(queued=now),
+    )
+    if await ctx.state.create(ctx.state.jobs, job_id, job) is not None:
+        ctx.log.info("job_queued", job_id=job_id)
+        await runs.publish(ctx, job)
+    else:
+        existing = await runs.load(ctx, job_id)
+        if existing.event_id != event.id or existing.state != JobState.QUEUED:
+            # The same idempotency key again: the page gets the run's current status.
+            ctx.log.info("job_request_repeated", job_id=job_id, state=existing.state)
+            await runs.publish(ctx, existing)
+            return
+        job = existing
+        ctx.log.info("job_submit_resumed", job_id=job_id)
+    urls = ctx.store.upload_urls(job_id, spec.outputs) if spec.outputs else {}
+    launch = JobLaunch(
+        job_id=job_id, inputs=job.inputs, upload_urls=urls, deadline_s=spec.deadline_s
+    )
+    await ctx.backend.submit_job(launch, spec)
+    ctx.log.info("job_submitted", job_id=job_id)
+
+
+@on_failure(run_request)
+async def _run_request_failed(ctx: Context, event: RunRequest, error: ErrorInfo) -> None:
+    """Tell the page why its run did not start, on the run's own status subject."""
+    job_id = event.job_id or job_id_for(event.app, event.idempotency_key, event.id)
+    job = await ctx.state.read(ctx.state.jobs, job_id, runs.Job)
+    if job is not None:
+        done = await runs.advance(
+            ctx, job_id, lambda j: runs.finish(j, JobState.FAILED, ctx.now(), error=error)
+        )
+        if done is not None:
+            await runs.publish(ctx, done)
+        return
+    status = JobStatus(
+        job_id=job_id, app=event.app, state=JobState.FAILED, error=error, session=event.session
+    )
+    await ctx.publish_status(subjects.job_status(job_id), status)

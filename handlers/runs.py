@@ -1,0 +1,93 @@
+"""Run (job) records and status, shared by run_request, run_cancel, job_update and the reaper.
+
+A run's record lives in the jobs bucket under its job id. Its state only
+moves forward: queued -> running -> one terminal state; a late or repeated
+backend report for a finished run is ignored.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from handlers.context import Context
+from handlers.errors import PermanentError, RetryableError
+from handlers.state import cas_loop
+from schemas import errors as codes
+from schemas import subjects
+from schemas.errors import ErrorInfo
+from schemas.status import JobPhases, JobState, JobStatus, ResultRef
+
+
+class Job(BaseModel):
+    job_id: str
+    app: str
+    session: str | None = None
+    state: JobState
+    event_id: str = Field(description="The run request that created it; its redelivery resumes it")
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    outputs: list[str] = Field(default_factory=list)
+    deadline_s: float
+    retention_s: float
+    created_at: float
+    phases: JobPhases = Field(default_factory=JobPhases)
+    results: list[ResultRef] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    exit_code: int | None = None
+    log_tail: str | None = None
+
+
+def status_of(job: Job) -> JobStatus:
+    return JobStatus(
+        job_id=job.job_id,
+        app=job.app,
+        state=job.state,
+        results=job.results,
+        error=job.error,
+        exit_code=job.exit_code,
+        log_tail=job.log_tail,
+        phases=job.phases,
+        session=job.session,
+    )
+
+
+async def publish(ctx: Context, job: Job) -> None:
+    await ctx.publish_status(subjects.job_status(job.job_id), status_of(job))
+
+
+async def load(ctx: Context, job_id: str) -> Job:
+    """The run's record.
+
+    Raises:
+        PermanentError: no run has that id.
+    """
+    entry = await ctx.state.read(ctx.state.jobs, job_id, Job)
+    if entry is None:
+        raise PermanentError(f"no run with id {job_id!r}", code=codes.NOT_FOUND)
+    return entry.value
+
+
+async def advance(ctx: Context, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
+    """Compare-and-set a run's record. `change` returns the new record, or None to leave it.
+
+    Returns:
+        The written record, or None if the run is gone or `change` declined.
+    """
+    async for _ in cas_loop():
+        entry = await ctx.state.read(ctx.state.jobs, job_id, Job)
+        if entry is None:
+            return None
+        new = change(entry.value)
+        if new is None:
+            return None
+        if await ctx.state.update(ctx.state.jobs, job_id, new, entry.revision) is not None:
+            return new
+    raise RetryableError(f"run {job_id} kept changing under us", delay=0.2)
+
+
+def finish(job: Job, state: JobState, now: float, **fields: Any) -> Job | None:
+    """`job` moved to terminal `state`, or None if it already ended."""
+    if job.state.terminal:
+        return None
+    phases = job.phases.model_copy(update={"finished": now})
+    return job.model_copy(update={"state": state, "phases": phases, **fields})

@@ -1,0 +1,105 @@
+"""A real S3 endpoint for tests: moto's server on a free loopback port.
+
+Use it from any test module with
+
+    from tests.s3 import s3_server  # noqa: F401
+
+and build settings with `store_settings(s3_server, bucket=...)`, one bucket
+per test. moto keeps its state in process memory, shared by every server in
+the process; it does not check signatures.
+"""
+
+import hashlib
+import hmac
+import logging
+import uuid
+from urllib.parse import parse_qsl, quote, urlsplit
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+from dispatcher.settings import StoreSettings
+
+ACCESS_KEY = "spinyard-test"
+SECRET_KEY = "spinyard-test-secret"
+
+
+class S3Server:
+    """One moto S3 server thread; `endpoint` is its `host:port`."""
+
+    def __init__(self, port: int = 0):
+        self.port = port
+        self._server: ThreadedMotoServer | None = None
+
+    def start(self) -> "S3Server":
+        # werkzeug logs every request line, presigned query strings included.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        self.port = self._server.get_host_and_port()[1]
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket, so connections are refused at once."""
+        if self._server is not None:
+            self._server.stop()
+            # stop() leaves the listening socket open: callers would hang, not fail.
+            if self._server._server is not None:
+                self._server._server.server_close()
+            self._server = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def store_settings(endpoint: str, bucket: str | None = None, **changes) -> StoreSettings:
+    """StoreSettings for a test endpoint: fake credentials, a fresh bucket, short timeouts."""
+    values = {
+        "endpoint": endpoint,
+        "access_key": ACCESS_KEY,
+        "secret_key": SECRET_KEY,
+        "bucket": bucket or f"t-{uuid.uuid4().hex[:16]}",
+        "timeout_s": 2.0,
+    }
+    return StoreSettings(**values | changes)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """The `host:port` of a moto S3 server that lives for the test module."""
+    server = S3Server().start()
+    yield server.endpoint
+    server.stop()
+
+
+def presigned_parts(url: str) -> tuple[str, str, dict[str, str]]:
+    """Split a presigned URL into (host, path, query parameters)."""
+    parts = urlsplit(url)
+    return parts.netloc, parts.path, dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
+def signature_valid(url: str, method: str, secret_key: str = SECRET_KEY) -> bool:
+    """Check a presigned URL's SigV4 signature as S3 would, for `method`.
+
+    moto does not check signatures, so this is how tests see that a URL is
+    good for PUT and not GET (or the reverse), for exactly its path.
+    """
+    host, path, query = presigned_parts(url)
+    signature = query.pop("X-Amz-Signature")
+    canonical_query = "&".join(
+        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items())
+    )
+    request = "\n".join(
+        [method, path, canonical_query, f"host:{host}", "", "host", "UNSIGNED-PAYLOAD"]
+    )
+    amz_date = query["X-Amz-Date"]
+    scope = query["X-Amz-Credential"].split("/", 1)[1]
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(request.encode()).hexdigest()]
+    )
+    signing_key = ("AWS4" + secret_key).encode()
+    for part in scope.split("/"):
+        signing_key = hmac.new(signing_key, part.encode(), hashlib.sha256).digest()
+    expected = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, signature)
