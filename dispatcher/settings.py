@@ -104,6 +104,25 @@ class StoreSettings(BaseModel):
     tries: int = Field(3, ge=1, description="Attempts per call on transient errors, then give up")
 
 
+class AuthSettings(BaseModel):
+    enabled: bool = Field(
+        True, description="Require a JWT on events and status; false only for trusted networks"
+    )
+    hs256_secret: SecretStr | None = Field(None, description="Shared secret for HS256 tokens")
+    rs256_public_key: str | None = Field(
+        None, description="PEM public key (or a path to one) for RS256 tokens"
+    )
+    audience: str | None = Field(None, description="Required `aud` claim, if set")
+    issuer: str | None = Field(None, description="Required `iss` claim, if set")
+    leeway_s: float = Field(5.0, ge=0, description="Clock skew allowed on `exp`, seconds")
+    max_ttl_s: float = Field(
+        24 * 3600, gt=0, description="`spinyard token` refuses longer lifetimes"
+    )
+    dev_token_endpoint: bool = Field(
+        False, description="Serve GET /v1/dev/token (mints tokens for anyone): `spinyard up` only"
+    )
+
+
 class Settings(BaseSettings):
     """spinyard's configuration."""
 
@@ -122,3 +141,4 @@ class Settings(BaseSettings):
     backend: BackendSettings = Field(default_factory=BackendSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
