@@ -25,7 +25,7 @@ from handlers.ports import Backend
 from handlers.registry import HandlerSpec, Registry, default_registry
 from schemas import subjects
 from schemas.codec import encode
-from schemas.events import ReaperTick
+from schemas.events import JobUpdate, ReaperTick
 
 log = logs.get("spinyard.runtime")
 
@@ -48,6 +48,20 @@ async def tick_forever(js: JetStreamContext, interval_s: float, stopping: asynci
             await asyncio.wait_for(stopping.wait(), max(0.0, next_at - time.time()))
 
 
+def job_reporter(js: JetStreamContext):
+    """Publish a backend's job report as a job_update event, one per job and state."""
+
+    async def report(update: JobUpdate) -> None:
+        msg_id = f"{update.job_id}.{update.state}"
+        await js.publish(
+            subjects.event_for(subjects.JOB_UPDATE, update.job_id),
+            encode(update),
+            headers={"Nats-Msg-Id": msg_id},
+        )
+
+    return report
+
+
 def make_knobs(settings: Settings) -> Knobs:
     return Knobs(
         pool_refill_per_tick=settings.reaper.pool_refill_per_tick,
@@ -67,11 +81,13 @@ class Handlers:
         backend: Backend,
         registry: Registry | None = None,
         nc: Client | None = None,
+        store=None,
     ):
         self.settings = settings
         self.specs: list[HandlerSpec] = (registry or default_registry).select(handler_ids)
         self.backend = backend
         self.nc = nc
+        self.store = store
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -106,6 +122,12 @@ class Handlers:
                     asyncio.create_task(
                         tick_forever(js, self.settings.reaper.interval_s, self.stopping),
                         name="reaper-ticker",
+                    )
+                )
+            if any(spec.kind == subjects.JOB_UPDATE for spec in self.specs):
+                tasks.append(
+                    asyncio.create_task(
+                        self.backend.watch_jobs(job_reporter(js), self.stopping), name="job-watcher"
                     )
                 )
             log.info("handlers_started", handlers=[s.id for s in self.specs])
