@@ -55,8 +55,8 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpu: str = "500m"
-    memory: str = "512Mi"
+    cpu: str = Field("500m", description="CPU request and limit (Kubernetes quantity)")
+    memory: str = Field("512Mi", description="Memory request and limit (Kubernetes quantity)")
 
 
 class AppSpec(BaseModel):
@@ -64,16 +64,18 @@ class AppSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    v: Literal[1] = SPEC_VERSION
+    v: Literal[1] = Field(SPEC_VERSION, description="Spec format version")
     name: str = Field(description="owner/title")
-    kind: Literal["viz", "job"] = "viz"
-    description: str = ""
+    kind: Literal["viz", "job"] = Field(
+        "viz", description="viz: a web app shown in a page; job: a run that ends with results"
+    )
+    description: str = Field("", description="Shown in the app list")
     command: list[str] = Field(
         min_length=1,
         description="argv; '{port}' and '{prefix}' are replaced for viz apps",
     )
     workdir: str | None = Field(None, description="Working directory; relative to the spec file.")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables")
     image: str | None = Field(None, description="Container image, for the Kubernetes backend.")
     port: int = Field(8000, ge=1, le=65535, description="Port the app listens on in its container.")
     resources: Resources = Field(default_factory=Resources)
@@ -81,14 +83,21 @@ class AppSpec(BaseModel):
         "/", description="Probed under the instance's prefix until it answers"
     )
     entry_path: str = Field("", description="Page opened under the instance's prefix, e.g. 'main'")
-    sharing: Literal["shared", "per_session"] = "shared"
+    sharing: Literal["shared", "per_session"] = Field(
+        "shared", description="shared: one instance for all viewers; per_session: one each"
+    )
     pool: Pool = Field(default_factory=Pool)
     idle: IdleLimits = Field(default_factory=IdleLimits)
-    start_timeout_s: float = Field(60, gt=0)
-    embed_origins: list[str] = Field(default_factory=list)
+    start_timeout_s: float = Field(60, gt=0, description="Seconds to become ready before `failed`")
+    embed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to embed the app (frame-ancestors); \"'self'\" is the gateway",
+    )
     # Jobs only.
     deadline_s: float = Field(600, gt=0, description="A run past this is stopped: timed_out.")
-    max_input_bytes: int = Field(64 * 1024, gt=0, le=1024 * 1024)
+    max_input_bytes: int = Field(
+        64 * 1024, gt=0, le=1024 * 1024, description="Largest run inputs accepted (msgpack bytes)"
+    )
     retention_s: float = Field(7 * 24 * 3600, gt=0, description="How long results are kept.")
     outputs: list[str] = Field(
         default_factory=list, description="File names a run may upload (job apps)."
