@@ -11,7 +11,6 @@ the process dies, the deadline lapses and another replica takes it over.
 import asyncio
 import contextlib
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import ValidationError
@@ -63,7 +62,7 @@ class Consumer:
                     msgs = await sub.fetch(
                         min(free, self.settings.fetch_batch), timeout=FETCH_TIMEOUT_S
                     )
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises both its own and asyncio's
                     continue
                 for msg in msgs:
                     if self.stopping.is_set():

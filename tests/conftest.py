@@ -4,8 +4,13 @@ import asyncio
 
 import pytest
 
+from dispatcher import logs
 from dispatcher.natsserver import NatsServer
 from dispatcher.settings import Settings
+
+
+# Everything is logged; pytest shows it only for failing tests, and some tests read it.
+logs.configure("console", "debug")
 
 
 @pytest.fixture

@@ -1,0 +1,314 @@
+/*
+ * spinyard embed: show a spinyard app in any page.
+ *
+ *   <div data-spinyard-app="owner/title"></div>
+ *   <script src="https://gateway.example/embed.js"></script>
+ *
+ * For each such element it sends a page_load event to the gateway this
+ * script came from, follows the app's status over Server-Sent Events, shows
+ * progress, swaps in the app's <iframe> when it is ready, and sends a
+ * heartbeat every 30 s (data-heartbeat-s) saying whether the page is visible
+ * and focused and how long the viewer has been idle. No dependencies.
+ *
+ * Element attributes: data-spinyard-app (required), data-heartbeat-s,
+ * data-height (iframe height, default 600px), data-token (bearer token),
+ * data-gateway (gateway base URL, default: this script's origin).
+ *
+ * window.spinyard: embed(el), run(app, inputs, opts) -> Promise<job_id>,
+ * watchJob(job_id, onStatus) -> {close()}, setToken(t), session(), base.
+ * An app inside the iframe may post {spinyard: "activity"} to its parent to
+ * say the viewer is active (input inside a cross-origin iframe is invisible
+ * to this page).
+ */
+(function () {
+  "use strict";
+  if (window.spinyard && window.spinyard.version) return;
+
+  var script = document.currentScript;
+  var BASE = script && script.src ? new URL(script.src, location.href).origin : location.origin;
+  var SESSION_KEY = "spinyard.session";
+  var LIVE = { pending: true, starting: true, ready: true };
+  var ENDED = { stopping: true, stopped: true, failed: true };
+  var JOB_DONE = { succeeded: true, failed: true, cancelled: true, timed_out: true };
+  var globalToken = (script && script.getAttribute("data-token")) || null;
+  var memorySession = null;
+  var lastInput = Date.now();
+
+  function randomHex(n) {
+    var bytes = new Uint8Array(Math.ceil(n / 2));
+    if (window.crypto && window.crypto.getRandomValues) {
+      window.crypto.getRandomValues(bytes);
+    } else {
+      for (var i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+    }
+    return Array.prototype.map.call(bytes, function (b) {
+      return ("0" + b.toString(16)).slice(-2);
+    }).join("").slice(0, n);
+  }
+
+  /** This tab's session id: kept in sessionStorage, so a reload keeps the same instance. */
+  function session() {
+    try {
+      var sid = window.sessionStorage.getItem(SESSION_KEY);
+      if (!sid) {
+        sid = "s-" + randomHex(20);
+        window.sessionStorage.setItem(SESSION_KEY, sid);
+      }
+      return sid;
+    } catch (e) {
+      // Storage blocked (sandboxed frame, privacy mode): one id for this page's life.
+      memorySession = memorySession || "s-" + randomHex(20);
+      return memorySession;
+    }
+  }
+
+  function headers(token) {
+    var h = { "Content-Type": "application/json" };
+    if (token) h.Authorization = "Bearer " + token;
+    return h;
+  }
+
+  /** POST one event; resolves with the 202 body, rejects with an Error carrying .code/.status. */
+  function postEvent(base, token, event) {
+    event.id = "ev-" + randomHex(32);
+    return fetch(base + "/v1/events", {
+      method: "POST",
+      headers: headers(token),
+      body: JSON.stringify(event),
+      mode: "cors",
+      credentials: "omit",
+    }).then(function (resp) {
+      return resp.json().catch(function () { return {}; }).then(function (body) {
+        if (resp.status === 202) return body;
+        var info = (body && body.error) || {};
+        var err = new Error(info.message || "the gateway answered " + resp.status);
+        err.code = info.code || "http_" + resp.status;
+        err.status = resp.status;
+        throw err;
+      });
+    });
+  }
+
+  /** URL of a status stream; EventSource cannot send headers, so the token rides in the query. */
+  function statusUrl(base, path, params, token) {
+    var url = new URL(base + path);
+    Object.keys(params).forEach(function (k) { url.searchParams.set(k, params[k]); });
+    if (token) url.searchParams.set("token", token);
+    return url.toString();
+  }
+
+  ["pointerdown", "pointermove", "keydown", "scroll", "wheel", "touchstart"].forEach(function (t) {
+    window.addEventListener(t, function () { lastInput = Date.now(); }, { passive: true, capture: true });
+  });
+  window.addEventListener("message", function (e) {
+    if (e.data && e.data.spinyard === "activity") lastInput = Date.now();
+  });
+
+  function Embed(el) {
+    this.el = el;
+    this.app = el.getAttribute("data-spinyard-app");
+    this.base = (el.getAttribute("data-gateway") || BASE).replace(/\/+$/, "");
+    this.heartbeatS = parseFloat(el.getAttribute("data-heartbeat-s")) || 30;
+    this.height = el.getAttribute("data-height") || "600px";
+    this.source = null;
+    this.beat = null;
+    this.ticker = null;
+    this.frame = null;
+    this.pointerOver = false;
+    this.box = document.createElement("div");
+    this.box.className = "spinyard-status";
+    this.box.setAttribute("role", "status");
+    this.box.style.cssText = "font:14px system-ui,sans-serif;color:#444;padding:1rem;" +
+      "border:1px solid #ddd;border-radius:6px;background:#fafafa";
+    el.appendChild(this.box);
+  }
+
+  Embed.prototype.token = function () {
+    return this.el.getAttribute("data-token") || globalToken;
+  };
+
+  Embed.prototype.say = function (text, action) {
+    if (this.frame) { this.frame.remove(); this.frame = null; }
+    this.box.style.display = "";
+    this.box.textContent = text;
+    if (action) {
+      var button = document.createElement("button");
+      button.type = "button";
+      button.textContent = action.label;
+      button.style.marginLeft = "0.75rem";
+      button.addEventListener("click", action.run);
+      this.box.appendChild(button);
+    }
+  };
+
+  /** Send a page load, follow status, heartbeat: everything starts here (and on "Start again"). */
+  Embed.prototype.start = function () {
+    var self = this;
+    this.stop();
+    this.ended = false;
+    this.live = false;
+    this.acceptedAt = null;
+    this.held = null;
+    this.startedAt = Date.now();
+    this.say("Loading " + this.app + "…");
+    this.listen();
+    postEvent(this.base, this.token(), { type: "page_load", app: this.app, session: session() })
+      .then(function (answer) {
+        if (self.ended) return;
+        self.acceptedAt = typeof answer.time === "number" ? answer.time : Date.now() / 1000;
+        self.beat = setInterval(function () { self.heartbeat(); }, self.heartbeatS * 1000);
+        if (self.held) self.onStatus(self.held);
+      })
+      .catch(function (err) {
+        self.stop();
+        self.say("Could not load " + self.app + ": " + err.message, {
+          label: "Try again", run: function () { self.start(); },
+        });
+      });
+  };
+
+  Embed.prototype.listen = function () {
+    var self = this;
+    var url = statusUrl(this.base, "/v1/apps/" + this.app + "/status", { session: session() },
+      this.token());
+    var source = new EventSource(url);
+    this.source = source;
+    source.addEventListener("status", function (e) {
+      var st;
+      try { st = JSON.parse(e.data); } catch (err) { return; }
+      if (self.acceptedAt === null) { self.held = st; return; }
+      self.onStatus(st);
+    });
+    source.onerror = function () {
+      // A network blip reconnects by itself; an error answer closes the stream for good.
+      if (source.readyState === EventSource.CLOSED && self.source === source && !self.ended) {
+        self.source = null;
+        setTimeout(function () { if (!self.ended && !self.source) self.listen(); }, 5000);
+      }
+    };
+  };
+
+  Embed.prototype.onStatus = function (st) {
+    var self = this;
+    // Before our page load shows up, an old stopped/failed status is history, not news.
+    if (!this.live && ENDED[st.state] && (st.time || 0) < this.acceptedAt - 2) return;
+    if (LIVE[st.state]) this.live = true;
+    if (st.state === "pending" || st.state === "starting") {
+      this.progress(st.state);
+    } else if (st.state === "ready" && st.url) {
+      this.show(new URL(st.url, this.base + "/").toString());
+    } else if (st.state === "stopping") {
+      this.say(this.app + " is stopping…");
+    } else if (st.state === "stopped" || st.state === "failed") {
+      var message = st.state === "failed"
+        ? this.app + " failed: " + ((st.error && st.error.message) || "unknown error")
+        : this.app + " was stopped" + (st.reason ? " (" + st.reason.replace(/_/g, " ") + ")" : "") + ".";
+      this.stop();
+      this.say(message, { label: "Start again", run: function () { self.start(); } });
+    }
+  };
+
+  Embed.prototype.progress = function (state) {
+    var self = this;
+    clearInterval(this.ticker);
+    var word = state === "pending" ? "Waiting for " : "Starting ";
+    var draw = function () {
+      var s = Math.round((Date.now() - self.startedAt) / 1000);
+      self.say(word + self.app + "… " + s + " s");
+    };
+    draw();
+    this.ticker = setInterval(draw, 1000);
+  };
+
+  Embed.prototype.show = function (url) {
+    var self = this;
+    clearInterval(this.ticker);
+    if (this.frame && this.frame.getAttribute("src") === url) return;
+    if (this.frame) this.frame.remove();
+    var frame = document.createElement("iframe");
+    frame.src = url;
+    frame.title = this.app;
+    frame.setAttribute("allow", "fullscreen; clipboard-read; clipboard-write");
+    frame.style.cssText = "width:100%;border:0;display:block;height:" + this.height;
+    frame.addEventListener("mouseenter", function () { self.pointerOver = true; lastInput = Date.now(); });
+    frame.addEventListener("mouseleave", function () { self.pointerOver = false; });
+    this.box.style.display = "none";
+    this.el.appendChild(frame);
+    this.frame = frame;
+  };
+
+  Embed.prototype.heartbeat = function () {
+    var inFrame = this.frame && document.activeElement === this.frame && this.pointerOver;
+    var idle = inFrame ? 0 : Math.max(0, (Date.now() - lastInput) / 1000);
+    postEvent(this.base, this.token(), {
+      type: "heartbeat",
+      app: this.app,
+      session: session(),
+      visible: document.visibilityState === "visible",
+      focused: document.hasFocus(),
+      idle_s: Math.round(idle * 10) / 10,
+    }).catch(function () { /* the next beat tries again */ });
+  };
+
+  /** Stop heartbeats and status; the iframe (if any) stays until something replaces it. */
+  Embed.prototype.stop = function () {
+    this.ended = true;
+    clearInterval(this.beat);
+    clearInterval(this.ticker);
+    this.beat = this.ticker = null;
+    if (this.source) { this.source.close(); this.source = null; }
+  };
+
+  function embed(el) {
+    if (el.__spinyard) return el.__spinyard;
+    var handle = new Embed(el);
+    el.__spinyard = handle;
+    handle.start();
+    return handle;
+  }
+
+  function scan() {
+    var found = document.querySelectorAll("[data-spinyard-app]");
+    for (var i = 0; i < found.length; i++) embed(found[i]);
+  }
+
+  /** Ask for one run of a job app; resolves with its job id. */
+  function run(app, inputs, opts) {
+    opts = opts || {};
+    var event = { type: "run_request", app: app, session: session(), inputs: inputs || {} };
+    if (opts.idempotencyKey) event.idempotency_key = opts.idempotencyKey;
+    return postEvent(opts.gateway || BASE, opts.token || globalToken, event)
+      .then(function (answer) { return answer.job_id; });
+  }
+
+  /** Call onStatus(status) with a job's current status and each change; stops when it ends. */
+  function watchJob(jobId, onStatus, opts) {
+    opts = opts || {};
+    var url = statusUrl(opts.gateway || BASE, "/v1/jobs/" + encodeURIComponent(jobId) + "/status",
+      {}, opts.token || globalToken);
+    var source = new EventSource(url);
+    source.addEventListener("status", function (e) {
+      var st;
+      try { st = JSON.parse(e.data); } catch (err) { return; }
+      if (JOB_DONE[st.state]) source.close();
+      onStatus(st);
+    });
+    return { close: function () { source.close(); } };
+  }
+
+  window.spinyard = {
+    version: 1,
+    base: BASE,
+    embed: embed,
+    run: run,
+    watchJob: watchJob,
+    session: session,
+    setToken: function (t) { globalToken = t || null; },
+  };
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", scan);
+  } else {
+    scan();
+  }
+})();
