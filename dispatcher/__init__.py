@@ -1,1 +1,1 @@
-"""spinyard's runtime: settings, NATS setup, the consumer loop, backends, the gateway and the CLI."""
+"""spinyard's runtime: settings, NATS setup, consumer loop, backends, gateway and CLI."""

@@ -77,14 +77,15 @@ class NatsServer:
             conf = self.store_dir / "spinyard-nats.conf"
             conf.write_text(self.config)
             args += ["-c", str(conf)]
-        log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - lives with the process
+        log = open(self.store_dir / "nats-server.log", "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                log_file = self.store_dir / "nats-server.log"
                 raise NatsServerError(
-                    f"nats-server exited with {self.proc.returncode}; see {self.store_dir}/nats-server.log"
+                    f"nats-server exited with {self.proc.returncode}; see {log_file}"
                 )
             for f in ports_dir.glob("*.ports"):
                 try:

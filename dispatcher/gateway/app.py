@@ -12,7 +12,6 @@ import inspect
 import json
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from dispatcher import logs
 from dispatcher.gateway import EVENT, SESSION, GatewayError, Metrics, error_response
 from dispatcher.gateway.proxy import Proxy
+from dispatcher.gateway.security import Guard, install
 from dispatcher.gateway.sse import StatusStreams
 from dispatcher.settings import GatewaySettings
 from handlers.errors import PublicError
@@ -35,7 +35,7 @@ from handlers.state import State
 from schemas import errors as codes
 from schemas import subjects
 from schemas.codec import encode
-from schemas.events import Heartbeat, PageLoad, RunCancel, RunRequest
+from schemas.events import Heartbeat, PageLoad, RunCancel, RunRequest, job_id_for
 from schemas.names import JOB_ID_RE
 
 log = logs.get("spinyard.gateway")
@@ -69,10 +69,6 @@ AUTH = web.AppKey("auth", Callable | None)  # type: ignore[arg-type]
 METRICS = web.AppKey("metrics", Metrics)
 STREAMS = web.AppKey("streams", StatusStreams)
 PROXY = web.AppKey("proxy", Proxy)
-
-
-def new_job_id() -> str:
-    return "j-" + uuid.uuid4().hex[:20]
 
 
 def describe(exc: ValidationError) -> str:
@@ -194,7 +190,8 @@ async def post_event(request: web.Request) -> web.Response:
                 if size > spec.max_input_bytes:
                     message = f"inputs: {size} bytes, {event.app!r} takes {spec.max_input_bytes}"
                     raise GatewayError(413, codes.TOO_LARGE, message)
-                event = event.model_copy(update={"job_id": new_job_id()})
+                job_id = job_id_for(event.app, event.idempotency_key, event.id)
+                event = event.model_copy(update={"job_id": job_id})
             subject = subjects.event(kind, event.app)
     except GatewayError as exc:
         metrics.count_event(kind, exc.code)
@@ -344,6 +341,7 @@ def make_app(
     backend: Backend | None,
     auth: Auth | None = None,
     nc: Client | None = None,
+    guard: Guard | None = None,
 ) -> web.Application:
     """The gateway application; the caller owns (and closes) the NATS connection.
 
@@ -354,7 +352,10 @@ def make_app(
         backend: whose `target()` the app proxy asks; None disables proxying.
         auth: `auth(request, app, job_id)`, called before events and status; None: open.
         nc: the connection `/healthz` reports on; default: the one under `js`.
+        guard: tokens, embed origins and frame-ancestors; it supplies the auth hook.
     """
+    if guard is not None:
+        auth = guard.hook
     app = web.Application(middlewares=[errors_and_metrics])
     app[SETTINGS] = settings
     app[JS] = js
@@ -366,7 +367,9 @@ def make_app(
     app[STREAMS] = streams = StatusStreams(
         js, state, keepalive_s=settings.sse_keepalive_s, authorize=authorize
     )
-    app[PROXY] = proxy = Proxy(backend, state)
+    app[PROXY] = proxy = Proxy(
+        backend, state, frame_ancestors=guard.frame_ancestors if guard else None
+    )
 
     async def proxy_session(app: web.Application):
         await app[PROXY].start()
@@ -396,6 +399,8 @@ def make_app(
     r.add_get("/", root)
     r.add_get("/healthz", healthz)
     r.add_get("/metrics", metrics)
+    if guard is not None:
+        install(app, guard)
     return app
 
 
@@ -420,6 +425,7 @@ async def start_gateway(
     backend: Backend | None,
     auth: Auth | None = None,
     nc: Client | None = None,
+    guard: Guard | None = None,
     shutdown_timeout_s: float = 5.0,
 ) -> GatewayRunner:
     """Build the gateway and listen on `settings.host:settings.port` (0: a free port).
@@ -427,7 +433,7 @@ async def start_gateway(
     Returns:
         The started runner; `runner.port` is the bound port. Call `runner.cleanup()` to stop.
     """
-    app = make_app(settings, js=js, state=state, backend=backend, auth=auth, nc=nc)
+    app = make_app(settings, js=js, state=state, backend=backend, auth=auth, nc=nc, guard=guard)
     # No access log: its request line would carry `?token=`. Handlers are cancelled when
     # their client goes, so an SSE stream unsubscribes at once.
     runner = GatewayRunner(

@@ -12,6 +12,7 @@ relay. One aiohttp client session, without a cookie jar, serves every request.
 import asyncio
 import contextlib
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -83,9 +84,15 @@ class Proxy:
     """Relays HTTP and WebSocket traffic for app instances the backend names."""
 
     def __init__(
-        self, backend: Backend | None, state: State, *, connect_timeout_s: float = 10.0
+        self,
+        backend: Backend | None,
+        state: State,
+        *,
+        connect_timeout_s: float = 10.0,
+        frame_ancestors: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
         self.backend = backend
+        self.frame_ancestors = frame_ancestors
         self.state = state
         self.connect_timeout_s = connect_timeout_s
         self._client: aiohttp.ClientSession | None = None
@@ -173,6 +180,9 @@ class Proxy:
                 reason=upstream.reason,
                 headers=forward_headers(upstream.headers),
             )
+            if self.frame_ancestors is not None:
+                app = f"{request.match_info['owner']}/{request.match_info['title']}"
+                response.headers["Content-Security-Policy"] = await self.frame_ancestors(app)
             await response.prepare(request)
             try:
                 async for chunk in upstream.content.iter_chunked(CHUNK):

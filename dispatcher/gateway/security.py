@@ -1,0 +1,140 @@
+"""The gateway's guard: bearer tokens, embed origins, frame-ancestors, dev tokens.
+
+- Every event and status request needs a token that may use the app (and,
+  if bound to a session, that session); for a job the app is read from the
+  run's record.
+- A browser event whose `Origin` is not among the app's `embed_origins`
+  (`'self'` meaning the gateway itself) is refused, so other sites cannot
+  drive an app with a token they scraped.
+- Proxied app responses and the per-app embed page carry
+  `Content-Security-Policy: frame-ancestors <embed_origins>`, so only those
+  sites can frame them.
+- `GET /v1/dev/token` mints tokens for anyone; it exists only when
+  `auth.dev_token_endpoint` is on, which only `spinyard up` does.
+"""
+
+import html
+import time
+
+from aiohttp import web
+from yarl import URL
+
+from dispatcher.auth import Authenticator, AuthError, mint
+from dispatcher.gateway import SESSION, GatewayError
+from dispatcher.settings import AuthSettings
+from handlers.runs import Job
+from handlers.state import State
+from schemas import errors as codes
+from schemas.names import check_app, check_session
+from schemas.spec import AppSpec
+
+SPEC_TTL_S = 2.0  # spec changes reach the origin and CSP checks within this
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token from `Authorization: Bearer` or, for EventSource, `?token=`."""
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.query.get("token")
+
+
+class Guard:
+    """Checks requests against tokens and app specs."""
+
+    def __init__(self, settings: AuthSettings, state: State, public_url: str):
+        self.settings = settings
+        self.authenticator = Authenticator(settings)
+        self.state = state
+        self.own_origin = str(URL(public_url).origin())
+        self._specs: dict[str, tuple[float, AppSpec | None]] = {}
+
+    async def spec(self, app: str) -> AppSpec | None:
+        now = time.monotonic()
+        cached = self._specs.get(app)
+        if cached and now - cached[0] < SPEC_TTL_S:
+            return cached[1]
+        spec = await self.state.get_app(app)
+        self._specs[app] = (now, spec)
+        return spec
+
+    def allowed_origins(self, spec: AppSpec | None) -> list[str]:
+        origins = spec.embed_origins if spec and spec.embed_origins else ["'self'"]
+        return [self.own_origin if o == "'self'" else o.rstrip("/") for o in origins]
+
+    async def frame_ancestors(self, app: str) -> str:
+        """The CSP header value for pages of `app`."""
+        spec = await self.spec(app)
+        origins = spec.embed_origins if spec and spec.embed_origins else ["'self'"]
+        return "frame-ancestors " + " ".join(origins)
+
+    async def hook(self, request: web.Request, app: str | None, job_id: str | None) -> None:
+        """The gateway's auth hook: raises `AuthError`/`GatewayError` to refuse."""
+        if app is None and job_id is not None:
+            app = await self._job_app(job_id)
+        origin = request.headers.get("Origin")
+        if request.method == "POST" and origin and app is not None:
+            spec = await self.spec(app)
+            if spec is not None and origin.rstrip("/") not in self.allowed_origins(spec):
+                raise GatewayError(403, codes.FORBIDDEN, f"pages on {origin} may not embed {app}")
+        if not self.authenticator.enabled:
+            return
+        claims = self.authenticator.verify(bearer_token(request))
+        self.authenticator.authorize(claims, app, request.get(SESSION))
+
+    async def _job_app(self, job_id: str) -> str:
+        entry = await self.state.read(self.state.jobs, job_id, Job)
+        if entry is None:
+            raise GatewayError(404, codes.NOT_FOUND, f"no run with id {job_id!r}")
+        return entry.value.app
+
+    async def dev_token(self, request: web.Request) -> web.Response:
+        """`GET /v1/dev/token?app=owner/title&session=s` (dev only): a short-lived token."""
+        secret = self.settings.hs256_secret
+        if secret is None:
+            raise GatewayError(404, codes.NOT_FOUND, "dev tokens need an HS256 secret")
+        apps = request.query.getall("app", []) or ["*"]
+        session = request.query.get("session")
+        try:
+            token = mint(
+                secret.get_secret_value(), apps, session=session, ttl_s=3600, subject="dev"
+            )
+        except ValueError as exc:
+            raise GatewayError(422, codes.BAD_REQUEST, str(exc)) from exc
+        return web.json_response({"token": token, "expires_in": 3600})
+
+    async def embed_page(self, request: web.Request) -> web.Response:
+        """`GET /embed/{owner}/{title}`: a page holding just the app, framable by its origins."""
+        name = f"{request.match_info['owner']}/{request.match_info['title']}"
+        try:
+            check_app(name)
+            session = request.query.get("session")
+            if session is not None:
+                check_session(session)
+        except ValueError as exc:
+            raise GatewayError(404, codes.UNKNOWN_APP, str(exc)) from exc
+        if await self.spec(name) is None:
+            raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}")
+        token = request.query.get("token", "")
+        page = EMBED_PAGE.format(app=html.escape(name), token=html.escape(token, quote=True))
+        response = web.Response(text=page, content_type="text/html")
+        response.headers["Content-Security-Policy"] = await self.frame_ancestors(name)
+        return response
+
+
+EMBED_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{app}</title>
+<style>html,body{{margin:0;height:100%}}div{{height:100%}}</style></head>
+<body><div data-spinyard-app="{app}" data-height="100%" data-token="{token}"></div>
+<script src="/embed.js"></script></body></html>
+"""
+
+
+def install(app: web.Application, guard: Guard) -> None:
+    """Add the guard's own routes to the gateway."""
+    app.router.add_get("/embed/{owner}/{title}", guard.embed_page)
+    if guard.settings.dev_token_endpoint:
+        app.router.add_get("/v1/dev/token", guard.dev_token)
+
+
+__all__ = ["AuthError", "Guard", "bearer_token", "install"]
