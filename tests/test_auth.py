@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from dispatcher.auth import AuthError, Authenticator, mint, new_secret
+from dispatcher.auth import Authenticator, AuthError, mint, new_secret
 from dispatcher.settings import AuthSettings
 
 SECRET = "s" * 40

@@ -18,9 +18,9 @@ import aiohttp
 import msgpack
 import pytest
 from nats.js.errors import NotFoundError
-from dispatcher.backends.local import LocalBackend
 
 from dispatcher import bus
+from dispatcher.backends.local import LocalBackend
 from dispatcher.runtime import Handlers
 from handlers.state import SHARED, Deployment, PoolIndex, slot_key
 from schemas import subjects
