@@ -49,7 +49,9 @@ _KV_BUCKETS = (
     subjects.SESSIONS_BUCKET,
     subjects.JOBS_BUCKET,
 )
-_GATEWAY_BUCKETS = (subjects.APPS_BUCKET, subjects.DEPLOYMENTS_BUCKET)
+# The gateway reads apps (validation, origins), deployments (app redirect) and jobs
+# (a run's app, to authorize its status and cancel).
+_GATEWAY_BUCKETS = (subjects.APPS_BUCKET, subjects.DEPLOYMENTS_BUCKET, subjects.JOBS_BUCKET)
 _MESSAGE_STREAMS = (subjects.EVENTS_STREAM, subjects.STATUS_STREAM, subjects.DEAD_STREAM)
 
 
