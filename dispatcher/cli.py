@@ -44,14 +44,28 @@ async def _cmd_up(args, settings: Settings) -> int:
 async def _cmd_handlers(args, settings: Settings) -> int:
     from dispatcher.backends.base import make_backend
     from dispatcher.runtime import Handlers
+    from dispatcher.store import ObjectStore
 
     backend = make_backend(settings)
     await backend.setup()
+    store = None
+    if settings.store.access_key is not None:
+        store = ObjectStore(settings.store)
+        await store.setup()
     try:
-        service = Handlers(settings, args.kinds or None, backend=backend)
+        service = Handlers(settings, args.kinds or None, backend=backend, store=store)
+        if store is None and any(s.kind.startswith(("run_", "job_")) for s in service.specs):
+            print(
+                "error: run handlers need object storage: set SPINYARD_STORE__ENDPOINT, "
+                "SPINYARD_STORE__ACCESS_KEY and SPINYARD_STORE__SECRET_KEY",
+                file=sys.stderr,
+            )
+            return 2
         _on_signals(service.stop)
         await service.run()
     finally:
+        if store is not None:
+            await store.close()
         await backend.cleanup()
     return 0
 
@@ -168,6 +182,48 @@ async def _cmd_watch(args, settings: Settings) -> int:
     return 0
 
 
+async def _cmd_token(args, settings: Settings) -> int:
+    from dispatcher.auth import mint
+
+    secret = settings.auth.hs256_secret
+    if secret is None:
+        print("error: set SPINYARD_AUTH__HS256_SECRET to mint tokens", file=sys.stderr)
+        return 2
+    ttl = _duration(args.ttl)
+    if ttl > settings.auth.max_ttl_s:
+        print(
+            f"error: --ttl is over auth.max_ttl_s ({settings.auth.max_ttl_s:.0f} s)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        token = mint(
+            secret.get_secret_value(),
+            args.app,
+            session=args.session,
+            subject=args.subject,
+            ttl_s=ttl,
+            audience=settings.auth.audience,
+            issuer=settings.auth.issuer,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def _duration(text: str) -> float:
+    """'90', '90s', '15m', '1h', '2d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        raise SystemExit(f"error: not a duration: {text!r} (use e.g. 90s, 15m, 1h)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spinyard",
@@ -260,6 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", help="with --app: the session of a per-session app")
     p.add_argument("--job", metavar="JOB_ID")
     p.set_defaults(run=_cmd_watch)
+
+    p = sub.add_parser(
+        "token",
+        help="mint a bearer token from the configured HS256 secret",
+        description="Print a JWT that lets a page use the given apps (and only the "
+        "given session, if set), signed with SPINYARD_AUTH__HS256_SECRET.",
+    )
+    p.add_argument(
+        "--app",
+        action="append",
+        required=True,
+        metavar="OWNER/TITLE",
+        help="an app the token may use (repeatable; 'owner/*' or '*' for many)",
+    )
+    p.add_argument("--session", help="bind the token to this session id")
+    p.add_argument("--subject", help="the `sub` claim: who the token is for (logged)")
+    p.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 2d (default 1h)")
+    p.set_defaults(run=_cmd_token)
     return parser
 
 

@@ -1,9 +1,11 @@
 """`spinyard up`: the whole embedded stack in one process tree.
 
-It starts a nats-server (store under the data dir), the local backend, every
-handler and the gateway; registers the app specs it finds; and on Ctrl-C or
-SIGTERM stops the handlers, the gateway, every app instance it started and
-the nats-server, in that order, leaving no process behind.
+It starts a nats-server (store under the data dir), an S3 server for run
+results (moto, unless `SPINYARD_STORE__*` names one), the local backend,
+every handler and the gateway; registers the app specs it finds; makes a dev
+signing secret and prints a ready-to-use token. On Ctrl-C or SIGTERM it stops
+the handlers, the gateway, every app instance and run it started, the S3
+server and the nats-server, in that order, leaving no process behind.
 """
 
 import asyncio
@@ -12,14 +14,22 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from dispatcher import bus, logs
 from dispatcher.apps import find_specs, register
+from dispatcher.auth import mint, new_secret
 from dispatcher.backends.base import make_backend
 from dispatcher.gateway.app import start_gateway
+from dispatcher.gateway.security import Guard
 from dispatcher.natsserver import NatsServer
 from dispatcher.runtime import Handlers
+from dispatcher.s3server import S3Server
 from dispatcher.settings import Settings
+from dispatcher.store import ObjectStore
 from handlers.ports import Backend
+from handlers.state import State
+from schemas import subjects
 
 log = logs.get("spinyard.up")
 
@@ -40,6 +50,20 @@ async def stop_all_instances(backend: Backend) -> None:
         log.info("instances_stopped", count=len(instances))
 
 
+DEV_S3_ACCESS_KEY = "spinyard-dev"
+DEV_S3_SECRET_KEY = "spinyard-dev-secret"  # moto checks no signatures; this only fills the field
+
+
+def dev_secret(data_dir: Path) -> str:
+    """The embedded stack's HS256 secret: made once, kept (0600) in the data dir."""
+    path = data_dir / "dev-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(new_secret())
+    return path.read_text().strip()
+
+
 class Stack:
     """The embedded stack. `run()` until `stop()`."""
 
@@ -51,6 +75,7 @@ class Stack:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.url: str | None = None
+        self.token: str | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -64,6 +89,20 @@ class Stack:
             stack.callback(nats_server.stop)
             settings.nats.url = nats_server.url
 
+            if settings.store.access_key is None:
+                s3 = S3Server().start()
+                stack.callback(s3.stop)
+                settings.store.endpoint = s3.endpoint
+                settings.store.access_key = SecretStr(DEV_S3_ACCESS_KEY)
+                settings.store.secret_key = SecretStr(DEV_S3_SECRET_KEY)
+            store = ObjectStore(settings.store)
+            await store.setup()
+            stack.push_async_callback(store.close)
+
+            if settings.auth.enabled and settings.auth.hs256_secret is None:
+                settings.auth.hs256_secret = SecretStr(dev_secret(data_dir))
+            settings.auth.dev_token_endpoint = True
+
             gw = settings.gateway
             if gw.port == 0:
                 gw.port = free_port(gw.host)
@@ -75,24 +114,33 @@ class Stack:
 
             nc = await bus.connect(settings.nats, name="spinyard-up")
             stack.push_async_callback(nc.drain)
-            handlers = Handlers(settings, backend=backend, nc=nc)
+            handlers = Handlers(settings, backend=backend, nc=nc, store=store)
             js = nc.jetstream()
             state = await bus.ensure(js, settings.nats, handlers.specs, settings.handlers)
             paths = [p for d in self.app_dirs for p in find_specs(d)]
             specs = await register(state, paths)
 
             handlers_task = asyncio.create_task(handlers.run(), name="handlers")
-            runner = await start_gateway(settings.gateway, js=js, state=state, backend=backend)
+            guard = Guard(settings.auth, state, gw.public_url)
+            runner = await start_gateway(gw, js=js, state=state, backend=backend, guard=guard)
             stack.push_async_callback(runner.cleanup)
             await handlers.ready.wait()
 
             self.url = gw.public_url
+            token = ""
+            if settings.auth.hs256_secret is not None:
+                secret = settings.auth.hs256_secret.get_secret_value()
+                token = mint(secret, ["*"], subject="dev", ttl_s=12 * 3600)
+            self.token = token
             announce(
                 f"spinyard is up.\n"
                 f"  demo:    {gw.public_url}/demo\n"
                 f"  API:     {gw.public_url}/v1/apps\n"
                 f"  NATS:    {nats_server.url}\n"
+                f"  S3:      {settings.store.endpoint} (bucket {settings.store.bucket})\n"
                 f"  apps:    {', '.join(s.name for s in specs) or 'none'}\n"
+                f"  token:   {token or '(auth disabled)'}\n"
+                f"           (all apps, 12 h; use as 'Authorization: Bearer <token>')\n"
                 f"Press Ctrl-C to stop."
             )
             self.ready.set()
@@ -107,17 +155,33 @@ class Stack:
 async def run_gateway_only(
     settings: Settings, stop: asyncio.Event, announce: Callable[[str], None] = lambda _: None
 ) -> None:
-    """Run just the gateway against the configured NATS (for `spinyard gateway`)."""
+    """Run just the gateway against the configured NATS (for `spinyard gateway`).
+
+    It creates nothing on JetStream (its NATS role may not): it opens the
+    buckets it reads, and the handlers create the rest. It proxies apps only
+    for the local backend; on Kubernetes the ingress routes to them.
+    """
     async with AsyncExitStack() as stack:
-        backend = make_backend(settings)
-        await backend.setup()
-        stack.push_async_callback(backend.cleanup)
+        backend = None
+        if settings.backend.kind == "local":
+            backend = make_backend(settings)
+            await backend.setup()
+            stack.push_async_callback(backend.cleanup)
         nc = await bus.connect(settings.nats, name="spinyard-gateway")
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
-        state = await bus.ensure_state(js, settings.nats)
-        await bus.ensure_streams(js, settings.nats)
-        runner = await start_gateway(settings.gateway, js=js, state=state, backend=backend)
+        apps, deployments, jobs = [
+            await js.key_value(bucket)
+            for bucket in (subjects.APPS_BUCKET, subjects.DEPLOYMENTS_BUCKET, subjects.JOBS_BUCKET)
+        ]
+        state = State(apps, deployments, None, jobs)  # type: ignore[arg-type]
+        public_url = settings.gateway.public_url or (
+            f"http://{settings.gateway.host}:{settings.gateway.port}"
+        )
+        guard = Guard(settings.auth, state, public_url)
+        runner = await start_gateway(
+            settings.gateway, js=js, state=state, backend=backend, guard=guard
+        )
         stack.push_async_callback(runner.cleanup)
-        announce(f"gateway listening on {settings.gateway.host}:{settings.gateway.port}")
+        announce(f"gateway listening on {runner.url}")
         await stop.wait()

@@ -99,6 +99,9 @@ class AppSpec(BaseModel):
         64 * 1024, gt=0, le=1024 * 1024, description="Largest run inputs accepted (msgpack bytes)"
     )
     retention_s: float = Field(7 * 24 * 3600, gt=0, description="How long results are kept.")
+    example_inputs: dict = Field(
+        default_factory=dict, description="Inputs the demo page's run form starts with (job apps)"
+    )
     outputs: list[str] = Field(
         default_factory=list, description="File names a run may upload (job apps)."
     )

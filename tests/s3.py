@@ -11,46 +11,16 @@ the process; it does not check signatures.
 
 import hashlib
 import hmac
-import logging
 import uuid
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
-from moto.server import ThreadedMotoServer
 
+from dispatcher.s3server import S3Server
 from dispatcher.settings import StoreSettings
 
 ACCESS_KEY = "spinyard-test"
 SECRET_KEY = "spinyard-test-secret"
-
-
-class S3Server:
-    """One moto S3 server thread; `endpoint` is its `host:port`."""
-
-    def __init__(self, port: int = 0):
-        self.port = port
-        self._server: ThreadedMotoServer | None = None
-
-    def start(self) -> "S3Server":
-        # werkzeug logs every request line, presigned query strings included.
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-        self.port = self._server.get_host_and_port()[1]
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the socket, so connections are refused at once."""
-        if self._server is not None:
-            self._server.stop()
-            # stop() leaves the listening socket open: callers would hang, not fail.
-            if self._server._server is not None:
-                self._server._server.server_close()
-            self._server = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
 
 def store_settings(endpoint: str, bucket: str | None = None, **changes) -> StoreSettings:

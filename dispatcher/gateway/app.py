@@ -234,6 +234,7 @@ async def list_apps(request: web.Request) -> web.Response:
                 "sharing": s.sharing,
                 "pool": {"size": s.pool.size},
                 "description": s.description,
+                **({"example_inputs": s.example_inputs} if s.kind == "job" else {}),
             }
             for s in specs
         ]
