@@ -92,10 +92,12 @@ async def _cmd_apps(args, settings: Settings) -> int:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
             for spec in specs:
-                print(f"registered {spec.name} ({spec.kind}, {spec.sharing})")
+                mode = spec.sharing if spec.kind == "viz" else f"deadline {spec.deadline_s:g}s"
+                print(f"registered {spec.name} ({spec.kind}, {mode})")
         elif args.apps_cmd == "list":
             for spec in sorted(await state.list_apps(), key=lambda s: s.name):
-                print(f"{spec.name:40} {spec.kind:4} {spec.sharing:12} pool={spec.pool.size}")
+                mode = f"{spec.sharing:12} pool={spec.pool.size}" if spec.kind == "viz" else ""
+                print(f"{spec.name:40} {spec.kind:4} {mode}".rstrip())
         elif args.apps_cmd == "rm":
             if not await state.delete_app(args.name):
                 print(f"error: no app named {args.name!r}", file=sys.stderr)
