@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import msgpack
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.api import DeliverPolicy
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel, Field
 
 from schemas import subjects
@@ -28,6 +29,7 @@ from schemas.status import AppState, Phases
 M = TypeVar("M", bound=BaseModel)
 
 SHARED = "shared"
+SCAN_TIMEOUT_S = 5.0
 POOL = "pool"
 
 
@@ -95,6 +97,7 @@ class State:
     """Typed, compare-and-set access to spinyard's KV buckets."""
 
     def __init__(self, apps: KeyValue, deployments: KeyValue, sessions: KeyValue, jobs: KeyValue):
+        self._js = apps._js
         self.apps = apps
         self.deployments = deployments
         self.sessions = sessions
@@ -140,28 +143,41 @@ class State:
         return True
 
     async def scan(self, kv: KeyValue, pattern: str = ">") -> list[tuple[str, Any, int]]:
-        """Every live key matching `pattern`, with its raw decoded value and revision."""
-        watcher = await kv.watch(pattern, ignore_deletes=True)
+        """Every live key matching `pattern`, with its raw decoded value and revision.
+
+        It reads the last message per key with an ordered consumer until the
+        server reports nothing pending. (nats-py's KV watcher can signal "initial
+        values done" before it has delivered them all; a reaper trusting it once
+        saw half the apps and stopped the rest as removed.)
+        """
+        info = await self._js.stream_info(kv._stream)
+        if info.state.messages == 0:
+            return []
+        sub = await self._js.subscribe(
+            f"{kv._pre}{pattern}",
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        )
         found: dict[str, tuple[Any, int]] = {}
         try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
-                    found.pop(entry.key, None)
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=SCAN_TIMEOUT_S)
+                except TimeoutError:
+                    if pattern == ">":
+                        raise  # the stream has messages, so one must come
+                    break  # nothing matches the pattern
+                key = msg.subject[len(kv._pre) :]
+                operation = msg.headers.get(KV_OP) if msg.headers else None
+                if operation in (KV_DEL, KV_PURGE) or not msg.data:
+                    found.pop(key, None)
                 else:
-                    found[entry.key] = (msgpack.unpackb(entry.value), entry.revision)
-                if entry.delta == 0:
+                    found[key] = (msgpack.unpackb(msg.data), msg.metadata.sequence.stream)
+                if msg.metadata.num_pending == 0:
                     break
         finally:
-            await watcher.stop()
+            await sub.unsubscribe()
         return [(k, v, r) for k, (v, r) in found.items()]
-
-    async def keys(self, kv: KeyValue) -> list[str]:
-        try:
-            return await kv.keys()
-        except NoKeysError:
-            return []
 
     async def get_app(self, name: str) -> AppSpec | None:
         entry = await self.read(self.apps, subjects.app_key(name), AppSpec)
