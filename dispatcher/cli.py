@@ -45,7 +45,13 @@ async def _cmd_handlers(args, settings: Settings) -> int:
     from dispatcher.backends.base import make_backend
     from dispatcher.runtime import Handlers
     from dispatcher.store import ObjectStore
+    from handlers.registry import default_registry
 
+    try:
+        default_registry.select(args.kinds or None)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
     backend = make_backend(settings)
     await backend.setup()
     store = None
@@ -188,8 +194,9 @@ async def _cmd_token(args, settings: Settings) -> int:
     from dispatcher.auth import mint
 
     secret = settings.auth.hs256_secret
-    if secret is None:
-        print("error: set SPINYARD_AUTH__HS256_SECRET to mint tokens", file=sys.stderr)
+    if secret is None or len(secret.get_secret_value()) < 32:
+        message = "error: set SPINYARD_AUTH__HS256_SECRET (32+ characters) to mint tokens"
+        print(message, file=sys.stderr)
         return 2
     ttl = _duration(args.ttl)
     if ttl > settings.auth.max_ttl_s:
@@ -293,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "publish",
         help="publish one event, as a page would",
         description="Build an event from options (or take --json) and publish it "
-        "on JetStream. Prints the event id.",
+        "on JetStream. Prints the event id, subject and stream sequence.",
     )
     p.add_argument(
         "type", nargs="?", choices=["page_load", "heartbeat", "run_request", "run_cancel"]

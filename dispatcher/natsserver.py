@@ -5,6 +5,7 @@ Python. The server binds to loopback on a port it picks itself (`-p -1`) and
 reports it through a ports file, so two stacks never fight over a port.
 """
 
+import ctypes
 import json
 import os
 import shutil
@@ -14,6 +15,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started us dies (Linux).
+
+    Without it a SIGKILLed `spinyard up` leaves its nats-server running, and a
+    restart would start a second one on the same store.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the caller stops us on a clean exit only
 
 
 class NatsServerError(RuntimeError):
@@ -78,7 +92,9 @@ class NatsServer:
             conf.write_text(self.config)
             args += ["-c", str(conf)]
         log = open(self.store_dir / "nats-server.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

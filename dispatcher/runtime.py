@@ -109,6 +109,7 @@ class Handlers:
                 js=js,
                 log=logs.get("spinyard.handler"),
                 knobs=make_knobs(self.settings),
+                store=self.store,
             )
             tasks = [
                 asyncio.create_task(

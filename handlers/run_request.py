@@ -36,7 +36,7 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
             f"inputs are {size} bytes; {event.app} accepts at most {spec.max_input_bytes}",
             code=codes.TOO_LARGE,
         )
-    job_id = event.job_id or job_id_for(event.app, event.idempotency_key, event.id)
+    job_id = event.job_id or job_id_for(event.app, event.session, event.idempotency_key, event.id)
     now = ctx.now()
     job = runs.Job(
         job_id=job_id,
@@ -74,7 +74,7 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
 @on_failure(run_request)
 async def _run_request_failed(ctx: Context, event: RunRequest, error: ErrorInfo) -> None:
     """Tell the page why its run did not start, on the run's own status subject."""
-    job_id = event.job_id or job_id_for(event.app, event.idempotency_key, event.id)
+    job_id = event.job_id or job_id_for(event.app, event.session, event.idempotency_key, event.id)
     job = await ctx.state.read(ctx.state.jobs, job_id, runs.Job)
     if job is not None:
         done = await runs.advance(

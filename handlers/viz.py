@@ -5,7 +5,7 @@ compare-and-set loop, so concurrent page loads, heartbeats and reaper passes
 never overwrite each other's fields.
 """
 
-import uuid
+import secrets
 from collections.abc import Callable
 
 from handlers.context import Context
@@ -20,7 +20,8 @@ LIVE = (AppState.PENDING, AppState.STARTING, AppState.READY)
 
 
 def new_instance_id() -> str:
-    return f"i-{uuid.uuid4().hex[:16]}"
+    """A fresh instance id with 64 random bits: its URL is hard to guess."""
+    return f"i-{secrets.token_hex(8)}"
 
 
 async def load_viz_app(ctx: Context, name: str) -> AppSpec:

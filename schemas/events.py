@@ -113,11 +113,15 @@ Event = Annotated[
 ]
 
 
-def job_id_for(app: str, idempotency_key: str | None, event_id: str) -> str:
-    """The job id of a run request: the same for the same app and idempotency key.
+def job_id_for(app: str, session: str, idempotency_key: str | None, event_id: str) -> str:
+    """The job id of a run request: the same for the same app, session and idempotency key.
 
-    Without a key it derives from the event id, so a redelivered request maps
-    to the same job rather than starting a second one.
+    Keys are scoped to the session, so two viewers who pick the same key get
+    two runs. Without a key the id derives from the event id, so a redelivered
+    request maps to the same job rather than starting a second one.
     """
-    seed = f"{app}\0key\0{idempotency_key}" if idempotency_key else f"event\0{event_id}"
+    if idempotency_key:
+        seed = f"{app}\0{session}\0key\0{idempotency_key}"
+    else:
+        seed = f"event\0{event_id}"
     return "j-" + hashlib.sha256(seed.encode()).hexdigest()[:24]

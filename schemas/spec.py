@@ -131,6 +131,10 @@ class AppSpec(BaseModel):
         for origin in v:
             if origin != "'self'" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"embed origin {origin!r} must be 'self' or an http(s) origin")
+            if "*" in origin or origin.rstrip("/").count("/") > 2:
+                raise ValueError(
+                    f"embed origin {origin!r} must be one exact origin: no '*', no path"
+                )
         return v
 
     @model_validator(mode="after")

@@ -183,3 +183,61 @@ async def test_repeated_idempotency_key_gives_the_same_job_id(secured):
     _, again = await secured.post(run, headers=bearer(token))
     _, other = await secured.post(run | {"idempotency_key": "k2"}, headers=bearer(token))
     assert first["job_id"] == again["job_id"] != other["job_id"]
+
+
+async def test_unknown_runs_are_not_revealed_without_a_token(secured):
+    async with secured.http.get(f"{secured.url}/v1/jobs/j-0000000000000000/status") as r:
+        assert r.status == 401  # not 404: no token, no information
+
+
+async def test_a_session_bound_token_sees_only_its_own_runs(secured):
+    job = Job(
+        job_id="j-abcdef0123456781",
+        app="demo/job",
+        session="s-1",
+        state=JobState.QUEUED,
+        event_id="e",
+        deadline_s=60,
+        retention_s=60,
+        created_at=time.time(),
+    )
+    await secured.state.put(secured.state.jobs, job.job_id, job)
+    url = f"{secured.url}/v1/jobs/{job.job_id}"
+    async with secured.http.get(
+        url, headers=bearer(mint(SECRET, ["demo/job"], session="s-2"))
+    ) as r:
+        assert r.status == 403
+    async with secured.http.get(
+        url, headers=bearer(mint(SECRET, ["demo/job"], session="s-1"))
+    ) as r:
+        assert r.status == 404  # allowed; no status published in this test
+    cancel = {"type": "run_cancel", "job_id": job.job_id}
+    got, _ = await secured.post(cancel, headers=bearer(mint(SECRET, ["demo/job"], session="s-2")))
+    assert got == 403
+
+
+async def test_embed_page_passes_the_session_and_sends_no_referrer(secured):
+    async with secured.http.get(
+        f"{secured.url}/embed/demo/framed", params={"token": "abc", "session": "s-5"}
+    ) as r:
+        assert r.headers["Referrer-Policy"] == "no-referrer"
+        assert 'data-session="s-5"' in await r.text()
+    async with secured.http.get(
+        f"{secured.url}/embed/demo/framed", params={"session": "bad id"}
+    ) as r:
+        assert r.status == 404
+
+
+async def test_shared_app_redirect_needs_a_token(secured):
+    async with secured.http.get(f"{secured.url}/apps/demo/viz/", allow_redirects=False) as r:
+        assert r.status == 401
+
+
+def test_app_csp_is_kept_and_frame_ancestors_is_ours():
+    from dispatcher.gateway.proxy import merge_csp
+
+    merged = merge_csp(
+        ["default-src 'self'; frame-ancestors *", "img-src data:"], "frame-ancestors 'self'"
+    )
+    assert merged == "default-src 'self'; img-src data:; frame-ancestors 'self'"
+    assert merge_csp([], "frame-ancestors 'none'") == "frame-ancestors 'none'"

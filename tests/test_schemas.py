@@ -161,10 +161,11 @@ def test_subjects_follow_the_documented_tree():
 
 
 def test_job_ids_are_stable_per_idempotency_key_and_valid():
-    a = job_id_for("demo/m", "k1", "ev-1")
-    assert a == job_id_for("demo/m", "k1", "ev-2")  # same key, other event: same run
-    assert a != job_id_for("demo/other", "k1", "ev-1")  # keys are per app
-    assert job_id_for("demo/m", None, "ev-1") != job_id_for("demo/m", None, "ev-2")
+    a = job_id_for("demo/m", "s-1", "k1", "ev-1")
+    assert a == job_id_for("demo/m", "s-1", "k1", "ev-2")  # same key, other event: same run
+    assert a != job_id_for("demo/other", "s-1", "k1", "ev-1")  # keys are per app
+    assert a != job_id_for("demo/m", "s-2", "k1", "ev-1")  # and per session
+    assert job_id_for("demo/m", "s-1", None, "ev-1") != job_id_for("demo/m", "s-1", None, "ev-2")
     assert JOB_ID_RE.match(a)
 
 
@@ -205,3 +206,11 @@ def test_every_example_spec_is_valid():
     paths = find_specs(Path(__file__).parent.parent / "examples")
     names = {load_spec(p).name for p in paths}
     assert {"demo/hello", "demo/classroom", "demo/sliders", "demo/epidemic"} <= names
+
+
+@pytest.mark.parametrize(
+    "origin", ["https://*.example.org", "https://site.example/path", "site.example"]
+)
+def test_embed_origins_must_be_exact_origins(origin):
+    with pytest.raises(ValidationError):
+        AppSpec(name="demo/x", command=["x"], embed_origins=[origin])

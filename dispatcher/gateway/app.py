@@ -190,7 +190,7 @@ async def post_event(request: web.Request) -> web.Response:
                 if size > spec.max_input_bytes:
                     message = f"inputs: {size} bytes, {event.app!r} takes {spec.max_input_bytes}"
                     raise GatewayError(413, codes.TOO_LARGE, message)
-                job_id = job_id_for(event.app, event.idempotency_key, event.id)
+                job_id = job_id_for(event.app, event.session, event.idempotency_key, event.id)
                 event = event.model_copy(update={"job_id": job_id})
             subject = subjects.event(kind, event.app)
     except GatewayError as exc:
@@ -369,7 +369,10 @@ def make_app(
         js, state, keepalive_s=settings.sse_keepalive_s, authorize=authorize
     )
     app[PROXY] = proxy = Proxy(
-        backend, state, frame_ancestors=guard.frame_ancestors if guard else None
+        backend,
+        state,
+        frame_ancestors=guard.frame_ancestors if guard else None,
+        authorize=authorize,
     )
 
     async def proxy_session(app: web.Application):

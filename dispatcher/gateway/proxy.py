@@ -73,6 +73,17 @@ def forward_headers(headers: Any, drop: frozenset[str] = frozenset()) -> CIMulti
     return out
 
 
+def merge_csp(policies: list[str], frame_ancestors: str) -> str:
+    """The app's own CSP directives, with spinyard's `frame-ancestors` in place of any it set."""
+    kept = [
+        directive.strip()
+        for policy in policies
+        for directive in policy.split(";")
+        if directive.strip() and not directive.strip().lower().startswith("frame-ancestors")
+    ]
+    return "; ".join([*kept, frame_ancestors])
+
+
 def _close_code(code: int | None) -> int:
     """A close code that may be sent on (1005/1006 only describe what happened)."""
     if code is None or code in (1005, 1006) or not (1000 <= code < 5000):
@@ -90,9 +101,11 @@ class Proxy:
         *,
         connect_timeout_s: float = 10.0,
         frame_ancestors: Callable[[str], Awaitable[str]] | None = None,
+        authorize: Callable[[web.Request, str | None, str | None], Awaitable[None]] | None = None,
     ) -> None:
         self.backend = backend
         self.frame_ancestors = frame_ancestors
+        self.authorize = authorize
         self.state = state
         self.connect_timeout_s = connect_timeout_s
         self._client: aiohttp.ClientSession | None = None
@@ -124,6 +137,8 @@ class Proxy:
             key = slot_key(check_app(name), SHARED)
         except ValueError as exc:
             raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}") from exc
+        if self.authorize is not None:  # the redirect reveals the instance's URL
+            await self.authorize(request, name, None)
         entry = await self.state.read(self.state.deployments, key, Deployment)
         if entry is None or entry.value.state != AppState.READY or not entry.value.url:
             raise GatewayError(404, codes.NOT_FOUND, f"{name!r} has no ready shared instance")
@@ -182,7 +197,10 @@ class Proxy:
             )
             if self.frame_ancestors is not None:
                 app = f"{request.match_info['owner']}/{request.match_info['title']}"
-                response.headers["Content-Security-Policy"] = await self.frame_ancestors(app)
+                ours = await self.frame_ancestors(app)
+                response.headers["Content-Security-Policy"] = merge_csp(
+                    response.headers.getall("Content-Security-Policy", []), ours
+                )
             await response.prepare(request)
             try:
                 async for chunk in upstream.content.iter_chunked(CHUNK):

@@ -69,24 +69,31 @@ class Guard:
         return "frame-ancestors " + " ".join(origins)
 
     async def hook(self, request: web.Request, app: str | None, job_id: str | None) -> None:
-        """The gateway's auth hook: raises `AuthError`/`GatewayError` to refuse."""
+        """The gateway's auth hook: raises `AuthError`/`GatewayError` to refuse.
+
+        The token is checked before anything is looked up, so a caller without
+        one learns nothing (not even whether a run exists). A run is allowed if
+        the token may use its app and, when bound to a session, is that run's.
+        """
+        claims = None
+        if self.authenticator.enabled:
+            claims = self.authenticator.verify(bearer_token(request))
+        session = request.get(SESSION)
         if app is None and job_id is not None:
-            app = await self._job_app(job_id)
+            app, session = await self._job_owner(job_id)
         origin = request.headers.get("Origin")
         if request.method == "POST" and origin and app is not None:
             spec = await self.spec(app)
             if spec is not None and origin.rstrip("/") not in self.allowed_origins(spec):
                 raise GatewayError(403, codes.FORBIDDEN, f"pages on {origin} may not embed {app}")
-        if not self.authenticator.enabled:
-            return
-        claims = self.authenticator.verify(bearer_token(request))
-        self.authenticator.authorize(claims, app, request.get(SESSION))
+        if claims is not None:
+            self.authenticator.authorize(claims, app, session)
 
-    async def _job_app(self, job_id: str) -> str:
+    async def _job_owner(self, job_id: str) -> tuple[str, str | None]:
         entry = await self.state.read(self.state.jobs, job_id, Job)
         if entry is None:
             raise GatewayError(404, codes.NOT_FOUND, f"no run with id {job_id!r}")
-        return entry.value.app
+        return entry.value.app, entry.value.session
 
     async def dev_token(self, request: web.Request) -> web.Response:
         """`GET /v1/dev/token?app=owner/title&session=s` (dev only): a short-lived token."""
@@ -97,7 +104,13 @@ class Guard:
         session = request.query.get("session")
         try:
             token = mint(
-                secret.get_secret_value(), apps, session=session, ttl_s=3600, subject="dev"
+                secret.get_secret_value(),
+                apps,
+                session=session,
+                ttl_s=3600,
+                subject="dev",
+                audience=self.settings.audience,
+                issuer=self.settings.issuer,
             )
         except ValueError as exc:
             raise GatewayError(422, codes.BAD_REQUEST, str(exc)) from exc
@@ -116,16 +129,23 @@ class Guard:
         if await self.spec(name) is None:
             raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}")
         token = request.query.get("token", "")
-        page = EMBED_PAGE.format(app=html.escape(name), token=html.escape(token, quote=True))
+        page = EMBED_PAGE.format(
+            app=html.escape(name),
+            token=html.escape(token, quote=True),
+            session=html.escape(session or "", quote=True),
+        )
         response = web.Response(text=page, content_type="text/html")
         response.headers["Content-Security-Policy"] = await self.frame_ancestors(name)
+        # The page's URL carries the token: never send it on as a Referer.
+        response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
 
 EMBED_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{app}</title>
 <style>html,body{{margin:0;height:100%}}div{{height:100%}}</style></head>
-<body><div data-spinyard-app="{app}" data-height="100%" data-token="{token}"></div>
+<body><div data-spinyard-app="{app}" data-height="100%" data-token="{token}"
+ data-session="{session}"></div>
 <script src="/embed.js"></script></body></html>
 """
 

@@ -12,6 +12,7 @@
  *
  * Element attributes: data-spinyard-app (required), data-heartbeat-s,
  * data-height (iframe height, default 600px), data-token (bearer token),
+ * data-session (the session id, when the token is bound to one),
  * data-gateway (gateway base URL, default: this script's origin).
  *
  * window.spinyard: embed(el), run(app, inputs, opts) -> Promise<job_id>,
@@ -23,6 +24,8 @@
 (function () {
   "use strict";
   if (window.spinyard && window.spinyard.version) return;
+  // A page whose token is bound to a session names it: <div data-session="...">.
+  var fixedSession = null;
 
   var script = document.currentScript;
   var BASE = script && script.src ? new URL(script.src, location.href).origin : location.origin;
@@ -48,6 +51,7 @@
 
   /** This tab's session id: kept in sessionStorage, so a reload keeps the same instance. */
   function session() {
+    if (fixedSession) return fixedSession;
     try {
       var sid = window.sessionStorage.getItem(SESSION_KEY);
       if (!sid) {
@@ -110,6 +114,7 @@
     this.base = (el.getAttribute("data-gateway") || BASE).replace(/\/+$/, "");
     this.heartbeatS = parseFloat(el.getAttribute("data-heartbeat-s")) || 30;
     this.height = el.getAttribute("data-height") || "600px";
+    if (el.getAttribute("data-session")) fixedSession = el.getAttribute("data-session");
     this.source = null;
     this.beat = null;
     this.ticker = null;
