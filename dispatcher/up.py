@@ -130,7 +130,14 @@ class Stack:
             token = ""
             if settings.auth.hs256_secret is not None:
                 secret = settings.auth.hs256_secret.get_secret_value()
-                token = mint(secret, ["*"], subject="dev", ttl_s=12 * 3600)
+                token = mint(
+                    secret,
+                    ["*"],
+                    subject="dev",
+                    ttl_s=12 * 3600,
+                    audience=settings.auth.audience,
+                    issuer=settings.auth.issuer,
+                )
             self.token = token
             announce(
                 f"spinyard is up.\n"
