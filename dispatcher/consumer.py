@@ -10,12 +10,14 @@ the process dies, the deadline lapses and another replica takes it over.
 
 import asyncio
 import contextlib
+from collections import Counter
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from dispatcher import logs
+from dispatcher.metrics import Histogram, counter_lines, family, labels
 from dispatcher.settings import HandlerSettings
 from handlers.context import Context
 from handlers.errors import PermanentError, RetryableError
@@ -29,6 +31,35 @@ FETCH_TIMEOUT_S = 1.0  # long-poll length; also bounds how fast a stop is notice
 _HIDDEN = ErrorInfo(code=codes.INTERNAL, message="spinyard could not handle this event")
 
 
+class HandlerMetrics:
+    """Counts and times handled messages, per handler and outcome."""
+
+    def __init__(self) -> None:
+        self.handled: Counter[tuple[str, str]] = Counter()
+        self.duration = Histogram(("handler",))
+        self.consumers: list[Consumer] = []
+
+    def observe(self, handler: str, outcome: str, seconds: float) -> None:
+        self.handled[(handler, outcome)] += 1
+        self.duration.observe(seconds, handler)
+
+    def render(self) -> str:
+        out = counter_lines(
+            "spinyard_handler_messages_total",
+            "Messages settled, by handler and outcome (ok, retried, failed, dead_lettered).",
+            self.handled,
+            ("handler", "outcome"),
+        )
+        out += self.duration.render(
+            "spinyard_handler_duration_seconds", "Time from fetch to settling a message."
+        )
+        out += family("spinyard_handler_inflight", "gauge", "Messages being handled now.")
+        for consumer in self.consumers:
+            gauge = labels(handler=consumer.spec.id)
+            out.append(f"spinyard_handler_inflight{gauge} {len(consumer.inflight)}")
+        return "\n".join(out) + "\n"
+
+
 class Consumer:
     """Runs one handler's consumer loop until `stopping` is set."""
 
@@ -39,8 +70,10 @@ class Consumer:
         ctx: Context,
         settings: HandlerSettings,
         stopping: asyncio.Event,
+        metrics: "HandlerMetrics | None" = None,
     ):
         self.js = js
+        self.metrics = metrics
         self.spec = spec
         self.ctx = ctx
         self.settings = settings
@@ -143,6 +176,8 @@ class Consumer:
             await msg.ack()
         finally:
             keep_alive.cancel()
+            if self.metrics is not None:
+                self.metrics.observe(self.spec.id, outcome, loop.time() - started)
             log.info(
                 "message_handled",
                 outcome=outcome,

@@ -13,11 +13,12 @@ import math
 import time
 from contextlib import AsyncExitStack
 
+from aiohttp import web
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from dispatcher import bus, logs
-from dispatcher.consumer import Consumer
+from dispatcher.consumer import Consumer, HandlerMetrics
 from dispatcher.settings import Settings
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
 from handlers.context import Context, Knobs
@@ -62,6 +63,30 @@ def job_reporter(js: JetStreamContext):
     return report
 
 
+async def serve_health(service: "Handlers", nc: Client, tasks: list[asyncio.Task]) -> web.AppRunner:
+    """`/healthz` (503 once NATS is gone or a consumer died) and `/metrics`."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        ok = nc.is_connected and not any(t.done() for t in tasks) and not service.stopping.is_set()
+        return web.json_response({"ok": ok, "nats": nc.is_connected}, status=200 if ok else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(
+            text=service.metrics.render(), content_type="text/plain", charset="utf-8"
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    settings = service.settings.handlers
+    await web.TCPSite(runner, settings.health_host, settings.health_port).start()
+    service.health_port = runner.addresses[0][1]
+    log.info("health_server_started", port=service.health_port)
+    return runner
+
+
 def make_knobs(settings: Settings) -> Knobs:
     return Knobs(
         pool_refill_per_tick=settings.reaper.pool_refill_per_tick,
@@ -90,6 +115,8 @@ class Handlers:
         self.store = store
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
+        self.metrics = HandlerMetrics()
+        self.health_port: int | None = None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -111,13 +138,18 @@ class Handlers:
                 knobs=make_knobs(self.settings),
                 store=self.store,
             )
-            tasks = [
-                asyncio.create_task(
-                    Consumer(js, spec, ctx, self.settings.handlers, self.stopping).run(),
-                    name=f"consumer:{spec.id}",
-                )
+            consumers = [
+                Consumer(js, spec, ctx, self.settings.handlers, self.stopping, self.metrics)
                 for spec in self.specs
             ]
+            self.metrics.consumers = consumers
+            tasks = [
+                asyncio.create_task(consumer.run(), name=f"consumer:{consumer.spec.id}")
+                for consumer in consumers
+            ]
+            if self.settings.handlers.health_port is not None:
+                runner = await serve_health(self, nc, tasks)
+                stack.push_async_callback(runner.cleanup)
             if any(spec.kind == subjects.REAPER_TICK for spec in self.specs):
                 tasks.append(
                     asyncio.create_task(

@@ -41,6 +41,12 @@ class HandlerSettings(BaseModel):
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="In-flight work may finish for this long"
     )
+    health_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /healthz and /metrics on this port; unset: off"
+    )
+    health_host: str = Field(
+        "127.0.0.1", description="Address of the health server (0.0.0.0 in pods)"
+    )
     concurrency: dict[str, int] = Field(
         default_factory=dict,
         description='Per-handler concurrency override, e.g. {"page_load": 128}',

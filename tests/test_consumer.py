@@ -226,3 +226,65 @@ async def test_handler_concurrency_is_bounded(settings, nats):
     service.stop()
     await task
     assert peak[0] == 3
+
+
+async def test_health_and_metrics_server(settings, nats):
+    import aiohttp
+
+
+    registry = Registry()
+    calls = []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=1, backoff_s=(0.05,), registry=registry)
+    async def sometimes(ctx, event):
+        calls.append(1)
+        if event.session == "bad":
+            raise ValueError("no")
+
+    settings.handlers.health_port = 0
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    await _publish(js, PageLoad(app="a/b", session="good"))
+    await _publish(js, PageLoad(app="a/b", session="bad"))
+    await wait_for(lambda: len(calls) == 3, what="1 ok + 2 tries")
+    base = f"http://127.0.0.1:{service.health_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/healthz") as r:
+            assert r.status == 200 and (await r.json())["ok"] is True
+        scraped = await wait_for(lambda: _scrape(http, base), what="dead letter counted")
+        service.stop()
+        await task
+    assert (
+        scraped[
+            (
+                "spinyard_handler_messages_total",
+                frozenset({("handler", "page_load"), ("outcome", "ok")}),
+            )
+        ]
+        == 1
+    )
+    assert (
+        scraped[
+            (
+                "spinyard_handler_messages_total",
+                frozenset({("handler", "page_load"), ("outcome", "retried")}),
+            )
+        ]
+        == 1
+    )
+    assert (
+        scraped[("spinyard_handler_duration_seconds_count", frozenset({("handler", "page_load")}))]
+        == 3
+    )
+
+
+async def _scrape(http, base):
+    from tests.test_gateway import parse_metrics
+
+    async with http.get(f"{base}/metrics") as r:
+        metrics = parse_metrics(await r.text())
+    key = (
+        "spinyard_handler_messages_total",
+        frozenset({("handler", "page_load"), ("outcome", "dead_lettered")}),
+    )
+    return metrics if metrics.get(key) == 1 else None
