@@ -111,8 +111,10 @@ async def _tend_jobs(ctx: Context, instances: dict, now: float, counts: dict) ->
         job = runs.Job.model_validate(raw)
         known.add(job_id)
         if not job.state.terminal and now - job.created_at > job.deadline_s + grace:
-            await ctx.backend.cancel_job(job_id)
+            # Record the verdict first: the backend's own `cancelled` report for
+            # the stop below must find the run already ended.
             done = await runs.advance(ctx, job_id, _timed_out(now))
+            await ctx.backend.cancel_job(job_id)
             if done is not None:
                 await runs.publish(ctx, done)
                 counts["timed_out"] = counts.get("timed_out", 0) + 1

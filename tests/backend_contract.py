@@ -9,8 +9,18 @@ A backend's test module subclasses `BackendContract` and provides:
 - optionally `make_spec`, if the backend cannot run `tests/apps/echo_app.py`
   through `{python}` (the Kubernetes backend will give images instead).
 
-The `backends` fixture stops every instance left at the end of a test and
-calls `cleanup()` on every backend object it made.
+A backend that runs jobs also subclasses `JobContract` and provides:
+
+- `running_job_copies`: an async function counting what actually runs of a
+  job (the model's processes, pods), without trusting the backend's records;
+- optionally `make_job_spec`, if the backend cannot run `tests/apps/job_model.py`
+  through `{python}`. The job tests choose the model's behaviour by its
+  arguments (`--exit N`, `--sleep S`; see that file), which a backend without
+  real processes may read from `spec.command` to simulate the run.
+
+The `backends` fixture stops every instance and forgets every job left at
+the end of a test, and calls `cleanup()` on every backend object it made;
+the `watch` fixture starts `watch_jobs` and stops it at the end of a test.
 """
 
 import asyncio
@@ -22,13 +32,16 @@ import aiohttp
 import pytest
 
 from handlers.errors import StartFailed
-from handlers.ports import Backend, Instance
+from handlers.ports import Backend, Instance, JobLaunch
 from schemas import errors as codes
+from schemas.events import JobUpdate
 from schemas.spec import AppSpec
 from tests.conftest import wait_for
 
 ECHO_APP = Path(__file__).parent / "apps" / "echo_app.py"
+JOB_MODEL = Path(__file__).parent / "apps" / "job_model.py"
 READY_S = 15.0  # generous: a loaded CI machine may start Python slowly
+JOB_S = 20.0  # as generous, for a job's report
 
 MakeSpec = Callable[..., AppSpec]
 Factory = Callable[[], Awaitable[Backend]]
@@ -36,6 +49,22 @@ Factory = Callable[[], Awaitable[Backend]]
 
 def new_id() -> str:
     return f"i-{uuid.uuid4().hex[:16]}"
+
+
+def new_job_id() -> str:
+    return f"j-{uuid.uuid4().hex[:24]}"
+
+
+def job_spec(*args: str, name: str = "test/model", **fields) -> AppSpec:
+    """A job spec that runs the job model with `args`, e.g. `--exit 3` or `--sleep 600`."""
+    return AppSpec(name=name, kind="job", command=["{python}", str(JOB_MODEL), *args], **fields)
+
+
+def launch(job_id: str, spec: AppSpec, inputs: dict | None = None, **fields) -> JobLaunch:
+    """What run_request hands the backend: by default small inputs and no outputs."""
+    values = {"inputs": {"n": 1} if inputs is None else inputs, "upload_urls": {}}
+    values |= {"deadline_s": spec.deadline_s} | fields
+    return JobLaunch(job_id=job_id, **values)
 
 
 def echo_spec(behaviour: str = "serve", name: str = "test/echo", **fields) -> AppSpec:
@@ -50,16 +79,58 @@ def echo_spec(behaviour: str = "serve", name: str = "test/echo", **fields) -> Ap
 
 
 async def stop_all(backend: Backend) -> None:
-    """Stop every instance the backend knows about."""
-    for instance in await backend.list_instances():
-        if instance.kind == "viz":
-            await backend.stop_viz(instance.id)
-        else:
-            await backend.cancel_job(instance.id)
+    """Stop every instance the backend knows about, and forget every job.
+
+    Cancelling a job stops it; cancelling one that has ended removes what is left
+    of it (the local backend keeps a job's files until then): so twice.
+    """
+    for _ in range(2):
+        for instance in await backend.list_instances():
+            if instance.kind == "viz":
+                await backend.stop_viz(instance.id)
+            else:
+                await backend.cancel_job(instance.id)
 
 
 async def find(backend: Backend, instance_id: str) -> Instance | None:
     return next((i for i in await backend.list_instances() if i.id == instance_id), None)
+
+
+class JobWatch:
+    """A running `watch_jobs`, keeping what it reports."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.updates: list[JobUpdate] = []
+        self.stopping = asyncio.Event()
+        self.task = asyncio.create_task(
+            backend.watch_jobs(self._report, self.stopping), name="test-job-watch"
+        )
+
+    async def _report(self, update: JobUpdate) -> None:
+        self.updates.append(update)
+
+    def states(self, job_id: str) -> list[str]:
+        """The states reported for a job, in order, repeats dropped."""
+        states: list[str] = []
+        for update in self.updates:
+            if update.job_id == job_id and update.state not in states:
+                states.append(update.state)
+        return states
+
+    async def until(self, job_id: str, state: str, timeout: float = JOB_S) -> JobUpdate:
+        """The first report of `state` for the job, once there is one."""
+
+        def first() -> JobUpdate | None:
+            if self.task.done():
+                self.task.result()  # a watcher that died says why
+                raise AssertionError("the watcher stopped")
+            return next((u for u in self.updates if (u.job_id, u.state) == (job_id, state)), None)
+
+        return await wait_for(first, timeout, what=f"{job_id} {state} (saw {self.states(job_id)})")
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await asyncio.wait_for(self.task, 10)
 
 
 class BackendContract:
@@ -228,3 +299,113 @@ class BackendContract:
 
         await wait_for(dead, timeout=READY_S, what="the app to exit")
         assert await backend.target(iid) is None
+
+
+class JobContract:
+    """What every backend that runs jobs must do. Mix into a `BackendContract` subclass."""
+
+    @pytest.fixture
+    def running_job_copies(self) -> Callable[[str], Awaitable[int]]:
+        raise NotImplementedError("a backend's test class provides `running_job_copies`")
+
+    @pytest.fixture
+    def make_job_spec(self) -> MakeSpec:
+        return job_spec
+
+    @pytest.fixture
+    async def watch(self, backend) -> AsyncIterator[Callable[..., JobWatch]]:
+        """Start `watch_jobs` on `backend` (or another backend object); stopped at the end."""
+        made: list[JobWatch] = []
+
+        def start(on: Backend | None = None) -> JobWatch:
+            made.append(JobWatch(on or backend))
+            return made[-1]
+
+        yield start
+        for watcher in made:
+            await watcher.stop()
+
+    async def test_a_job_runs_succeeds_and_is_listed(
+        self, backend, watch, make_job_spec, running_job_copies
+    ):
+        spec, jid, watcher = make_job_spec(), new_job_id(), watch()
+        await backend.submit_job(launch(jid, spec), spec)
+        instance = await find(backend, jid)
+        assert (instance.app, instance.kind) == (spec.name, "job")
+
+        done = await watcher.until(jid, "succeeded")
+        assert done.exit_code == 0
+        assert watcher.states(jid) in (["running", "succeeded"], ["succeeded"])
+        assert await running_job_copies(jid) == 0
+
+        async def ended() -> bool:
+            return (await find(backend, jid)).alive is False
+
+        await wait_for(ended, JOB_S, what="the job to be listed as ended")
+
+    async def test_a_failing_job_reports_its_exit_code_and_log_tail(
+        self, backend, watch, make_job_spec
+    ):
+        spec, jid, watcher = make_job_spec("--exit", "3"), new_job_id(), watch()
+        await backend.submit_job(launch(jid, spec), spec)
+        failed = await watcher.until(jid, "failed")
+        assert failed.exit_code == 3
+        assert "job_model: failing with 3" in failed.log_tail
+
+    async def test_a_job_past_its_deadline_is_stopped(
+        self, backend, watch, make_job_spec, running_job_copies
+    ):
+        spec, jid, watcher = make_job_spec("--sleep", "600", deadline_s=1.0), new_job_id(), watch()
+        await backend.submit_job(launch(jid, spec), spec)
+        await watcher.until(jid, "running")
+        await watcher.until(jid, "timed_out")
+        assert await running_job_copies(jid) == 0
+
+    async def test_cancel_stops_a_job_and_is_idempotent(
+        self, backend, watch, make_job_spec, running_job_copies
+    ):
+        spec, jid, watcher = make_job_spec("--sleep", "600"), new_job_id(), watch()
+        await backend.submit_job(launch(jid, spec), spec)
+        await watcher.until(jid, "running")
+        assert await running_job_copies(jid) == 1
+
+        await backend.cancel_job(jid)
+        assert await running_job_copies(jid) == 0
+        await watcher.until(jid, "cancelled")
+        await backend.cancel_job(jid)  # ended: what is left goes
+        assert await find(backend, jid) is None
+        await backend.cancel_job(jid)
+        await backend.cancel_job(new_job_id())  # never submitted
+
+    async def test_submitting_a_job_again_runs_it_once(
+        self, backends, watch, make_job_spec, running_job_copies
+    ):
+        one, two = await backends(), await backends()
+        spec, jid = make_job_spec("--sleep", "600"), new_job_id()
+        watcher = watch(one)
+        await asyncio.gather(*(b.submit_job(launch(jid, spec), spec) for b in (one, two, one)))
+        await one.submit_job(launch(jid, spec), spec)
+        await watcher.until(jid, "running")
+        assert await running_job_copies(jid) == 1
+        assert [i.id for i in await two.list_instances()] == [jid]
+
+    async def test_a_finished_job_is_not_run_again(self, backend, watch, make_job_spec):
+        spec, jid, watcher = make_job_spec(), new_job_id(), watch()
+        await backend.submit_job(launch(jid, spec), spec)
+        await watcher.until(jid, "succeeded")
+        before = await find(backend, jid)
+        await backend.submit_job(launch(jid, spec), spec)
+        assert await find(backend, jid) == before
+
+    async def test_a_watcher_started_later_reports_what_it_missed(
+        self, backend, watch, make_job_spec
+    ):
+        spec, jid = make_job_spec("--exit", "4"), new_job_id()
+        await backend.submit_job(launch(jid, spec), spec)
+
+        async def ended() -> bool:
+            return (await find(backend, jid)).alive is False
+
+        await wait_for(ended, JOB_S, what="the job to end")
+        failed = await watch().until(jid, "failed")
+        assert failed.exit_code == 4

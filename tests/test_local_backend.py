@@ -25,6 +25,7 @@ from tests.backend_contract import (
     ECHO_APP,
     READY_S,
     BackendContract,
+    JobContract,
     echo_spec,
     find,
     new_id,
@@ -35,9 +36,9 @@ PUBLIC_URL = "http://gateway.test:8080/"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _running_copies(instance_id: str) -> int:
-    """Live processes whose environment names the instance (children inherit it)."""
-    needle = f"SPINYARD_INSTANCE={instance_id}".encode()
+def _running_copies(instance_id: str, variable: str = "SPINYARD_INSTANCE") -> int:
+    """Live processes whose environment names the instance or job (children inherit it)."""
+    needle = f"{variable}={instance_id}".encode()
     count = 0
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -79,13 +80,20 @@ def _processes_logging_to(directory: Path) -> list[int]:
     return found
 
 
-@pytest.fixture(autouse=True)
-def no_process_left(data_dir):
-    """Fail a test that leaves an app running (after killing it, so none outlives the run)."""
-    yield
+def kill_left_processes(data_dir: Path) -> list[int]:
+    """Kill what still runs of apps, jobs' models and job runners started under `data_dir`
+    (all of them write their output there), so none outlives the test; their pids."""
     left = _processes_logging_to(data_dir)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
+    return left
+
+
+@pytest.fixture(autouse=True)
+def no_process_left(data_dir):
+    """Fail a test that leaves an app, a job's model or a job runner running."""
+    yield
+    left = kill_left_processes(data_dir)
     assert not left, f"the test left processes running: {left}"
 
 
@@ -111,7 +119,7 @@ async def _info(backend: LocalBackend, instance_id: str, spec: AppSpec) -> dict:
     return json.loads(body)
 
 
-class TestLocalBackend(BackendContract):
+class TestLocalBackend(BackendContract, JobContract):
     @pytest.fixture
     def new_backend(self, local_settings, data_dir):
         return lambda: LocalBackend(local_settings, data_dir, PUBLIC_URL)
@@ -120,6 +128,13 @@ class TestLocalBackend(BackendContract):
     def running_copies(self):
         async def count(instance_id: str) -> int:
             return _running_copies(instance_id)
+
+        return count
+
+    @pytest.fixture
+    def running_job_copies(self):
+        async def count(job_id: str) -> int:
+            return _running_copies(job_id, "SPINYARD_JOB_ID")
 
         return count
 
@@ -470,11 +485,4 @@ def test_make_backend_needs_a_known_gateway_url(tmp_path):
     settings = Settings(data_dir=tmp_path)
     settings.gateway.port = 0
     with pytest.raises(ValueError, match="public_url"):
-        make_backend(settings)
-
-
-def test_make_backend_kubernetes_is_not_there_yet(tmp_path):
-    settings = Settings(data_dir=tmp_path)
-    settings.backend.kind = "kubernetes"
-    with pytest.raises(NotImplementedError, match="kubernetes"):
         make_backend(settings)

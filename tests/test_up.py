@@ -187,6 +187,39 @@ async def test_demo_page_and_dev_token_are_served(stack, http):
         assert r.status == 202
 
 
+async def test_the_example_model_runs_and_its_results_download(stack, http):
+    base = stack["url"]
+    run = {
+        "type": "run_request",
+        "app": "demo/epidemic",
+        "session": "e2e-run",
+        "inputs": {"population": 1000, "infected": 5, "days": 60},
+    }
+    async with http.post(f"{base}/v1/events", headers=auth(stack), json=run) as r:
+        assert r.status == 202
+        job_id = (await r.json())["job_id"]
+    url = f"{base}/v1/jobs/{job_id}/status"
+    async with http.get(url, headers=auth(stack) | {"Accept": "text/event-stream"}) as sse:
+        states, done = [], None
+        async for raw in sse.content:
+            line = raw.decode().strip()
+            if line.startswith("data:"):
+                status = json.loads(line[5:])
+                states.append(status["state"])
+                if status["state"] in ("succeeded", "failed", "timed_out", "cancelled"):
+                    done = status
+                    break
+    assert done is not None and done["state"] == "succeeded", (states, done)
+    assert states[-2:] == ["running", "succeeded"] or states == ["succeeded"]
+    results = {r["name"]: r for r in done["results"]}
+    assert set(results) == {"summary.json", "trajectory.csv"}
+    async with http.get(results["summary.json"]["url"]) as r:
+        summary = json.loads(await r.read())
+    assert summary["inputs"]["days"] == 60 and summary["peak_infected"] > 5
+    async with http.get(results["trajectory.csv"]["url"]) as r:
+        assert (await r.text()).splitlines()[0] == "day,susceptible,infected,recovered"
+
+
 async def test_sigterm_stops_everything_and_leaves_no_process(stack, http):
     proc = stack["proc"]
     # Make sure app processes exist, so there is something to clean up.

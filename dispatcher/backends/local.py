@@ -1,6 +1,6 @@
-"""Runs viz apps as processes on this machine, for `spinyard up` and one-box installs.
+"""Runs viz apps and jobs as processes on this machine, for `spinyard up` and one-box installs.
 
-Each instance is an OS process in its own session, started from the app
+Each viz instance is an OS process in its own session, started from the app
 spec's `command` on a free loopback port, serving under its URL prefix; the
 gateway reverse-proxies `/apps/<owner>/<title>/<instance>/` to it through
 `target()`. Several handler processes may share one data dir, so all that is
@@ -11,25 +11,27 @@ known about an instance lives on disk, never only in memory:
     <data_dir>/local/instances/<id>.lock   flock held while starting, stopping or relabelling
     <data_dir>/local/logs/<id>.log         the app's stdout and stderr
 
-Apps outlive a crashed handler on purpose: a redelivered page load must find
-and reuse the instance rather than start a second one, and after a restart
-`list_instances` still finds every process so the reaper can stop them. The
-start time from /proc/<pid>/stat tells a live instance from a recycled pid.
-Linux only: it reads /proc.
+Each job is supervised by a runner process (`jobrunner.py`, which documents
+what a run gets and the files under `<data_dir>/local/jobs/<job_id>/`); the
+runner tells `watch_jobs` (`jobwatch.py`) through the datagram socket
+`<data_dir>/local/jobs.sock` when the run starts and ends.
+
+Apps and runs outlive a crashed handler on purpose: a redelivered page load
+must find and reuse the instance rather than start a second one, and after a
+restart `list_instances` still finds every process so the reaper can stop
+them. The start time from /proc/<pid>/stat tells a live process from a
+recycled pid. Linux only: it reads /proc.
 """
 
 import asyncio
 import contextlib
-import fcntl
-import functools
 import os
 import re
+import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
@@ -38,25 +40,31 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict
 
 from dispatcher import logs
-from dispatcher.backends.base import Backend, Instance, http_host, instance_prefix
+from dispatcher.backends import processes
+from dispatcher.backends.base import Backend, Instance, JobLaunch, http_host, instance_prefix
+from dispatcher.backends.jobrunner import (
+    JobDir,
+    cpu_seconds,
+    job_ids,
+    notify,
+    prepare,
+    remove_stale_staging,
+    start_runner,
+)
+from dispatcher.backends.jobwatch import JobWatcher
 from dispatcher.settings import LocalBackendSettings
 from handlers.errors import StartFailed
+from handlers.ports import JobReport
 from schemas import errors as codes
+from schemas.events import JobUpdate
 from schemas.names import INSTANCE_ID_RE, JOB_ID_RE
 from schemas.spec import AppSpec
 
-_DEAD = ("Z", "X", "x")  # /proc states of a process that has exited
 _PLACEHOLDER = re.compile(r"\{(port|prefix|host|python)\}")
-_POLL_S = 0.02  # how often a stop checks whether the process group is gone
-_KILL_WAIT_S = 5.0  # how long to wait for SIGKILL to take effect
 _PROBE_TIMEOUT_S = 2.0  # one readiness request, at most
 _TAIL_LINES = 10
-
-# Child processes belong to this OS process, not to one backend object: any
-# object may stop what another started, and an exited child stays a zombie
-# until waited for. So the handles live here, keyed by pid, until reaped.
-_children: dict[int, tuple[subprocess.Popen, int]] = {}
-_exit_codes: OrderedDict[tuple[int, int], int] = OrderedDict()
+_RUNNER_EXIT_S = 5.0  # how long a runner that wrote its result may take to exit
+_STALE_STAGING_S = 3600.0  # a job being submitted for this long was left by a dead submitter
 
 
 class _State(BaseModel):
@@ -75,6 +83,10 @@ class _State(BaseModel):
     pooled: bool = False
     created_at: float
 
+    @property
+    def process(self) -> processes.Process:
+        return processes.Process(self.pid, self.start_time, self.boot_id)
+
     def instance(self, alive: bool) -> Instance:
         common = self.model_dump(include={"id", "app", "kind", "created_at", "pooled"})
         return Instance(
@@ -87,35 +99,37 @@ class _State(BaseModel):
 
 
 class LocalBackend(Backend):
-    """Viz instances as local processes, with their state in files under `data_dir`."""
+    """Viz instances and jobs as local processes, with their state in files under `data_dir`."""
 
     name = "local"
+    takeover_s = 2.0  # how often a waiting job watcher tries to take over the socket
 
     def __init__(self, settings: LocalBackendSettings, data_dir: Path, public_url: str) -> None:
         self._settings = settings
         self._states = Path(data_dir) / "local" / "instances"
         self._logs = Path(data_dir) / "local" / "logs"
+        self._jobs = Path(data_dir) / "local" / "jobs"
+        self._socket = Path(data_dir) / "local" / "jobs.sock"
         self._public_url = public_url.rstrip("/")
         self._python = settings.python or sys.executable
         self._cache: dict[str, tuple[tuple[int, int, int], _State | None]] = {}
         self._log = logs.get("spinyard.backend.local")
 
     async def setup(self) -> None:
-        """Create the state and log directories.
+        """Create the state, log and job directories.
 
         Raises:
             RuntimeError: this is not Linux (there is no /proc to read).
         """
         try:
-            _boot_id()
+            processes.boot_id()
         except OSError as exc:
             raise RuntimeError("the local backend needs Linux /proc") from exc
-        self._states.mkdir(parents=True, exist_ok=True)
-        self._logs.mkdir(parents=True, exist_ok=True)
+        self._mkdirs()
 
     async def cleanup(self) -> None:
-        """Reap exited children. Running instances are left alone."""
-        _reap()
+        """Reap exited children. Running instances and jobs are left alone."""
+        processes.reap()
 
     async def start_viz(self, instance_id: str, spec: AppSpec, *, pooled: bool = False) -> None:
         """Start the app's command unless this instance already runs; return at once.
@@ -129,13 +143,13 @@ class LocalBackend(Backend):
             handlers.errors.StartFailed: the command or its working directory does not exist.
         """
         _check_id(instance_id)
-        _reap()
+        processes.reap()
         async with self._locked(instance_id):
             old = self._load(instance_id)
-            if old is not None and self._alive(old):
+            if old is not None and processes.alive(old.process):
                 return
             if old is not None:  # it died: clear what is left of its group first
-                _signal_group(old, signal.SIGKILL)
+                processes.signal_group(old.process, signal.SIGKILL)
             host, prefix = self._settings.host, instance_prefix(instance_id, spec)
             port = self._free_port()
             values = {"port": str(port), "prefix": prefix, "host": host, "python": self._python}
@@ -143,8 +157,18 @@ class LocalBackend(Backend):
             env = {k: _fill(v, values) for k, v in spec.env.items()}
             env |= {f"SPINYARD_{k}": v for k, v in ours.items()}
             argv = [_fill(arg, values) for arg in spec.command]
-            record = {"id": instance_id, "app": spec.name, "kind": "viz", "port": port}
-            state = self._spawn(argv, env, spec.workdir, **record, pooled=pooled)
+            try:
+                _, proc = processes.spawn(
+                    argv, processes.child_env(env), spec.workdir, self._logs / f"{instance_id}.log"
+                )
+            except processes.SpawnError as exc:
+                raise StartFailed(str(exc), code=codes.START_FAILED) from exc
+            state = _State(
+                id=instance_id, app=spec.name, kind="viz", port=port, pooled=pooled,
+                pid=proc.pid, start_time=proc.start_time, boot_id=proc.boot_id,
+                host=host, created_at=time.time(),
+            )  # fmt: skip
+            self._write(state)
         self._log.info("viz_process_started", **state.fields(), pooled=pooled, restarted=bool(old))
 
     async def wait_ready(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
@@ -162,11 +186,11 @@ class LocalBackend(Backend):
                 state = self._load(instance_id)
                 if state is None:
                     raise StartFailed("the app's instance is not running", code=codes.START_FAILED)
-                if not self._alive(state):
+                if not processes.alive(state.process):
                     raise StartFailed(self._exit_message(state), code=codes.START_FAILED)
                 url = f"http://{http_host(state.host)}:{state.port}{path}"
                 probe_s = max(0.05, min(_PROBE_TIMEOUT_S, deadline - loop.time()))
-                if await _answers(http, url, probe_s) and self._alive(state):
+                if await _answers(http, url, probe_s) and processes.alive(state.process):
                     return
                 if loop.time() >= deadline:
                     raise StartFailed(
@@ -184,7 +208,7 @@ class LocalBackend(Backend):
         if not _valid_id(instance_id):
             return None
         state = self._load(instance_id)
-        if state is None or state.kind != "viz" or not self._alive(state):
+        if state is None or state.kind != "viz" or not processes.alive(state.process):
             return None
         return state.app, f"http://{http_host(state.host)}:{state.port}"
 
@@ -197,7 +221,11 @@ class LocalBackend(Backend):
         _check_id(instance_id)
         async with self._locked(instance_id) as lock_path:
             state = self._load(instance_id)
-            outcome = "gone" if state is None else await self._terminate(state)
+            outcome = (
+                "gone"
+                if state is None
+                else await processes.terminate(state.process, self._settings.stop_grace_s)
+            )
             if outcome == "survived":  # keep the record so the reaper tries again
                 self._log.error("viz_process_survived_kill", instance=instance_id, pid=state.pid)
                 return
@@ -224,77 +252,127 @@ class LocalBackend(Backend):
         self._log.info("viz_instance_claimed", **state.fields())
 
     async def list_instances(self) -> list[Instance]:
-        """Every instance with a state file; `alive` is False once its process has gone."""
-        _reap()
+        """Every instance with a state file and every job with files, viz first.
+
+        `alive` is False once an instance's process, or a job's runner, has gone. A
+        job's `state` label is `starting`, `running` or the state of its result.
+        """
+        processes.reap()
         ids = self._ids()
         for stale in self._cache.keys() - set(ids):
             del self._cache[stale]
         states = [s for s in map(self._load, ids) if s is not None]
-        return [s.instance(alive=self._alive(s)) for s in states]
+        found = [s.instance(alive=processes.alive(s.process)) for s in states]
+        remove_stale_staging(self._jobs, _STALE_STAGING_S)
+        for job in map(self._job, job_ids(self._jobs)):
+            if (fields := job.listing()) is not None:  # else being submitted, or half removed
+                found.append(Instance(id=job.id, kind="job", **fields))
+        return found
 
-    # -- processes, shared by viz instances and (later) jobs --
+    # -- jobs --
 
-    def _spawn(self, argv: list[str], env: dict[str, str], cwd: str | None, **record) -> _State:
-        """Start `argv` in a new session, logging to the instance's log file, and record it.
+    async def submit_job(self, launch: JobLaunch, spec: AppSpec) -> None:
+        """Start a runner for the job unless the job exists (running or finished).
 
-        `record` holds the state fields the caller knows (id, app, kind, port,
-        pooled). The caller holds the instance's lock.
+        Returns once the runner has taken the job on (about the time Python takes
+        to start), before the run has started. Submissions of one job from any
+        number of processes at once start one run.
+
+        Raises:
+            ValueError: `launch.job_id` is not a job id.
+            handlers.errors.StartFailed: the spec's resources are not quantities, or
+                the runner could not be started.
         """
-        if cwd is not None and not Path(cwd).is_dir():
-            raise StartFailed(
-                f"the app's working directory {cwd} does not exist", code=codes.START_FAILED
-            )
-        with open(self._logs / f"{record['id']}.log", "ab") as log_file:
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=cwd,
-                    env=_child_env(env),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise StartFailed(
-                    f"could not run {argv[0]!r}: {exc.strerror or exc}", code=codes.START_FAILED
-                ) from exc
-        stat = _proc_stat(proc.pid)  # an unreaped child keeps its /proc entry even if it exited
-        start_time = stat[2] if stat else 0
-        _children[proc.pid] = (proc, start_time)
-        state = _State(
-            **record,
-            pid=proc.pid,
-            start_time=start_time,
-            boot_id=_boot_id(),
-            host=self._settings.host,
-            created_at=time.time(),
-        )
-        self._write(state)
-        return state
+        job = self._job(launch.job_id)
+        self._mkdirs()
+        try:
+            memory = processes.memory_bytes(spec.resources.memory)
+            cores = processes.quantity(spec.resources.cpu)
+        except ValueError as exc:
+            raise StartFailed(f"the app's resources: {exc}", code=codes.START_FAILED) from exc
+        if job.path.exists():
+            return
+        values = {"python": self._python}
+        run = {
+            "app": spec.name,
+            "argv": [_fill(arg, values) for arg in spec.command],
+            "cwd": spec.workdir,
+            "env": {k: _fill(v, values) for k, v in spec.env.items()},
+            "deadline_s": launch.deadline_s,
+            "stop_grace_s": self._settings.stop_grace_s,
+            "memory_bytes": memory,
+            "cpu_seconds": cpu_seconds(cores, launch.deadline_s),
+            "socket": str(self._socket),
+        }
+        stage = JobDir.staging(self._jobs, job.id)  # filled here, moved into place by the runner
+        try:
+            prepare(stage, job, launch.inputs, launch.upload_urls, run)
+        except BaseException:
+            shutil.rmtree(stage.path, ignore_errors=True)
+            raise
+        try:
+            claimed = await start_runner(stage)
+        except processes.SpawnError as exc:
+            raise StartFailed(str(exc), code=codes.START_FAILED) from exc
+        if claimed:
+            notify(self._socket, job.id)  # so the watcher watches the runner from now on
+            self._log.info("job_runner_started", job_id=job.id, app=spec.name)
 
-    async def _terminate(self, state: _State) -> str:
-        """Stop the process group: 'gone' (nothing ran), 'terminated', 'killed' or 'survived'."""
-        if not _signal_group(state, signal.SIGTERM):
-            return "gone"
-        if await _wait_gone(state, self._settings.stop_grace_s):
-            return "terminated"
-        _signal_group(state, signal.SIGKILL)
-        return "killed" if await _wait_gone(state, _KILL_WAIT_S) else "survived"
+    async def cancel_job(self, job_id: str) -> None:
+        """Stop a running job (it ends `cancelled`), or remove the files of a finished one.
 
-    def _alive(self, state: _State) -> bool:
-        return state.boot_id == _boot_id() and _runs(state.pid, state.start_time)
+        A running job's runner gets SIGTERM and stops the run, which the watcher
+        then reports; its files stay until `cancel_job` is called again, so the
+        reaper removes them once the job's record expires. Cancelling a job that
+        is gone does nothing.
+
+        Raises:
+            ValueError: `job_id` is not a job id.
+        """
+        job = self._job(job_id)
+        self._mkdirs()
+        async with processes.locked(job.lock):
+            runner = job.runner()
+            if runner is not None and job.result() is None:
+                grace = self._settings.stop_grace_s
+                how = await job.stop(runner, "cancelled", "the run was cancelled", grace)
+                self._log.info("job_cancelled", job_id=job_id, how=how)
+                return
+            if runner is not None and not await processes.wait_gone(runner, _RUNNER_EXIT_S):
+                await processes.terminate(runner, 0)  # it wrote its result, then got stuck
+            existed = job.path.exists()
+            shutil.rmtree(job.path, ignore_errors=True)
+            job.lock.unlink(missing_ok=True)  # under the lock: waiters notice and retry
+        if existed:
+            self._log.info("job_files_removed", job_id=job_id)
+
+    async def watch_jobs(self, report: JobReport, stopping: asyncio.Event) -> None:
+        """Report each job's start and end until `stopping` is set (see `JobWatcher`)."""
+        self._mkdirs()
+
+        async def send(fields: dict) -> None:
+            await report(JobUpdate(**fields))
+
+        watcher = JobWatcher(self._jobs, self._socket, send, self._settings.stop_grace_s)
+        watcher.takeover_s = self.takeover_s
+        await watcher.watch(stopping)
+
+    def _job(self, job_id: str) -> JobDir:
+        if not JOB_ID_RE.match(job_id):
+            raise ValueError(f"not a job id: {job_id!r}")
+        return JobDir(self._jobs, job_id)
+
+    # -- viz processes --
 
     def _exit_message(self, state: _State) -> str:
-        _reap()
-        code = _exit_codes.get((state.pid, state.start_time))
+        code = processes.exit_code(state.process)
         if code is None:
             what = "the app exited"
         elif code < 0:
             what = f"the app was killed by {signal.Signals(-code).name}"
         else:
             what = f"the app exited with code {code}"
-        tail = _tail(self._logs / f"{state.id}.log", _TAIL_LINES)
+        tail = processes.tail(self._logs / f"{state.id}.log", _TAIL_LINES)
         return f"{what} before it was ready" + (f"; last log lines:\n{tail}" if tail else "")
 
     def _free_port(self) -> int:
@@ -310,6 +388,11 @@ class LocalBackend(Backend):
         return port
 
     # -- state files --
+
+    def _mkdirs(self) -> None:
+        for directory in (self._states, self._logs, self._jobs):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._jobs.chmod(0o700)  # inputs and upload URLs are the runs' own
 
     def _ids(self) -> list[str]:
         """The ids of every state file, sorted."""
@@ -350,54 +433,14 @@ class LocalBackend(Backend):
 
     def _write(self, state: _State) -> None:
         """Replace the state file atomically, so readers never see half of it."""
-        path = self._state_path(state.id)
-        tmp = path.with_name(f".{state.id}.{os.getpid()}.tmp")
-        tmp.write_text(state.model_dump_json())
-        os.replace(tmp, path)
+        processes.write_atomic(self._state_path(state.id), state.model_dump_json().encode())
 
     @contextlib.asynccontextmanager
     async def _locked(self, instance_id: str) -> AsyncIterator[Path]:
         """Hold the instance's lock file (shared by every process on this data dir)."""
-        self._states.mkdir(parents=True, exist_ok=True)
-        self._logs.mkdir(parents=True, exist_ok=True)
-        path = self._states / f"{instance_id}.lock"
-        fd = _lock(path, wait=False)
-        if fd is None:
-            task = asyncio.ensure_future(asyncio.to_thread(_lock, path, True))
-            try:
-                fd = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                task.add_done_callback(_release_later)
-                raise
-        try:
+        self._mkdirs()
+        async with processes.locked(self._states / f"{instance_id}.lock") as path:
             yield path
-        finally:
-            os.close(fd)
-
-
-def _lock(path: Path, wait: bool) -> int | None:
-    """flock `path` (again, if it was replaced meanwhile); None if it is busy and not `wait`."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except FileNotFoundError:  # removed by a stop while we waited
-            pass
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-
-
-def _release_later(task: asyncio.Future) -> None:
-    """Close a lock whose waiter was cancelled before the lock came."""
-    if not task.cancelled() and task.exception() is None:
-        os.close(task.result())
 
 
 def _valid_id(instance_id: str) -> bool:
@@ -413,96 +456,6 @@ def _check_id(instance_id: str) -> None:
 def _fill(text: str, values: dict[str, str]) -> str:
     """Replace the known placeholders only; other braces stay as they are."""
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
-
-
-def _child_env(extra: dict[str, str]) -> dict[str, str]:
-    """Our environment (PATH, HOME, locale...) minus spinyard's settings, which hold
-    NATS and storage credentials; then the app's own variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")}
-    env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log file as they are written
-    return env | extra
-
-
-@functools.cache
-def _boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, process group, start time) of `pid` from /proc, or None if there is no such pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()  # the command name may hold spaces
-    return fields[0].decode(), int(fields[2]), int(fields[19])
-
-
-def _runs(pid: int, start_time: int) -> bool:
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in _DEAD and stat[2] == start_time
-
-
-def _signal_group(state: _State, sig: signal.Signals) -> bool:
-    """Signal the instance's process group; False if nothing of it is left to signal."""
-    if state.boot_id != _boot_id():
-        return False
-    stat = _proc_stat(state.pid)
-    if stat is not None and stat[2] != state.start_time:
-        return False  # a recycled pid: the kernel reuses one only once its group is empty
-    try:
-        os.killpg(state.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-def _group_runs(pgid: int) -> bool:
-    """Whether a process of group `pgid` still runs (zombies do not count)."""
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (stat := _proc_stat(int(name))) is not None:
-            if stat[1] == pgid and stat[0] not in _DEAD:
-                return True
-    return False
-
-
-async def _wait_gone(state: _State, within_s: float) -> bool:
-    """Poll until the instance's process group has gone; False if it has not after `within_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while True:
-        _reap()
-        stat = _proc_stat(state.pid)
-        if stat is not None and stat[2] != state.start_time:
-            return True  # recycled pid: see _signal_group
-        if (stat is None or stat[0] in _DEAD) and not _group_runs(state.pid):
-            return True
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(_POLL_S)
-
-
-def _reap() -> None:
-    """Wait for exited children, remembering recent exit codes for error messages."""
-    for pid, (proc, start_time) in list(_children.items()):
-        code = proc.poll()
-        if code is not None:
-            del _children[pid]
-            _exit_codes[(pid, start_time)] = code
-            while len(_exit_codes) > 256:
-                _exit_codes.popitem(last=False)
-
-
-def _tail(path: Path, lines: int) -> str:
-    """The last `lines` lines of a log file, read from its end."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            data = f.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
 
 
 async def _answers(http: aiohttp.ClientSession, url: str, limit_s: float) -> bool:

@@ -13,9 +13,11 @@
   `auth.dev_token_endpoint` is on, which only `spinyard up` does.
 """
 
+import asyncio
 import html
 import time
 
+import msgpack
 from aiohttp import web
 from yarl import URL
 
@@ -25,10 +27,11 @@ from dispatcher.settings import AuthSettings
 from handlers.runs import Job
 from handlers.state import State
 from schemas import errors as codes
-from schemas.names import check_app, check_session
+from schemas.names import JOB_ID_RE, check_app, check_session
 from schemas.spec import AppSpec
 
 SPEC_TTL_S = 2.0  # spec changes reach the origin and CSP checks within this
+JOB_RECORD_WAIT_S = 3.0  # how long a just-requested run may take to be recorded
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -90,10 +93,28 @@ class Guard:
             self.authenticator.authorize(claims, app, session)
 
     async def _job_owner(self, job_id: str) -> tuple[str, str | None]:
+        """The app and session of a run, waiting briefly for a run just requested.
+
+        The gateway answers a run request before the handler has recorded it, and
+        a page asks for the run's status at once; so an unknown id is watched for
+        up to `JOB_RECORD_WAIT_S` before it is a 404.
+        """
         entry = await self.state.read(self.state.jobs, job_id, Job)
-        if entry is None:
-            raise GatewayError(404, codes.NOT_FOUND, f"no run with id {job_id!r}")
-        return entry.value.app, entry.value.session
+        if entry is not None:
+            return entry.value.app, entry.value.session
+        if JOB_ID_RE.match(job_id):
+            watcher = await self.state.jobs.watch(job_id)
+            try:
+                async with asyncio.timeout(JOB_RECORD_WAIT_S):
+                    async for update in watcher:
+                        if update is not None and update.value:
+                            job = Job.model_validate(msgpack.unpackb(update.value))
+                            return job.app, job.session
+            except TimeoutError:
+                pass
+            finally:
+                await watcher.stop()
+        raise GatewayError(404, codes.NOT_FOUND, f"no run with id {job_id!r}")
 
     async def dev_token(self, request: web.Request) -> web.Response:
         """`GET /v1/dev/token?app=owner/title&session=s` (dev only): a short-lived token."""
