@@ -66,7 +66,9 @@ class ReaperSettings(BaseModel):
 class LocalBackendSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address app processes bind to")
     stop_grace_s: float = Field(5.0, ge=0, description="SIGTERM, then SIGKILL after this")
-    probe_interval_s: float = Field(0.05, gt=0, description="Readiness probe period while starting")
+    probe_interval_s: float = Field(
+        0.05, gt=0, description="Longest pause between readiness probes (they start at 5 ms)"
+    )
     python: str | None = Field(
         None, description="Interpreter for '{python}' in commands; default: ours"
     )

@@ -3,28 +3,33 @@
 Everything a page, a backend service or a handler exchanges over NATS or the
 gateway is defined here, with the msgpack codec and the NATS subject tree.
 This package imports nothing else of spinyard, so any Python client can use
-it on its own.
+it on its own. The names below are imported on first use, so a process that
+needs only `schemas.names` (the job runner) does not pay for pydantic.
 """
 
-from schemas.codec import decode, decode_event, encode
-from schemas.errors import ErrorBody, ErrorInfo
-from schemas.events import Event, Heartbeat, PageLoad, PoolRefill, ReaperTick
-from schemas.spec import AppSpec
-from schemas.status import AppState, AppStatus, Phases
+import importlib
 
-__all__ = [
-    "AppSpec",
-    "AppState",
-    "AppStatus",
-    "ErrorBody",
-    "ErrorInfo",
-    "Event",
-    "Heartbeat",
-    "PageLoad",
-    "Phases",
-    "PoolRefill",
-    "ReaperTick",
-    "decode",
-    "decode_event",
-    "encode",
-]
+_EXPORTS = {
+    "AppSpec": "schemas.spec",
+    "AppState": "schemas.status",
+    "AppStatus": "schemas.status",
+    "ErrorBody": "schemas.errors",
+    "ErrorInfo": "schemas.errors",
+    "Event": "schemas.events",
+    "Heartbeat": "schemas.events",
+    "PageLoad": "schemas.events",
+    "Phases": "schemas.status",
+    "PoolRefill": "schemas.events",
+    "ReaperTick": "schemas.events",
+    "decode": "schemas.codec",
+    "decode_event": "schemas.codec",
+    "encode": "schemas.codec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'schemas' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

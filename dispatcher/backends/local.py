@@ -181,6 +181,9 @@ class LocalBackend(Backend):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         path = instance_prefix(instance_id, spec).rstrip("/") + spec.readiness_path
+        # Probe often at first, when most apps come up, then back off to the period:
+        # a fixed 50 ms period cost a fast app up to 50 ms of its cold start.
+        pause = min(0.005, self._settings.probe_interval_s)
         async with aiohttp.ClientSession() as http:
             while True:
                 state = self._load(instance_id)
@@ -197,7 +200,8 @@ class LocalBackend(Backend):
                         f"the app did not answer {spec.readiness_path} within {timeout:g} s",
                         code=codes.START_TIMEOUT,
                     )
-                await asyncio.sleep(min(self._settings.probe_interval_s, deadline - loop.time()))
+                await asyncio.sleep(min(pause, deadline - loop.time()))
+                pause = min(pause * 1.5, self._settings.probe_interval_s)
 
     def url(self, instance_id: str, spec: AppSpec) -> str:
         """The gateway URL of the instance's entry page."""

@@ -1,0 +1,59 @@
+"""Smoke tests of the benchmark harness: each bench runs end to end at tiny sizes.
+
+They check that the benches start and stop their processes and return rows
+of the right shape with finite, positive figures. They assert nothing about
+speed: that is measured by `python -m bench`, never in tests. The Celery half
+of the runs bench is exercised by the bench itself (it needs redis-server).
+"""
+
+import math
+
+from bench import runs, stats, viz
+
+
+def _check_latency_rows(rows: list[dict]) -> None:
+    for row in rows:
+        assert row["n"] >= 1, row
+        for key in ("p50_ms", "p99_ms", "mean_ms", "min_ms", "max_ms"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["min_ms"] <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+
+
+async def test_viz_bench_runs_and_reports_every_figure():
+    sizes = viz.Sizes(loads=20, warmup=2, block=10, cold=1, pool_loads=2, pool_size=1)
+    result = await viz.run(sizes)
+
+    rows = {row["name"]: row for row in result["rows"]}
+    assert len(rows) == 7
+    assert rows[result["baseline"]]["ratio_p50"] == 1.0
+    assert rows["page load -> ready (warm, shared app)"]["n"] == 20
+    assert rows["raw JetStream publish -> pull -> publish"]["n"] == 20
+    assert rows["warm pool claim -> ready (per_session)"]["n"] == 2
+    _check_latency_rows(result["rows"])
+    for row in result["rows"]:
+        assert math.isfinite(row["ratio_p50"]) and row["ratio_p50"] > 0
+    assert 0 <= result["pool_misses"] <= 2
+    assert result["machine"]["nproc"] >= 1
+    text = viz.format_result(result)
+    assert "page load -> ready (warm, shared app)" in text and "ratio p50" in text
+
+
+async def test_runs_bench_spinyard_half_runs_and_reports_rates():
+    sizes = runs.Sizes(runs=3, burst=5, warmup=1)
+    result = await runs.run(sizes, celery=False)
+
+    figures = result["spinyard"]
+    assert "error" not in figures, figures.get("error")
+    assert [row["name"] for row in figures["latency"]] == [
+        "run request -> queued",
+        "run request -> running",
+        "run request -> succeeded",
+    ]
+    assert figures["latency"][0]["n"] == 3 and figures["latency"][2]["n"] == 3
+    _check_latency_rows(figures["latency"])
+    for row in figures["rates"]:
+        assert row["n"] == 5
+        assert math.isfinite(row["per_s"]) and row["per_s"] > 0, row
+    assert runs.failed(result) == []
+    assert "run request -> running" in runs.format_result(result)
+    assert stats.percentile([1.0, 2.0, 3.0], 50) == 2.0
