@@ -29,4 +29,6 @@ lint: install
 # Benchmarks (see docs/benchmarks.md); installs the bench extra
 bench *ARGS: install
     {{py}} -m pip install -q --disable-pip-version-check -e '.[bench]'
+    # Celery's broker for the runs bench: Debian's redis-server, if it is missing.
+    command -v redis-server >/dev/null || command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || true
     {{py}} -m bench {{ARGS}}
