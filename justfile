@@ -30,5 +30,5 @@ lint: install
 bench *ARGS: install
     {{py}} -m pip install -q --disable-pip-version-check -e '.[bench]'
     # Celery's broker for the runs bench: Debian's redis-server, if it is missing.
-    command -v redis-server >/dev/null || command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || true
+    command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || echo "no redis-server: the Celery half of the runs bench will say so"
     {{py}} -m bench {{ARGS}}
