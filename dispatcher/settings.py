@@ -74,9 +74,84 @@ class LocalBackendSettings(BaseModel):
     )
 
 
+class KubernetesBackendSettings(BaseModel):
+    namespace: str = Field(
+        "spinyard-apps", description="Namespace viz apps and Jobs are created in (the Role's)"
+    )
+    kubeconfig: Path | None = Field(
+        None,
+        description="kubeconfig file, used only outside a cluster; default: $KUBECONFIG "
+        "or ~/.kube/config",
+    )
+    context: str | None = Field(
+        None, description="kubeconfig context, outside a cluster; default: the current one"
+    )
+    route_kind: Literal["ingressroute", "ingress"] = Field(
+        "ingressroute",
+        description="How viz instances are routed: a Traefik IngressRoute (traefik.io/v1alpha1) "
+        "or a networking.k8s.io/v1 Ingress",
+    )
+    ingress_class: str | None = Field(
+        "traefik", description="ingressClassName of Ingress routes; unset: the cluster default"
+    )
+    host: str | None = Field(
+        None,
+        description="Host name routes match; unset: any host. '{owner}', '{title}' and "
+        "'{instance}' give each app or instance a host (and origin) of its own, "
+        "e.g. '{title}-{owner}.apps.example.com'",
+    )
+    public_base_url: str | None = Field(
+        None,
+        description="Base URL browsers reach routes at, without the path (same placeholders as "
+        "`host`); default: the gateway's public URL",
+    )
+    pod_templates_dir: Path = Field(
+        Path("/etc/spinyard/pod-templates"),
+        description="Directory with viz.yaml and job.yaml pod templates; a missing file means "
+        "the built-in template (the same as k8s/base/pod-templates)",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="imagePullPolicy of app containers; unset: Kubernetes' default"
+    )
+    job_backoff_limit: int = Field(
+        0, ge=0, description="Pod retries of a run's Job before it counts as failed (count)"
+    )
+    job_ttl_s: int = Field(
+        24 * 3600,
+        ge=0,
+        description="Seconds a finished Job (and its inputs Secret) is kept before Kubernetes "
+        "deletes it (ttlSecondsAfterFinished); the reaper usually removes it first",
+    )
+    log_tail_lines: int = Field(
+        20, ge=0, le=1000, description="Log lines of a failed pod shown in errors (count)"
+    )
+    api_timeout_s: float = Field(
+        10.0, gt=0, description="Connect and read timeout of one API request, seconds"
+    )
+    api_tries: int = Field(
+        4, ge=1, le=20, description="Attempts per API call on 429, 5xx and timeouts (count)"
+    )
+    api_backoff_s: float = Field(
+        0.2, gt=0, description="Delay before the first retry, seconds; doubles with each retry"
+    )
+    api_backoff_max_s: float = Field(
+        5.0, gt=0, description="Longest delay between retries (also caps Retry-After), seconds"
+    )
+    list_page_size: int = Field(
+        500, ge=1, description="Objects per page of a LIST (limit/continue), count"
+    )
+    watch_timeout_s: int = Field(
+        300,
+        ge=1,
+        description="A watch request ends after this many seconds and is resumed from its "
+        "last resourceVersion (timeoutSeconds)",
+    )
+
+
 class BackendSettings(BaseModel):
     kind: Literal["local", "kubernetes"] = Field("local", description="Where apps and jobs run")
     local: LocalBackendSettings = Field(default_factory=LocalBackendSettings)
+    kubernetes: KubernetesBackendSettings = Field(default_factory=KubernetesBackendSettings)
 
 
 class GatewaySettings(BaseModel):

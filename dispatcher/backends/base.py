@@ -67,7 +67,8 @@ def make_backend(settings: Settings) -> Backend:
 
         return LocalBackend(settings.backend.local, settings.data_dir, gateway_url(settings))
     elif kind == "kubernetes":
-        raise NotImplementedError(
-            "the kubernetes backend is not available yet; set SPINYARD_BACKEND__KIND=local"
-        )
+        from dispatcher.backends.kubernetes import KubernetesBackend
+
+        k8s = settings.backend.kubernetes
+        return KubernetesBackend(k8s, k8s.public_base_url or gateway_url(settings))
     raise ValueError(f"unknown backend kind {kind!r}")

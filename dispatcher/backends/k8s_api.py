@@ -1,0 +1,510 @@
+"""The one module that calls the Kubernetes API, with the official (synchronous) client.
+
+Every request goes through `KubeApi`: blocking calls run in a worker thread
+(`asyncio.to_thread`), watch streams in a thread of their own each (a watch
+waits for minutes; in the shared pool it would starve the other calls).
+Configuration is loaded in `connect()`, never at import: in-cluster when
+spinyard runs in a pod, else from a kubeconfig.
+
+Requests use the client's `ApiClient` (auth, TLS, token refresh) on plain
+resource paths, so one code path serves built-in kinds and Traefik's
+IngressRoute alike, and answers stay plain dicts (the client's model
+deserialisation costs more than the request on large lists). What an answer
+means is decided here, once:
+
+- 2xx: the object, or the list;
+- 409 on create: already there (returns None: the caller reads it if it needs it);
+- 404 on get, patch, delete: not there (None / False);
+- 429, 5xx, timeouts, refused connections: retried with exponential backoff
+  and jitter (Retry-After honoured), `api_tries` attempts in all, then
+  `handlers.errors.RetryableError`;
+- 403: `ApiError(code="forbidden")` naming the verb and resource the
+  service account lacks; 401: `ApiError(code="unauthorized")`;
+- anything else: `ApiError` with the server's message.
+
+Every request is recorded as (verb, apiGroup, resource) in `KubeApi.calls`,
+so a test can hold what the backend does against the Role in
+k8s/base/rbac.yaml. Label selectors are sent and also applied here, on
+every list and watch event, since not every server honours them (kmock does not).
+"""
+
+import asyncio
+import collections
+import contextlib
+import json
+import random
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.watch.watch import iter_resp_lines
+
+from dispatcher import logs
+from dispatcher.settings import KubernetesBackendSettings
+from handlers.errors import PermanentError, RetryableError
+from schemas import errors as codes
+
+Call = tuple[str, str, str]  # (verb, apiGroup, resource), as in an RBAC rule
+Query = list[tuple[str, Any]]  # (the class below has a method named `list`)
+RETRIED = frozenset({429, 500, 502, 503, 504})
+_PATCH_TYPE = "application/merge-patch+json"  # works for custom objects too
+_WATCH_SLACK_S = 15.0  # a watch that sends nothing this long past its timeoutSeconds is dead
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A namespaced API resource: where its objects live and what RBAC calls it."""
+
+    group: str  # "" for the core group
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        path = f"{root}/namespaces/{namespace}/{self.plural}"
+        return path + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+
+    def __str__(self) -> str:
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+
+DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
+SERVICES = Resource("", "v1", "services", "Service")
+INGRESSES = Resource("networking.k8s.io", "v1", "ingresses", "Ingress")
+INGRESSROUTES = Resource("traefik.io", "v1alpha1", "ingressroutes", "IngressRoute")
+JOBS = Resource("batch", "v1", "jobs", "Job")
+SECRETS = Resource("", "v1", "secrets", "Secret")
+PODS = Resource("", "v1", "pods", "Pod")
+
+
+class ApiError(PermanentError):
+    """The API refused a request, and asking again will not change that."""
+
+    def __init__(self, message: str, *, status: int, code: str = codes.INTERNAL) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+
+
+class Gone(Exception):
+    """A watch's resourceVersion is too old: list again."""
+
+
+def load_configuration(settings: KubernetesBackendSettings) -> client.Configuration:
+    """In-cluster configuration if spinyard runs in a pod, else the kubeconfig's.
+
+    Raises:
+        kubernetes.config.ConfigException: neither is available.
+    """
+    cfg = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=cfg, try_refresh_token=True)
+    except config.ConfigException:
+        config.load_kube_config(
+            config_file=str(settings.kubeconfig) if settings.kubeconfig else None,
+            context=settings.context,
+            client_configuration=cfg,
+            persist_config=False,
+        )
+    return cfg
+
+
+def selector_of(text: str) -> dict[str, str]:
+    """`a=b,c=d` as a dict (equality selectors only: all spinyard uses)."""
+    pairs = (part.split("=", 1) for part in text.split(",") if part)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def matches(obj: dict, selector: dict[str, str]) -> bool:
+    """Whether `obj`'s labels satisfy the equality `selector`."""
+    found = (obj.get("metadata") or {}).get("labels") or {}
+    return all(found.get(key) == value for key, value in selector.items())
+
+
+class _Answer:
+    """One HTTP answer: status, headers, body (read in the worker thread)."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: Any, body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+    def message(self) -> str:
+        """The server's reason, from a Status object if there is one."""
+        try:
+            status = json.loads(self.body)
+            if isinstance(status, dict) and status.get("message"):
+                return str(status["message"])
+        except ValueError:
+            pass
+        return self.body[:200].decode(errors="replace").strip() or f"HTTP {self.status}"
+
+
+class KubeApi:
+    """Namespaced create, get, list, patch, delete, logs and watch, with retries and records."""
+
+    def __init__(
+        self,
+        settings: KubernetesBackendSettings,
+        configuration: client.Configuration | None = None,
+    ) -> None:
+        self.settings = settings
+        self.namespace = settings.namespace
+        self.calls: collections.Counter[Call] = collections.Counter()
+        self._calls_lock = threading.Lock()  # worker threads count concurrently
+        self._configuration = configuration
+        self._client: client.ApiClient | None = None
+        self._log = logs.get("spinyard.backend.kubernetes")
+
+    async def connect(self) -> None:
+        """Load the configuration (unless given) and make the client. Call once, before use."""
+        if self._client is not None:
+            return
+        cfg = self._configuration or await asyncio.to_thread(load_configuration, self.settings)
+        cfg.retries = False  # retries are ours: bounded, with backoff, and recorded
+        self._client = client.ApiClient(cfg)
+
+    def close(self) -> None:
+        """Drop pooled connections."""
+        if self._client is not None:
+            self._client.rest_client.close()
+            self._client = None
+
+    # -- the verbs --
+
+    async def create(self, res: Resource, body: Any) -> dict | None:
+        """Create an object; None if one of that name exists (409)."""
+        path = res.path(self.namespace)
+        answer = await self._call("create", res, "POST", path, body=body, ok={409})
+        return None if answer.status == 409 else answer.json()
+
+    async def get(self, res: Resource, name: str) -> dict | None:
+        """The object, or None if there is none."""
+        answer = await self._call("get", res, "GET", res.path(self.namespace, name), ok={404})
+        return None if answer.status == 404 else answer.json()
+
+    async def patch(self, res: Resource, name: str, patch: dict) -> dict | None:
+        """Apply a JSON merge patch; None if there is no such object."""
+        path = res.path(self.namespace, name)
+        answer = await self._call(
+            "patch", res, "PATCH", path, body=patch, content_type=_PATCH_TYPE, ok={404}
+        )
+        return None if answer.status == 404 else answer.json()
+
+    async def delete(self, res: Resource, name: str, propagation: str = "Background") -> bool:
+        """Delete an object (dependents by `propagation`); False if it was not there."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        path = res.path(self.namespace, name)
+        answer = await self._call("delete", res, "DELETE", path, body=body, ok={404})
+        return answer.status != 404
+
+    async def list(self, res: Resource, selector: str) -> tuple[list[dict], str]:
+        """Every object matching the equality `selector`, page by page; and the resourceVersion."""
+        wanted = selector_of(selector)
+        items: list[dict] = []
+        token = None
+        while True:
+            query = [("labelSelector", selector), ("limit", self.settings.list_page_size)]
+            if token:
+                query.append(("continue", token))
+            answer = await self._call("list", res, "GET", res.path(self.namespace), query=query)
+            page = answer.json() or {}
+            items += [i for i in page.get("items") or [] if matches(i, wanted)]
+            meta = page.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                return items, str(meta.get("resourceVersion") or "")
+
+    async def pod_log(self, pod: str, container: str, lines: int, previous: bool = False) -> str:
+        """The last `lines` lines a container wrote ('' if the pod is gone)."""
+        query = [("container", container), ("tailLines", lines)]
+        if previous:
+            query.append(("previous", "true"))
+        path = PODS.path(self.namespace, pod, "log")
+        answer = await self._call("get", PODS, "GET", path, query=query, sub="log", ok={404})
+        return "" if answer.status == 404 else answer.body.decode(errors="replace")
+
+    # -- requests, retries, errors --
+
+    async def _call(
+        self,
+        verb: str,
+        res: Resource,
+        method: str,
+        path: str,
+        *,
+        query: Query | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        sub: str | None = None,
+        ok: set[int] | frozenset[int] = frozenset(),
+    ) -> _Answer:
+        """Send one request, retrying what may pass; statuses in `ok` are the caller's to read."""
+        tries = self.settings.api_tries
+        for attempt in range(tries):
+            try:
+                answer = await asyncio.to_thread(
+                    self._send, verb, res, method, path, query, body, content_type, sub
+                )
+            except (urllib3.exceptions.HTTPError, OSError) as exc:  # timeouts, resets, refusals
+                problem, wait = f"{type(exc).__name__}: {exc}", None
+            else:
+                if 200 <= answer.status < 300 or answer.status in ok:
+                    return answer
+                if answer.status not in RETRIED:
+                    raise self._error(verb, res, answer, sub)
+                problem, wait = f"{answer.status} {answer.message()}", _retry_after(answer)
+            if attempt + 1 < tries:
+                delay = self._backoff(attempt, wait)
+                self._log.warning(
+                    "k8s_call_retried", verb=verb, resource=str(res), problem=problem, delay_s=delay
+                )
+                await asyncio.sleep(delay)
+        raise RetryableError(
+            f"the Kubernetes API did not {verb} {_what(res, sub)} after {tries} tries: {problem}",
+            delay=self.settings.api_backoff_max_s,
+        )
+
+    def _send(
+        self,
+        verb: str,
+        res: Resource,
+        method: str,
+        path: str,
+        query: Query | None,
+        body: Any,
+        content_type: str,
+        sub: str | None,
+    ) -> _Answer:
+        """One request, in a worker thread. Returns any status; raises on transport errors."""
+        response = self._open(verb, res, method, path, query, body, content_type, sub, None)
+        try:
+            return _Answer(response.status, response.headers, response.read())
+        finally:
+            response.release_conn()
+
+    def _open(
+        self,
+        verb: str,
+        res: Resource,
+        method: str,
+        path: str,
+        query: Query | None,
+        body: Any,
+        content_type: str,
+        sub: str | None,
+        timeout: float | tuple[float, float] | None,
+    ) -> urllib3.BaseHTTPResponse:
+        """Send a request and return the unread urllib3 response (blocking)."""
+        api = self._client
+        if api is None:
+            raise RuntimeError("KubeApi.connect() was not called")
+        with self._calls_lock:
+            self.calls[(verb, res.group, f"{res.plural}/{sub}" if sub else res.plural)] += 1
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, data, post = api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query,
+            header_params=headers,
+            body=api.sanitize_for_serialization(body) if body is not None else None,
+            auth_settings=["BearerToken"],
+        )
+        limit = timeout or self.settings.api_timeout_s
+        wait = limit if isinstance(limit, tuple) else (limit, limit)
+        return api.call_api(method, url, headers, data, post, _request_timeout=wait).response
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cap = self.settings.api_backoff_max_s
+        if retry_after is not None:
+            return min(cap, retry_after)
+        return min(cap, self.settings.api_backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def _error(self, verb: str, res: Resource, answer: _Answer, sub: str | None) -> ApiError:
+        what, where = _what(res, sub), self.namespace
+        if answer.status == 403:
+            return ApiError(
+                f"spinyard's service account may not {verb} {what} in {where}: "
+                f"{answer.message()} (see the Role in k8s/base/rbac.yaml)",
+                status=403,
+                code=codes.FORBIDDEN,
+            )
+        if answer.status == 401:
+            return ApiError(
+                f"the Kubernetes API refused spinyard's credentials to {verb} {what}: "
+                f"{answer.message()}",
+                status=401,
+                code=codes.UNAUTHORIZED,
+            )
+        hint = (
+            f" (is there a namespace {where}, and does the cluster serve {what}?)"
+            if answer.status == 404
+            else ""
+        )
+        return ApiError(
+            f"the Kubernetes API refused to {verb} {what} in {where}: "
+            f"{answer.status} {answer.message()}{hint}",
+            status=answer.status,
+        )
+
+    # -- watches --
+
+    async def watch(
+        self,
+        res: Resource,
+        selector: str,
+        on_event: Callable[[str, Any], None],
+    ) -> None:
+        """List, then watch `res`, for ever: call `on_event` for what happens. Cancel to stop.
+
+        `on_event(kind, payload)` runs in the event loop: `("SYNC", items)` after
+        each (re)list with every matching object, then `("ADDED" | "MODIFIED" |
+        "DELETED", obj)`, and `("ERROR", exc)` when the API refuses (403 and
+        such; the watch keeps trying). A watch that ends (its timeoutSeconds, a
+        dropped connection) is resumed from the last resourceVersion seen; one
+        that is too old (410 Gone) is listed again.
+        """
+        wanted = selector_of(selector)
+        version: str | None = None
+        failures = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if version is None:
+                    items, version = await self.list(res, selector)
+                    on_event("SYNC", items)
+                started, seen = loop.time(), 0
+                async with contextlib.aclosing(self._stream(res, selector, version)) as events:
+                    async for event in events:
+                        seen += 1
+                        kind, obj = event.get("type"), event.get("object") or {}
+                        if kind == "ERROR":
+                            if obj.get("code") == 410:
+                                raise Gone(obj.get("message"))
+                            raise RetryableError(f"watch error: {obj.get('message')}")
+                        meta = obj.get("metadata") or {}
+                        version = meta.get("resourceVersion") or version
+                        failures = 0
+                        if kind == "BOOKMARK":
+                            continue
+                        if not matches(obj, wanted):
+                            kind = "DELETED"  # no longer ours (or never was): forget it
+                        on_event(kind, obj)
+                if not seen and loop.time() - started < 1.0:
+                    raise RetryableError("the watch ended at once")
+            except Gone:
+                self._log.info("k8s_watch_relisted", resource=str(res))
+                version = None
+                continue
+            except asyncio.CancelledError:
+                raise
+            except ApiError as exc:
+                on_event("ERROR", exc)
+                failures += 1
+                self._log.warning("k8s_watch_refused", resource=str(res), error=exc.message)
+            except (RetryableError, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                failures += 1
+                self._log.warning("k8s_watch_dropped", resource=str(res), error=str(exc))
+            else:
+                continue  # the server ended the watch: resume at once from `version`
+            await asyncio.sleep(self._backoff(min(failures, 10), None))
+
+    async def _stream(self, res: Resource, selector: str, version: str) -> AsyncIterator[dict]:
+        """The events of one watch request, read by a thread of its own."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        lock, state = threading.Lock(), {"response": None, "closed": False}
+        query = [
+            ("labelSelector", selector),
+            ("watch", "true"),
+            ("allowWatchBookmarks", "true"),
+            ("resourceVersion", version),
+            ("timeoutSeconds", self.settings.watch_timeout_s),
+        ]
+        timeout = (self.settings.api_timeout_s, self.settings.watch_timeout_s + _WATCH_SLACK_S)
+
+        def put(item: tuple[str, Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def read() -> None:
+            response = None
+            try:
+                path = res.path(self.namespace)
+                response = self._open("watch", res, "GET", path, query, None, "", None, timeout)
+                with lock:
+                    state["response"] = response
+                    closed = state["closed"]
+                if closed:
+                    return
+                if response.status != 200:
+                    put(("status", _Answer(response.status, response.headers, response.read())))
+                    return
+                for line in iter_resp_lines(response):
+                    if line:
+                        put(("event", json.loads(line)))
+                put(("end", None))
+            except BaseException as exc:  # handed to the loop, never raised in the thread
+                put(("error", exc))
+            finally:
+                if response is not None:
+                    with contextlib.suppress(Exception):
+                        response.release_conn()
+
+        thread = threading.Thread(target=read, name=f"k8s-watch-{res.plural}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, payload = await queue.get()
+                if kind == "event":
+                    yield payload
+                elif kind == "end":
+                    return
+                elif kind == "error":
+                    if state["closed"]:
+                        return
+                    raise payload
+                else:  # an HTTP status other than 200
+                    answer: _Answer = payload
+                    if answer.status == 410:
+                        raise Gone(answer.message())
+                    if answer.status in RETRIED:
+                        raise RetryableError(f"{answer.status} {answer.message()}")
+                    raise self._error("watch", res, answer, None)
+        finally:
+            with lock:
+                state["closed"] = True
+                response = state["response"]
+            if response is not None:
+                with contextlib.suppress(Exception):
+                    response.shutdown()  # unblocks the thread's read at once
+            await _join(thread)
+
+
+async def _join(thread: threading.Thread, limit_s: float = 5.0) -> None:
+    """Wait (bounded) for a reader thread to finish, without blocking the loop."""
+    if thread.is_alive():
+        await asyncio.to_thread(thread.join, limit_s)
+
+
+def _what(res: Resource, sub: str | None) -> str:
+    return f"{res.plural}/{sub}" if sub else str(res)
+
+
+def _retry_after(answer: _Answer) -> float | None:
+    try:
+        return float(answer.headers.get("Retry-After"))
+    except (TypeError, ValueError, AttributeError):
+        return None
