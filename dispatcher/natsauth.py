@@ -116,8 +116,11 @@ def _handler() -> dict[str, list[str]]:
         f"{API}.CONSUMER.MSG.NEXT.{events}.*",
         # ack, nak (with delay), term and in-progress of events.
         f"$JS.ACK.{events}.>",
+        # An event whose handler died on its last try is dead-lettered, then removed.
+        f"{API}.STREAM.MSG.DELETE.{events}",
     ]
-    return {"publish": publish, "subscribe": [INBOX]}
+    exhausted = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{events}.*"
+    return {"publish": publish, "subscribe": [INBOX, exhausted]}
 
 
 def _admin() -> dict[str, list[str]]:

@@ -18,6 +18,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from dispatcher import bus, logs
+from dispatcher.advisories import dead_letter_exhausted
 from dispatcher.consumer import Consumer, HandlerMetrics
 from dispatcher.settings import Settings
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
@@ -147,6 +148,11 @@ class Handlers:
                 asyncio.create_task(consumer.run(), name=f"consumer:{consumer.spec.id}")
                 for consumer in consumers
             ]
+            tasks.append(
+                asyncio.create_task(
+                    dead_letter_exhausted(nc, js, self.stopping), name="exhausted-watcher"
+                )
+            )
             if self.settings.handlers.health_port is not None:
                 runner = await serve_health(self, nc, tasks)
                 stack.push_async_callback(runner.cleanup)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real nats-server per test (it starts in ~20 ms), settings with short timings."""
+"""Shared fixtures: a real nats-server per test (it starts in ~20 ms), settings for tests."""
 
 import asyncio
 
@@ -7,7 +7,6 @@ import pytest
 from dispatcher import logs
 from dispatcher.natsserver import NatsServer
 from dispatcher.settings import Settings
-
 
 # Everything is logged; pytest shows it only for failing tests, and some tests read it.
 logs.configure("console", "debug")
@@ -34,7 +33,9 @@ def settings(tmp_path, nats_server) -> Settings:
     return s
 
 
-async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+async def wait_for(
+    predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+):
     """Poll an (async or sync) predicate until it returns something truthy; fail after `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

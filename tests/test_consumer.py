@@ -1,6 +1,7 @@
 """The consumer loop against a real nats-server: ack, retry, dead-letter, shutdown."""
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -231,7 +232,6 @@ async def test_handler_concurrency_is_bounded(settings, nats):
 async def test_health_and_metrics_server(settings, nats):
     import aiohttp
 
-
     registry = Registry()
     calls = []
 
@@ -288,3 +288,47 @@ async def _scrape(http, base):
         frozenset({("handler", "page_load"), ("outcome", "dead_lettered")}),
     )
     return metrics if metrics.get(key) == 1 else None
+
+
+async def test_message_whose_handler_dies_on_its_last_try_is_dead_lettered(settings, nats):
+    """A consumer that never settles (as a crashed handler) exhausts the tries;
+    the advisory watcher of a running handler service dead-letters the event."""
+    from dispatcher import bus as spinyard_bus
+    from handlers.registry import HandlerSpec
+
+    async def never(ctx, event):
+        raise AssertionError("not run: the test's raw subscriber takes the message")
+
+    crashing = HandlerSpec(
+        id="page_load", kind=subjects.PAGE_LOAD, fn=never, schema=PageLoad, retries=1
+    )
+    js = nats.jetstream()
+    settings.handlers.ack_wait_s = 0.5
+    await spinyard_bus.ensure(js, settings.nats, [crashing], settings.handlers)
+    registry = Registry()
+
+    @handler(subjects.HEARTBEAT, schema=PageLoad, registry=registry)
+    async def other(ctx, event):
+        pass
+
+    service, task = await _run(settings, registry, nats)
+    event = PageLoad(app="a/b", session="s1")
+    await _publish(js, event)
+    sub = await js.pull_subscribe_bind(durable="page_load", stream=subjects.EVENTS_STREAM)
+    for _ in range(2):  # both deliveries taken and dropped, as by a process that died
+        (await sub.fetch(1, timeout=5))[0]
+
+    async def pull_and_look():
+        # JetStream notices a message is out of tries when it would redeliver it,
+        # i.e. on a later pull, as a surviving replica would make.
+        with contextlib.suppress(TimeoutError):
+            assert await sub.fetch(1, timeout=0.3) == []
+        return await _dead_letters(js, subjects.PAGE_LOAD)
+
+    dead = await wait_for(pull_and_look, what="dead letter")
+    await sub.unsubscribe()
+    service.stop()
+    await task
+    assert dead[0].data == encode(event)
+    assert "last try" in dead[0].headers["Spinyard-Reason"]
+    assert await _stream_empty(js)
