@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from dispatcher import bus, logs
+from dispatcher import bus, logs, natsauth
 from dispatcher.apps import find_specs, register
 from dispatcher.auth import mint, new_secret
 from dispatcher.backends.base import make_backend
@@ -25,7 +25,7 @@ from dispatcher.gateway.security import Guard
 from dispatcher.natsserver import NatsServer
 from dispatcher.runtime import Handlers
 from dispatcher.s3server import S3Server
-from dispatcher.settings import Settings
+from dispatcher.settings import NatsSettings, Settings
 from dispatcher.store import ObjectStore
 from handlers.ports import Backend
 from handlers.state import State
@@ -64,6 +64,32 @@ def dev_secret(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def as_user(nats: NatsSettings, role: str, passwords: dict[str, str]) -> NatsSettings:
+    """`nats` settings that log in as `role`."""
+    return nats.model_copy(update={"user": role, "password": SecretStr(passwords[role])})
+
+
+def write_cli_env(data_dir: Path, url: str, admin_password: str) -> Path:
+    """An env file (0600) that points the CLI at this stack as NATS's admin user."""
+    path = data_dir / "cli.env"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(
+        f"SPINYARD_NATS__URL={url}\nSPINYARD_NATS__USER={natsauth.ADMIN}\n"
+        f"SPINYARD_NATS__PASSWORD={admin_password}\n"
+    )
+    return path
+
+
+async def open_gateway_state(js) -> State:
+    """The KV buckets the gateway reads, opened without creating anything (its role may not)."""
+    apps, deployments, jobs = [
+        await js.key_value(bucket)
+        for bucket in (subjects.APPS_BUCKET, subjects.DEPLOYMENTS_BUCKET, subjects.JOBS_BUCKET)
+    ]
+    return State(apps, deployments, None, jobs)  # type: ignore[arg-type]
+
+
 class Stack:
     """The embedded stack. `run()` until `stop()`."""
 
@@ -85,9 +111,16 @@ class Stack:
         data_dir = settings.data_dir.resolve()
         settings.data_dir = data_dir
         async with AsyncExitStack() as stack:
-            nats_server = NatsServer(data_dir / "nats").start()
+            # NATS users and permissions are the same as on Kubernetes
+            # (dispatcher/natsauth.py), with passwords made for this run.
+            passwords = {role: new_secret() for role in natsauth.ROLES}
+            nats_server = NatsServer(data_dir / "nats", config=natsauth.server_config(passwords))
+            nats_server.start()
             stack.callback(nats_server.stop)
             settings.nats.url = nats_server.url
+            cli_env = write_cli_env(data_dir, nats_server.url, passwords[natsauth.ADMIN])
+            handler_nats = as_user(settings.nats, natsauth.HANDLER, passwords)
+            gateway_nats = as_user(settings.nats, natsauth.GATEWAY, passwords)
 
             if settings.store.access_key is None:
                 s3 = S3Server().start()
@@ -112,7 +145,7 @@ class Stack:
             stack.push_async_callback(backend.cleanup)
             stack.push_async_callback(stop_all_instances, backend)
 
-            nc = await bus.connect(settings.nats, name="spinyard-up")
+            nc = await bus.connect(handler_nats, name="spinyard-up-handlers")
             stack.push_async_callback(nc.drain)
             handlers = Handlers(settings, backend=backend, nc=nc, store=store)
             js = nc.jetstream()
@@ -121,8 +154,14 @@ class Stack:
             specs = await register(state, paths)
 
             handlers_task = asyncio.create_task(handlers.run(), name="handlers")
-            guard = Guard(settings.auth, state, gw.public_url)
-            runner = await start_gateway(gw, js=js, state=state, backend=backend, guard=guard)
+            gateway_nc = await bus.connect(gateway_nats, name="spinyard-up-gateway")
+            stack.push_async_callback(gateway_nc.drain)
+            gateway_js = gateway_nc.jetstream()
+            gateway_state = await open_gateway_state(gateway_js)
+            guard = Guard(settings.auth, gateway_state, gw.public_url)
+            runner = await start_gateway(
+                gw, js=gateway_js, state=gateway_state, backend=backend, guard=guard
+            )
             stack.push_async_callback(runner.cleanup)
             await handlers.ready.wait()
 
@@ -143,7 +182,8 @@ class Stack:
                 f"spinyard is up.\n"
                 f"  demo:    {gw.public_url}/demo\n"
                 f"  API:     {gw.public_url}/v1/apps\n"
-                f"  NATS:    {nats_server.url}\n"
+                f"  NATS:    {nats_server.url} (users admin, gateway, handler)\n"
+                f"  CLI:     set -a; . {cli_env}; set +a   # then: spinyard apps list\n"
                 f"  S3:      {settings.store.endpoint} (bucket {settings.store.bucket})\n"
                 f"  apps:    {', '.join(s.name for s in specs) or 'none'}\n"
                 f"  token:   {token or '(auth disabled)'}\n"
@@ -177,11 +217,7 @@ async def run_gateway_only(
         nc = await bus.connect(settings.nats, name="spinyard-gateway")
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
-        apps, deployments, jobs = [
-            await js.key_value(bucket)
-            for bucket in (subjects.APPS_BUCKET, subjects.DEPLOYMENTS_BUCKET, subjects.JOBS_BUCKET)
-        ]
-        state = State(apps, deployments, None, jobs)  # type: ignore[arg-type]
+        state = await open_gateway_state(js)
         public_url = settings.gateway.public_url or (
             f"http://{settings.gateway.host}:{settings.gateway.port}"
         )

@@ -220,6 +220,30 @@ async def test_the_example_model_runs_and_its_results_download(stack, http):
         assert (await r.text()).splitlines()[0] == "day,susceptible,infected,recovered"
 
 
+async def test_embedded_nats_has_the_role_users_and_the_cli_env_works(stack):
+    url = re.search(r"NATS:\s+nats://(\S+)", stack["banner"]).group(1)
+    host, port = url.rsplit(":", 1)
+    # An anonymous client, in NATS's own protocol: the server refuses it.
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        assert conn.recv(4096).startswith(b"INFO ")
+        conn.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+        assert b"Authorization Violation" in conn.recv(4096)
+    env_file = stack["data"] / "cli.env"
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+    env = dict(line.split("=", 1) for line in env_file.read_text().split())
+    assert env["SPINYARD_NATS__USER"] == "admin"
+    out = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "apps", "list"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")} | env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "demo/hello" in out.stdout
+
+
 async def test_sigterm_stops_everything_and_leaves_no_process(stack, http):
     proc = stack["proc"]
     # Make sure app processes exist, so there is something to clean up.
