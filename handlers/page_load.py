@@ -120,8 +120,11 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
     url = ctx.backend.url(dep.instance, spec)
     t_ready = ctx.now()
 
+    observed = ctx.backend.phases(dep.instance)  # e.g. a pod's own times on Kubernetes
+
     def to_ready(d: Deployment) -> Deployment | None:
-        phases = d.phases.model_copy(update={"started": t_started, "ready": t_ready})
+        times = {"started": t_started, "ready": t_ready} | observed
+        phases = d.phases.model_copy(update=times)
         return (
             d.model_copy(update={"state": AppState.READY, "url": url, "phases": phases})
             if ours(d)

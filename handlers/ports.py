@@ -75,6 +75,11 @@ class Backend(abc.ABC):
     async def claim(self, instance_id: str) -> None:
         """Mark a warm pool instance as in use (relabel)."""
 
+    def phases(self, instance_id: str) -> dict[str, float]:
+        """Unix times the backend itself saw for the instance (e.g. a pod's scheduled,
+        started, ready); empty when it observes none. They refine the status's phases."""
+        return {}
+
     async def target(self, instance_id: str) -> tuple[str, str] | None:
         """(app, base URL) the gateway proxies to, for backends the gateway fronts; else None."""
         return None

@@ -107,8 +107,8 @@ async def stack(settings):
 
 
 @contextlib.asynccontextmanager
-async def running_stack(settings, handler_ids=None):
-    backend = LocalBackend(settings.backend.local, settings.data_dir, "http://127.0.0.1:9999")
+async def running_stack(settings, handler_ids=None, backend_cls=LocalBackend):
+    backend = backend_cls(settings.backend.local, settings.data_dir, "http://127.0.0.1:9999")
     await backend.setup()
     nc = await bus.connect(settings.nats, "test")
     statuses = Statuses()
@@ -392,3 +392,24 @@ async def _record_in(stack, app, state):
 
 async def _alive_count(stack, n):
     return len(await stack.viz_instances()) == n
+
+
+class ObservingBackend(LocalBackend):
+    """The local backend, reporting pod-like times of its own as Kubernetes does."""
+
+    def phases(self, instance_id):
+        return {"scheduled": 1000.0, "started": 1001.0, "image_pulled": 1000.5}
+
+
+async def test_times_the_backend_observed_go_into_the_status(settings):
+    async with running_stack(settings, backend_cls=ObservingBackend) as stack:
+        await stack.register(hello_spec())
+        await stack.page_load("demo/hello")
+        ready = await stack.wait_state(subjects.app_status("demo/hello"), "ready")
+    phases = ready["phases"]
+    assert (phases["scheduled"], phases["started"], phases["image_pulled"]) == (
+        1000.0,
+        1001.0,
+        1000.5,
+    )
+    assert phases["ready"] > phases["started"]  # the handler's own time, none observed
