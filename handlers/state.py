@@ -7,7 +7,8 @@ never both win. Keys:
 - apps:         `owner.title` -> AppSpec
 - deployments:  `owner.title.shared`, `owner.title.session.<sid>` -> Deployment;
                 `owner.title.pool` -> PoolIndex
-- sessions:     `owner.title.<sid>` -> SessionRecord (who viewed what, when)
+- sessions:     created and reserved for per-viewer records; nothing writes it yet
+                (a per-session app's deployment is its `session.<sid>` slot above)
 - jobs:         `<job_id>` -> job record; `idem.<hash>` -> job id
 """
 
@@ -65,13 +66,6 @@ class PoolIndex(BaseModel):
 
     def size(self) -> int:
         return len(self.warm) + len(self.starting)
-
-
-class SessionRecord(BaseModel):
-    app: str
-    session: str
-    first_seen: float
-    last_page_load: float
 
 
 def slot_key(app: str, slot: str) -> str:
