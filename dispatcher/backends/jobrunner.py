@@ -446,7 +446,7 @@ def run(staging: Path) -> int:
     signals = _Signals()  # first: a cancel that comes early must not be lost
     spec = _read_json(staging / "job.json")
     if spec is None:
-        print(f"jobrunner: {staging}/job.json is missing or unreadable", file=sys.stderr)
+        sys.stderr.write(f"jobrunner: {staging}/job.json is missing or unreadable\n")
         return 1
     job = JobDir.at(Path(spec["job_dir"]))
     if not _claim(staging, job, spec):
@@ -481,7 +481,7 @@ def run(staging: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m dispatcher.backends.jobrunner <staging dir>", file=sys.stderr)
+        sys.stderr.write("usage: python -m dispatcher.backends.jobrunner <staging dir>\n")
         return 2
     return run(Path(args[0]).resolve())
 
