@@ -92,7 +92,6 @@ def make_knobs(settings: Settings) -> Knobs:
     return Knobs(
         pool_refill_per_tick=settings.reaper.pool_refill_per_tick,
         reconcile_grace_s=settings.reaper.reconcile_grace_s,
-        tick_interval_s=settings.reaper.interval_s,
     )
 
 

@@ -23,7 +23,6 @@ class Knobs:
 
     pool_refill_per_tick: int = 1
     reconcile_grace_s: float = 30.0
-    tick_interval_s: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,11 @@ from handlers import runs
 from handlers.context import Context
 from handlers.errors import PermanentError
 from handlers.registry import handler
+from schemas import errors as codes
 from schemas import subjects
 from schemas.errors import ErrorInfo
 from schemas.events import JobUpdate
 from schemas.status import JobState, ResultRef
-
-_FAILURES = {
-    JobState.FAILED: ("job_failed", "the run exited with an error"),
-    JobState.TIMED_OUT: ("deadline_exceeded", "the run passed its deadline and was stopped"),
-    JobState.CANCELLED: ("cancelled", "the run was cancelled"),
-}
 
 
 @handler(
@@ -57,11 +52,8 @@ async def job_update(ctx: Context, event: JobUpdate) -> None:
             ctx, job.job_id, lambda j: runs.finish(j, end, now, exit_code=event.exit_code, **fields)
         )
     else:
-        code, message = _FAILURES[state]
-        if event.exit_code is not None and state == JobState.FAILED:
-            message = f"the run exited with code {event.exit_code}"
         fields = {
-            "error": ErrorInfo(code=code, message=message),
+            "error": runs.failure(state, event.exit_code),
             "exit_code": event.exit_code,
             "log_tail": event.log_tail,
         }
@@ -76,5 +68,5 @@ async def _collect(ctx: Context, job: runs.Job) -> dict:
     try:
         results = await ctx.store.collect(job.job_id, job.outputs) if job.outputs else []
     except PermanentError as exc:  # missing or unexpected uploads: the run failed
-        return {"error": ErrorInfo(code="bad_results", message=exc.message)}
+        return {"error": ErrorInfo(code=codes.BAD_RESULTS, message=exc.message)}
     return {"results": [ResultRef(key=r.key, url=r.url, name=r.name, size=r.size) for r in results]}

@@ -10,28 +10,23 @@ over time and across replicas instead of starting a whole pool at once.
 from handlers.context import Context
 from handlers.errors import StartFailed
 from handlers.registry import handler
-from handlers.state import POOL, PoolIndex, PoolMember, cas_loop, slot_key
+from handlers.state import POOL, PoolIndex, PoolMember, slot_key
 from handlers.viz import new_instance_id
 from schemas import subjects
 from schemas.events import PoolRefill
 from schemas.spec import AppSpec
 
 
-async def change_pool(ctx: Context, app: str, change) -> PoolIndex | None:
-    """Compare-and-set loop on an app's pool record; `change(index)` edits it, False aborts."""
-    key = slot_key(app, POOL)
-    async for _ in cas_loop():
-        entry = await ctx.state.read(ctx.state.deployments, key, PoolIndex)
-        index = entry.value if entry else PoolIndex()
-        if change(index) is False:
-            return None
-        if entry is None:
-            rev = await ctx.state.create(ctx.state.deployments, key, index)
-        else:
-            rev = await ctx.state.update(ctx.state.deployments, key, index, entry.revision)
-        if rev is not None:
-            return index
-    return None
+async def change_pool(ctx: Context, app: str, edit) -> PoolIndex | None:
+    """Compare-and-set on an app's pool record: `edit(index)` changes it in place, False aborts."""
+
+    def change(index: PoolIndex) -> PoolIndex | None:
+        return None if edit(index) is False else index
+
+    entry = await ctx.state.change(
+        ctx.state.deployments, slot_key(app, POOL), PoolIndex, change, default=PoolIndex
+    )
+    return entry.value if entry else None
 
 
 async def claim(ctx: Context, app: str) -> PoolMember | None:

@@ -98,8 +98,7 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
 
 
 def _timed_out(now: float):
-    message = "the run passed its deadline and was stopped"
-    error = ErrorInfo(code=codes.DEADLINE_EXCEEDED, message=message)
+    error = runs.failure(JobState.TIMED_OUT)
     return lambda job: runs.finish(job, JobState.TIMED_OUT, now, error=error)
 
 

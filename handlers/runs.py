@@ -11,8 +11,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from handlers.context import Context
-from handlers.errors import PermanentError, RetryableError
-from handlers.state import cas_loop
+from handlers.errors import PermanentError
 from schemas import errors as codes
 from schemas import subjects
 from schemas.errors import ErrorInfo
@@ -68,21 +67,28 @@ async def load(ctx: Context, job_id: str) -> Job:
 
 
 async def advance(ctx: Context, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
-    """Compare-and-set a run's record. `change` returns the new record, or None to leave it.
+    """Compare-and-set `change` on a run's record (see `State.change`).
 
     Returns:
         The written record, or None if the run is gone or `change` declined.
     """
-    async for _ in cas_loop():
-        entry = await ctx.state.read(ctx.state.jobs, job_id, Job)
-        if entry is None:
-            return None
-        new = change(entry.value)
-        if new is None:
-            return None
-        if await ctx.state.update(ctx.state.jobs, job_id, new, entry.revision) is not None:
-            return new
-    raise RetryableError(f"run {job_id} kept changing under us", delay=0.2)
+    entry = await ctx.state.change(ctx.state.jobs, job_id, Job, change)
+    return entry.value if entry else None
+
+
+_ENDINGS = {
+    JobState.FAILED: (codes.JOB_FAILED, "the run exited with an error"),
+    JobState.TIMED_OUT: (codes.DEADLINE_EXCEEDED, "the run passed its deadline and was stopped"),
+    JobState.CANCELLED: (codes.CANCELLED, "the run was cancelled"),
+}
+
+
+def failure(state: JobState, exit_code: int | None = None) -> ErrorInfo:
+    """The error a run that ended in `state` (not succeeded) carries."""
+    code, message = _ENDINGS[state]
+    if state == JobState.FAILED and exit_code is not None:
+        message = f"the run exited with code {exit_code}"
+    return ErrorInfo(code=code, message=message)
 
 
 def finish(job: Job, state: JobState, now: float, **fields: Any) -> Job | None:

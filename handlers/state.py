@@ -13,6 +13,7 @@ never both win. Keys:
 """
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -22,6 +23,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel, Field
 
+from handlers.errors import RetryableError
 from schemas import subjects
 from schemas.errors import ErrorInfo
 from schemas.spec import AppSpec
@@ -120,6 +122,42 @@ class State:
             return await kv.update(key, _pack(value), last=revision)
         except KeyWrongLastSequenceError:
             return None
+
+    async def change(
+        self,
+        kv: KeyValue,
+        key: str,
+        model: type[M],
+        change: Callable[[M], M | None],
+        *,
+        default: Callable[[], M] | None = None,
+    ) -> Entry[M] | None:
+        """Read, apply `change`, write back at the revision read; re-read on conflict.
+
+        `change` returns the new value, or None to leave the record alone. A
+        missing record is left alone too, unless `default` makes a first value
+        (then it is created).
+
+        Returns:
+            What was written, or None if nothing was.
+
+        Raises:
+            RetryableError: the record kept changing for every try.
+        """
+        async for _ in cas_loop():
+            entry = await self.read(kv, key, model)
+            if entry is None and default is None:
+                return None
+            new = change(entry.value if entry else default())
+            if new is None:
+                return None
+            if entry is None:
+                rev = await self.create(kv, key, new)
+            else:
+                rev = await self.update(kv, key, new, entry.revision)
+            if rev is not None:
+                return Entry(key, new, rev)
+        raise RetryableError(f"{key} kept changing under us", delay=0.2)
 
     async def put(self, kv: KeyValue, key: str, value: BaseModel) -> int:
         return await kv.put(key, _pack(value))

@@ -9,8 +9,8 @@ import secrets
 from collections.abc import Callable
 
 from handlers.context import Context
-from handlers.errors import PermanentError, RetryableError
-from handlers.state import Deployment, cas_loop
+from handlers.errors import PermanentError
+from handlers.state import Deployment
 from schemas import errors as codes
 from schemas import subjects
 from schemas.spec import AppSpec
@@ -58,24 +58,13 @@ def status_subject(dep: Deployment) -> str:
 async def mutate(
     ctx: Context, key: str, change: Callable[[Deployment], Deployment | None]
 ) -> tuple[Deployment, int] | None:
-    """Apply `change` to the record at `key` with compare-and-set, re-reading on conflict.
-
-    `change` returns the new record, or None to leave it alone.
+    """Compare-and-set `change` on the deployment at `key` (see `State.change`).
 
     Returns:
         The written record and its revision, or None if absent or `change` declined.
     """
-    async for _ in cas_loop():
-        entry = await ctx.state.read(ctx.state.deployments, key, Deployment)
-        if entry is None:
-            return None
-        new = change(entry.value)
-        if new is None:
-            return None
-        rev = await ctx.state.update(ctx.state.deployments, key, new, entry.revision)
-        if rev is not None:
-            return new, rev
-    raise RetryableError(f"deployment {key} kept changing under us", delay=0.2)
+    entry = await ctx.state.change(ctx.state.deployments, key, Deployment, change)
+    return (entry.value, entry.revision) if entry else None
 
 
 async def stop_deployment(
