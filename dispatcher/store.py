@@ -3,9 +3,9 @@
 Jobs never get storage credentials. spinyard gives a job presigned PUT URLs
 for exactly the outputs its app declares, then checks what arrived and hands
 pages presigned GET URLs. Everything lives under `results/<job_id>/` in one
-bucket, with a bucket-wide lifecycle rule as a backstop and `expire()` for
-the reaper's per-app retention. spinyard's own files for a job (inputs, log
-tail) sit under `results/<job_id>/.spinyard/`, which no output name can reach.
+bucket. The reaper deletes a run's results once its app's `retention_s` has
+passed (`delete_job`); a bucket-wide lifecycle rule is the backstop for
+anything the reaper never sees.
 
 It talks to MinIO in production and to moto's S3 server on one machine and in
 tests, through the synchronous `minio` SDK, always via `asyncio.to_thread`.
@@ -35,7 +35,6 @@ from schemas import errors as codes
 from schemas.names import JOB_ID_RE
 
 PREFIX = "results/"
-INTERNAL_DIR = ".spinyard"
 LIFECYCLE_RULE_ID = "spinyard-results-expiry"
 _BACKOFF_S = 0.1  # first pause between tries; doubles each time
 _NAME_RE = re.compile(r"^[^/\\\x00-\x1f.][^/\\\x00-\x1f]{0,254}$")
@@ -65,13 +64,12 @@ class ResultsMismatch(PermanentError):
 Result = StoredResult
 
 
-def key(job_id: str, name: str, *, internal: bool = False) -> str:
-    """The storage key of a job's file; the only place keys are built.
+def key(job_id: str, name: str) -> str:
+    """The storage key of a job's result file; the only place keys are built.
 
     Args:
         job_id: the job's id (`j-...`).
         name: a plain file name: no `/`, not starting with `.`.
-        internal: spinyard's own file for the job, not an output.
 
     Raises:
         ValueError: bad job id or name.
@@ -80,7 +78,7 @@ def key(job_id: str, name: str, *, internal: bool = False) -> str:
         raise ValueError(f"invalid job id {job_id!r}")
     if not _NAME_RE.match(name):
         raise ValueError(f"invalid result name {name!r}: must be a plain file name")
-    return f"{PREFIX}{job_id}/{INTERNAL_DIR}/{name}" if internal else f"{PREFIX}{job_id}/{name}"
+    return f"{PREFIX}{job_id}/{name}"
 
 
 def _job_prefix(job_id: str) -> str:
@@ -90,8 +88,7 @@ def _job_prefix(job_id: str) -> str:
 def _check_key(k: str) -> str:
     """Return `k` if `key()` could have built it; else raise ValueError."""
     parts = k.split("/")
-    internal = len(parts) == 4 and parts[2] == INTERNAL_DIR
-    if len(parts) != (4 if internal else 3) or key(parts[1], parts[-1], internal=internal) != k:
+    if len(parts) != 3 or key(parts[1], parts[2]) != k:
         raise ValueError(f"invalid key {k!r}: not results/<job_id>/<name>")
     return k
 
@@ -250,8 +247,6 @@ class ObjectStore(ObjectStorePort):
         objects = await self._call("list_objects", self._list, prefix)
         found, unexpected, too_large = {}, [], []
         for obj in objects:
-            if obj.object_name.startswith(prefix + INTERNAL_DIR + "/"):
-                continue
             if obj.object_name not in keys:
                 unexpected.append(obj.object_name)
             elif obj.size > self.settings.max_result_bytes:
@@ -277,32 +272,14 @@ class ObjectStore(ObjectStorePort):
         return [Result(k, n, found[k], self.download_url(k)) for k, n in keys.items()]
 
     async def delete_job(self, job_id: str) -> int:
-        """Delete every object of a job, its own files included; returns how many."""
+        """Delete every object of a job; returns how many."""
         objects = await self._call("list_objects", self._list, _job_prefix(job_id))
         await self._call("remove_objects", self._remove, [o.object_name for o in objects])
         self._log.info("job_results_deleted", job_id=job_id, count=len(objects))
         return len(objects)
 
-    async def expire(self, older_than: float, prefix: str = PREFIX) -> int:
-        """Delete objects under `prefix` last modified before `older_than` (Unix time).
-
-        Returns:
-            How many objects were deleted.
-
-        Raises:
-            ValueError: `prefix` is outside `results/`.
-        """
-        if not prefix.startswith(PREFIX):
-            raise ValueError(f"prefix {prefix!r} is outside {PREFIX}")
-        objects = await self._call("list_objects", self._list, prefix)
-        old = [o.object_name for o in objects if o.last_modified.timestamp() < older_than]
-        await self._call("remove_objects", self._remove, old)
-        if old:
-            self._log.info("results_expired", prefix=prefix, count=len(old))
-        return len(old)
-
     async def put_bytes(self, k: str, data: bytes) -> None:
-        """Write a small object, e.g. `key(job_id, "inputs.json", internal=True)`."""
+        """Write a small object at a result key (tools and tests stage objects with it)."""
         await self._call("put_object", self._put, _check_key(k), data)
 
     async def get_bytes(self, k: str) -> bytes:
