@@ -19,12 +19,28 @@ FRAMED = AppSpec(
 
 
 @pytest.fixture
-async def secured(env):  # noqa: F811 - the fixture imported above
+async def secured(env):
     """A second gateway on the same bus, with authentication on."""
     await env.state.put_app(FRAMED)
     guard = Guard(AuthSettings(hs256_secret=SECRET), env.state, "http://gateway.test")
     env.url = (await env.start(guard=guard)).url
     return env
+
+
+async def queued_run(env, job_id: str, session: str | None = None) -> Job:
+    """A run of demo/job recorded as queued, as run_request would leave it."""
+    job = Job(
+        job_id=job_id,
+        app="demo/job",
+        session=session,
+        state=JobState.QUEUED,
+        event_id="e",
+        deadline_s=60,
+        retention_s=60,
+        created_at=time.time(),
+    )
+    await env.state.put(env.state.jobs, job.job_id, job)
+    return job
 
 
 def bearer(token: str) -> dict:
@@ -79,16 +95,7 @@ async def test_status_needs_a_token_for_that_app(secured):
 
 
 async def test_job_status_is_authorized_by_the_runs_app(secured):
-    job = Job(
-        job_id="j-abcdef0123456789",
-        app="demo/job",
-        state=JobState.QUEUED,
-        event_id="e",
-        deadline_s=60,
-        retention_s=60,
-        created_at=time.time(),
-    )
-    await secured.state.put(secured.state.jobs, job.job_id, job)
+    job = await queued_run(secured, "j-abcdef0123456789")
     url = f"{secured.url}/v1/jobs/{job.job_id}/status"
     async with secured.http.get(url, headers=bearer(mint(SECRET, ["demo/viz"]))) as r:
         assert r.status == 403
@@ -101,16 +108,7 @@ async def test_job_status_is_authorized_by_the_runs_app(secured):
 
 
 async def test_cancel_needs_a_token_for_the_runs_app(secured):
-    job = Job(
-        job_id="j-abcdef0123456780",
-        app="demo/job",
-        state=JobState.QUEUED,
-        event_id="e",
-        deadline_s=60,
-        retention_s=60,
-        created_at=time.time(),
-    )
-    await secured.state.put(secured.state.jobs, job.job_id, job)
+    job = await queued_run(secured, "j-abcdef0123456780")
     cancel = {"type": "run_cancel", "job_id": job.job_id}
     got, _ = await secured.post(cancel, headers=bearer(mint(SECRET, ["demo/viz"])))
     assert got == 403
@@ -137,7 +135,7 @@ async def test_events_from_unlisted_origins_are_refused(secured):
     assert await secured.events_published() == 2
 
 
-async def test_proxied_app_and_embed_page_carry_frame_ancestors(secured, upstream):  # noqa: F811
+async def test_proxied_app_and_embed_page_carry_frame_ancestors(secured, upstream):
     secured.backend.targets[INSTANCE] = ("demo/viz", upstream["url"])
     async with secured.http.get(f"{secured.url}{PREFIX}/page") as r:
         assert r.status == 200
@@ -191,17 +189,7 @@ async def test_unknown_runs_are_not_revealed_without_a_token(secured):
 
 
 async def test_a_session_bound_token_sees_only_its_own_runs(secured):
-    job = Job(
-        job_id="j-abcdef0123456781",
-        app="demo/job",
-        session="s-1",
-        state=JobState.QUEUED,
-        event_id="e",
-        deadline_s=60,
-        retention_s=60,
-        created_at=time.time(),
-    )
-    await secured.state.put(secured.state.jobs, job.job_id, job)
+    job = await queued_run(secured, "j-abcdef0123456781", session="s-1")
     url = f"{secured.url}/v1/jobs/{job.job_id}"
     async with secured.http.get(
         url, headers=bearer(mint(SECRET, ["demo/job"], session="s-2"))

@@ -47,11 +47,11 @@ def last(seen, subject):
 
 
 @pytest.fixture
-async def k8s(make):  # noqa: F811
+async def k8s(make):
     return await make()
 
 
-async def test_page_load_makes_a_deployment_and_reports_ready_with_pod_times(settings, k8s, server):  # noqa: F811
+async def test_page_load_makes_a_deployment_and_reports_ready_with_pod_times(settings, k8s, server):
     async with handlers_on(settings, k8s) as (js, state, seen):
         await state.put_app(k8s_spec(name="test/echo"))
         event = PageLoad(app="test/echo", session="s-1")
@@ -68,7 +68,7 @@ async def test_page_load_makes_a_deployment_and_reports_ready_with_pod_times(set
     assert labels["spinyard.io/instance"] == ready["instance"]
 
 
-async def test_reaper_removes_managed_objects_no_record_names(settings, k8s, server):  # noqa: F811
+async def test_reaper_removes_managed_objects_no_record_names(settings, k8s, server):
     spec = k8s_spec(name="test/echo")
     await k8s.start_viz("i-0000000000000abc", spec)  # started, then its record "lost"
     await wait_for(lambda: server.objects_of(k8s_api.DEPLOYMENTS), what="orphan deployment")
@@ -82,7 +82,7 @@ async def test_reaper_removes_managed_objects_no_record_names(settings, k8s, ser
     assert not server.objects_of(k8s_api.SERVICES)
 
 
-async def test_a_run_goes_queued_running_succeeded_as_a_job(settings, k8s, server):  # noqa: F811
+async def test_a_run_goes_queued_running_succeeded_as_a_job(settings, k8s, server):
     async with handlers_on(settings, k8s) as (js, state, seen):
         await state.put_app(model_spec(name="test/model", image=IMAGE))
         event = RunRequest(app="test/model", session="s-1", inputs={"n": 2})

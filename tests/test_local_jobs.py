@@ -19,7 +19,6 @@ import pytest
 
 from dispatcher.backends import jobwatch, processes
 from dispatcher.backends.local import LocalBackend
-from dispatcher.settings import LocalBackendSettings
 from dispatcher.store import ObjectStore
 from handlers.errors import StartFailed
 from tests.backend_contract import (
@@ -34,25 +33,15 @@ from tests.backend_contract import (
 )
 from tests.conftest import wait_for
 from tests.s3 import s3_server, store_settings  # noqa: F401
-from tests.test_local_backend import PUBLIC_URL, ROOT, _running_copies, kill_left_processes
-
-
-@pytest.fixture
-def local_settings() -> LocalBackendSettings:
-    return LocalBackendSettings(stop_grace_s=1.0, probe_interval_s=0.02)
-
-
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture(autouse=True)
-def no_process_left(data_dir):
-    """Fail a test that leaves a job's model or its runner running."""
-    yield
-    left = kill_left_processes(data_dir)
-    assert not left, f"the test left processes running: {left}"
+from tests.test_local_backend import (  # noqa: F401 - fixtures shared with the viz tests
+    PUBLIC_URL,
+    ROOT,
+    _running_copies,
+    data_dir,
+    kill_left_processes,
+    local_settings,
+    no_process_left,
+)
 
 
 @pytest.fixture
@@ -174,7 +163,7 @@ async def test_without_a_workdir_a_job_runs_in_its_output_dir(backend, watch, da
 async def test_a_job_uploads_its_outputs_through_presigned_urls(
     backend,
     watch,
-    s3_server,  # noqa: F811
+    s3_server,
 ):
     store = ObjectStore(store_settings(s3_server))
     await store.setup()

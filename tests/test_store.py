@@ -57,7 +57,7 @@ async def http(method: str, url: str, data: bytes | None = None) -> tuple[int, b
 
 
 @pytest.fixture
-async def store(s3_server):  # noqa: F811
+async def store(s3_server):
     s = ObjectStore(store_settings(s3_server))
     await s.setup()
     yield s
@@ -77,7 +77,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def test_setup_creates_bucket_once(s3_server):  # noqa: F811
+async def test_setup_creates_bucket_once(s3_server):
     settings = store_settings(s3_server)
     assert not raw(s3_server).bucket_exists(settings.bucket)
     s = ObjectStore(settings)
@@ -87,7 +87,7 @@ async def test_setup_creates_bucket_once(s3_server):  # noqa: F811
     await ObjectStore(settings).setup()  # a second replica
 
 
-async def test_setup_sets_lifecycle_rule_and_keeps_others(s3_server):  # noqa: F811
+async def test_setup_sets_lifecycle_rule_and_keeps_others(s3_server):
     settings = store_settings(s3_server, lifecycle_days=3)
     client = raw(s3_server)
     client.make_bucket(settings.bucket)
@@ -107,7 +107,7 @@ async def test_setup_sets_lifecycle_rule_and_keeps_others(s3_server):  # noqa: F
     assert (ours.status, ours.rule_filter.prefix, ours.expiration.days) == (ENABLED, "results/", 3)
 
 
-async def test_no_lifecycle_rule_when_days_is_zero(s3_server):  # noqa: F811
+async def test_no_lifecycle_rule_when_days_is_zero(s3_server):
     settings = store_settings(s3_server, lifecycle_days=0)
     s = ObjectStore(settings)
     await s.setup()
@@ -115,7 +115,7 @@ async def test_no_lifecycle_rule_when_days_is_zero(s3_server):  # noqa: F811
     await s.close()
 
 
-async def test_upload_urls_are_scoped_to_each_declared_output(s3_server):  # noqa: F811
+async def test_upload_urls_are_scoped_to_each_declared_output(s3_server):
     settings = store_settings(s3_server, upload_url_ttl_s=120)
     urls = ObjectStore(settings).upload_urls(JOB, ["out.csv", "plot 1.png"])
     assert set(urls) == {"out.csv", "plot 1.png"}
@@ -132,7 +132,7 @@ async def test_upload_urls_are_scoped_to_each_declared_output(s3_server):  # noq
         assert not signature_valid(url.replace(f"/{JOB}/", "/j-other1234/"), "PUT")
 
 
-async def test_urls_are_signed_for_the_public_endpoint(s3_server):  # noqa: F811
+async def test_urls_are_signed_for_the_public_endpoint(s3_server):
     s = ObjectStore(store_settings(s3_server, public_endpoint="https://files.example.com"))
     await s.setup()  # internal calls still go to moto
     url = s.upload_urls(JOB, ["out.csv"])["out.csv"]
@@ -164,7 +164,7 @@ async def test_missing_output_is_named(store):
     assert (err.value.missing, err.value.unexpected) == (["b.txt"], [])
 
 
-async def test_unexpected_object_is_deleted_and_reported(store, s3_server):  # noqa: F811
+async def test_unexpected_object_is_deleted_and_reported(store, s3_server):
     await upload(store, JOB, {"a.txt": b"a"})
     raw(s3_server).put_object(store.bucket, f"results/{JOB}/extra.bin", io.BytesIO(b"x"), 1)
     with pytest.raises(ResultsMismatch, match=r"unexpected 'extra\.bin'") as err:
@@ -174,7 +174,7 @@ async def test_unexpected_object_is_deleted_and_reported(store, s3_server):  # n
     assert names == [f"results/{JOB}/a.txt"]
 
 
-async def test_too_large_output_is_deleted(s3_server):  # noqa: F811
+async def test_too_large_output_is_deleted(s3_server):
     s = ObjectStore(store_settings(s3_server, max_result_bytes=10))
     await s.setup()
     await upload(s, JOB, {"ok.txt": b"0123456789", "big.txt": b"0123456789!"})
@@ -266,7 +266,7 @@ def test_transient_errors():
     assert not _transient(ValueError("bad key"))
 
 
-async def test_secrets_never_reach_the_logs(s3_server, capsys):  # noqa: F811
+async def test_secrets_never_reach_the_logs(s3_server, capsys):
     saved = structlog.get_config()
     logs.configure("json", "debug")
     try:
