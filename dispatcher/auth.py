@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jwt
 
-from dispatcher.settings import AuthSettings
+from dispatcher.settings import AuthSettings, SettingsError
 from schemas import errors as codes
 from schemas.names import check_app, check_session
 
@@ -70,12 +70,12 @@ class Authenticator:
         if settings.hs256_secret is not None:
             secret = settings.hs256_secret.get_secret_value()
             if len(secret) < 32:
-                raise ValueError("auth.hs256_secret must be at least 32 characters")
+                raise SettingsError("auth.hs256_secret must be at least 32 characters")
             self._keys.append(("HS256", secret))
         if settings.rs256_public_key:
             self._keys.append(("RS256", _read_key(settings.rs256_public_key)))
         if settings.enabled and not self._keys:
-            raise ValueError(
+            raise SettingsError(
                 "authentication is on but no key is set: set SPINYARD_AUTH__HS256_SECRET or "
                 "SPINYARD_AUTH__RS256_PUBLIC_KEY (or, on a trusted network only, "
                 "SPINYARD_AUTH__ENABLED=false)"

@@ -11,13 +11,23 @@ import sys
 from pathlib import Path
 
 import msgpack
+from pydantic import ValidationError
 
 from dispatcher import bus, logs
-from dispatcher.settings import Settings
+from dispatcher.bus import NatsUnavailable
+from dispatcher.natsserver import NatsServerError
+from dispatcher.settings import Settings, SettingsError
 
 
 def _settings(args) -> Settings:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"SPINYARD_{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None
     if getattr(args, "log_level", None):
         settings.log_level = args.log_level
     logs.configure(settings.log_format, settings.log_level)
@@ -25,6 +35,8 @@ def _settings(args) -> Settings:
 
 
 def _on_signals(stop) -> None:
+    """From now on SIGINT/SIGTERM ask for a graceful stop. (Until a service runs,
+    Ctrl-C interrupts at once, even while it is still waiting for NATS.)"""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
@@ -67,8 +79,12 @@ async def _cmd_handlers(args, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return 2
+        running = asyncio.create_task(service.run(), name="handlers")
+        ready = asyncio.create_task(service.ready.wait(), name="handlers-ready")
+        await asyncio.wait([running, ready], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
         _on_signals(service.stop)
-        await service.run()
+        await running
     finally:
         if store is not None:
             await store.close()
@@ -80,15 +96,19 @@ async def _cmd_gateway(args, settings: Settings) -> int:
     from dispatcher.up import run_gateway_only
 
     stop = asyncio.Event()
-    _on_signals(stop.set)
-    await run_gateway_only(settings, stop, announce=lambda text: print(text, flush=True))
+
+    def listening(text: str) -> None:
+        print(text, flush=True)
+        _on_signals(stop.set)
+
+    await run_gateway_only(settings, stop, announce=listening)
     return 0
 
 
 async def _cmd_apps(args, settings: Settings) -> int:
     from dispatcher.apps import register
 
-    nc = await bus.connect(settings.nats, "spinyard-cli")
+    nc = await bus.connect(settings.nats, "spinyard-cli", wait_s=0)
     try:
         state = await bus.ensure_state(nc.jetstream(), settings.nats)
         if args.apps_cmd == "add":
@@ -149,7 +169,7 @@ async def _cmd_publish(args, settings: Settings) -> int:
         subject = subjects.event_for(event.type, event.job_id)
     else:
         subject = subjects.event(event.type, event.app)
-    nc = await bus.connect(settings.nats, "spinyard-cli")
+    nc = await bus.connect(settings.nats, "spinyard-cli", wait_s=0)
     try:
         ack = await nc.jetstream().publish(
             subject, encode(event), headers={"Nats-Msg-Id": event.id}
@@ -169,7 +189,7 @@ async def _cmd_watch(args, settings: Settings) -> int:
         subject = subjects.app_status(args.app, args.session)
     else:
         subject = f"{subjects.STATUS}.>"
-    nc = await bus.connect(settings.nats, "spinyard-cli")
+    nc = await bus.connect(settings.nats, "spinyard-cli", wait_s=0)
     stop = asyncio.Event()
     _on_signals(stop.set)
     from nats.js.api import DeliverPolicy
@@ -350,9 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "publish" and not (args.json or args.type):
         build_parser().error("publish needs an event TYPE or --json")
-    settings = _settings(args)
     try:
+        settings = _settings(args)
         return asyncio.run(args.run(args, settings))
+    except (SettingsError, NatsUnavailable, NatsServerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -12,13 +12,22 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class SettingsError(ValueError):
+    """A setting is missing or does not fit the others; the message names it."""
+
+
 class NatsSettings(BaseModel):
     url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
     user: str | None = Field(None, description="User name, if the server wants one")
     password: SecretStr | None = Field(None, description="Password for `user`")
     token: SecretStr | None = Field(None, description="Auth token, instead of user/password")
     creds_file: Path | None = Field(None, description="NATS .creds file (JWT + nkey)")
-    connect_timeout_s: float = Field(5.0, description="Seconds to wait for the first connection")
+    connect_timeout_s: float = Field(5.0, description="Seconds one connection attempt may take")
+    startup_wait_s: float = Field(
+        60.0,
+        ge=0,
+        description="Services keep trying to reach NATS this long at start (CLI: one attempt)",
+    )
     replicas: int = Field(1, ge=1, le=5, description="JetStream replicas of streams and buckets")
     events_max_age_s: float = Field(
         24 * 3600, description="Unhandled events are dropped after this"

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 
 from dispatcher import bus, logs, natsauth
 from dispatcher.apps import find_specs, register
-from dispatcher.auth import mint, new_secret
+from dispatcher.auth import Authenticator, mint, new_secret
 from dispatcher.backends.base import make_backend
 from dispatcher.gateway.app import start_gateway
 from dispatcher.gateway.security import Guard
@@ -208,6 +208,7 @@ async def run_gateway_only(
     buckets it reads, and the handlers create the rest. It proxies apps only
     for the local backend; on Kubernetes the ingress routes to them.
     """
+    Authenticator(settings.auth)  # a missing or weak key is an error before anything starts
     async with AsyncExitStack() as stack:
         backend = None
         if settings.backend.kind == "local":

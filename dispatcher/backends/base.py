@@ -7,7 +7,7 @@ paths). It also holds the small helpers every backend needs to agree on, such
 as the URL path prefix under which an instance is served.
 """
 
-from dispatcher.settings import Settings
+from dispatcher.settings import Settings, SettingsError
 from handlers.ports import Backend, Instance, JobLaunch
 from schemas.spec import AppSpec
 
@@ -47,7 +47,7 @@ def gateway_url(settings: Settings) -> str:
     if gw.public_url:
         return gw.public_url.rstrip("/")
     if gw.port == 0:
-        raise ValueError(
+        raise SettingsError(
             "gateway.port is 0, so the public URL is unknown: set gateway.public_url "
             "once the gateway has bound its port, before making the backend"
         )
