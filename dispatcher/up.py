@@ -69,15 +69,22 @@ def as_user(nats: NatsSettings, role: str, passwords: dict[str, str]) -> NatsSet
     return nats.model_copy(update={"user": role, "password": SecretStr(passwords[role])})
 
 
-def write_cli_env(data_dir: Path, url: str, admin_password: str) -> Path:
-    """An env file (0600) that points the CLI at this stack as NATS's admin user."""
+def write_cli_env(
+    data_dir: Path, url: str, admin_password: str, hs256_secret: SecretStr | None
+) -> Path:
+    """An env file (0600) that points the CLI at this stack, as NATS's admin user,
+    with the stack's token secret so `spinyard token` mints tokens it accepts."""
     path = data_dir / "cli.env"
     path.touch(mode=0o600)
     path.chmod(0o600)
-    path.write_text(
-        f"SPINYARD_NATS__URL={url}\nSPINYARD_NATS__USER={natsauth.ADMIN}\n"
-        f"SPINYARD_NATS__PASSWORD={admin_password}\n"
-    )
+    lines = [
+        f"SPINYARD_NATS__URL={url}",
+        f"SPINYARD_NATS__USER={natsauth.ADMIN}",
+        f"SPINYARD_NATS__PASSWORD={admin_password}",
+    ]
+    if hs256_secret is not None:
+        lines.append(f"SPINYARD_AUTH__HS256_SECRET={hs256_secret.get_secret_value()}")
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -118,7 +125,6 @@ class Stack:
             nats_server.start()
             stack.callback(nats_server.stop)
             settings.nats.url = nats_server.url
-            cli_env = write_cli_env(data_dir, nats_server.url, passwords[natsauth.ADMIN])
             handler_nats = as_user(settings.nats, natsauth.HANDLER, passwords)
             gateway_nats = as_user(settings.nats, natsauth.GATEWAY, passwords)
 
@@ -135,6 +141,9 @@ class Stack:
             if settings.auth.enabled and settings.auth.hs256_secret is None:
                 settings.auth.hs256_secret = SecretStr(dev_secret(data_dir))
             settings.auth.dev_token_endpoint = True
+            cli_env = write_cli_env(
+                data_dir, nats_server.url, passwords[natsauth.ADMIN], settings.auth.hs256_secret
+            )
 
             gw = settings.gateway
             if gw.port == 0:

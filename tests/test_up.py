@@ -242,6 +242,30 @@ async def test_embedded_nats_has_the_role_users_and_the_cli_env_works(stack):
     )
     assert out.returncode == 0, out.stderr
     assert "demo/hello" in out.stdout
+    # `spinyard token` with the same file mints a token this stack accepts.
+    minted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dispatcher.cli",
+            "token",
+            "--app",
+            "demo/hello",
+            "--session",
+            "cli",
+        ],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")} | env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert minted.returncode == 0, minted.stderr
+    async with aiohttp.ClientSession() as http:
+        event = {"type": "page_load", "app": "demo/hello", "session": "cli"}
+        headers = {"Authorization": f"Bearer {minted.stdout.strip()}"}
+        async with http.post(f"{stack['url']}/v1/events", json=event, headers=headers) as r:
+            assert r.status == 202
 
 
 async def test_sigterm_stops_everything_and_leaves_no_process(stack, http):
