@@ -232,40 +232,30 @@ async def test_embedded_nats_has_the_role_users_and_the_cli_env_works(stack):
     assert oct(env_file.stat().st_mode & 0o777) == "0o600"
     env = dict(line.split("=", 1) for line in env_file.read_text().split())
     assert env["SPINYARD_NATS__USER"] == "admin"
-    out = subprocess.run(
-        [sys.executable, "-m", "dispatcher.cli", "apps", "list"],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")} | env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "demo/hello" in out.stdout
+    listed = cli(env, "apps", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "demo/hello" in listed.stdout
     # `spinyard token` with the same file mints a token this stack accepts.
-    minted = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dispatcher.cli",
-            "token",
-            "--app",
-            "demo/hello",
-            "--session",
-            "cli",
-        ],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")} | env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    minted = cli(env, "token", "--app", "demo/hello", "--session", "cli")
     assert minted.returncode == 0, minted.stderr
     async with aiohttp.ClientSession() as http:
         event = {"type": "page_load", "app": "demo/hello", "session": "cli"}
         headers = {"Authorization": f"Bearer {minted.stdout.strip()}"}
         async with http.post(f"{stack['url']}/v1/events", json=event, headers=headers) as r:
             assert r.status == 202
+
+
+def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`spinyard ARGS` with only `env`'s SPINYARD_* settings, as from the sourced cli.env."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", *args],
+        cwd=ROOT,
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 async def test_sigterm_stops_everything_and_leaves_no_process(stack, http):
