@@ -34,7 +34,7 @@ from pathlib import Path
 
 from dispatcher import logs
 from dispatcher.backends.base import JobLaunch
-from dispatcher.backends.kubernetes import KubernetesBackend
+from dispatcher.backends.kubernetes.backend import KubernetesBackend
 from dispatcher.settings import KubernetesBackendSettings
 from schemas.spec import AppSpec
 from tests import kube

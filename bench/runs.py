@@ -32,8 +32,8 @@ import nats
 
 from bench import stats
 from bench.stack import BenchError, handlers_process, stop_instances, wait_consumers
-from dispatcher import bus
-from dispatcher.natsserver import NatsServer
+from dispatcher.bus import provision
+from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.settings import NatsSettings
 from schemas import subjects
 from schemas.codec import encode
@@ -66,7 +66,7 @@ def job_spec() -> AppSpec:
 
 def require_job_backend() -> None:
     """Raise BenchError naming what is missing if the local backend cannot run jobs."""
-    from dispatcher.backends.local import LocalBackend
+    from dispatcher.backends.local.backend import LocalBackend
     from handlers.ports import Backend
 
     names = ("submit_job", "cancel_job", "watch_jobs")
@@ -166,7 +166,7 @@ async def _burst(js, jobs: Jobs, n: int) -> list[dict]:
 async def run_spinyard(sizes: Sizes = FULL) -> dict:
     """spinyard's half of the runs bench."""
     require_job_backend()
-    from dispatcher.s3server import S3Server
+    from dispatcher.embedded.s3server import S3Server
 
     with tempfile.TemporaryDirectory(prefix="spinyard-bench-runs-") as tmp:
         async with AsyncExitStack() as stack:
@@ -179,8 +179,8 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
             stack.push_async_callback(nc.close)
             js = nc.jetstream()
             nsettings = NatsSettings(url=server.url)
-            await bus.ensure_streams(js, nsettings)
-            state = await bus.ensure_state(js, nsettings)
+            await provision.ensure_streams(js, nsettings)
+            state = await provision.ensure_state(js, nsettings)
             await state.put_app(job_spec())
             data_dir = tmp_path / "data"
             store = {"endpoint": s3.endpoint, "access_key": "bench", "secret_key": "bench-secret"}

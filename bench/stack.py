@@ -23,7 +23,7 @@ import aiohttp
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from dispatcher.backends.local import LocalBackend
+from dispatcher.backends.local.backend import LocalBackend
 from dispatcher.settings import LocalBackendSettings
 from schemas.spec import AppSpec
 

@@ -40,8 +40,8 @@ from bench.stack import (
     wait_consumers,
     wait_until,
 )
-from dispatcher import bus
-from dispatcher.natsserver import NatsServer
+from dispatcher.bus import provision
+from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.settings import NatsSettings
 from handlers.page_load import LOAD_RECORD_SLACK_S
 from handlers.state import POOL, PoolIndex, slot_key
@@ -161,8 +161,8 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
     stack.push_async_callback(nc.close)
     js = nc.jetstream()
     nsettings = NatsSettings(url=server.url)
-    await bus.ensure_streams(js, nsettings)
-    state = await bus.ensure_state(js, nsettings)
+    await provision.ensure_streams(js, nsettings)
+    state = await provision.ensure_state(js, nsettings)
     await nats_peer.setup(js)
     specs = bench_specs(sizes.pool_size)
     await state.put_app(specs[SHARED])

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from dispatcher import bus, logs
 from dispatcher.bus import NatsUnavailable
-from dispatcher.natsserver import NatsServerError
+from dispatcher.embedded.natsserver import NatsServerError
 from dispatcher.settings import Settings, SettingsError
 
 
@@ -43,7 +43,7 @@ def _on_signals(stop) -> None:
 
 
 async def _cmd_up(args, settings: Settings) -> int:
-    from dispatcher.up import Stack
+    from dispatcher.embedded.up import Stack
 
     stack = Stack(
         settings, app_dirs=[Path(d) for d in args.apps] or [Path("examples")], port=args.port
@@ -54,59 +54,31 @@ async def _cmd_up(args, settings: Settings) -> int:
 
 
 async def _cmd_handlers(args, settings: Settings) -> int:
-    from dispatcher.backends.base import make_backend
-    from dispatcher.runtime import Handlers
-    from dispatcher.store import ObjectStore
-    from handlers.registry import default_registry
+    from dispatcher.compose import serve_handlers
 
     try:
-        default_registry.select(args.kinds or None)
+        await serve_handlers(settings, args.kinds or None, started=lambda s: _on_signals(s.stop))
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
-    backend = make_backend(settings)
-    await backend.setup()
-    store = None
-    if settings.store.access_key is not None:
-        store = ObjectStore(settings.store)
-        await store.setup()
-    try:
-        service = Handlers(settings, args.kinds or None, backend=backend, store=store)
-        if store is None and any(s.kind.startswith(("run_", "job_")) for s in service.specs):
-            print(
-                "error: run handlers need object storage: set SPINYARD_STORE__ENDPOINT, "
-                "SPINYARD_STORE__ACCESS_KEY and SPINYARD_STORE__SECRET_KEY",
-                file=sys.stderr,
-            )
-            return 2
-        running = asyncio.create_task(service.run(), name="handlers")
-        ready = asyncio.create_task(service.ready.wait(), name="handlers-ready")
-        await asyncio.wait([running, ready], return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        _on_signals(service.stop)
-        await running
-    finally:
-        if store is not None:
-            await store.close()
-        await backend.cleanup()
     return 0
 
 
 async def _cmd_gateway(args, settings: Settings) -> int:
-    from dispatcher.up import run_gateway_only
+    from dispatcher.compose import serve_gateway
 
     stop = asyncio.Event()
 
-    def listening(text: str) -> None:
-        print(text, flush=True)
+    def listening(runner) -> None:
+        print(f"gateway listening on {runner.url}", flush=True)
         _on_signals(stop.set)
 
-    await run_gateway_only(settings, stop, announce=listening)
+    await serve_gateway(settings, stop, started=listening)
     return 0
 
 
 async def _cmd_apps(args, settings: Settings) -> int:
-    from dispatcher.apps import register
+    from dispatcher.embedded.specs import register
 
     nc = await bus.connect(settings.nats, "spinyard-cli", wait_s=0)
     try:
@@ -211,7 +183,7 @@ async def _cmd_watch(args, settings: Settings) -> int:
 
 
 async def _cmd_token(args, settings: Settings) -> int:
-    from dispatcher.auth import mint
+    from dispatcher.gateway.auth import mint
 
     secret = settings.auth.hs256_secret
     if secret is None or len(secret.get_secret_value()) < 32:

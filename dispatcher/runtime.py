@@ -1,8 +1,9 @@
-"""Wiring: connect, set up JetStream, start the backend, run handler consumers.
+"""The handler service: run handler consumers, the reaper's ticker and the job watcher.
 
 `Handlers` is what `spinyard handlers <kind>...` runs and what `spinyard up`
-embeds. Everything it opens is closed in reverse order by one
-`AsyncExitStack`. On stop it stops fetching, lets in-flight messages finish
+embeds; `dispatcher.compose` gives it its NATS connection, KV state (already
+provisioned), backend and store. Everything it opens itself is closed in
+reverse order by one `AsyncExitStack`. On stop it stops fetching, lets in-flight messages finish
 within the grace period, and drains NATS. If any root task dies, the whole
 service stops instead of running on half-alive.
 """
@@ -17,14 +18,15 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from dispatcher import bus, logs
-from dispatcher.advisories import dead_letter_exhausted
-from dispatcher.consumer import Consumer, HandlerMetrics
+from dispatcher import logs
+from dispatcher.bus.consumer import Consumer, HandlerMetrics
+from dispatcher.bus.deadletter import dead_letter_exhausted
 from dispatcher.settings import Settings
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
 from handlers.context import Context, Knobs
-from handlers.ports import Backend
+from handlers.ports import Backend, ObjectStore
 from handlers.registry import HandlerSpec, Registry, default_registry
+from handlers.state import State
 from schemas import subjects
 from schemas.codec import encode
 from schemas.events import JobUpdate, ReaperTick
@@ -103,15 +105,28 @@ class Handlers:
         settings: Settings,
         handler_ids: list[str] | None = None,
         *,
+        nc: Client,
+        state: State,
         backend: Backend,
+        store: ObjectStore | None = None,
         registry: Registry | None = None,
-        nc: Client | None = None,
-        store=None,
     ):
+        """
+        Args:
+            settings: spinyard's settings.
+            handler_ids: the handlers to run; all registered ones if None or empty.
+            nc: the NATS connection (its owner closes it).
+            state: the KV state; its buckets and the handlers' consumers exist
+                (`dispatcher.compose.provision`).
+            backend: where apps and jobs run, set up.
+            store: the results store; run handlers need one.
+            registry: where the handlers are registered; the default registry otherwise.
+        """
         self.settings = settings
         self.specs: list[HandlerSpec] = (registry or default_registry).select(handler_ids)
-        self.backend = backend
         self.nc = nc
+        self.state = state
+        self.backend = backend
         self.store = store
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -125,11 +140,8 @@ class Handlers:
         """Run until `stop()`; raise if a root task dies."""
         async with AsyncExitStack() as stack:
             nc = self.nc
-            if nc is None:
-                nc = await bus.connect(self.settings.nats, name="spinyard-handlers")
-                stack.push_async_callback(nc.drain)
             js = nc.jetstream()
-            state = await bus.ensure(js, self.settings.nats, self.specs, self.settings.handlers)
+            state = self.state
             ctx = Context(
                 state=state,
                 backend=self.backend,

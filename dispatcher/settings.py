@@ -170,6 +170,24 @@ class GatewaySettings(BaseModel):
     max_body_bytes: int = Field(64 * 1024, gt=0, description="Largest event body accepted")
     sse_keepalive_s: float = Field(15.0, gt=0, description="Comment line sent this often on SSE")
 
+    @property
+    def base_url(self) -> str:
+        """The base URL pages use to reach the gateway, without a trailing `/`.
+
+        Raises:
+            SettingsError: the port is 0 (chosen at bind time) and no `public_url`
+                is set, so the URL cannot be known yet.
+        """
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        if self.port == 0:
+            raise SettingsError(
+                "gateway.port is 0, so the public URL is unknown: set gateway.public_url, "
+                "or pick the port before the backend is made"
+            )
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"http://{host}:{self.port}"
+
 
 class StoreSettings(BaseModel):
     endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3 API spinyard calls")

@@ -7,8 +7,6 @@ never both win. Keys:
 - apps:         `owner.title` -> AppSpec
 - deployments:  `owner.title.shared`, `owner.title.session.<sid>` -> Deployment;
                 `owner.title.pool` -> PoolIndex
-- sessions:     created and reserved for per-viewer records; nothing writes it yet
-                (a per-session app's deployment is its `session.<sid>` slot above)
 - jobs:         `<job_id>` -> job record; `idem.<hash>` -> job id
 """
 
@@ -92,12 +90,20 @@ def _pack(model: BaseModel) -> bytes:
 class State:
     """Typed, compare-and-set access to spinyard's KV buckets."""
 
-    def __init__(self, apps: KeyValue, deployments: KeyValue, sessions: KeyValue, jobs: KeyValue):
+    def __init__(self, apps: KeyValue, deployments: KeyValue, jobs: KeyValue):
         self._js = apps._js
         self.apps = apps
         self.deployments = deployments
-        self.sessions = sessions
         self.jobs = jobs
+
+    @classmethod
+    def of(cls, buckets: dict[str, KeyValue]) -> "State":
+        """The state over buckets opened by name (see `schemas.subjects.BUCKETS`)."""
+        return cls(
+            buckets[subjects.APPS_BUCKET],
+            buckets[subjects.DEPLOYMENTS_BUCKET],
+            buckets[subjects.JOBS_BUCKET],
+        )
 
     async def read(self, kv: KeyValue, key: str, model: type[M]) -> Entry[M] | None:
         """The current value and revision, or None if absent or deleted."""

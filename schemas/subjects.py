@@ -20,8 +20,13 @@ STATUS_STREAM = "SPINYARD_STATUS"
 DEAD_STREAM = "SPINYARD_DEAD"
 APPS_BUCKET = "spinyard_apps"
 DEPLOYMENTS_BUCKET = "spinyard_deployments"
-SESSIONS_BUCKET = "spinyard_sessions"
 JOBS_BUCKET = "spinyard_jobs"
+# Every KV bucket: handlers create them, the NATS permissions grant them, and
+# the KV state opens them from this one list. A new bucket is added here.
+BUCKETS = (APPS_BUCKET, DEPLOYMENTS_BUCKET, JOBS_BUCKET)
+# What the gateway reads: apps (validation, origins), deployments (app
+# redirect), jobs (a run's app, to authorize its status and cancel).
+GATEWAY_BUCKETS = (APPS_BUCKET, DEPLOYMENTS_BUCKET, JOBS_BUCKET)
 
 # Event kinds; each is consumed by one durable consumer named after its handler.
 PAGE_LOAD = "page_load"

@@ -1,11 +1,13 @@
-"""Shared fixtures: a real nats-server per test (it starts in ~20 ms), settings for tests."""
+"""Fixtures every area shares: a real nats-server per test, a moto S3 server per module,
+settings for tests, and a check that no test leaks an asyncio task."""
 
 import asyncio
 
 import pytest
 
 from dispatcher import logs
-from dispatcher.natsserver import NatsServer
+from dispatcher.embedded.natsserver import NatsServer
+from dispatcher.embedded.s3server import S3Server
 from dispatcher.settings import Settings
 
 # Everything is logged; pytest shows it only for failing tests, and some tests read it.
@@ -14,8 +16,17 @@ logs.configure("console", "debug")
 
 @pytest.fixture
 def nats_server(tmp_path):
+    """A nats-server with JetStream on a free loopback port (it starts in ~20 ms)."""
     server = NatsServer(tmp_path / "nats").start()
     yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """The `host:port` of a moto S3 server that lives for the test module."""
+    server = S3Server().start()
+    yield server.endpoint
     server.stop()
 
 
@@ -33,18 +44,17 @@ def settings(tmp_path, nats_server) -> Settings:
     return s
 
 
-async def wait_for(
-    predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
-):
-    """Poll an (async or sync) predicate until it returns something truthy; fail after `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
+@pytest.fixture(autouse=True)
+async def no_task_left():
+    """Fail a test that leaves asyncio tasks running in its loop (a leaked consumer, a watch)."""
+    before = asyncio.all_tasks()
+    yield
+    current = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
+    if left:
+        # Give tasks that are finishing (cancelled, closing) one short chance to end.
+        await asyncio.wait(left, timeout=1.0)
+        left = [t for t in left if not t.done()]
+    for task in left:
+        task.cancel()
+    assert not left, "the test left tasks running: " + ", ".join(t.get_name() for t in left)

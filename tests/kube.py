@@ -43,7 +43,7 @@ import kmock
 from kmock._internal import aiobus, enums
 from kubernetes import client
 
-from dispatcher.backends import k8s_api
+from dispatcher.backends.kubernetes import api as k8s_api
 
 NAMESPACE = "spinyard-apps"
 RESOURCES = (

@@ -1,12 +1,9 @@
-"""A real S3 endpoint for tests: moto's server on a free loopback port.
+"""S3 helpers for tests: settings for the `s3_server` fixture (tests/conftest.py), and checks
+of presigned URLs.
 
-Use it from any test module with
-
-    from tests.s3 import s3_server  # noqa: F401
-
-and build settings with `store_settings(s3_server, bucket=...)`, one bucket
-per test. moto keeps its state in process memory, shared by every server in
-the process; it does not check signatures.
+Build settings with `store_settings(s3_server, bucket=...)`, one bucket per
+test. moto keeps its state in process memory, shared by every server in the
+process; it does not check signatures, so `signature_valid` checks them here.
 """
 
 import hashlib
@@ -14,9 +11,6 @@ import hmac
 import uuid
 from urllib.parse import parse_qsl, quote, urlsplit
 
-import pytest
-
-from dispatcher.s3server import S3Server
 from dispatcher.settings import StoreSettings
 
 ACCESS_KEY = "spinyard-test"
@@ -33,14 +27,6 @@ def store_settings(endpoint: str, bucket: str | None = None, **changes) -> Store
         "timeout_s": 2.0,
     }
     return StoreSettings(**values | changes)
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """The `host:port` of a moto S3 server that lives for the test module."""
-    server = S3Server().start()
-    yield server.endpoint
-    server.stop()
 
 
 def presigned_parts(url: str) -> tuple[str, str, dict[str, str]]:

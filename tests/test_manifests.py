@@ -25,8 +25,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from dispatcher import natsauth
-from dispatcher.natsserver import NatsServer, find_binary
+from dispatcher.bus import permissions as natsauth
+from dispatcher.embedded.natsserver import NatsServer, find_binary
 from dispatcher.settings import Settings
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
 from handlers.registry import default_registry

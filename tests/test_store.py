@@ -22,6 +22,7 @@ from urllib3.exceptions import NewConnectionError
 from yarl import URL
 
 from dispatcher import logs
+from dispatcher.embedded.s3server import S3Server
 from dispatcher.store import (
     LIFECYCLE_RULE_ID,
     ObjectStore,
@@ -34,9 +35,7 @@ from handlers.errors import PermanentError, RetryableError
 from tests.s3 import (
     ACCESS_KEY,
     SECRET_KEY,
-    S3Server,
     presigned_parts,
-    s3_server,  # noqa: F401 - fixture
     signature_valid,
     store_settings,
 )

@@ -21,8 +21,8 @@ import msgpack
 from aiohttp import web
 from yarl import URL
 
-from dispatcher.auth import Authenticator, AuthError, mint
 from dispatcher.gateway import SESSION, GatewayError
+from dispatcher.gateway.auth import Authenticator, AuthError, mint
 from dispatcher.settings import AuthSettings
 from handlers.runs import Job
 from handlers.state import State

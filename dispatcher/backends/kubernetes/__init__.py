@@ -1,0 +1,1 @@
+"""The Kubernetes backend: viz apps as Deployments, runs as Jobs, through the official client."""

@@ -1,0 +1,490 @@
+"""The job runner: supervises one run of a job app on this machine, and the files it keeps.
+
+`LocalBackend.submit_job` prepares a job's directory and starts
+`python -m dispatcher.backends.local.jobrunner <dir>` in a new session, so a
+crashed handler process does not take runs with it. The runner holds no
+credentials (its environment has no SPINYARD_* variable) and uses nothing of
+spinyard but `processes`. It starts the model, enforces the deadline,
+records the outcome and tells the backend's watcher (`jobwatch.py`), with a
+datagram naming the job on the unix socket `<data_dir>/local/jobs.sock`,
+when the model starts and when it ends.
+
+What a run gets (the Kubernetes backend mounts the same files from a Secret):
+
+    environment   the handler's environment without any SPINYARD_* variable,
+                  then the spec's `env` ("{python}" replaced), then
+                  SPINYARD_JOB_ID      the job id
+                  SPINYARD_INPUTS      path of inputs.json: the run's inputs, a JSON object
+                  SPINYARD_UPLOADS     path of uploads.json: {"<output name>": "<PUT URL>"},
+                                       a presigned URL per declared output
+                  SPINYARD_OUTPUT_DIR  an empty private directory the run may write to
+                  SPINYARD_DEADLINE_S  seconds the run may take (a decimal number)
+    stdin         the contents of inputs.json
+    cwd           the spec's `workdir`, if set (so relative script paths work), else
+                  SPINYARD_OUTPUT_DIR
+    argv          the spec's `command`, "{python}" replaced by the configured interpreter
+
+The run uploads each declared output itself with an HTTP PUT to its URL;
+that is its only access to storage. Its stdout and stderr go to job.log.
+Limits, where the OS allows: RLIMIT_AS of `resources.memory` (address space,
+so a runtime that reserves much more than it uses may need a higher value
+than on Kubernetes), and RLIMIT_CPU of `resources.cpu` x `deadline_s`
+CPU-seconds per process, which is all the CPU time a run throttled to `cpu`
+cores could use before its deadline (SIGXCPU, then SIGKILL 5 s later; a run
+stopped so ends `timed_out`). The deadline counts from the submission. A
+run's processes are its own process group: at the deadline or on cancel the
+group gets SIGTERM, then SIGKILL after the grace; when the model exits,
+what is left of its group is killed. Processes that leave the group (setsid)
+are out of reach, as is memory beyond one process's address space: the local
+backend has no cgroups.
+
+A job's directory, `<data_dir>/local/jobs/<job_id>/` (0700, files 0600):
+
+    job.json      the runner's instructions (argv, cwd, env, limits, deadline)
+    runner.json   the runner's pid, start time and boot id, the app, created_at
+    inputs.json   uploads.json   work/   (see above)
+    job.log       the run's stdout and stderr; runner.log: the runner's own
+    model.json    written when the model has started (its pid)
+    result.json   {state: succeeded|failed|timed_out|cancelled, exit_code,
+                   log_tail, started_at, finished_at}, written once, atomically
+    reported      the watcher reported the result (so a restart does not repeat it)
+
+Submitting takes no lock: the backend fills a directory of a temporary name
+(`.<job_id>.<random>`), starts a runner on it and waits for its answer on
+the runner's stdout. The runner writes runner.json, then claims the job by
+renaming the directory to `<job_id>`; if that exists, another runner has the
+job, and this one removes its copy and exits. So any number of submissions
+start one run, and a submitter that hangs keeps no other waiting. The lock
+file `<data_dir>/local/jobs/<job_id>.lock` orders what may write result.json
+besides the runner (a cancel, the watcher after a runner died) and removal.
+
+`exit_code` is the model's, or 128 + the signal number that ended it (as a
+shell or Kubernetes reports it); null if it never ran. `log_tail` is the
+last 40 lines (at most 4 KiB) of job.log, where the runner also notes why it
+stopped a run.
+"""
+
+import asyncio
+import contextlib
+import errno
+import json
+import math
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from dispatcher.backends.local import processes
+from schemas.names import JOB_ID_RE
+
+ENDS = ("succeeded", "failed", "timed_out", "cancelled")  # the states of a result
+TAIL_LINES = 40
+TAIL_BYTES = 4096
+CPU_KILL_AFTER_S = 5  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL this much later
+_STOP = (signal.SIGTERM, signal.SIGINT)  # what tells the runner to cancel its run
+_CLAIMED, _EXISTS = b"claimed\n", b"exists\n"  # what a runner tells its submitter
+_CODE_ROOT = Path(__file__).resolve().parents[3]  # where `-m dispatcher...` is found
+
+
+class JobDir:
+    """The files of one job, shared by the backend, the runner and the watcher."""
+
+    def __init__(self, root: Path, job_id: str, path: Path | None = None) -> None:
+        self.id = job_id
+        self.path = path or root / job_id  # another path while the job is being submitted
+        self.lock = root / f"{job_id}.lock"
+        self.inputs = self.path / "inputs.json"
+        self.uploads = self.path / "uploads.json"
+        self.work = self.path / "work"
+        self.log = self.path / "job.log"
+        self.runner_log = self.path / "runner.log"
+        self.reported = self.path / "reported"
+
+    @classmethod
+    def at(cls, path: Path) -> "JobDir":
+        return cls(path.parent, path.name)
+
+    @classmethod
+    def staging(cls, root: Path, job_id: str) -> "JobDir":
+        """A new private directory to prepare the job in; its runner moves it into place."""
+        path = Path(tempfile.mkdtemp(prefix=f".{job_id}.", dir=root))  # mode 0700
+        job = cls(root, job_id, path)
+        job.work.mkdir(mode=0o700)
+        return job
+
+    def read(self, name: str) -> dict | None:
+        """A JSON file of the job's directory; None if it is missing or unreadable."""
+        return _read_json(self.path / name)
+
+    def write(self, name: str, data: dict) -> None:
+        processes.write_atomic(self.path / name, json.dumps(data).encode())
+
+    def runner(self) -> processes.Process | None:
+        return _process(self.read("runner.json"))
+
+    def model(self) -> processes.Process | None:
+        return _process(self.read("model.json"))
+
+    def result(self) -> dict | None:
+        """result.json; None if there is none yet, or it is not one (so it is written again)."""
+        result = self.read("result.json") or {}
+        valid = (
+            result.get("state") in ENDS
+            and isinstance(result.get("exit_code"), int | None)
+            and isinstance(result.get("log_tail"), str | None)
+        )
+        return result if valid else None
+
+    def listing(self) -> dict | None:
+        """The job as `list_instances` shows it (an `Instance`'s fields); None if not started."""
+        record, runner = self.read("runner.json"), self.runner()
+        if record is None or runner is None:
+            return None
+        result = self.result()
+        state = result["state"] if result else "running" if self.model() else "starting"
+        return {
+            "app": str(record.get("app", "")),
+            "created_at": float(record.get("created_at", 0.0)),
+            "alive": processes.alive(runner),
+            "labels": {"pid": str(runner.pid), "state": state},
+        }
+
+    def log_tail(self) -> str:
+        return processes.tail(self.log, TAIL_LINES, TAIL_BYTES)
+
+    def note(self, text: str) -> None:
+        """Add a line of spinyard's to the run's log, where users look."""
+        with contextlib.suppress(OSError), processes.open_log(self.log) as log:
+            log.write(f"[spinyard] {text}\n".encode())
+
+    def finish(self, state: str, exit_code: int | None, started_at: float | None) -> dict:
+        """Write result.json (the caller makes sure nobody else does) and return it."""
+        result = {
+            "state": state,
+            "exit_code": exit_code,
+            "log_tail": self.log_tail(),
+            "started_at": started_at,
+            "finished_at": time.time(),
+        }
+        self.write("result.json", result)
+        return result
+
+    async def stop(self, runner: processes.Process, state: str, note: str, grace_s: float) -> str:
+        """Stop the runner and the run; record `state` if the runner left no result.
+
+        How the runner went, as `processes.terminate` says. The caller holds the lock.
+        """
+        how = await processes.terminate(runner, grace_s + processes.KILL_WAIT_S)
+        model = self.model()
+        if model is not None and processes.signal_group(model, signal.SIGKILL):
+            await processes.wait_gone(model, processes.KILL_WAIT_S)
+        if self.result() is None:
+            self.note(note)
+            self.finish(state, None, (self.read("model.json") or {}).get("started_at"))
+        return how
+
+
+def job_ids(root: Path) -> list[str]:
+    """The ids of the jobs with a directory under `root`, sorted."""
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    return [n for n in names if JOB_ID_RE.match(n)]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _process(data: dict | None) -> processes.Process | None:
+    try:
+        return processes.Process(int(data["pid"]), int(data["start_time"]), str(data["boot_id"]))
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def notify(sock_path: str | Path, job_id: str) -> None:
+    """Tell the watcher to look at the job; nobody listening is fine (it scans at start)."""
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
+        processes.unix_address(Path(sock_path)) as address,
+    ):
+        sock.settimeout(1.0)
+        sock.sendto(job_id.encode(), address)
+
+
+def prepare(stage: JobDir, job: JobDir, inputs: dict, upload_urls: dict, run: dict) -> None:
+    """Write a run's files and its runner's instructions into `stage`, naming paths in `job`.
+
+    `run` holds the app, argv, cwd (None: the output dir), the spec's env, deadline_s,
+    stop_grace_s, memory_bytes, cpu_seconds and the watcher's socket.
+    """
+    processes.write_atomic(stage.inputs, json.dumps(inputs).encode())
+    processes.write_atomic(stage.uploads, json.dumps(upload_urls).encode())
+    env = run["env"] | {
+        "SPINYARD_JOB_ID": job.id,
+        "SPINYARD_INPUTS": str(job.inputs),
+        "SPINYARD_UPLOADS": str(job.uploads),
+        "SPINYARD_OUTPUT_DIR": str(job.work),
+        "SPINYARD_DEADLINE_S": f"{run['deadline_s']:g}",
+    }
+    instructions = {
+        "job_dir": str(job.path),
+        "created_at": time.time(),
+        "cwd": run["cwd"] or str(job.work),
+        "env": processes.child_env(env),
+    }
+    stage.write("job.json", run | instructions)
+
+
+async def start_runner(staging: JobDir) -> bool:
+    """Start a runner for the job prepared in `staging`: True if it took the job on.
+
+    The runner claims the job by renaming `staging` to the job's directory, with
+    its runner.json in it; if the job's directory exists, it removes `staging`
+    and exits (False). No lock is held meanwhile, so a submitter that hangs
+    keeps nobody waiting, and one that dies after this started leaves a run.
+
+    Raises:
+        processes.SpawnError: the runner could not be started, or exited at once.
+    """
+    argv = [sys.executable, "-m", "dispatcher.backends.local.jobrunner", str(staging.path)]
+    env = processes.child_env({})
+    try:
+        popen, runner = processes.spawn(
+            argv, env, _CODE_ROOT, staging.runner_log, stdout=subprocess.PIPE
+        )
+    except processes.SpawnError:
+        shutil.rmtree(staging.path, ignore_errors=True)
+        raise
+    reading = asyncio.ensure_future(asyncio.to_thread(popen.stdout.readline))
+    reading.add_done_callback(lambda _: popen.stdout.close())  # also if we are cancelled
+    answer = await asyncio.shield(reading)
+    if answer == _CLAIMED:
+        return True
+    if answer == _EXISTS:
+        await processes.wait_gone(runner, processes.KILL_WAIT_S)  # it is exiting: leave nothing
+        return False
+    tail = processes.tail(staging.runner_log, 10)
+    shutil.rmtree(staging.path, ignore_errors=True)
+    raise processes.SpawnError("the job runner exited at start" + (f": {tail}" if tail else ""))
+
+
+def remove_stale_staging(root: Path, older_than_s: float) -> None:
+    """Remove what submitters that died left while preparing jobs."""
+    with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.startswith(".j-") and entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - entry.stat().st_mtime > older_than_s:
+                        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def cpu_seconds(cores: float, deadline_s: float) -> int:
+    """RLIMIT_CPU for a run: the CPU time `cores` cores give over the deadline."""
+    return max(1, math.ceil(cores * deadline_s))
+
+
+# -- the runner process --
+
+
+class _Signals:
+    """Signals as bytes on a pipe, so one select() waits for them, the model and the deadline."""
+
+    def __init__(self) -> None:
+        self._read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        for sig in (*_STOP, signal.SIGCHLD):
+            signal.signal(sig, lambda *_: None)
+
+    def wait(self, timeout: float) -> set[int]:
+        """The signals received within `timeout` seconds (empty if none)."""
+        ready, _, _ = select.select([self._read], [], [], max(0.0, timeout))
+        got: set[int] = set()
+        while ready:
+            try:
+                data = os.read(self._read, 512)
+            except BlockingIOError:
+                break
+            got.update(data)
+        return got
+
+
+def _exited(pid: int) -> bool:
+    """Whether the child has exited, without reaping it (its pid stays its group's until then)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _set_limits(memory_bytes: int | None, cpu_s: int | None) -> None:
+    """In the model's process, before exec: lower (never raise) its resource limits."""
+    wanted = [(resource.RLIMIT_AS, memory_bytes, 0), (resource.RLIMIT_CPU, cpu_s, CPU_KILL_AFTER_S)]
+    for which, soft, extra in wanted:
+        if soft is None:
+            continue
+        _, hard = resource.getrlimit(which)
+        cap = hard if hard != resource.RLIM_INFINITY else soft + extra
+        resource.setrlimit(which, (min(soft, cap), min(soft + extra, cap)))
+
+
+def _start(job: JobDir, spec: dict) -> tuple[subprocess.Popen, processes.Process]:
+    limits = (spec.get("memory_bytes"), spec.get("cpu_seconds"))
+    cwd = spec["cwd"]
+    if not Path(cwd).is_dir():
+        raise processes.SpawnError(f"the app's working directory {cwd} does not exist")
+    with open(job.inputs, "rb") as stdin, processes.open_log(job.log) as log:
+        try:
+            popen = subprocess.Popen(
+                spec["argv"],
+                cwd=cwd,
+                env=spec["env"],
+                stdin=stdin,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=lambda: _set_limits(*limits),
+            )
+        except OSError as exc:
+            raise processes.SpawnError(
+                f"could not run {spec['argv'][0]!r}: {exc.strerror or exc}"
+            ) from exc
+    return popen, processes.current(popen.pid)
+
+
+def _supervise(
+    popen: subprocess.Popen, model: processes.Process, spec: dict, signals: _Signals
+) -> tuple[str | None, int]:
+    """Wait for the model; stop its group at the deadline or when told to.
+
+    The deadline counts from the submission, as a Kubernetes Job's does from its
+    start (and the reaper's from the run's `queued`), not from the model's start.
+
+    Returns why it was stopped (None, "timed_out" or "cancelled") and its exit status.
+    """
+    now = time.monotonic()
+    since_submit = max(0.0, time.time() - float(spec["created_at"]))
+    deadline, kill_at = now + float(spec["deadline_s"]) - since_submit, math.inf
+    why: str | None = None
+    while not _exited(popen.pid):
+        now = time.monotonic()
+        if why is None and now >= deadline:
+            why = "timed_out"
+        if why is not None and kill_at == math.inf:
+            processes.signal_group(model, signal.SIGTERM)
+            kill_at = now + float(spec["stop_grace_s"])
+        elif now >= kill_at:
+            processes.signal_group(model, signal.SIGKILL)
+            kill_at = now + processes.KILL_WAIT_S  # and again, should it not take
+        got = signals.wait(min(deadline if why is None else kill_at, now + 60) - now)
+        if why is None and got & set(_STOP):
+            why = "cancelled"
+    processes.signal_group(model, signal.SIGKILL)  # leftovers of its group; the pid is not free yet
+    status = popen.wait()
+    ends = time.monotonic() + processes.KILL_WAIT_S
+    while processes.group_runs(model.pid) and time.monotonic() < ends:
+        time.sleep(processes.POLL_S)
+    return why, status
+
+
+def _outcome(job: JobDir, spec: dict, why: str | None, status: int) -> tuple[str, int]:
+    """The run's state and exit code, with a note in its log saying why it ended so."""
+    code = status if status >= 0 else 128 - status
+    if why == "timed_out":
+        job.note(f"the run passed its deadline of {spec['deadline_s']:g} s and was stopped")
+    elif why == "cancelled":
+        job.note("the run was cancelled")
+    elif status == -signal.SIGXCPU:
+        why = "timed_out"
+        job.note(f"the run used up its CPU time ({spec['cpu_seconds']} s) and was stopped")
+    elif status < 0:
+        job.note(f"the run was killed by {signal.Signals(-status).name}")
+    return why or ("succeeded" if status == 0 else "failed"), code
+
+
+def _claim(staging: Path, job: JobDir, spec: dict) -> bool:
+    """Move `staging` into place as the job's directory, unless the job exists; tell the submitter.
+
+    runner.json goes in first, so whoever finds the job's directory finds its runner.
+    """
+    record = processes.current(os.getpid())._asdict()
+    record |= {"app": spec["app"], "created_at": spec["created_at"]}
+    JobDir(job.path.parent, job.id, staging).write("runner.json", record)
+    try:
+        os.rename(staging, job.path)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise  # the submitter sees us exit, and why in runner.log
+        shutil.rmtree(staging, ignore_errors=True)  # another runner has the job
+        _tell(_EXISTS)
+        return False
+    _tell(_CLAIMED)
+    return True
+
+
+def _tell(answer: bytes) -> None:
+    """Answer the submitter on stdout, which then goes to runner.log like stderr."""
+    with contextlib.suppress(OSError):  # the submitter is gone: the run goes on regardless
+        os.write(1, answer)
+    os.dup2(2, 1)
+
+
+def run(staging: Path) -> int:
+    """Claim the job prepared in `staging`, then run it to its end; the runner's exit code."""
+    signals = _Signals()  # first: a cancel that comes early must not be lost
+    spec = _read_json(staging / "job.json")
+    if spec is None:
+        sys.stderr.write(f"jobrunner: {staging}/job.json is missing or unreadable\n")
+        return 1
+    job = JobDir.at(Path(spec["job_dir"]))
+    if not _claim(staging, job, spec):
+        return 0
+    if signals.wait(0) & set(_STOP):
+        job.note("the run was cancelled before it started")
+        job.finish("cancelled", None, None)
+        notify(spec["socket"], job.id)
+        return 0
+    popen = model = None
+    try:
+        popen, model = _start(job, spec)
+        started_at = time.time()
+        job.write("model.json", model._asdict() | {"started_at": started_at})
+        notify(spec["socket"], job.id)
+        why, status = _supervise(popen, model, spec, signals)
+        state, code = _outcome(job, spec, why, status)
+        job.finish(state, code, started_at)
+    except processes.SpawnError as exc:
+        job.note(str(exc))
+        job.finish("failed", None, None)
+    except Exception:
+        traceback.print_exc()
+        if model is not None:
+            processes.signal_group(model, signal.SIGKILL)
+        job.note("the job runner failed; see runner.log")
+        job.finish("failed", None, None)
+    notify(spec["socket"], job.id)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m dispatcher.backends.local.jobrunner <staging dir>\n")
+        return 2
+    return run(Path(args[0]).resolve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The consumer loop: pull one handler's events, run them, settle each message.
+
+Each handler has one durable pull consumer shared by all its replicas. A
+replica keeps at most `concurrency` messages in flight. Every message ends
+in exactly one of: ack (done), nak with delay (try again), or dead-letter
+then term (no more tries). While a handler runs, the message's ack deadline
+is extended, so a slow start-up is not redelivered to another replica; if
+the process dies, the deadline lapses and another replica takes it over.
+"""
+
+import asyncio
+import contextlib
+from collections import Counter
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+
+from dispatcher import logs
+from dispatcher.bus import deadletter
+from dispatcher.metrics import Histogram, counter_lines, family, labels
+from dispatcher.settings import HandlerSettings
+from handlers.context import Context
+from handlers.errors import PermanentError, RetryableError
+from handlers.registry import HandlerSpec
+from schemas import errors as codes
+from schemas import subjects
+from schemas.codec import DecodeError, decode
+from schemas.errors import ErrorInfo
+
+FETCH_TIMEOUT_S = 1.0  # long-poll length; also bounds how fast a stop is noticed
+_HIDDEN = ErrorInfo(code=codes.INTERNAL, message="spinyard could not handle this event")
+
+
+class HandlerMetrics:
+    """Counts and times handled messages, per handler and outcome."""
+
+    def __init__(self) -> None:
+        self.handled: Counter[tuple[str, str]] = Counter()
+        self.duration = Histogram(("handler",))
+        self.consumers: list[Consumer] = []
+
+    def observe(self, handler: str, outcome: str, seconds: float) -> None:
+        self.handled[(handler, outcome)] += 1
+        self.duration.observe(seconds, handler)
+
+    def render(self) -> str:
+        out = counter_lines(
+            "spinyard_handler_messages_total",
+            "Messages settled, by handler and outcome (ok, retried, failed, dead_lettered).",
+            self.handled,
+            ("handler", "outcome"),
+        )
+        out += self.duration.render(
+            "spinyard_handler_duration_seconds", "Time from fetch to settling a message."
+        )
+        out += family("spinyard_handler_inflight", "gauge", "Messages being handled now.")
+        for consumer in self.consumers:
+            gauge = labels(handler=consumer.spec.id)
+            out.append(f"spinyard_handler_inflight{gauge} {len(consumer.inflight)}")
+        return "\n".join(out) + "\n"
+
+
+class Consumer:
+    """Runs one handler's consumer loop until `stopping` is set."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        spec: HandlerSpec,
+        ctx: Context,
+        settings: HandlerSettings,
+        stopping: asyncio.Event,
+        metrics: "HandlerMetrics | None" = None,
+    ):
+        self.js = js
+        self.metrics = metrics
+        self.spec = spec
+        self.ctx = ctx
+        self.settings = settings
+        self.stopping = stopping
+        self.concurrency = settings.concurrency.get(spec.id, spec.concurrency)
+        self.log = logs.get("spinyard.consumer", handler=spec.id)
+        self.inflight: set[asyncio.Task] = set()
+
+    async def run(self) -> None:
+        sub = await self.js.pull_subscribe_bind(durable=self.spec.id, stream=subjects.EVENTS_STREAM)
+        self.log.info("consumer_started", concurrency=self.concurrency)
+        try:
+            while not self.stopping.is_set():
+                free = self.concurrency - len(self.inflight)
+                if free <= 0:
+                    await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    msgs = await sub.fetch(
+                        min(free, self.settings.fetch_batch), timeout=FETCH_TIMEOUT_S
+                    )
+                except TimeoutError:  # nats-py raises both its own and asyncio's
+                    continue
+                for msg in msgs:
+                    if self.stopping.is_set():
+                        await msg.nak()  # hand it straight to another replica
+                        continue
+                    seq = msg.metadata.sequence.stream
+                    task = asyncio.create_task(self._handle(msg), name=f"{self.spec.id}#{seq}")
+                    self.inflight.add(task)
+                    task.add_done_callback(self.inflight.discard)
+        finally:
+            await self._finish_inflight()
+            # Unsubscribe before the connection drains, or drain waits on the pull.
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            self.log.info("consumer_stopped")
+
+    async def _finish_inflight(self) -> None:
+        if not self.inflight:
+            return
+        _, pending = await asyncio.wait(self.inflight, timeout=self.settings.shutdown_grace_s)
+        for task in pending:
+            task.cancel()  # _handle naks the message on cancellation
+        if pending:
+            await asyncio.wait(pending)
+            self.log.warning("inflight_cancelled", count=len(pending))
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        period = max(self.settings.ack_wait_s / 3, 0.1)
+        while True:
+            await asyncio.sleep(period)
+            await msg.in_progress()
+
+    async def _handle(self, msg: Msg) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        attempt = msg.metadata.num_delivered
+        log = self.log.bind(subject=msg.subject, attempt=attempt)
+        try:
+            event = decode(self.spec.schema, msg.data)
+        except (DecodeError, ValidationError) as exc:
+            await self._dead_letter(msg, codes.INVALID_EVENT, f"undecodable: {exc}"[:1000], attempt)
+            await msg.term()
+            log.warning("message_dead_lettered", reason="undecodable")
+            return
+        bound = {"event_id": event.id}
+        for field in ("app", "job_id", "session"):
+            if getattr(event, field, None):
+                bound[field] = getattr(event, field)
+        log = log.bind(**bound)
+        ctx = self.ctx.bind(handler=self.spec.id, **bound)
+        keep_alive = asyncio.create_task(self._keep_alive(msg), name=f"{self.spec.id}-keepalive")
+        outcome = "ok"
+        try:
+            await asyncio.wait_for(self.spec.fn(ctx, event), self.spec.timeout_s)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            outcome = "cancelled"
+            raise
+        except PermanentError as exc:
+            outcome = "failed"
+            await self._give_up(
+                ctx,
+                msg,
+                event,
+                ErrorInfo(code=exc.code, message=exc.message),
+                f"{exc.code}: {exc.message}",
+                attempt,
+            )
+        except RetryableError as exc:
+            outcome = await self._retry_or_give_up(ctx, msg, event, exc, exc.delay, attempt)
+        except Exception as exc:
+            log.error("handler_raised", error=repr(exc), exc_info=True)
+            outcome = await self._retry_or_give_up(
+                ctx, msg, event, exc, self.spec.backoff(attempt), attempt
+            )
+        else:
+            await msg.ack()
+        finally:
+            keep_alive.cancel()
+            if self.metrics is not None:
+                self.metrics.observe(self.spec.id, outcome, loop.time() - started)
+            log.info(
+                "message_handled",
+                outcome=outcome,
+                duration_ms=round((loop.time() - started) * 1000, 2),
+            )
+
+    async def _retry_or_give_up(self, ctx, msg, event, exc, delay: float, attempt: int) -> str:
+        if attempt < self.spec.max_deliver:
+            await msg.nak(delay=delay)
+            return "retried"
+        error = (
+            ErrorInfo(code=codes.INTERNAL, message=str(exc))
+            if isinstance(exc, RetryableError)
+            else _HIDDEN
+        )
+        await self._give_up(
+            ctx, msg, event, error, f"after {attempt} tries: {exc!r}"[:1000], attempt
+        )
+        return "dead_lettered"
+
+    async def _give_up(self, ctx, msg, event, error: ErrorInfo, reason: str, attempt: int) -> None:
+        if self.spec.on_failure is not None:
+            try:
+                await self.spec.on_failure(ctx, event, error)
+            except Exception as exc:
+                self.log.error("failure_hook_raised", error=repr(exc))
+        await self._dead_letter(msg, error.code, reason, attempt)
+        await msg.term()
+
+    async def _dead_letter(self, msg: Msg, code: str, reason: str, attempt: int) -> None:
+        letter = deadletter.headers(self.spec.id, msg.subject, code, reason, attempt)
+        await self.js.publish(subjects.dead(self.spec.kind), msg.data, headers=letter)

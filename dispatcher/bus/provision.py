@@ -1,0 +1,136 @@
+"""JetStream provisioning: the streams, KV buckets and durable consumers spinyard uses.
+
+`ensure` is idempotent: every process calls it at start, and a changed
+setting updates the stream or consumer in place.
+"""
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from dispatcher import logs
+from dispatcher.settings import HandlerSettings, NatsSettings
+from handlers.registry import HandlerSpec
+from handlers.state import State
+from schemas import subjects
+
+log = logs.get("spinyard.bus")
+
+
+def stream_configs(settings: NatsSettings) -> list[StreamConfig]:
+    """The three streams spinyard uses."""
+    return [
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            description="spinyard events, one durable consumer per handler kind",
+            subjects=[f"{subjects.EVENTS}.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            max_age=settings.events_max_age_s,
+            duplicate_window=settings.dedup_window_s,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+        ),
+        StreamConfig(
+            name=subjects.STATUS_STREAM,
+            description="spinyard status: the last message per app, session and job",
+            subjects=[f"{subjects.STATUS}.>"],
+            retention=RetentionPolicy.LIMITS,
+            max_msgs_per_subject=1,
+            max_age=settings.status_max_age_s,
+            discard=DiscardPolicy.OLD,
+            allow_direct=True,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+        ),
+        StreamConfig(
+            name=subjects.DEAD_STREAM,
+            description="spinyard dead letters: events that used up their tries, with the reason",
+            subjects=[f"{subjects.DEAD}.>"],
+            retention=RetentionPolicy.LIMITS,
+            max_age=settings.dead_max_age_s,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+        ),
+    ]
+
+
+def consumer_config(spec: HandlerSpec, settings: HandlerSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=spec.id,
+        description=f"spinyard handler {spec.id}",
+        filter_subject=spec.filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=settings.max_ack_pending,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, settings: NatsSettings) -> None:
+    for config in stream_configs(settings):
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            log.info("stream_created", stream=config.name)
+        else:
+            await js.update_stream(config)
+
+
+def bucket_config(name: str, settings: NatsSettings) -> KeyValueConfig:
+    return KeyValueConfig(
+        bucket=name,
+        history=1,
+        replicas=settings.replicas,
+        storage=StorageType.FILE,
+        direct=True,
+    )
+
+
+async def ensure_state(js: JetStreamContext, settings: NatsSettings) -> State:
+    """Open (creating if missing) every KV bucket and wrap them."""
+    buckets = {}
+    for name in subjects.BUCKETS:
+        try:
+            buckets[name] = await js.key_value(name)
+        except BucketNotFoundError:
+            buckets[name] = await js.create_key_value(bucket_config(name, settings))
+            log.info("bucket_created", bucket=name)
+    return State.of(buckets)
+
+
+async def open_state(js: JetStreamContext) -> State:
+    """The gateway's KV state: its buckets opened, nothing created (its role may not).
+
+    Raises:
+        nats.js.errors.BucketNotFoundError: the handlers have not created them yet.
+    """
+    return State.of({name: await js.key_value(name) for name in subjects.GATEWAY_BUCKETS})
+
+
+async def ensure_consumers(
+    js: JetStreamContext, specs: list[HandlerSpec], settings: HandlerSettings
+) -> None:
+    for spec in specs:
+        await js.add_consumer(subjects.EVENTS_STREAM, consumer_config(spec, settings))
+
+
+async def ensure(
+    js: JetStreamContext,
+    nats_settings: NatsSettings,
+    specs: list[HandlerSpec],
+    handler_settings: HandlerSettings,
+) -> State:
+    """Create or update everything spinyard needs on JetStream; return the KV state."""
+    await ensure_streams(js, nats_settings)
+    state = await ensure_state(js, nats_settings)
+    await ensure_consumers(js, specs, handler_settings)
+    return state

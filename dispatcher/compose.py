@@ -1,0 +1,215 @@
+"""The composition root: the one place that builds spinyard's services from settings.
+
+Every part is an async context manager that opens on entry and closes on
+exit, so an entry point is one `AsyncExitStack` of them, closed in reverse
+order whatever happens:
+
+- `nats_client(settings, name)`: a NATS connection (by role, through the
+  credentials in `settings`), drained on exit;
+- `provision(js, settings, specs)`: the streams, buckets and the named
+  handlers' consumers, created or updated once per process; returns the KV state;
+- `backend(settings)`: the backend `settings.backend.kind` names, set up and
+  cleaned up (`make_backend` builds it without setting it up);
+- `object_store(settings)`: the results store, or None when none is configured;
+- `gateway(settings, js, state, backend)`: the HTTP gateway, listening;
+- `handlers(...)`: the handler service, running as a named task, stopped on exit.
+
+`spinyard handlers`, `spinyard gateway` (`serve_handlers`, `serve_gateway`
+below) and `spinyard up` (`dispatcher.embedded.up`) assemble these and
+nothing else.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from dispatcher import bus, logs
+from dispatcher.bus import provision as bus_provision
+from dispatcher.gateway.app import GatewayRunner, start_gateway
+from dispatcher.gateway.auth import Authenticator
+from dispatcher.gateway.security import Guard
+from dispatcher.runtime import Handlers
+from dispatcher.settings import Settings, SettingsError
+from dispatcher.store import ObjectStore
+from handlers.ports import Backend
+from handlers.registry import HandlerSpec, Registry
+from handlers.state import State
+
+log = logs.get("spinyard.compose")
+
+
+def make_backend(settings: Settings) -> Backend:
+    """The backend named by `settings.backend.kind`, not yet set up.
+
+    Raises:
+        SettingsError: the gateway's public URL is needed and cannot be known yet.
+        ValueError: the kind is unknown.
+    """
+    kind = settings.backend.kind
+    if kind == "local":
+        from dispatcher.backends.local.backend import LocalBackend
+
+        return LocalBackend(settings.backend.local, settings.data_dir, settings.gateway.base_url)
+    if kind == "kubernetes":
+        from dispatcher.backends.kubernetes.backend import KubernetesBackend
+
+        k8s = settings.backend.kubernetes
+        return KubernetesBackend(k8s, k8s.public_base_url or settings.gateway.base_url)
+    raise ValueError(f"unknown backend kind {kind!r}")
+
+
+@contextlib.asynccontextmanager
+async def nats_client(
+    settings: Settings, name: str, *, wait_s: float | None = None
+) -> AsyncIterator[Client]:
+    """A NATS connection with `settings.nats`' credentials; drained on exit."""
+    nc = await bus.connect(settings.nats, name, wait_s=wait_s)
+    try:
+        yield nc
+    finally:
+        await nc.drain()
+
+
+async def provision(js: JetStreamContext, settings: Settings, specs: list[HandlerSpec]) -> State:
+    """Create or update the streams, KV buckets and `specs`' durable consumers; the KV state."""
+    return await bus_provision.ensure(js, settings.nats, specs, settings.handlers)
+
+
+@contextlib.asynccontextmanager
+async def backend(settings: Settings) -> AsyncIterator[Backend]:
+    """The configured backend, set up; cleaned up on exit (what it runs keeps running)."""
+    made = make_backend(settings)
+    await made.setup()
+    try:
+        yield made
+    finally:
+        await made.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def object_store(settings: Settings) -> AsyncIterator[ObjectStore | None]:
+    """The results store (its bucket made), or None when no S3 credentials are set."""
+    if settings.store.access_key is None:
+        yield None
+        return
+    store = ObjectStore(settings.store)
+    await store.setup()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    settings: Settings, js: JetStreamContext, state: State, backend: Backend | None
+) -> AsyncIterator[GatewayRunner]:
+    """The HTTP gateway, listening; stopped on exit. `backend` serves the app proxy (local)."""
+    guard = Guard(settings.auth, state, settings.gateway.base_url)
+    runner = await start_gateway(settings.gateway, js=js, state=state, backend=backend, guard=guard)
+    try:
+        yield runner
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def handlers(
+    settings: Settings,
+    nc: Client,
+    state: State,
+    *,
+    backend: Backend,
+    store: ObjectStore | None,
+    kinds: list[str] | None = None,
+    registry: Registry | None = None,
+) -> AsyncIterator[Handlers]:
+    """The handler service running as a task, ready; on exit it stops and is awaited.
+
+    Raises:
+        RuntimeError: on exit, if a root task of the service died.
+    """
+    service = Handlers(
+        settings, kinds, nc=nc, state=state, backend=backend, store=store, registry=registry
+    )
+    task = asyncio.create_task(service.run(), name="handlers")
+    ready = asyncio.create_task(service.ready.wait(), name="handlers-ready")
+    await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if task.done():
+        await task  # it died while starting: raise why
+    try:
+        yield service
+    finally:
+        service.stop()
+        await task
+
+
+def needs_store(specs: list[HandlerSpec]) -> bool:
+    """Whether any of `specs` handles runs (and so needs object storage)."""
+    return any(spec.kind.startswith(("run_", "job_")) for spec in specs)
+
+
+async def serve_handlers(
+    settings: Settings,
+    kinds: list[str] | None,
+    *,
+    started: Callable[[Handlers], None] = lambda _: None,
+    registry: Registry | None = None,
+) -> None:
+    """`spinyard handlers`: run the named handler kinds (all if none) until stopped.
+
+    Raises:
+        KeyError: a kind is not registered.
+        SettingsError: run handlers without object storage settings.
+        RuntimeError: a root task of the service died.
+    """
+    from handlers.registry import default_registry
+
+    specs = (registry or default_registry).select(kinds)
+    if settings.store.access_key is None and needs_store(specs):
+        raise SettingsError(
+            "run handlers need object storage: set SPINYARD_STORE__ENDPOINT, "
+            "SPINYARD_STORE__ACCESS_KEY and SPINYARD_STORE__SECRET_KEY"
+        )
+    async with contextlib.AsyncExitStack() as stack:
+        made = await stack.enter_async_context(backend(settings))
+        store = await stack.enter_async_context(object_store(settings))
+        nc = await stack.enter_async_context(nats_client(settings, "spinyard-handlers"))
+        state = await provision(nc.jetstream(), settings, specs)
+        service = await stack.enter_async_context(
+            handlers(settings, nc, state, backend=made, store=store, kinds=kinds, registry=registry)
+        )
+        started(service)
+        await service.stopping.wait()  # a signal, or a root task that died (raised on exit)
+
+
+async def serve_gateway(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    started: Callable[[GatewayRunner], None] = lambda _: None,
+) -> None:
+    """`spinyard gateway`: serve the HTTP gateway against the configured NATS until `stop`.
+
+    It creates nothing on JetStream (its NATS role may not): it opens the
+    buckets it reads, and the handlers create the rest. It proxies apps only
+    for the local backend; on Kubernetes the ingress routes to them.
+
+    Raises:
+        SettingsError: authentication is on without a key, or a key is too weak.
+    """
+    Authenticator(settings.auth)  # a missing or weak key is an error before anything starts
+    async with contextlib.AsyncExitStack() as stack:
+        proxied = None
+        if settings.backend.kind == "local":
+            proxied = await stack.enter_async_context(backend(settings))
+        nc = await stack.enter_async_context(nats_client(settings, "spinyard-gateway"))
+        js = nc.jetstream()
+        state = await bus_provision.open_state(js, bus_provision.GATEWAY_BUCKETS)
+        runner = await stack.enter_async_context(gateway(settings, js, state, proxied))
+        started(runner)
+        await stop.wait()

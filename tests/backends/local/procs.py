@@ -1,0 +1,60 @@
+"""What the local backend's tests read of processes from /proc, without trusting the backend."""
+
+import os
+import signal
+from pathlib import Path
+
+PUBLIC_URL = "http://gateway.test:8080/"
+
+
+def running_copies(instance_id: str, variable: str = "SPINYARD_INSTANCE") -> int:
+    """Live processes whose environment names the instance or job (children inherit it)."""
+    needle = f"{variable}={instance_id}".encode()
+    count = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+            stat = Path(f"/proc/{name}/stat").read_bytes()
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        state = stat[stat.rindex(b")") + 2 :].split()[0]
+        if state not in (b"Z", b"X") and needle in environ.split(b"\0"):
+            count += 1
+    return count
+
+
+def start_time(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _processes_logging_to(directory: Path) -> list[int]:
+    """Live processes whose stdout is a file under `directory`: apps started there, and theirs."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stdout = os.readlink(f"/proc/{name}/fd/1")
+            stat = Path(f"/proc/{name}/stat").read_bytes()
+        except OSError:
+            continue
+        state = stat[stat.rindex(b")") + 2 :].split()[0]
+        if stdout.startswith(f"{directory}/") and state not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
+
+
+def kill_left_processes(data_dir: Path) -> list[int]:
+    """Kill what still runs of apps, jobs' models and job runners started under `data_dir`
+    (all of them write their output there), so none outlives the test; their pids."""
+    left = _processes_logging_to(data_dir)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left

@@ -1,0 +1,335 @@
+"""The consumer loop against a real nats-server: ack, retry, dead-letter, shutdown."""
+
+import asyncio
+import contextlib
+
+import pytest
+
+from dispatcher import bus, compose
+from dispatcher.runtime import Handlers
+from handlers.errors import PermanentError, RetryableError
+from handlers.ports import Backend
+from handlers.registry import Registry, handler
+from schemas import subjects
+from schemas.codec import encode
+from schemas.events import PageLoad
+from tests.helpers import wait_for
+
+
+class NoBackend(Backend):
+    """The consumer never touches the backend; these handlers don't either."""
+
+    name = "none"
+
+    async def start_viz(self, *a, **k):
+        raise AssertionError("unused")
+
+    async def wait_ready(self, *a, **k):
+        raise AssertionError("unused")
+
+    def url(self, *a, **k):
+        raise AssertionError("unused")
+
+    async def stop_viz(self, *a, **k):
+        raise AssertionError("unused")
+
+    async def claim(self, *a, **k):
+        raise AssertionError("unused")
+
+    async def list_instances(self):
+        return []
+
+
+async def _publish(js, event, kind=subjects.PAGE_LOAD):
+    await js.publish(
+        subjects.event(kind, event.app), encode(event), headers={"Nats-Msg-Id": event.id}
+    )
+
+
+async def _dead_letters(js, kind):
+    info = await js.stream_info(subjects.DEAD_STREAM)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        if info.state.messages == 0:
+            break
+        msg = await js.get_msg(subjects.DEAD_STREAM, seq)
+        if msg.subject == subjects.dead(kind):
+            out.append(msg)
+    return out
+
+
+@pytest.fixture
+async def nats(settings):
+    nc = await bus.connect(settings.nats, "test")
+    yield nc
+    await nc.close()
+
+
+async def _run(settings, registry, nc):
+    state = await compose.provision(nc.jetstream(), settings, registry.select(None))
+    service = Handlers(settings, nc=nc, state=state, backend=NoBackend(), registry=registry)
+    task = asyncio.create_task(service.run(), name="handlers-under-test")
+    await asyncio.wait_for(service.ready.wait(), 10)
+    return service, task
+
+
+async def test_ack_on_success_and_log_context(settings, nats):
+    registry = Registry()
+    seen = []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, registry=registry)
+    async def ok(ctx, event):
+        seen.append(event)
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    await _publish(js, PageLoad(app="a/b", session="s1"))
+    await wait_for(lambda: seen, what="handler call")
+    # WorkQueue retention removes acked messages.
+    await wait_for(lambda: _stream_empty(js), what="message acked")
+    service.stop()
+    await task
+    assert seen[0].app == "a/b"
+
+
+async def _stream_empty(js):
+    info = await js.stream_info(subjects.EVENTS_STREAM)
+    return info.state.messages == 0
+
+
+async def test_unexpected_error_retries_then_dead_letters_with_reason(settings, nats):
+    registry = Registry()
+    calls = []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=2, backoff_s=(0.05,), registry=registry)
+    async def boom(ctx, event):
+        calls.append(event.id)
+        raise ValueError("disk on fire")
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    event = PageLoad(app="a/b", session="s1")
+    await _publish(js, event)
+    dead = await wait_for(lambda: _dead_letters(js, subjects.PAGE_LOAD), what="dead letter")
+    service.stop()
+    await task
+    assert calls == [event.id] * 3  # first try + 2 retries
+    assert len(dead) == 1
+    headers = dead[0].headers
+    assert "disk on fire" in headers["Spinyard-Reason"]
+    assert headers["Spinyard-Attempts"] == "3"
+    assert headers["Spinyard-Handler"] == "page_load"
+    assert dead[0].data == encode(event)  # the event itself, unchanged
+
+
+async def test_permanent_error_dead_letters_at_once_and_runs_failure_hook(settings, nats):
+    registry = Registry()
+    calls, hooked = [], []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=5, registry=registry)
+    async def nope(ctx, event):
+        calls.append(1)
+        raise PermanentError("no such thing", code="unknown_app")
+
+    from handlers.registry import on_failure
+
+    @on_failure(nope, registry=registry)
+    async def hook(ctx, event, error):
+        hooked.append(error)
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    await _publish(js, PageLoad(app="a/b", session="s1"))
+    dead = await wait_for(lambda: _dead_letters(js, subjects.PAGE_LOAD), what="dead letter")
+    service.stop()
+    await task
+    assert calls == [1]
+    assert hooked[0].code == "unknown_app"
+    assert dead[0].headers["Spinyard-Error-Code"] == "unknown_app"
+
+
+async def test_retryable_error_is_retried_after_its_delay(settings, nats):
+    registry = Registry()
+    calls = []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=3, registry=registry)
+    async def flaky(ctx, event):
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) < 2:
+            raise RetryableError("not yet", delay=0.3)
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    await _publish(js, PageLoad(app="a/b", session="s1"))
+    await wait_for(lambda: len(calls) == 2, what="second try")
+    await wait_for(lambda: _stream_empty(js), what="ack")
+    service.stop()
+    await task
+    assert calls[1] - calls[0] >= 0.25
+    assert await _dead_letters(js, subjects.PAGE_LOAD) == []
+
+
+async def test_undecodable_message_is_dead_lettered_not_retried(settings, nats):
+    registry = Registry()
+    calls = []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, registry=registry)
+    async def never(ctx, event):
+        calls.append(1)
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    await js.publish(subjects.event(subjects.PAGE_LOAD, "a/b"), b"\xc1 not msgpack")
+    dead = await wait_for(lambda: _dead_letters(js, subjects.PAGE_LOAD), what="dead letter")
+    service.stop()
+    await task
+    assert calls == []
+    assert dead[0].headers["Spinyard-Reason"].startswith("undecodable")
+
+
+async def test_shutdown_finishes_inflight_message(settings, nats):
+    registry = Registry()
+    started, finished = asyncio.Event(), []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, registry=registry)
+    async def slow(ctx, event):
+        started.set()
+        await asyncio.sleep(0.5)
+        finished.append(event.id)
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    event = PageLoad(app="a/b", session="s1")
+    await _publish(js, event)
+    await asyncio.wait_for(started.wait(), 10)
+    service.stop()
+    await task
+    assert finished == [event.id]
+    assert await _stream_empty(js)
+
+
+async def test_handler_concurrency_is_bounded(settings, nats):
+    registry = Registry()
+    running, peak, done = [0], [0], []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, concurrency=3, registry=registry)
+    async def busy(ctx, event):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await asyncio.sleep(0.05)
+        running[0] -= 1
+        done.append(1)
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    for i in range(12):
+        await _publish(js, PageLoad(app="a/b", session=f"s{i}"))
+    await wait_for(lambda: len(done) == 12, what="all handled")
+    service.stop()
+    await task
+    assert peak[0] == 3
+
+
+async def test_health_and_metrics_server(settings, nats):
+    import aiohttp
+
+    registry = Registry()
+    calls = []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=1, backoff_s=(0.05,), registry=registry)
+    async def sometimes(ctx, event):
+        calls.append(1)
+        if event.session == "bad":
+            raise ValueError("no")
+
+    settings.handlers.health_port = 0
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    await _publish(js, PageLoad(app="a/b", session="good"))
+    await _publish(js, PageLoad(app="a/b", session="bad"))
+    await wait_for(lambda: len(calls) == 3, what="1 ok + 2 tries")
+    base = f"http://127.0.0.1:{service.health_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/healthz") as r:
+            assert r.status == 200 and (await r.json())["ok"] is True
+        scraped = await wait_for(lambda: _scrape(http, base), what="dead letter counted")
+        service.stop()
+        await task
+    assert (
+        scraped[
+            (
+                "spinyard_handler_messages_total",
+                frozenset({("handler", "page_load"), ("outcome", "ok")}),
+            )
+        ]
+        == 1
+    )
+    assert (
+        scraped[
+            (
+                "spinyard_handler_messages_total",
+                frozenset({("handler", "page_load"), ("outcome", "retried")}),
+            )
+        ]
+        == 1
+    )
+    assert (
+        scraped[("spinyard_handler_duration_seconds_count", frozenset({("handler", "page_load")}))]
+        == 3
+    )
+
+
+async def _scrape(http, base):
+    from tests.helpers import parse_metrics
+
+    async with http.get(f"{base}/metrics") as r:
+        metrics = parse_metrics(await r.text())
+    key = (
+        "spinyard_handler_messages_total",
+        frozenset({("handler", "page_load"), ("outcome", "dead_lettered")}),
+    )
+    return metrics if metrics.get(key) == 1 else None
+
+
+async def test_message_whose_handler_dies_on_its_last_try_is_dead_lettered(settings, nats):
+    """A consumer that never settles (as a crashed handler) exhausts the tries;
+    the advisory watcher of a running handler service dead-letters the event."""
+    from dispatcher import bus as spinyard_bus
+    from handlers.registry import HandlerSpec
+
+    async def never(ctx, event):
+        raise AssertionError("not run: the test's raw subscriber takes the message")
+
+    crashing = HandlerSpec(
+        id="page_load", kind=subjects.PAGE_LOAD, fn=never, schema=PageLoad, retries=1
+    )
+    js = nats.jetstream()
+    settings.handlers.ack_wait_s = 0.5
+    await spinyard_bus.ensure(js, settings.nats, [crashing], settings.handlers)
+    registry = Registry()
+
+    @handler(subjects.HEARTBEAT, schema=PageLoad, registry=registry)
+    async def other(ctx, event):
+        pass
+
+    service, task = await _run(settings, registry, nats)
+    event = PageLoad(app="a/b", session="s1")
+    await _publish(js, event)
+    sub = await js.pull_subscribe_bind(durable="page_load", stream=subjects.EVENTS_STREAM)
+    for _ in range(2):  # both deliveries taken and dropped, as by a process that died
+        (await sub.fetch(1, timeout=5))[0]
+
+    async def pull_and_look():
+        # JetStream notices a message is out of tries when it would redeliver it,
+        # i.e. on a later pull, as a surviving replica would make.
+        with contextlib.suppress(TimeoutError):
+            assert await sub.fetch(1, timeout=0.3) == []
+        return await _dead_letters(js, subjects.PAGE_LOAD)
+
+    dead = await wait_for(pull_and_look, what="dead letter")
+    await sub.unsubscribe()
+    service.stop()
+    await task
+    assert dead[0].data == encode(event)
+    assert "last try" in dead[0].headers["Spinyard-Reason"]
+    assert await _stream_empty(js)

@@ -1,0 +1,85 @@
+"""Fixtures of the gateway tests: a gateway on a real nats-server, and an app server to proxy to."""
+
+import asyncio
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from dispatcher import bus
+from tests.gateway.support import JOB, PER, PREFIX, VIZ, Env, TargetBackend
+
+
+@pytest.fixture
+async def env(settings):
+    nc = await bus.connect(settings.nats, "test-gateway")
+    js = nc.jetstream(timeout=2.0)
+    state = await bus.ensure(js, settings.nats, [], settings.handlers)
+    for spec in (VIZ, PER, JOB):
+        await state.put_app(spec)
+    http = aiohttp.ClientSession()
+    e = Env(settings, nc, js, state, TargetBackend(), http)
+    try:
+        e.url = (await e.start()).url
+        yield e
+    finally:
+        await http.close()
+        for runner in e.runners:
+            await runner.cleanup()
+        try:
+            await nc.close()
+        except ConnectionError:
+            # With the server stopped, nats-py's close() raises before it cancels its
+            # subscriptions' tasks (nats/aio/client.py `_close`); finish that for it.
+            for sub in nc._subs.values():
+                if sub._wait_for_msgs_task is not None:
+                    sub._wait_for_msgs_task.cancel()
+
+
+@pytest.fixture
+async def upstream():
+    """A real little app server under the instance's prefix."""
+    seen: dict = {"ws_closed": asyncio.Event()}
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(
+            {
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "headers": dict(request.headers),
+                "body_len": len(body),
+            },
+            headers={"X-Upstream": "yes", "Set-Cookie": "sid=1; Path=/"},
+        )
+
+    async def teapot(_):
+        return web.Response(status=418, text="short and stout")
+
+    async def moved(_):
+        raise web.HTTPFound(f"{PREFIX}/elsewhere")
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse(protocols=("bokeh",))
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == aiohttp.WSMsgType.TEXT and msg.data == "bye":
+                await sock.close(code=4000, message=b"done")
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                await sock.send_str("echo:" + msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await sock.send_bytes(msg.data[::-1])
+        seen["ws_closed"].set()
+        return sock
+
+    app = web.Application()
+    app.router.add_get(f"{PREFIX}/ws", ws)
+    app.router.add_get(f"{PREFIX}/teapot", teapot)
+    app.router.add_get(f"{PREFIX}/moved", moved)
+    app.router.add_route("*", PREFIX + "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    seen["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield seen
+    await runner.cleanup()

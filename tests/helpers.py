@@ -1,0 +1,56 @@
+"""Helpers the tests share that are not fixtures: paths, and the one bounded wait.
+
+Fixtures live in the `conftest.py` of the area that uses them; nothing here
+starts a server.
+"""
+
+import asyncio
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+APPS = ROOT / "tests" / "apps"  # small apps and models the tests run
+
+
+async def wait_for(
+    predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+):
+    """Poll an (async or sync) predicate until it returns something truthy; fail after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text format, strictly: every line is HELP, TYPE or a well-formed sample."""
+    samples, typed = {}, {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            assert len(line.split(" ", 3)) == 4, line
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram"), line
+            typed[name] = kind
+        else:
+            m = SAMPLE.match(line)
+            assert m, line
+            name, labels, value = m.groups()
+            pairs = LABEL.findall(labels or "")
+            assert ",".join(f'{k}="{v}"' for k, v in pairs) == (labels or ""), line
+            family = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert name in typed or family in typed, f"{name} has no TYPE line"
+            samples[(name, frozenset(pairs))] = float(value)
+    return samples
