@@ -23,6 +23,7 @@ import aiohttp
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from dispatcher import waits
 from dispatcher.backends.local.backend import LocalBackend
 from dispatcher.settings import LocalBackendSettings
 from schemas.spec import AppSpec
@@ -41,18 +42,11 @@ async def wait_until(
     what: str,
     interval: float = 0.02,
 ) -> object:
-    """Poll `predicate` (sync or async) until truthy; BenchError after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(interval)
+    """`dispatcher.waits.until`, failing the bench (BenchError) when it times out."""
+    try:
+        return await waits.until(predicate, timeout, interval_s=interval, what=what)
+    except TimeoutError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:

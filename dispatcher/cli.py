@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 from pydantic import ValidationError
 
-from dispatcher import bus, logs
+from dispatcher import logs
 from dispatcher.bus import NatsUnavailable
 from dispatcher.embedded.natsserver import NatsServerError
 from dispatcher.settings import Settings, SettingsError
@@ -32,6 +32,13 @@ def _settings(args) -> Settings:
         settings.log_level = args.log_level
     logs.configure(settings.log_format, settings.log_level)
     return settings
+
+
+def _cli_nats(settings: Settings):
+    """The CLI's NATS connection: one attempt (a person is waiting), drained at the end."""
+    from dispatcher.compose import nats_client
+
+    return nats_client(settings, "spinyard-cli", wait_s=0)
 
 
 def _on_signals(stop) -> None:
@@ -78,11 +85,11 @@ async def _cmd_gateway(args, settings: Settings) -> int:
 
 
 async def _cmd_apps(args, settings: Settings) -> int:
+    from dispatcher.bus.provision import ensure_state
     from dispatcher.embedded.specs import register
 
-    nc = await bus.connect(settings.nats, "spinyard-cli", wait_s=0)
-    try:
-        state = await bus.ensure_state(nc.jetstream(), settings.nats)
+    async with _cli_nats(settings) as nc:
+        state = await ensure_state(nc.jetstream(), settings.nats)
         if args.apps_cmd == "add":
             try:
                 specs = await register(state, [Path(p) for p in args.files])
@@ -101,8 +108,6 @@ async def _cmd_apps(args, settings: Settings) -> int:
                 print(f"error: no app named {args.name!r}", file=sys.stderr)
                 return 1
             print(f"removed {args.name}")
-    finally:
-        await nc.close()
     return 0
 
 
@@ -141,13 +146,10 @@ async def _cmd_publish(args, settings: Settings) -> int:
         subject = subjects.event_for(event.type, event.job_id)
     else:
         subject = subjects.event(event.type, event.app)
-    nc = await bus.connect(settings.nats, "spinyard-cli", wait_s=0)
-    try:
+    async with _cli_nats(settings) as nc:
         ack = await nc.jetstream().publish(
             subject, encode(event), headers={"Nats-Msg-Id": event.id}
         )
-    finally:
-        await nc.close()
     print(json.dumps({"id": event.id, "subject": subject, "seq": ack.seq}))
     return 0
 
@@ -161,24 +163,24 @@ async def _cmd_watch(args, settings: Settings) -> int:
         subject = subjects.app_status(args.app, args.session)
     else:
         subject = f"{subjects.STATUS}.>"
-    nc = await bus.connect(settings.nats, "spinyard-cli", wait_s=0)
-    stop = asyncio.Event()
-    _on_signals(stop.set)
     from nats.js.api import DeliverPolicy
 
-    sub = await nc.jetstream().subscribe(
-        subject, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT
-    )
-    try:
-        while not stop.is_set():
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except TimeoutError:
-                continue
-            print(json.dumps({"subject": msg.subject, **msgpack.unpackb(msg.data)}), flush=True)
-    finally:
-        await sub.unsubscribe()
-        await nc.close()
+    stop = asyncio.Event()
+    async with _cli_nats(settings) as nc:
+        _on_signals(stop.set)
+        sub = await nc.jetstream().subscribe(
+            subject, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except TimeoutError:
+                    continue
+                line = {"subject": msg.subject, **msgpack.unpackb(msg.data)}
+                print(json.dumps(line), flush=True)
+        finally:
+            await sub.unsubscribe()  # before the drain, or it waits on the subscription
     return 0
 
 

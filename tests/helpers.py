@@ -1,12 +1,13 @@
-"""Helpers the tests share that are not fixtures: paths, and the one bounded wait.
+"""Helpers the tests share that are not fixtures: paths, a bounded wait, a metrics parser.
 
 Fixtures live in the `conftest.py` of the area that uses them; nothing here
 starts a server.
 """
 
-import asyncio
 import re
 from pathlib import Path
+
+from dispatcher import waits
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ROOT / "tests" / "apps"  # small apps and models the tests run
@@ -15,18 +16,11 @@ APPS = ROOT / "tests" / "apps"  # small apps and models the tests run
 async def wait_for(
     predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
 ):
-    """Poll an (async or sync) predicate until it returns something truthy; fail after `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
+    """`dispatcher.waits.until`, failing the test (AssertionError) when it times out."""
+    try:
+        return await waits.until(predicate, timeout, interval_s=interval, what=what)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
