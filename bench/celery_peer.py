@@ -12,7 +12,6 @@ clock. Everything it starts is stopped before it returns.
 import contextlib
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from celery import Celery
 
 from bench import stats
-from bench.stack import BenchError, Process, clean_env
+from bench.stack import BenchError, Process, clean_env, free_port
 
 URL_ENV = "BENCH_CELERY_REDIS"
 WORKER = "prefork pool, concurrency 2, without gossip/mingle/heartbeat"
@@ -53,12 +52,6 @@ class Sizes:
     warmup: int = 10
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def redis_server(tmp: Path) -> Iterator[str]:
     """A redis-server on loopback without persistence; yields its URL, stops it after."""
@@ -67,7 +60,7 @@ def redis_server(tmp: Path) -> Iterator[str]:
         raise BenchError("redis-server not found: apt-get install -y redis-server")
     import redis
 
-    port = _free_port()
+    port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     argv += ["--dir", str(tmp), "--daemonize", "no"]
     proc = Process("redis-server", argv, clean_env({}), tmp / "redis.log").start()

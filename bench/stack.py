@@ -179,7 +179,8 @@ async def stop_instances(data_dir: Path) -> int:
     return len(instances)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on 127.0.0.1 now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -199,7 +200,7 @@ async def app_alone(spec: AppSpec, n: int, poll_s: float = 0.005) -> list[float]
     took = []
     async with aiohttp.ClientSession() as http:
         for _ in range(n):
-            port, prefix = _free_port(), "/alone/"
+            port, prefix = free_port(), "/alone/"
             values = {"python": sys.executable, "port": str(port), "prefix": prefix}
             argv = _fill(spec.command, values | {"host": "127.0.0.1"})
             env = clean_env({"SPINYARD_PORT": str(port), "SPINYARD_PREFIX": prefix})

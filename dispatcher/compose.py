@@ -21,6 +21,7 @@ nothing else.
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 
 from nats.aio.client import Client
@@ -39,6 +40,16 @@ from handlers.registry import HandlerSpec, Registry
 from handlers.state import State
 
 log = logs.get("spinyard.compose")
+
+
+def pick_gateway_port(settings: Settings) -> None:
+    """Choose a free port now when `gateway.port` is 0, so the public URL is known before
+    the backend and the gateway's origin checks need it."""
+    gw = settings.gateway
+    if gw.port == 0:
+        with socket.socket(socket.AF_INET6 if ":" in gw.host else socket.AF_INET) as s:
+            s.bind((gw.host, 0))
+            gw.port = s.getsockname()[1]
 
 
 def make_backend(settings: Settings) -> Backend:
@@ -203,13 +214,14 @@ async def serve_gateway(
         SettingsError: authentication is on without a key, or a key is too weak.
     """
     Authenticator(settings.auth)  # a missing or weak key is an error before anything starts
+    pick_gateway_port(settings)
     async with contextlib.AsyncExitStack() as stack:
         proxied = None
         if settings.backend.kind == "local":
             proxied = await stack.enter_async_context(backend(settings))
         nc = await stack.enter_async_context(nats_client(settings, "spinyard-gateway"))
         js = nc.jetstream()
-        state = await bus_provision.open_state(js, bus_provision.GATEWAY_BUCKETS)
+        state = await bus_provision.open_state(js, settings.nats.startup_wait_s)
         runner = await stack.enter_async_context(gateway(settings, js, state, proxied))
         started(runner)
         await stop.wait()

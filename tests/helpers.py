@@ -5,12 +5,20 @@ starts a server.
 """
 
 import re
+import socket
 from pathlib import Path
 
 from dispatcher import waits
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ROOT / "tests" / "apps"  # small apps and models the tests run
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for a server a test starts and must name in advance)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 async def wait_for(

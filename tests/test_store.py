@@ -32,6 +32,7 @@ from dispatcher.store import (
     key,
 )
 from handlers.errors import PermanentError, RetryableError
+from tests.helpers import free_port
 from tests.s3 import (
     ACCESS_KEY,
     SECRET_KEY,
@@ -68,12 +69,6 @@ async def upload(store: ObjectStore, job_id: str, files: dict[str, bytes]) -> No
     for name, data in files.items():
         status, _ = await http("PUT", urls[name], data)
         assert status == 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_setup_creates_bucket_once(s3_server):

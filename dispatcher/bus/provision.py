@@ -16,13 +16,18 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from dispatcher import logs
+from dispatcher import logs, waits
+from dispatcher.bus.connect import NatsUnavailable
 from dispatcher.settings import HandlerSettings, NatsSettings
 from handlers.registry import HandlerSpec
 from handlers.state import State
 from schemas import subjects
 
 log = logs.get("spinyard.bus")
+
+
+class NotProvisioned(NatsUnavailable):
+    """The streams or buckets spinyard needs are not there (the handlers make them)."""
 
 
 def stream_configs(settings: NatsSettings) -> list[StreamConfig]:
@@ -107,13 +112,32 @@ async def ensure_state(js: JetStreamContext, settings: NatsSettings) -> State:
     return State.of(buckets)
 
 
-async def open_state(js: JetStreamContext) -> State:
+async def open_state(js: JetStreamContext, wait_s: float = 0.0) -> State:
     """The gateway's KV state: its buckets opened, nothing created (its role may not).
 
+    The handlers create the buckets; a gateway started first waits for them.
+
+    Args:
+        js: JetStream, as the gateway.
+        wait_s: how long to wait for the buckets to appear, in seconds.
+
     Raises:
-        nats.js.errors.BucketNotFoundError: the handlers have not created them yet.
+        NotProvisioned: a bucket still did not exist after `wait_s`.
     """
-    return State.of({name: await js.key_value(name) for name in subjects.GATEWAY_BUCKETS})
+
+    async def opened() -> State | None:
+        try:
+            return State.of({b: await js.key_value(b) for b in subjects.GATEWAY_BUCKETS})
+        except BucketNotFoundError:
+            return None
+
+    try:
+        return await waits.until(opened, wait_s, interval_s=0.25, what="spinyard's KV buckets")
+    except TimeoutError:
+        raise NotProvisioned(
+            f"spinyard's KV buckets do not exist after {wait_s:g} s: start `spinyard handlers` "
+            "(it creates them) against the same NATS"
+        ) from None
 
 
 async def ensure_consumers(

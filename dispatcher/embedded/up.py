@@ -9,7 +9,6 @@ server and the nats-server, in that order, leaving no process behind.
 """
 
 import asyncio
-import socket
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -28,12 +27,6 @@ from handlers.ports import Backend
 from handlers.registry import default_registry
 
 log = logs.get("spinyard.up")
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 async def stop_all_instances(backend: Backend) -> None:
@@ -129,9 +122,7 @@ class Stack:
                 data_dir, nats_server.url, passwords[permissions.ADMIN], settings.auth.hs256_secret
             )
 
-            gw = settings.gateway
-            if gw.port == 0:
-                gw.port = free_port(gw.host)
+            compose.pick_gateway_port(settings)
             backend = await stack.enter_async_context(compose.backend(settings))
             stack.push_async_callback(stop_all_instances, backend)
 
@@ -157,7 +148,7 @@ class Stack:
                 compose.handlers(settings, nc, state, backend=backend, store=store)
             )
 
-            self.url = gw.base_url
+            self.url = settings.gateway.base_url
             self.token = self._dev_token()
             announce(
                 f"spinyard is up.\n"

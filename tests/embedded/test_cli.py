@@ -1,10 +1,14 @@
 """The CLI's answers to configuration mistakes: one line that names the fix, exit code 2."""
 
+import asyncio
 import os
+import signal
 import subprocess
 import sys
 
-from tests.helpers import ROOT
+import aiohttp
+
+from tests.helpers import ROOT, wait_for
 
 
 def spinyard(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -67,3 +71,74 @@ def test_unknown_handler_kind_lists_the_known_ones(tmp_path):
     )
     assert out.returncode == 2
     assert "no handler 'nope'" in out.stderr and "page_load" in out.stderr
+
+
+def _start(*args: str, **env: str) -> subprocess.Popen:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "dispatcher.cli", *args],
+        cwd=ROOT,
+        env=clean | env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err
+
+
+async def test_handlers_and_gateway_as_separate_processes_serve_a_page_load(
+    nats_server, tmp_path
+):
+    """The scale-out shape: `spinyard handlers` and `spinyard gateway` on their own, composed
+    by the same root as `spinyard up`; a free gateway port (0) still gives working app URLs."""
+    env = {
+        "SPINYARD_NATS__URL": nats_server.url,
+        "SPINYARD_DATA_DIR": str(tmp_path / "data"),
+        "SPINYARD_AUTH__ENABLED": "false",
+        "SPINYARD_LOG_FORMAT": "json",
+    }
+    gateway = _start("gateway", **env, SPINYARD_GATEWAY__PORT="0")
+    handlers = _start("handlers", "page_load", **env, SPINYARD_GATEWAY__PUBLIC_URL="http://x")
+    try:
+        added = spinyard("apps", "add", "examples/hello/spinyard.yaml", **env)
+        assert added.returncode == 0, added.stderr
+        line = await asyncio.wait_for(asyncio.to_thread(gateway.stdout.readline), 30)
+        assert line.startswith("gateway listening on http://127.0.0.1:"), line
+        url = line.split(" on ", 1)[1].strip()
+        assert not url.endswith(":0")
+        async with aiohttp.ClientSession() as http:
+            event = {"type": "page_load", "app": "demo/hello", "session": "s-1"}
+            async with http.post(f"{url}/v1/events", json=event) as resp:
+                assert resp.status == 202, await resp.text()
+
+            async def ready():
+                async with http.get(f"{url}/v1/apps/demo/hello/status") as resp:
+                    return resp.status == 200 and (await resp.json()).get("state") == "ready"
+
+            await wait_for(ready, timeout=30, what="demo/hello ready through the gateway")
+    finally:
+        codes = [_stop(gateway), _stop(handlers)]
+        spinyard_stop = spinyard("apps", "rm", "demo/hello", **env)
+    assert [code for code, _ in codes] == [0, 0], [err[-2000:] for _, err in codes]
+    assert spinyard_stop.returncode == 0
+
+
+def test_a_gateway_without_handlers_says_to_start_them(nats_server, tmp_path):
+    out = spinyard(
+        "gateway",
+        SPINYARD_NATS__URL=nats_server.url,
+        SPINYARD_NATS__STARTUP_WAIT_S="0.5",
+        SPINYARD_AUTH__ENABLED="false",
+        SPINYARD_DATA_DIR=str(tmp_path),
+    )
+    assert out.returncode == 2
+    assert "start `spinyard handlers`" in out.stderr and "Traceback" not in out.stderr

@@ -17,13 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import ROOT, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import ROOT, free_port, wait_for
 
 
 def descendants(pid: int) -> set[int]:
