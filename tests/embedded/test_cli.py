@@ -95,9 +95,7 @@ def _stop(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
-async def test_handlers_and_gateway_as_separate_processes_serve_a_page_load(
-    nats_server, tmp_path
-):
+async def test_handlers_and_gateway_as_separate_processes_serve_a_page_load(nats_server, tmp_path):
     """The scale-out shape: `spinyard handlers` and `spinyard gateway` on their own, composed
     by the same root as `spinyard up`; a free gateway port (0) still gives working app URLs."""
     env = {
