@@ -1,68 +1,37 @@
-"""Prometheus text exposition, by hand: a few counters and histograms need no dependency.
+"""What spinyard's metrics share: a registry per service, the histogram buckets, the served text.
 
-The gateway and the handler service both render their metrics with these.
+The gateway (`dispatcher.gateway.Metrics`) and the handler service
+(`dispatcher.bus.consumer.HandlerMetrics`) define their metrics with
+`prometheus_client` on a `CollectorRegistry` they are given or make, never
+on the library's global default registry: one process may hold a gateway and
+a handler service (`spinyard up`), and the tests build many of each, while
+the global registry refuses a second metric of the same name. Each `/metrics`
+endpoint serves its registry with `exposition`.
 """
 
-import bisect
-from collections import Counter
+import prometheus_client
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+# Counters and histograms would also expose a `<name>_created` sample (their start time) per
+# label set: a second series for each one that docs/operations.md does not list and the
+# dashboards do not use. Process-wide, so it is done once, when this module is imported.
+prometheus_client.disable_created_metrics()
 
 # Seconds: from a warm page load (~ms) to a slow cold start.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def family(name: str, kind: str, help_text: str) -> list[str]:
-    """The HELP and TYPE lines of a metric family."""
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+def new_registry() -> prometheus_client.CollectorRegistry:
+    """A new registry, empty: its owner registers its metrics on it and serves it."""
+    return prometheus_client.CollectorRegistry()
 
 
-def labels(**values: str) -> str:
-    """`{k="v",...}` with values escaped; empty when there are none."""
-    if not values:
-        return ""
+def exposition(registry: prometheus_client.CollectorRegistry) -> tuple[bytes, str]:
+    """Everything in `registry`, in the Prometheus text format.
 
-    def escape(v: str) -> str:
-        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in values.items()) + "}"
-
-
-class Histogram:
-    """Cumulative-bucket histogram, optionally split by one tuple of label values."""
-
-    def __init__(self, label_names: tuple[str, ...] = (), buckets: tuple[float, ...] = BUCKETS):
-        self.label_names = label_names
-        self.buckets = buckets
-        self._counts: dict[tuple[str, ...], list[int]] = {}
-        self._sum: Counter[tuple[str, ...]] = Counter()
-        self._n: Counter[tuple[str, ...]] = Counter()
-
-    def observe(self, seconds: float, *label_values: str) -> None:
-        counts = self._counts.setdefault(label_values, [0] * len(self.buckets))
-        i = bisect.bisect_left(self.buckets, seconds)
-        if i < len(self.buckets):
-            counts[i] += 1
-        self._sum[label_values] += seconds
-        self._n[label_values] += 1
-
-    def render(self, name: str, help_text: str) -> list[str]:
-        out = family(name, "histogram", help_text)
-        for key in sorted(self._counts):
-            base = dict(zip(self.label_names, key, strict=True))
-            cumulative = 0
-            for bound, n in zip(self.buckets, self._counts[key], strict=True):
-                cumulative += n
-                out.append(f"{name}_bucket{labels(**base, le=repr(bound))} {cumulative}")
-            out.append(f"{name}_bucket{labels(**base, le='+Inf')} {self._n[key]}")
-            out.append(f"{name}_sum{labels(**base)} {self._sum[key]!r}")
-            out.append(f"{name}_count{labels(**base)} {self._n[key]}")
-        return out
-
-
-def counter_lines(
-    name: str, help_text: str, counts: Counter, label_names: tuple[str, ...]
-) -> list[str]:
-    """A counter family from a Counter keyed by label-value tuples."""
-    out = family(name, "counter", help_text)
-    for key, n in sorted(counts.items()):
-        out.append(f"{name}{labels(**dict(zip(label_names, key, strict=True)))} {n}")
-    return out
+    Returns:
+        The body and its Content-Type. The type names version 0.0.4 of the text format,
+        which every Prometheus scrapes (3.x refuses a bare `text/plain`); metric names
+        here are plain ASCII, so the body is the same as in version 1.0.0.
+    """
+    return prometheus_client.generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4

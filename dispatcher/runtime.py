@@ -17,10 +17,12 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
 
 from dispatcher import logs
 from dispatcher.bus.consumer import Consumer, HandlerMetrics
 from dispatcher.bus.deadletter import dead_letter_exhausted
+from dispatcher.metrics import exposition
 from dispatcher.settings import Settings
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
 from handlers.context import Context, Knobs
@@ -74,9 +76,8 @@ async def serve_health(service: "Handlers", nc: Client, tasks: list[asyncio.Task
         return web.json_response({"ok": ok, "nats": nc.is_connected}, status=200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(
-            text=service.metrics.render(), content_type="text/plain", charset="utf-8"
-        )
+        body, content_type = exposition(service.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
@@ -110,6 +111,7 @@ class Handlers:
         backend: Backend,
         store: ObjectStore | None = None,
         registry: Registry | None = None,
+        metrics_registry: CollectorRegistry | None = None,
     ):
         """
         Args:
@@ -121,6 +123,8 @@ class Handlers:
             backend: where apps and jobs run, set up.
             store: the results store; run handlers need one.
             registry: where the handlers are registered; the default registry otherwise.
+            metrics_registry: the Prometheus registry its metrics go on (one per process,
+                shared with a gateway in it); a new one if None.
         """
         self.settings = settings
         self.specs: list[HandlerSpec] = (registry or default_registry).select(handler_ids)
@@ -130,7 +134,7 @@ class Handlers:
         self.store = store
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
-        self.metrics = HandlerMetrics()
+        self.metrics = HandlerMetrics(metrics_registry)
         self.health_port: int | None = None
 
     def stop(self) -> None:
@@ -154,7 +158,8 @@ class Handlers:
                 Consumer(js, spec, ctx, self.settings.handlers, self.stopping, self.metrics)
                 for spec in self.specs
             ]
-            self.metrics.consumers = consumers
+            for consumer in consumers:
+                self.metrics.watch(consumer)
             tasks = [
                 asyncio.create_task(consumer.run(), name=f"consumer:{consumer.spec.id}")
                 for consumer in consumers

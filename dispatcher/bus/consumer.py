@@ -10,15 +10,15 @@ the process dies, the deadline lapses and another replica takes it over.
 
 import asyncio
 import contextlib
-from collections import Counter
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from dispatcher import logs
 from dispatcher.bus import deadletter
-from dispatcher.metrics import Histogram, counter_lines, family, labels
+from dispatcher.metrics import BUCKETS, new_registry
 from dispatcher.settings import HandlerSettings
 from handlers.context import Context
 from handlers.errors import PermanentError, RetryableError
@@ -33,32 +33,43 @@ _HIDDEN = ErrorInfo(code=codes.INTERNAL, message="spinyard could not handle this
 
 
 class HandlerMetrics:
-    """Counts and times handled messages, per handler and outcome."""
+    """Counts and times handled messages, per handler and outcome, on a Prometheus registry."""
 
-    def __init__(self) -> None:
-        self.handled: Counter[tuple[str, str]] = Counter()
-        self.duration = Histogram(("handler",))
-        self.consumers: list[Consumer] = []
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        """
+        Args:
+            registry: where the metrics are registered; a new one if None.
+        """
+        self.registry = registry if registry is not None else new_registry()
+        self.handled = Counter(
+            "spinyard_handler_messages",  # exposed as spinyard_handler_messages_total
+            "Messages settled, by handler and outcome"
+            " (ok, retried, failed, dead_lettered, cancelled).",
+            ["handler", "outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "spinyard_handler_duration_seconds",
+            "Time from fetch to settling a message.",
+            ["handler"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "spinyard_handler_inflight",
+            "Messages being handled now.",
+            ["handler"],
+            registry=self.registry,
+        )
 
     def observe(self, handler: str, outcome: str, seconds: float) -> None:
-        self.handled[(handler, outcome)] += 1
-        self.duration.observe(seconds, handler)
+        self.handled.labels(handler=handler, outcome=outcome).inc()
+        self.duration.labels(handler=handler).observe(seconds)
 
-    def render(self) -> str:
-        out = counter_lines(
-            "spinyard_handler_messages_total",
-            "Messages settled, by handler and outcome (ok, retried, failed, dead_lettered).",
-            self.handled,
-            ("handler", "outcome"),
-        )
-        out += self.duration.render(
-            "spinyard_handler_duration_seconds", "Time from fetch to settling a message."
-        )
-        out += family("spinyard_handler_inflight", "gauge", "Messages being handled now.")
-        for consumer in self.consumers:
-            gauge = labels(handler=consumer.spec.id)
-            out.append(f"spinyard_handler_inflight{gauge} {len(consumer.inflight)}")
-        return "\n".join(out) + "\n"
+    def watch(self, consumer: "Consumer") -> None:
+        """Report `consumer`'s in-flight messages, read at each scrape."""
+        tasks = consumer.inflight
+        self.inflight.labels(handler=consumer.spec.id).set_function(lambda: len(tasks))
 
 
 class Consumer:

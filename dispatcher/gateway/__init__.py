@@ -7,12 +7,13 @@ all of them share: the error they answer with, the request keys an auth
 hook may read, and the metrics they count.
 """
 
-from collections import Counter
+from collections.abc import Callable
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 
-from dispatcher.metrics import BUCKETS, Histogram, counter_lines, family
+from dispatcher.metrics import BUCKETS, new_registry
 from schemas.errors import ErrorBody
 
 # Set before the auth hook runs: the session in play (the event's, or `?session=`), and on
@@ -38,41 +39,47 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 
 class Metrics:
-    """The gateway's Prometheus metrics."""
+    """The gateway's Prometheus metrics, on a registry it is given or makes."""
 
-    def __init__(self) -> None:
-        self.events: Counter[tuple[str, str]] = Counter()
-        self.requests: Counter[tuple[str, str]] = Counter()
-        self.publish = Histogram(buckets=BUCKETS[:12])
+    def __init__(
+        self, sse_clients: Callable[[], int], registry: CollectorRegistry | None = None
+    ) -> None:
+        """
+        Args:
+            sse_clients: the number of open status streams, read at each scrape.
+            registry: where the metrics are registered; a new one if None.
+        """
+        self.registry = registry if registry is not None else new_registry()
+        self.events = Counter(
+            "spinyard_gateway_events",  # exposed as spinyard_gateway_events_total
+            "Events received, by type and outcome.",
+            ["type", "outcome"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "spinyard_gateway_requests",  # exposed as spinyard_gateway_requests_total
+            "HTTP answers, by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.sse_clients = Gauge(
+            "spinyard_gateway_sse_clients", "Open status streams.", registry=self.registry
+        )
+        self.sse_clients.set_function(sse_clients)
+        self.publish = Histogram(
+            "spinyard_gateway_publish_seconds",
+            "Time to publish an event and get JetStream's ack.",
+            buckets=BUCKETS[:12],  # up to 5 s: a publish is not a cold start
+            registry=self.registry,
+        )
 
     def count_event(self, kind: str, outcome: str) -> None:
         """One event received; `kind` must come from a fixed set (label cardinality)."""
-        self.events[(kind, outcome)] += 1
+        self.events.labels(type=kind, outcome=outcome).inc()
 
     def count_request(self, route: str, status: int) -> None:
         """One answer; `route` is the route's pattern, never the concrete path."""
-        self.requests[(route, str(status))] += 1
+        self.requests.labels(route=route, status=str(status)).inc()
 
     def observe_publish(self, seconds: float) -> None:
         self.publish.observe(seconds)
-
-    def render(self, sse_clients: int) -> str:
-        """Everything in the Prometheus text format (version 0.0.4)."""
-        out = counter_lines(
-            "spinyard_gateway_events_total",
-            "Events received, by type and outcome.",
-            self.events,
-            ("type", "outcome"),
-        )
-        out += counter_lines(
-            "spinyard_gateway_requests_total",
-            "HTTP answers, by route and status.",
-            self.requests,
-            ("route", "status"),
-        )
-        out += family("spinyard_gateway_sse_clients", "gauge", "Open status streams.")
-        out.append(f"spinyard_gateway_sse_clients {sse_clients}")
-        out += self.publish.render(
-            "spinyard_gateway_publish_seconds", "Time to publish an event and get JetStream's ack."
-        )
-        return "\n".join(out) + "\n"

@@ -21,6 +21,7 @@ import nats.errors
 from aiohttp import web
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
 from dispatcher import logs
@@ -28,6 +29,7 @@ from dispatcher.gateway import EVENT, SESSION, GatewayError, Metrics, error_resp
 from dispatcher.gateway.proxy import Proxy
 from dispatcher.gateway.security import Guard, install
 from dispatcher.gateway.sse import StatusStreams
+from dispatcher.metrics import exposition
 from dispatcher.settings import GatewaySettings
 from handlers.errors import PublicError
 from handlers.ports import Backend
@@ -250,9 +252,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[METRICS].render(sse_clients=request.app[STREAMS].clients)
+    body, content_type = exposition(request.app[METRICS].registry)
     return web.Response(
-        text=text, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
+        body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"}
     )
 
 
@@ -343,6 +345,7 @@ def make_app(
     auth: Auth | None = None,
     nc: Client | None = None,
     guard: Guard | None = None,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> web.Application:
     """The gateway application; the caller owns (and closes) the NATS connection.
 
@@ -354,6 +357,8 @@ def make_app(
         auth: `auth(request, app, job_id)`, called before events and status; None: open.
         nc: the connection `/healthz` reports on; default: the one under `js`.
         guard: tokens, embed origins and frame-ancestors; it supplies the auth hook.
+        metrics_registry: the Prometheus registry its metrics go on (one per process,
+            shared with a handler service in it); a new one if None.
     """
     if guard is not None:
         auth = guard.hook
@@ -364,10 +369,10 @@ def make_app(
     app[STATE] = state
     app[BACKEND] = backend
     app[AUTH] = auth
-    app[METRICS] = Metrics()
     app[STREAMS] = streams = StatusStreams(
         js, state, keepalive_s=settings.sse_keepalive_s, authorize=authorize
     )
+    app[METRICS] = Metrics(lambda: streams.clients, metrics_registry)
     app[PROXY] = proxy = Proxy(
         backend,
         state,
@@ -430,6 +435,7 @@ async def start_gateway(
     auth: Auth | None = None,
     nc: Client | None = None,
     guard: Guard | None = None,
+    metrics_registry: CollectorRegistry | None = None,
     shutdown_timeout_s: float = 5.0,
 ) -> GatewayRunner:
     """Build the gateway and listen on `settings.host:settings.port` (0: a free port).
@@ -437,7 +443,16 @@ async def start_gateway(
     Returns:
         The started runner; `runner.port` is the bound port. Call `runner.cleanup()` to stop.
     """
-    app = make_app(settings, js=js, state=state, backend=backend, auth=auth, nc=nc, guard=guard)
+    app = make_app(
+        settings,
+        js=js,
+        state=state,
+        backend=backend,
+        auth=auth,
+        nc=nc,
+        guard=guard,
+        metrics_registry=metrics_registry,
+    )
     # No access log: its request line would carry `?token=`. Handlers are cancelled when
     # their client goes, so an SSE stream unsubscribes at once.
     runner = GatewayRunner(

@@ -233,23 +233,34 @@ async def test_handler_concurrency_is_bounded(settings, nats):
 async def test_health_and_metrics_server(settings, nats):
     import aiohttp
 
+    from tests.helpers import parse_metrics
+
     registry = Registry()
     calls = []
+    release = asyncio.Event()
 
     @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=1, backoff_s=(0.05,), registry=registry)
     async def sometimes(ctx, event):
         calls.append(1)
+        if event.session == "slow":
+            await release.wait()
         if event.session == "bad":
             raise ValueError("no")
 
     settings.handlers.health_port = 0
     service, task = await _run(settings, registry, nats)
     js = nats.jetstream()
-    await _publish(js, PageLoad(app="a/b", session="good"))
-    await _publish(js, PageLoad(app="a/b", session="bad"))
-    await wait_for(lambda: len(calls) == 3, what="1 ok + 2 tries")
+    await _publish(js, PageLoad(app="a/b", session="slow"))
+    await wait_for(lambda: len(calls) == 1, what="the slow message taken")
     base = f"http://127.0.0.1:{service.health_port}"
+    inflight = ("spinyard_handler_inflight", frozenset({("handler", "page_load")}))
     async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/metrics") as r:
+            assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            assert parse_metrics(await r.text())[inflight] == 1
+        release.set()
+        await _publish(js, PageLoad(app="a/b", session="bad"))
+        await wait_for(lambda: len(calls) == 3, what="1 ok + 2 tries")
         async with http.get(f"{base}/healthz") as r:
             assert r.status == 200 and (await r.json())["ok"] is True
         scraped = await wait_for(lambda: _scrape(http, base), what="dead letter counted")
@@ -277,6 +288,7 @@ async def test_health_and_metrics_server(settings, nats):
         scraped[("spinyard_handler_duration_seconds_count", frozenset({("handler", "page_load")}))]
         == 3
     )
+    assert scraped[inflight] == 0
 
 
 async def _scrape(http, base):

@@ -498,3 +498,6 @@ async def test_metrics_parse_and_count_up(env):
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
     assert buckets[-1] == (float("inf"), 1)
     assert after[("spinyard_gateway_sse_clients", frozenset())] == 0
+    async with env.http.get(f"{env.url}/metrics") as r:
+        assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert r.headers["Cache-Control"] == "no-store"
