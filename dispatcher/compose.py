@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
 
 from dispatcher import bus, logs
 from dispatcher.bus import provision as bus_provision
@@ -116,11 +117,27 @@ async def object_store(settings: Settings) -> AsyncIterator[ObjectStore | None]:
 
 @contextlib.asynccontextmanager
 async def gateway(
-    settings: Settings, js: JetStreamContext, state: State, backend: Backend | None
+    settings: Settings,
+    js: JetStreamContext,
+    state: State,
+    backend: Backend | None,
+    *,
+    metrics: CollectorRegistry | None = None,
 ) -> AsyncIterator[GatewayRunner]:
-    """The HTTP gateway, listening; stopped on exit. `backend` serves the app proxy (local)."""
+    """The HTTP gateway, listening; stopped on exit.
+
+    `backend` serves the app proxy (local backend); `metrics` is the process's
+    Prometheus registry, which its `/metrics` serves (a new one if None).
+    """
     guard = Guard(settings.auth, state, settings.gateway.base_url)
-    runner = await start_gateway(settings.gateway, js=js, state=state, backend=backend, guard=guard)
+    runner = await start_gateway(
+        settings.gateway,
+        js=js,
+        state=state,
+        backend=backend,
+        guard=guard,
+        metrics_registry=metrics,
+    )
     try:
         yield runner
     finally:
@@ -137,14 +154,24 @@ async def handlers(
     store: ObjectStore | None,
     kinds: list[str] | None = None,
     registry: Registry | None = None,
+    metrics: CollectorRegistry | None = None,
 ) -> AsyncIterator[Handlers]:
     """The handler service running as a task, ready; on exit it stops and is awaited.
+
+    Its metrics go on `metrics`, the process's Prometheus registry (a new one if None).
 
     Raises:
         RuntimeError: on exit, if a root task of the service died.
     """
     service = Handlers(
-        settings, kinds, nc=nc, state=state, backend=backend, store=store, registry=registry
+        settings,
+        kinds,
+        nc=nc,
+        state=state,
+        backend=backend,
+        store=store,
+        registry=registry,
+        metrics_registry=metrics,
     )
     task = asyncio.create_task(service.run(), name="handlers")
     ready = asyncio.create_task(service.ready.wait(), name="handlers-ready")

@@ -22,6 +22,7 @@ from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.embedded.s3server import S3Server
 from dispatcher.embedded.specs import find_specs, register
 from dispatcher.gateway.auth import mint, new_secret
+from dispatcher.metrics import new_registry
 from dispatcher.settings import Settings
 from handlers.ports import Backend
 from handlers.registry import default_registry
@@ -141,11 +142,16 @@ class Stack:
             )
             gateway_js = gateway_nc.jetstream()
             gateway_state = await open_state(gateway_js)
+            # One Prometheus registry for the process: the gateway's /metrics shows the
+            # handlers' metrics too (their own health port is off unless configured).
+            registry = new_registry()
             await stack.enter_async_context(
-                compose.gateway(settings, gateway_js, gateway_state, backend)
+                compose.gateway(settings, gateway_js, gateway_state, backend, metrics=registry)
             )
             handlers = await stack.enter_async_context(
-                compose.handlers(settings, nc, state, backend=backend, store=store)
+                compose.handlers(
+                    settings, nc, state, backend=backend, store=store, metrics=registry
+                )
             )
 
             self.url = settings.gateway.base_url

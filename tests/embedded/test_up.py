@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import ROOT, free_port, parse_metrics, wait_for
 
 
 def descendants(pid: int) -> set[int]:
@@ -124,6 +124,22 @@ def auth(stack) -> dict:
 async def test_banner_names_the_demo_and_the_apps(stack):
     assert f"{stack['url']}/demo" in stack["banner"]
     assert "demo/hello" in stack["banner"] and "demo/epidemic" in stack["banner"]
+
+
+async def test_one_metrics_endpoint_shows_the_gateway_and_the_handlers(stack, http):
+    """`up` keeps one Prometheus registry for its process: /metrics has both families."""
+
+    async def both():
+        async with http.get(f"{stack['url']}/metrics") as r:
+            assert r.status == 200
+            samples = parse_metrics(await r.text())
+        names = {name for name, _ in samples}
+        return "spinyard_gateway_sse_clients" in names and any(
+            name == "spinyard_handler_inflight" and dict(labels).get("handler") == "reaper_tick"
+            for name, labels in samples
+        )
+
+    await wait_for(both, what="gateway and handler metrics on one /metrics")
 
 
 async def test_page_load_over_the_gateway_reaches_ready_and_the_app_answers(stack, http):
