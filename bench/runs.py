@@ -181,7 +181,8 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
             nsettings = NatsSettings(url=server.url)
             await provision.ensure_streams(js, nsettings)
             state = await provision.ensure_state(js, nsettings)
-            await state.put_app(job_spec())
+            spec = job_spec()
+            await state.apps.put(spec.name, spec)
             data_dir = tmp_path / "data"
             store = {"endpoint": s3.endpoint, "access_key": "bench", "secret_key": "bench-secret"}
             handlers = handlers_process(

@@ -44,7 +44,6 @@ from dispatcher.bus import provision
 from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.settings import NatsSettings
 from handlers.page_load import LOAD_RECORD_SLACK_S
-from handlers.state import POOL, PoolIndex, slot_key
 from schemas import subjects
 from schemas.codec import encode
 from schemas.events import PageLoad, new_id
@@ -142,8 +141,8 @@ async def interleaved(
 
 
 async def pool_warm(state, size: int) -> bool:
-    entry = await state.read(state.deployments, slot_key(POOLED, POOL), PoolIndex)
-    return entry is not None and len(entry.value.warm) >= size
+    index = await state.pools.get(POOLED)
+    return index is not None and len(index.warm) >= size
 
 
 async def run(sizes: Sizes = FULL) -> dict:
@@ -165,8 +164,8 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
     state = await provision.ensure_state(js, nsettings)
     await nats_peer.setup(js)
     specs = bench_specs(sizes.pool_size)
-    await state.put_app(specs[SHARED])
-    await state.put_app(specs[COLD])
+    await state.apps.put(SHARED, specs[SHARED])
+    await state.apps.put(COLD, specs[COLD])
 
     data_dir = tmp / "data"
     peer = Process(
@@ -218,7 +217,7 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
     cold = [(await page_load(js, status, COLD, f"s-cold-{i}"))[0] for i in range(sizes.cold)]
     alone = await app_alone(specs[COLD], sizes.cold)
 
-    await state.put_app(specs[POOLED])
+    await state.apps.put(POOLED, specs[POOLED])
     pool, misses = [], 0
     for i in range(sizes.pool_loads):
         await wait_until(lambda: pool_warm(state, sizes.pool_size), 60.0, "the warm pool to refill")

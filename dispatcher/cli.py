@@ -100,13 +100,14 @@ async def _cmd_apps(args, settings: Settings) -> int:
                 mode = spec.sharing if spec.kind == "viz" else f"deadline {spec.deadline_s:g}s"
                 print(f"registered {spec.name} ({spec.kind}, {mode})")
         elif args.apps_cmd == "list":
-            for spec in sorted(await state.list_apps(), key=lambda s: s.name):
+            for spec in sorted((e.value for e in await state.apps.scan()), key=lambda s: s.name):
                 mode = f"{spec.sharing:12} pool={spec.pool.size}" if spec.kind == "viz" else ""
                 print(f"{spec.name:40} {spec.kind:4} {mode}".rstrip())
         elif args.apps_cmd == "rm":
-            if not await state.delete_app(args.name):
+            if await state.apps.get(args.name) is None:
                 print(f"error: no app named {args.name!r}", file=sys.stderr)
                 return 1
+            await state.apps.delete(args.name)
             print(f"removed {args.name}")
     return 0
 

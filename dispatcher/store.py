@@ -28,7 +28,7 @@ from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
 from dispatcher import logs
 from dispatcher.settings import StoreSettings
-from handlers.errors import PermanentError, RetryableError
+from handlers.errors import PermanentError, PublicError, RetryableError
 from handlers.ports import ObjectStore as ObjectStorePort
 from handlers.ports import StoredResult
 from schemas import errors as codes
@@ -46,7 +46,7 @@ class StoreUnavailable(RetryableError):
     """The object store could not be reached or answered 5xx; try again later."""
 
 
-class ResultsMismatch(PermanentError):
+class ResultsMismatch(PermanentError, PublicError):
     """What a job uploaded does not match its declared outputs; extra objects were deleted."""
 
     code = codes.BAD_RESULTS

@@ -4,8 +4,8 @@ from handlers import (  # noqa: F401
     heartbeat,
     job_update,
     page_load,
-    pool,
-    reaper,
+    pool_refill,
+    reaper_tick,
     run_cancel,
     run_request,
 )

@@ -11,8 +11,9 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from pydantic import BaseModel
+from structlog.typing import FilteringBoundLogger
 
-from handlers.ports import Backend
+from handlers.ports import Backend, ObjectStore
 from handlers.state import State
 from schemas.codec import encode
 
@@ -27,12 +28,14 @@ class Knobs:
 
 @dataclass(frozen=True)
 class Context:
+    """What a handler may use: nothing else reaches NATS, the backend or the store."""
+
     state: State
     backend: Backend
     js: JetStreamContext
-    log: Any
+    log: FilteringBoundLogger
     knobs: Knobs = field(default_factory=Knobs)
-    store: Any = None
+    store: ObjectStore | None = None  # None where no handler that runs needs results
     now: Callable[[], float] = time.time
 
     def bind(self, **values: Any) -> "Context":

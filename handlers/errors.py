@@ -1,20 +1,29 @@
-"""Errors a handler raises to say what should happen to its message.
+"""Errors a handler raises, on two separate axes.
 
-- `PermanentError`: retrying cannot help. The message is dead-lettered, the
-  handler's failure hook publishes a `failed` status, no redelivery.
+What happens to the message (kopf's `PermanentError`/`TemporaryError`):
+
+- `PermanentError`: retrying cannot help. The message is dead-lettered at
+  once, the handler's failure hook runs, no redelivery.
 - `RetryableError(delay=)`: try again after `delay` seconds (until the
-  handler's tries run out, then as permanent).
-- anything else: retried with the handler's backoff, dead-lettered after the last try.
+  handler's tries run out, then it is dead-lettered).
+- anything else: retried with the handler's backoff, dead-lettered after the
+  last try.
 
-`PublicError` messages are written for users and may be shown in a browser;
-other exceptions are logged but never shown.
+What a browser may read (dask-gateway's `PublicException`): only an error
+that is also a `PublicError` reaches a page with its own code and message.
+Any other error reaches the page as `internal` / "spinyard could not handle
+this event", and its detail (a Kubernetes 403 naming the service account,
+a store's address) goes to the operators' logs and the dead letter only.
+Errors written for the page are both: `Rejected` (unknown app, wrong kind,
+too large, no such run) and `StartFailed` (with the app's own log tail).
 """
 
 from schemas import errors as codes
+from schemas.errors import ErrorInfo
 
 
-class PublicError(Exception):
-    """An error whose code and message are safe to show a browser."""
+class SpinyardError(Exception):
+    """An error with a stable `code` and a `message` (for operators, unless public)."""
 
     code = codes.INTERNAL
 
@@ -25,19 +34,38 @@ class PublicError(Exception):
             self.code = code
 
 
-class PermanentError(PublicError):
+class PublicError(SpinyardError):
+    """An error whose code and message are safe to show a browser."""
+
+
+class PermanentError(SpinyardError):
     """Retrying will not help: dead-letter and report failure."""
 
 
-class RetryableError(Exception):
+class RetryableError(SpinyardError):
     """Try again after `delay` seconds."""
 
-    def __init__(self, message: str, *, delay: float = 1.0) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, delay: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
         self.delay = delay
 
 
-class StartFailed(PermanentError):
+class Rejected(PermanentError, PublicError):
+    """The event asks for what cannot be done (no such app, wrong kind, too large, no such run)."""
+
+
+class StartFailed(PermanentError, PublicError):
     """An instance did not become ready."""
 
     code = codes.START_FAILED
+
+
+# What a page sees of an error that is not public.
+HIDDEN = ErrorInfo(code=codes.INTERNAL, message="spinyard could not handle this event")
+
+
+def public_info(exc: BaseException) -> ErrorInfo:
+    """What a page may read of `exc`: its own code and message if public, else `HIDDEN`."""
+    if isinstance(exc, PublicError):
+        return ErrorInfo(code=exc.code, message=exc.message)
+    return HIDDEN

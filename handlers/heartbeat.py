@@ -6,9 +6,8 @@ only loads the page does not keep an app running.
 """
 
 from handlers.context import Context
+from handlers.deployments import LIVE, SHARED, load_viz_app, mutate, session_slot, slot_key
 from handlers.registry import handler
-from handlers.state import SHARED, session_slot, slot_key
-from handlers.viz import LIVE, load_viz_app, mutate
 from schemas import subjects
 from schemas.events import Heartbeat
 

@@ -6,15 +6,18 @@ retryable error, so the report is tried again with backoff until the store
 is back, and the run then ends `succeeded` as it should.
 """
 
-from handlers import runs
+from handlers import jobs
 from handlers.context import Context
-from handlers.errors import PermanentError
+from handlers.errors import PermanentError, PublicError
 from handlers.registry import handler
 from schemas import errors as codes
 from schemas import subjects
 from schemas.errors import ErrorInfo
 from schemas.events import JobUpdate
 from schemas.status import JobState, ResultRef
+
+# What the page reads when the store's own account of the mismatch is not public.
+RESULTS_MISMATCH = "the run's uploads do not match its declared outputs"
 
 
 @handler(
@@ -26,7 +29,7 @@ from schemas.status import JobState, ResultRef
     timeout_s=120,
 )
 async def job_update(ctx: Context, event: JobUpdate) -> None:
-    job = await runs.load(ctx, event.job_id)
+    job = await jobs.load(ctx, event.job_id)
     if job.state.terminal:
         ctx.log.info("job_update_ignored", state=event.state, current=job.state)
         return
@@ -36,7 +39,7 @@ async def job_update(ctx: Context, event: JobUpdate) -> None:
         if job.state == JobState.RUNNING:
             return
         phases = job.phases.model_copy(update={"running": now})
-        new = await runs.advance(
+        new = await jobs.advance(
             ctx,
             job.job_id,
             lambda j: (
@@ -48,25 +51,27 @@ async def job_update(ctx: Context, event: JobUpdate) -> None:
     elif state == JobState.SUCCEEDED:
         fields = await _collect(ctx, job)
         end = JobState.SUCCEEDED if "error" not in fields else JobState.FAILED
-        new = await runs.advance(
-            ctx, job.job_id, lambda j: runs.finish(j, end, now, exit_code=event.exit_code, **fields)
+        new = await jobs.advance(
+            ctx, job.job_id, lambda j: jobs.finish(j, end, now, exit_code=event.exit_code, **fields)
         )
     else:
         fields = {
-            "error": runs.failure(state, event.exit_code),
+            "error": jobs.failure(state, event.exit_code),
             "exit_code": event.exit_code,
             "log_tail": event.log_tail,
         }
-        new = await runs.advance(ctx, job.job_id, lambda j: runs.finish(j, state, now, **fields))
+        new = await jobs.advance(ctx, job.job_id, lambda j: jobs.finish(j, state, now, **fields))
     if new is not None:
         ctx.log.info("job_state_changed", state=new.state)
-        await runs.publish(ctx, new)
+        await jobs.publish(ctx, new)
 
 
-async def _collect(ctx: Context, job: runs.Job) -> dict:
+async def _collect(ctx: Context, job: jobs.Job) -> dict:
     """Results for a run that exited 0, or an error if its uploads don't match its outputs."""
     try:
         results = await ctx.store.collect(job.job_id, job.outputs) if job.outputs else []
     except PermanentError as exc:  # missing or unexpected uploads: the run failed
-        return {"error": ErrorInfo(code=codes.BAD_RESULTS, message=exc.message)}
+        ctx.log.warning("job_results_rejected", code=exc.code, reason=exc.message)
+        message = exc.message if isinstance(exc, PublicError) else RESULTS_MISMATCH
+        return {"error": ErrorInfo(code=codes.BAD_RESULTS, message=message)}
     return {"results": [ResultRef(key=r.key, url=r.url, name=r.name, size=r.size) for r in results]}

@@ -10,12 +10,22 @@ A redelivered page load that created a deployment resumes that deployment,
 so a handler killed mid-start does not leave a second instance behind.
 """
 
+from handlers import pools
 from handlers.context import Context
+from handlers.deployments import (
+    LIVE,
+    SHARED,
+    Deployment,
+    load_viz_app,
+    mutate,
+    new_instance_id,
+    session_slot,
+    slot_key,
+    status_of,
+)
 from handlers.errors import StartFailed
-from handlers.pool import claim, request_refill
-from handlers.registry import handler, on_failure
-from handlers.state import SHARED, Deployment, cas_loop, session_slot, slot_key
-from handlers.viz import LIVE, load_viz_app, mutate, new_instance_id, status_of
+from handlers.registry import handler
+from handlers.state import cas_loop
 from schemas import subjects
 from schemas.errors import ErrorInfo
 from schemas.events import PageLoad
@@ -27,7 +37,22 @@ from schemas.status import AppState, AppStatus, Phases
 LOAD_RECORD_SLACK_S = 1.0
 
 
-@handler(subjects.PAGE_LOAD, schema=PageLoad, concurrency=64, retries=3, timeout_s=900)
+async def _page_load_failed(ctx: Context, event: PageLoad, error: ErrorInfo) -> None:
+    """Tell the page why its load could not be served."""
+    spec = await ctx.state.apps.get(event.app)
+    session = event.session if spec is not None and spec.sharing == "per_session" else None
+    status = AppStatus(app=event.app, state=AppState.FAILED, error=error, session=session)
+    await ctx.publish_status(subjects.app_status(event.app, session), status)
+
+
+@handler(
+    subjects.PAGE_LOAD,
+    schema=PageLoad,
+    concurrency=64,
+    retries=3,
+    timeout_s=900,
+    on_failure=_page_load_failed,
+)
 async def page_load(ctx: Context, event: PageLoad) -> None:
     spec = await load_viz_app(ctx, event.app)
     session = event.session if spec.sharing == "per_session" else None
@@ -36,7 +61,7 @@ async def page_load(ctx: Context, event: PageLoad) -> None:
     subject = subjects.app_status(event.app, session)
 
     async for _ in cas_loop():
-        entry = await ctx.state.read(ctx.state.deployments, key, Deployment)
+        entry = await ctx.state.deployments.read(key)
         now = ctx.now()
         if entry is None or entry.value.state not in LIVE:
             dep = Deployment(
@@ -51,9 +76,9 @@ async def page_load(ctx: Context, event: PageLoad) -> None:
                 session=session,
             )
             if entry is None:
-                rev = await ctx.state.create(ctx.state.deployments, key, dep)
+                rev = await ctx.state.deployments.create(key, dep)
             else:
-                rev = await ctx.state.update(ctx.state.deployments, key, dep, entry.revision)
+                rev = await ctx.state.deployments.update(key, dep, entry.revision)
             if rev is None:
                 continue  # another page load won the slot: go round and report theirs
             ctx.log.info("viz_deployment_created", instance=dep.instance)
@@ -67,7 +92,7 @@ async def page_load(ctx: Context, event: PageLoad) -> None:
             return
         if now - dep.last_page_load > LOAD_RECORD_SLACK_S:
             bumped = dep.model_copy(update={"last_page_load": now})
-            if await ctx.state.update(ctx.state.deployments, key, bumped, entry.revision) is None:
+            if await ctx.state.deployments.update(key, bumped, entry.revision) is None:
                 continue
         await ctx.publish_status(subject, status_of(dep))
         return
@@ -143,7 +168,7 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
 
 async def _from_pool(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subject: str) -> bool:
     """Serve `dep` with a warm instance. False if the pool was empty."""
-    member = await claim(ctx, spec.name)
+    member = await pools.claim(ctx, spec.name)
     if member is None:
         return False
     now = ctx.now()
@@ -169,14 +194,5 @@ async def _from_pool(ctx: Context, spec: AppSpec, key: str, dep: Deployment, sub
         return True
     ctx.log.info("viz_deployment_ready", instance=member.instance, warm=True)
     await ctx.publish_status(subject, status_of(ready[0]))
-    await request_refill(ctx, spec, limit=1)
+    await pools.request_refill(ctx, spec, limit=1)
     return True
-
-
-@on_failure(page_load)
-async def _page_load_failed(ctx: Context, event: PageLoad, error: ErrorInfo) -> None:
-    """Tell the page why its load could not be served."""
-    spec = await ctx.state.get_app(event.app)
-    session = event.session if spec is not None and spec.sharing == "per_session" else None
-    status = AppStatus(app=event.app, state=AppState.FAILED, error=error, session=session)
-    await ctx.publish_status(subjects.app_status(event.app, session), status)

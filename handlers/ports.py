@@ -127,7 +127,8 @@ class ObjectStore(abc.ABC):
         """Check a run's uploads against `expected`; results with GET URLs.
 
         Raises:
-            handlers.errors.PermanentError: an output is missing or unexpected.
+            handlers.errors.PermanentError: an output is missing or unexpected; the
+                run's page reads its message only if it is also a `PublicError`.
             handlers.errors.RetryableError: the store did not answer.
         """
 

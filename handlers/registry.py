@@ -1,7 +1,9 @@
-"""The handler registry: `@handler(kind, schema=...)` and what it records.
+"""The handler registry: `@handler(kind, schema=..., on_failure=...)` and what it records.
 
 A handler is an async function `fn(ctx, event)`. Its id names its durable
 JetStream consumer, so every replica of the same handler shares the work.
+Its failure hook, `hook(ctx, event, error)`, runs once when a message fails
+for good, with the error as a page may read it (see `handlers.errors`).
 Tests build their own `Registry` and pass it to the runtime instead of the
 default one.
 """
@@ -12,10 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from handlers.context import Context
 from schemas import subjects
+from schemas.errors import ErrorInfo
 
-HandlerFn = Callable[[Any, Any], Awaitable[None]]
-FailureHook = Callable[[Any, Any, Any], Awaitable[None]]
+# The event argument is the handler's own `schema`; Any lets each handler name it.
+HandlerFn = Callable[[Context, Any], Awaitable[None]]
+FailureHook = Callable[[Context, Any, ErrorInfo], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ def handler(
     retries: int = 3,
     timeout_s: float = 60.0,
     backoff_s: tuple[float, ...] = (0.5, 2.0, 10.0),
+    on_failure: FailureHook | None = None,
     registry: Registry | None = None,
 ) -> Callable[[HandlerFn], HandlerFn]:
     """Register `fn` as the handler of events of `kind`.
@@ -94,7 +100,13 @@ def handler(
         retries: tries after the first before the message is dead-lettered.
         timeout_s: a try that runs longer is cancelled and counts as failed.
         backoff_s: delays before the 2nd, 3rd, ... try.
+        on_failure: run once when a message fails for good (dead-lettered):
+            `hook(ctx, event, error)`, e.g. to publish a `failed` status.
         registry: where to register; the default registry otherwise.
+
+    Returns:
+        A decorator that registers the function and returns it unchanged
+        (with its `HandlerSpec` as `fn.spec`).
     """
 
     def register(fn: HandlerFn) -> HandlerFn:
@@ -107,25 +119,10 @@ def handler(
             retries=retries,
             timeout_s=timeout_s,
             backoff_s=backoff_s,
+            on_failure=on_failure,
         )
         (registry or default_registry).add(spec)
         fn.spec = spec  # type: ignore[attr-defined]
         return fn
 
     return register
-
-
-def on_failure(
-    fn: HandlerFn, registry: Registry | None = None
-) -> Callable[[FailureHook], FailureHook]:
-    """Attach a hook run once when `fn`'s message fails for good: `hook(ctx, event, error)`."""
-
-    def attach(hook: FailureHook) -> FailureHook:
-        reg = registry or default_registry
-        spec: HandlerSpec = fn.spec  # type: ignore[attr-defined]
-        updated = HandlerSpec(**{**spec.__dict__, "on_failure": hook})
-        reg.handlers[spec.id] = updated
-        fn.spec = updated  # type: ignore[attr-defined]
-        return hook
-
-    return attach

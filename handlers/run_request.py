@@ -9,11 +9,11 @@ request resumes the submission, which the backend makes idempotent.
 
 import msgpack
 
-from handlers import runs
+from handlers import jobs
 from handlers.context import Context
-from handlers.errors import PermanentError
+from handlers.errors import Rejected
 from handlers.ports import JobLaunch
-from handlers.registry import handler, on_failure
+from handlers.registry import handler
 from schemas import errors as codes
 from schemas import subjects
 from schemas.errors import ErrorInfo
@@ -21,24 +21,45 @@ from schemas.events import RunRequest, job_id_for
 from schemas.status import JobPhases, JobState, JobStatus
 
 
-@handler(subjects.RUN_REQUEST, schema=RunRequest, concurrency=32, retries=4, timeout_s=120)
-async def run_request(ctx: Context, event: RunRequest) -> None:
-    spec = await ctx.state.get_app(event.app)
-    if spec is None:
-        raise PermanentError(f"no app named {event.app!r} is registered", code=codes.UNKNOWN_APP)
-    if spec.kind != "job":
-        raise PermanentError(
-            f"{event.app!r} is a {spec.kind} app, not a job app", code=codes.WRONG_KIND
+async def _run_request_failed(ctx: Context, event: RunRequest, error: ErrorInfo) -> None:
+    """Tell the page why its run did not start, on the run's own status subject."""
+    job_id = event.job_id or job_id_for(event.app, event.session, event.idempotency_key, event.id)
+    if await ctx.state.jobs.get(job_id) is not None:
+        done = await jobs.advance(
+            ctx, job_id, lambda j: jobs.finish(j, JobState.FAILED, ctx.now(), error=error)
         )
+        if done is not None:
+            await jobs.publish(ctx, done)
+        return
+    status = JobStatus(
+        job_id=job_id, app=event.app, state=JobState.FAILED, error=error, session=event.session
+    )
+    await ctx.publish_status(subjects.job_status(job_id), status)
+
+
+@handler(
+    subjects.RUN_REQUEST,
+    schema=RunRequest,
+    concurrency=32,
+    retries=4,
+    timeout_s=120,
+    on_failure=_run_request_failed,
+)
+async def run_request(ctx: Context, event: RunRequest) -> None:
+    spec = await ctx.state.apps.get(event.app)
+    if spec is None:
+        raise Rejected(f"no app named {event.app!r} is registered", code=codes.UNKNOWN_APP)
+    if spec.kind != "job":
+        raise Rejected(f"{event.app!r} is a {spec.kind} app, not a job app", code=codes.WRONG_KIND)
     size = len(msgpack.packb(event.inputs, use_bin_type=True))
     if size > spec.max_input_bytes:
-        raise PermanentError(
+        raise Rejected(
             f"inputs are {size} bytes; {event.app} accepts at most {spec.max_input_bytes}",
             code=codes.TOO_LARGE,
         )
     job_id = event.job_id or job_id_for(event.app, event.session, event.idempotency_key, event.id)
     now = ctx.now()
-    job = runs.Job(
+    job = jobs.Job(
         job_id=job_id,
         app=event.app,
         session=event.session,
@@ -51,15 +72,15 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
         created_at=now,
         phases=JobPhases(queued=now),
     )
-    if await ctx.state.create(ctx.state.jobs, job_id, job) is not None:
+    if await ctx.state.jobs.create(job_id, job) is not None:
         ctx.log.info("job_queued", job_id=job_id)
-        await runs.publish(ctx, job)
+        await jobs.publish(ctx, job)
     else:
-        existing = await runs.load(ctx, job_id)
+        existing = await jobs.load(ctx, job_id)
         if existing.event_id != event.id or existing.state != JobState.QUEUED:
             # The same idempotency key again: the page gets the run's current status.
             ctx.log.info("job_request_repeated", job_id=job_id, state=existing.state)
-            await runs.publish(ctx, existing)
+            await jobs.publish(ctx, existing)
             return
         job = existing
         ctx.log.info("job_submit_resumed", job_id=job_id)
@@ -69,21 +90,3 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
     )
     await ctx.backend.submit_job(launch, spec)
     ctx.log.info("job_submitted", job_id=job_id)
-
-
-@on_failure(run_request)
-async def _run_request_failed(ctx: Context, event: RunRequest, error: ErrorInfo) -> None:
-    """Tell the page why its run did not start, on the run's own status subject."""
-    job_id = event.job_id or job_id_for(event.app, event.session, event.idempotency_key, event.id)
-    job = await ctx.state.read(ctx.state.jobs, job_id, runs.Job)
-    if job is not None:
-        done = await runs.advance(
-            ctx, job_id, lambda j: runs.finish(j, JobState.FAILED, ctx.now(), error=error)
-        )
-        if done is not None:
-            await runs.publish(ctx, done)
-        return
-    status = JobStatus(
-        job_id=job_id, app=event.app, state=JobState.FAILED, error=error, session=event.session
-    )
-    await ctx.publish_status(subjects.job_status(job_id), status)

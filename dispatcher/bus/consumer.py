@@ -6,6 +6,12 @@ in exactly one of: ack (done), nak with delay (try again), or dead-letter
 then term (no more tries). While a handler runs, the message's ack deadline
 is extended, so a slow start-up is not redelivered to another replica; if
 the process dies, the deadline lapses and another replica takes it over.
+
+What a page reads of a failure and what operators read are kept apart: the
+failure hook (which publishes the `failed` status) gets the error's own code
+and message only for a `PublicError`, else `internal` / "spinyard could not
+handle this event"; the full error goes to the `handler_failed` log line and
+the dead letter's reason.
 """
 
 import asyncio
@@ -14,22 +20,21 @@ import contextlib
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from structlog.typing import FilteringBoundLogger
 
 from dispatcher import logs
 from dispatcher.bus import deadletter
 from dispatcher.metrics import BUCKETS, new_registry
 from dispatcher.settings import HandlerSettings
 from handlers.context import Context
-from handlers.errors import PermanentError, RetryableError
+from handlers.errors import PermanentError, RetryableError, SpinyardError, public_info
 from handlers.registry import HandlerSpec
 from schemas import errors as codes
 from schemas import subjects
 from schemas.codec import DecodeError, decode
-from schemas.errors import ErrorInfo
 
 FETCH_TIMEOUT_S = 1.0  # long-poll length; also bounds how fast a stop is noticed
-_HIDDEN = ErrorInfo(code=codes.INTERNAL, message="spinyard could not handle this event")
 
 
 class HandlerMetrics:
@@ -169,20 +174,13 @@ class Consumer:
             raise
         except PermanentError as exc:
             outcome = "failed"
-            await self._give_up(
-                ctx,
-                msg,
-                event,
-                ErrorInfo(code=exc.code, message=exc.message),
-                f"{exc.code}: {exc.message}",
-                attempt,
-            )
+            await self._give_up(ctx, log, msg, event, exc, attempt)
         except RetryableError as exc:
-            outcome = await self._retry_or_give_up(ctx, msg, event, exc, exc.delay, attempt)
+            outcome = await self._retry_or_give_up(ctx, log, msg, event, exc, exc.delay, attempt)
         except Exception as exc:
             log.error("handler_raised", error=repr(exc), exc_info=True)
             outcome = await self._retry_or_give_up(
-                ctx, msg, event, exc, self.spec.backoff(attempt), attempt
+                ctx, log, msg, event, exc, self.spec.backoff(attempt), attempt
             )
         else:
             await msg.ack()
@@ -196,27 +194,49 @@ class Consumer:
                 duration_ms=round((loop.time() - started) * 1000, 2),
             )
 
-    async def _retry_or_give_up(self, ctx, msg, event, exc, delay: float, attempt: int) -> str:
+    async def _retry_or_give_up(
+        self,
+        ctx: Context,
+        log: FilteringBoundLogger,
+        msg: Msg,
+        event: BaseModel,
+        exc: Exception,
+        delay: float,
+        attempt: int,
+    ) -> str:
+        """Nak `msg` to be tried again after `delay`, or give up after the last try."""
         if attempt < self.spec.max_deliver:
             await msg.nak(delay=delay)
             return "retried"
-        error = (
-            ErrorInfo(code=codes.INTERNAL, message=str(exc))
-            if isinstance(exc, RetryableError)
-            else _HIDDEN
-        )
-        await self._give_up(
-            ctx, msg, event, error, f"after {attempt} tries: {exc!r}"[:1000], attempt
-        )
+        await self._give_up(ctx, log, msg, event, exc, attempt)
         return "dead_lettered"
 
-    async def _give_up(self, ctx, msg, event, error: ErrorInfo, reason: str, attempt: int) -> None:
+    async def _give_up(
+        self,
+        ctx: Context,
+        log: FilteringBoundLogger,
+        msg: Msg,
+        event: BaseModel,
+        exc: Exception,
+        attempt: int,
+    ) -> None:
+        """Fail `msg` for good: the page hears what it may, operators get the detail.
+
+        The failure hook (the page's `failed` status) gets `exc`'s code and
+        message only if it is a `PublicError`; the log line and the dead
+        letter carry the error's own code and full text.
+        """
+        code = exc.code if isinstance(exc, SpinyardError) else codes.INTERNAL
+        detail = f"{code}: {exc.message}" if isinstance(exc, SpinyardError) else repr(exc)
+        if attempt > 1:
+            detail = f"after {attempt} tries: {detail}"
+        log.warning("handler_failed", code=code, error=detail, error_type=type(exc).__name__)
         if self.spec.on_failure is not None:
             try:
-                await self.spec.on_failure(ctx, event, error)
-            except Exception as exc:
-                self.log.error("failure_hook_raised", error=repr(exc))
-        await self._dead_letter(msg, error.code, reason, attempt)
+                await self.spec.on_failure(ctx, event, public_info(exc))
+            except Exception as hook_exc:
+                log.error("failure_hook_raised", error=repr(hook_exc))
+        await self._dead_letter(msg, code, detail, attempt)
         await msg.term()
 
     async def _dead_letter(self, msg: Msg, code: str, reason: str, attempt: int) -> None:

@@ -29,5 +29,5 @@ async def register(state: State, paths: list[Path]) -> list[AppSpec]:
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
     for spec in specs:
-        await state.put_app(spec)
+        await state.apps.put(spec.name, spec)
     return specs

@@ -178,7 +178,7 @@ async def post_event(request: web.Request) -> web.Response:
             subject = subjects.event_for(kind, event.job_id)
         else:
             await authorize(request, event.app, None)
-            spec = await request.app[STATE].get_app(event.app)
+            spec = await request.app[STATE].apps.get(event.app)
             if spec is None:
                 raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {event.app!r}")
             if spec.kind != NEEDS_KIND[kind]:
@@ -227,7 +227,7 @@ async def post_event(request: web.Request) -> web.Response:
 
 
 async def list_apps(request: web.Request) -> web.Response:
-    specs = sorted(await request.app[STATE].list_apps(), key=lambda s: s.name)
+    specs = sorted((e.value for e in await request.app[STATE].apps.scan()), key=lambda s: s.name)
     return web.json_response(
         [
             {

@@ -22,8 +22,9 @@ from yarl import URL
 
 from dispatcher import logs
 from dispatcher.gateway import GatewayError, error_response
+from handlers.deployments import SHARED, slot_key
 from handlers.ports import Backend
-from handlers.state import SHARED, Deployment, State, slot_key
+from handlers.state import State
 from schemas import errors as codes
 from schemas.names import INSTANCE_ID_RE, check_app
 from schemas.status import AppState
@@ -139,7 +140,7 @@ class Proxy:
             raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}") from exc
         if self.authorize is not None:  # the redirect reveals the instance's URL
             await self.authorize(request, name, None)
-        entry = await self.state.read(self.state.deployments, key, Deployment)
+        entry = await self.state.deployments.read(key)
         if entry is None or entry.value.state != AppState.READY or not entry.value.url:
             raise GatewayError(404, codes.NOT_FOUND, f"{name!r} has no ready shared instance")
         raise web.HTTPFound(entry.value.url)

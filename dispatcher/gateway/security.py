@@ -24,7 +24,7 @@ from yarl import URL
 from dispatcher.gateway import SESSION, GatewayError
 from dispatcher.gateway.auth import Authenticator, AuthError, mint
 from dispatcher.settings import AuthSettings
-from handlers.runs import Job
+from handlers.jobs import Job
 from handlers.state import State
 from schemas import errors as codes
 from schemas.names import JOB_ID_RE, check_app, check_session
@@ -57,7 +57,7 @@ class Guard:
         cached = self._specs.get(app)
         if cached and now - cached[0] < SPEC_TTL_S:
             return cached[1]
-        spec = await self.state.get_app(app)
+        spec = await self.state.apps.get(app)
         self._specs[app] = (now, spec)
         return spec
 
@@ -99,11 +99,11 @@ class Guard:
         a page asks for the run's status at once; so an unknown id is watched for
         up to `JOB_RECORD_WAIT_S` before it is a 404.
         """
-        entry = await self.state.read(self.state.jobs, job_id, Job)
+        entry = await self.state.jobs.read(job_id)
         if entry is not None:
             return entry.value.app, entry.value.session
         if JOB_ID_RE.match(job_id):
-            watcher = await self.state.jobs.watch(job_id)
+            watcher = await self.state.jobs.kv.watch(job_id)
             try:
                 async with asyncio.timeout(JOB_RECORD_WAIT_S):
                     async for update in watcher:

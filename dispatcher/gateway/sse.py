@@ -108,7 +108,7 @@ class StatusStreams:
             raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}") from exc
         request[SESSION] = request.query.get("session")
         await self.authorize(request, name, None)
-        spec = await self.state.get_app(name)
+        spec = await self.state.apps.get(name)
         if spec is None:
             raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}")
         session = None

@@ -4,15 +4,18 @@ import asyncio
 import contextlib
 
 import pytest
+from structlog.testing import capture_logs
 
 from dispatcher import bus, compose
 from dispatcher.runtime import Handlers
-from handlers.errors import PermanentError, RetryableError
+from handlers.errors import HIDDEN, PermanentError, PublicError, Rejected, RetryableError
 from handlers.ports import Backend
 from handlers.registry import Registry, handler
 from schemas import subjects
-from schemas.codec import encode
+from schemas.codec import decode, encode
+from schemas.errors import ErrorInfo
 from schemas.events import PageLoad
+from schemas.status import AppState, AppStatus
 from tests.helpers import wait_for
 
 
@@ -126,16 +129,13 @@ async def test_permanent_error_dead_letters_at_once_and_runs_failure_hook(settin
     registry = Registry()
     calls, hooked = [], []
 
-    @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=5, registry=registry)
-    async def nope(ctx, event):
-        calls.append(1)
-        raise PermanentError("no such thing", code="unknown_app")
-
-    from handlers.registry import on_failure
-
-    @on_failure(nope, registry=registry)
     async def hook(ctx, event, error):
         hooked.append(error)
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=5, on_failure=hook, registry=registry)
+    async def nope(ctx, event):
+        calls.append(1)
+        raise Rejected("no such thing", code="unknown_app")
 
     service, task = await _run(settings, registry, nats)
     js = nats.jetstream()
@@ -144,8 +144,107 @@ async def test_permanent_error_dead_letters_at_once_and_runs_failure_hook(settin
     service.stop()
     await task
     assert calls == [1]
-    assert hooked[0].code == "unknown_app"
+    # A public error reaches the page as it is.
+    assert (hooked[0].code, hooked[0].message) == ("unknown_app", "no such thing")
     assert dead[0].headers["Spinyard-Error-Code"] == "unknown_app"
+
+
+SECRET_DETAIL = "spinyard's service account may not create pods in ns-x (see the Role spinyard)"
+
+
+async def test_a_non_public_error_reaches_the_page_as_internal_and_operators_in_full(
+    settings, nats
+):
+    """Don't-retry is not show-the-browser: a permanent error that is not public gives the
+    page a generic code and message; the log and the dead letter carry the detail."""
+    registry = Registry()
+    calls, hooked = [], []
+
+    async def hook(ctx, event, error):
+        hooked.append(error)
+        status = AppStatus(app=event.app, state=AppState.FAILED, error=error)
+        await ctx.publish_status(subjects.app_status(event.app), status)
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=5, on_failure=hook, registry=registry)
+    async def forbidden(ctx, event):
+        calls.append(1)
+        raise PermanentError(SECRET_DETAIL, code="forbidden")
+
+    with capture_logs() as logged:
+        service, task = await _run(settings, registry, nats)
+        js = nats.jetstream()
+        await _publish(js, PageLoad(app="a/b", session="s1"))
+        dead = await wait_for(lambda: _dead_letters(js, subjects.PAGE_LOAD), what="dead letter")
+        service.stop()
+        await task
+    assert calls == [1]  # permanent: not retried
+    status = decode(
+        AppStatus, (await js.get_last_msg(subjects.STATUS_STREAM, subjects.app_status("a/b"))).data
+    )
+    assert status.state == AppState.FAILED
+    assert status.error == hooked[0] == HIDDEN
+    assert status.error.code == "internal"
+    assert status.error.message == "spinyard could not handle this event"
+    # Operators: the dead letter and the log line have the error's own code and text.
+    assert dead[0].headers["Spinyard-Error-Code"] == "forbidden"
+    assert SECRET_DETAIL in dead[0].headers["Spinyard-Reason"]
+    failed = [e for e in logged if e["event"] == "handler_failed"]
+    assert len(failed) == 1
+    assert failed[0]["code"] == "forbidden" and SECRET_DETAIL in failed[0]["error"]
+    assert failed[0]["handler"] == "page_load" and failed[0]["app"] == "a/b"
+    handled = [e for e in logged if e["event"] == "message_handled"]
+    assert [e["outcome"] for e in handled] == ["failed"]
+
+
+class Busy(RetryableError, PublicError):
+    """A retryable error whose message is written for the page."""
+
+
+@pytest.mark.parametrize(
+    ("error", "page_sees"),
+    [
+        (RetryableError(SECRET_DETAIL, delay=0.05), HIDDEN),
+        (ValueError(SECRET_DETAIL), HIDDEN),
+        (
+            Busy("the app is busy, try later", delay=0.05, code="unavailable"),
+            ErrorInfo(code="unavailable", message="the app is busy, try later"),
+        ),
+    ],
+)
+async def test_after_the_last_try_the_page_sees_only_a_public_error(
+    settings, nats, error, page_sees
+):
+    registry = Registry()
+    calls, hooked = [], []
+
+    async def hook(ctx, event, error):
+        hooked.append(error)
+
+    @handler(
+        subjects.PAGE_LOAD,
+        schema=PageLoad,
+        retries=1,
+        backoff_s=(0.05,),
+        on_failure=hook,
+        registry=registry,
+    )
+    async def flaky(ctx, event):
+        calls.append(1)
+        raise error
+
+    with capture_logs() as logged:
+        service, task = await _run(settings, registry, nats)
+        js = nats.jetstream()
+        await _publish(js, PageLoad(app="a/b", session="s1"))
+        dead = await wait_for(lambda: _dead_letters(js, subjects.PAGE_LOAD), what="dead letter")
+        service.stop()
+        await task
+    assert calls == [1, 1]
+    assert hooked == [page_sees]
+    reason = dead[0].headers["Spinyard-Reason"]
+    assert reason.startswith("after 2 tries") and str(error) in reason
+    failed = [e for e in logged if e["event"] == "handler_failed"]
+    assert len(failed) == 1 and str(error) in failed[0]["error"]
 
 
 async def test_retryable_error_is_retried_after_its_delay(settings, nats):

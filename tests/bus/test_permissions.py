@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
+import msgpack
 import nats
 import pytest
 from nats.aio.client import Client
@@ -24,6 +25,7 @@ from dispatcher.bus import permissions as natsauth
 from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.settings import HandlerSettings, NatsSettings, Settings
 from handlers.registry import HandlerSpec, default_registry
+from handlers.state import Records
 from schemas import subjects
 from tests.helpers import ROOT, wait_for
 
@@ -33,6 +35,12 @@ PASSWORDS = {role: f"pw {role} $x-1" for role in natsauth.ROLES}
 
 class _Event(BaseModel):
     pass
+
+
+class Probe(BaseModel):
+    """A record any bucket can hold: the scan only has to decode it."""
+
+    n: int
 
 
 async def _noop(ctx, event) -> None:
@@ -217,12 +225,13 @@ async def test_handler_sets_up_and_does_its_work(connect):
 
     # KV: compare-and-set writes, reads, listing and watching, on every bucket.
     state = await bus.ensure_state(handler.js, NatsSettings())
-    for kv in (state.apps, state.deployments, state.jobs):
+    for records in (state.apps, state.deployments, state.jobs):
+        kv = records.kv
         rev = await kv.create("o.t", b"1")
-        rev = await kv.update("o.t", b"2", last=rev)
-        assert (await kv.get("o.t")).value == b"2"
+        rev = await kv.update("o.t", msgpack.packb({"n": 2}), last=rev)
+        assert (await kv.get("o.t")).value == msgpack.packb({"n": 2})
         assert await kv.keys() == ["o.t"]
-        assert [k for k, _, _ in await state.scan(kv)] == ["o.t"]
+        assert [e.key for e in await Records(kv, Probe).scan()] == ["o.t"]
         await kv.delete("o.t", last=rev)
     assert handler.errors.empty() and gateway.errors.empty()
 
@@ -284,8 +293,8 @@ async def test_gateway_publishes_browser_events_and_reads_state(connect):
     gateway = await connect(natsauth.GATEWAY)
     await set_up(admin)
     state = await bus.ensure_state(admin.js, NatsSettings())
-    await state.apps.put("o.t", b"spec")
-    await state.deployments.put("o.t.shared", b"dep")
+    await state.apps.kv.put("o.t", b"spec")
+    await state.deployments.kv.put("o.t.shared", b"dep")
     status_subject = subjects.app_status("o/t")
     await admin.js.publish(status_subject, b"ready")
 

@@ -16,7 +16,7 @@ async def env(settings):
     js = nc.jetstream(timeout=2.0)
     state = await bus.ensure(js, settings.nats, [], settings.handlers)
     for spec in (VIZ, PER, JOB):
-        await state.put_app(spec)
+        await state.apps.put(spec.name, spec)
     http = aiohttp.ClientSession()
     e = Env(settings, nc, js, state, TargetBackend(), http)
     try:

@@ -17,7 +17,7 @@ from yarl import URL
 
 from dispatcher.gateway import SESSION, GatewayError
 from dispatcher.gateway.app import STREAMS
-from handlers.state import SHARED, Deployment, slot_key
+from handlers.deployments import SHARED, Deployment, slot_key
 from schemas import subjects
 from schemas.codec import decode_event
 from schemas.events import Heartbeat, PageLoad, RunCancel, RunRequest
@@ -440,7 +440,7 @@ async def test_app_root_redirects_to_the_ready_shared_instance(env):
         created_at=1.0,
         last_page_load=1.0,
     )
-    await env.state.put(env.state.deployments, slot_key("demo/viz", SHARED), dep)
+    await env.state.deployments.put(slot_key("demo/viz", SHARED), dep)
     async with env.http.get(url, allow_redirects=False) as r:
         assert r.status == 302 and r.headers["Location"] == dep.url
 

@@ -7,7 +7,7 @@ import pytest
 from dispatcher.gateway.auth import mint
 from dispatcher.gateway.security import Guard
 from dispatcher.settings import AuthSettings
-from handlers.runs import Job
+from handlers.jobs import Job
 from schemas.spec import AppSpec
 from schemas.status import JobState
 from tests.gateway.support import INSTANCE, PREFIX
@@ -21,7 +21,7 @@ FRAMED = AppSpec(
 @pytest.fixture
 async def secured(env):
     """A second gateway on the same bus, with authentication on."""
-    await env.state.put_app(FRAMED)
+    await env.state.apps.put(FRAMED.name, FRAMED)
     guard = Guard(AuthSettings(hs256_secret=SECRET), env.state, "http://gateway.test")
     env.url = (await env.start(guard=guard)).url
     return env
@@ -39,7 +39,7 @@ async def queued_run(env, job_id: str, session: str | None = None) -> Job:
         retention_s=60,
         created_at=time.time(),
     )
-    await env.state.put(env.state.jobs, job.job_id, job)
+    await env.state.jobs.put(job.job_id, job)
     return job
 
 

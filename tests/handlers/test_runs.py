@@ -95,7 +95,8 @@ async def running(settings, s3_endpoint, handler_ids=None):
     service = Handlers(settings, handler_ids, nc=nc, state=state, backend=backend, store=store)
     task = asyncio.create_task(service.run(), name="handlers-under-test")
     await asyncio.wait_for(service.ready.wait(), 10)
-    await state.put_app(model_spec())
+    spec = model_spec()
+    await state.apps.put(spec.name, spec)
     try:
         yield runs
     finally:
@@ -171,7 +172,7 @@ async def _none_alive(runs):
 
 
 async def test_deadline_stops_the_run_as_timed_out(runs):
-    await runs.state.put_app(model_spec(name="demo/slow", deadline_s=1))
+    await runs.state.apps.put("demo/slow", model_spec(name="demo/slow", deadline_s=1))
     job = await runs.request(app="demo/slow", inputs={"mode": "sleep", "seconds": 60})
     timed_out = await runs.wait_state(job, "timed_out", timeout=20)
     assert timed_out["error"]["code"] == "deadline_exceeded"
@@ -189,7 +190,7 @@ async def test_repeated_idempotency_key_runs_once(runs, tmp_path):
 
 
 async def test_oversize_inputs_fail_with_too_large(runs):
-    await runs.state.put_app(model_spec(name="demo/tiny", max_input_bytes=64))
+    await runs.state.apps.put("demo/tiny", model_spec(name="demo/tiny", max_input_bytes=64))
     job = await runs.request(app="demo/tiny", inputs={"blob": "x" * 500})
     failed = await runs.wait_state(job, "failed")
     assert failed["error"]["code"] == "too_large"

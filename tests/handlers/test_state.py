@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from dispatcher import bus
-from handlers.state import Deployment, slot_key
+from handlers.deployments import Deployment, session_slot, slot_key
+from handlers.pools import PoolIndex
 from schemas.spec import AppSpec
 from schemas.status import AppState
 
@@ -31,41 +32,77 @@ def dep(instance="i-0000000000000001", **kw) -> Deployment:
 
 
 async def test_scan_of_an_empty_bucket_is_empty(state):
-    assert await state.scan(state.apps) == []
-    assert await state.list_apps() == []
+    assert await state.apps.scan() == []
+    assert await state.jobs.scan() == []
 
 
 async def test_scan_sees_every_live_key_and_no_deleted_one(state):
     for i in range(60):
-        await state.put_app(AppSpec(name=f"demo/app{i}", command=["x"]))
-    await state.delete_app("demo/app7")
-    await state.put_app(AppSpec(name="demo/app8", command=["y"]))  # overwritten: latest value
+        await state.apps.put(f"demo/app{i}", AppSpec(name=f"demo/app{i}", command=["x"]))
+    await state.apps.delete("demo/app7")
+    await state.apps.put("demo/app8", AppSpec(name="demo/app8", command=["y"]))  # latest value
     # Many scans at once, while the loop is busy: each must see all 59 apps.
-    results = await asyncio.gather(*(state.list_apps() for _ in range(20)))
+    results = await asyncio.gather(*(state.apps.scan() for _ in range(20)))
     for apps in results:
-        by_name = {a.name: a for a in apps}
+        by_name = {a.key: a.value for a in apps}
         assert len(by_name) == 59 and "demo/app7" not in by_name
         assert by_name["demo/app8"].command == ["y"]
 
 
 async def test_scan_with_a_pattern_that_matches_nothing(state):
-    await state.put_app(AppSpec(name="demo/one", command=["x"]))
-    assert await state.scan(state.apps, "other.>") == []
-    assert [k for k, _, _ in await state.scan(state.apps, "demo.>")] == ["demo.one"]
+    await state.apps.put("demo/one", AppSpec(name="demo/one", command=["x"]))
+    assert await state.apps.scan("other.>") == []
+    assert [e.key for e in await state.apps.scan("demo.>")] == ["demo/one"]
 
 
 async def test_create_wins_once_and_update_needs_the_current_revision(state):
     key = slot_key("demo/x", "shared")
     results = await asyncio.gather(
-        *(state.create(state.deployments, key, dep(f"i-{i:016d}")) for i in range(10))
+        *(state.deployments.create(key, dep(f"i-{i:016d}")) for i in range(10))
     )
     assert sum(r is not None for r in results) == 1
-    entry = await state.read(state.deployments, key, Deployment)
+    entry = await state.deployments.read(key)
     newer = entry.value.model_copy(update={"state": AppState.READY})
-    assert await state.update(state.deployments, key, newer, entry.revision) is not None
-    assert await state.update(state.deployments, key, newer, entry.revision) is None  # stale
-    assert not await state.delete(state.deployments, key, entry.revision)  # stale
-    assert await state.delete(state.deployments, key)
-    assert await state.read(state.deployments, key, Deployment) is None
+    assert await state.deployments.update(key, newer, entry.revision) is not None
+    assert await state.deployments.update(key, newer, entry.revision) is None  # stale
+    assert not await state.deployments.delete(key, entry.revision)  # stale
+    assert await state.deployments.delete(key)
+    assert await state.deployments.read(key) is None
     # A deleted key can be created again.
-    assert await state.create(state.deployments, key, dep()) is not None
+    assert await state.deployments.create(key, dep()) is not None
+
+
+async def test_records_are_typed_and_pools_share_the_deployments_bucket(state):
+    """Each accessor reads its own model; a pool lives beside its app's deployments
+    (`owner.title.pool`, the layout the gateway reads) and never shows up as one."""
+    key = slot_key("demo/x", "shared")
+    await state.deployments.put(key, dep())
+    # A session named "pool" is a deployment, not the app's pool.
+    per_session = slot_key("demo/x", session_slot("pool"))
+    await state.deployments.put(per_session, dep(session="pool", slot=session_slot("pool")))
+    pool = PoolIndex(starting={"i-0000000000000002": 1.0})
+    assert await state.pools.create("demo/x", pool) is not None
+    assert await state.pools.create("demo/x", pool) is None  # exists
+
+    assert (await state.deployments.kv.get("demo.x.pool")).revision > 0
+    assert await state.pools.get("demo/x") == pool
+    assert isinstance(await state.deployments.get(key), Deployment)
+    assert sorted(e.key for e in await state.deployments.scan()) == sorted([key, per_session])
+    assert [(e.key, e.value) for e in await state.pools.scan()] == [("demo/x", pool)]
+
+
+async def test_change_retries_on_conflict_and_creates_from_a_default(state):
+    seen = []
+
+    def add(index: PoolIndex) -> PoolIndex:
+        seen.append(index.size())
+        index.starting[f"i-{len(index.starting):016d}"] = 1.0
+        return index
+
+    assert await state.pools.change("demo/y", add) is None  # absent, no default: left alone
+    entries = await asyncio.gather(
+        *(state.pools.change("demo/y", add, default=PoolIndex) for _ in range(5))
+    )
+    assert sorted(e.value.size() for e in entries) == [1, 2, 3, 4, 5]  # none lost
+    assert (await state.pools.get("demo/y")).size() == 5
+    assert await state.pools.change("demo/y", lambda index: None) is None  # declined

@@ -18,12 +18,14 @@ import aiohttp
 import msgpack
 import pytest
 from nats.js.errors import NotFoundError
+from structlog.testing import capture_logs
 
 from dispatcher import bus, compose
 from dispatcher.backends.local.backend import LocalBackend
 from dispatcher.runtime import Handlers
+from handlers.deployments import SHARED, slot_key
+from handlers.errors import PermanentError
 from handlers.registry import default_registry
-from handlers.state import SHARED, Deployment, PoolIndex, slot_key
 from schemas import subjects
 from schemas.codec import encode
 from schemas.events import Heartbeat, PageLoad
@@ -68,7 +70,7 @@ class Stack:
         self.state = None
 
     async def register(self, spec: AppSpec):
-        await self.state.put_app(spec)
+        await self.state.apps.put(spec.name, spec)
 
     async def page_load(self, app, session="s-1"):
         event = PageLoad(app=app, session=session)
@@ -97,8 +99,7 @@ class Stack:
         return [i for i in await self.backend.list_instances() if i.kind == "viz" and i.alive]
 
     async def record(self, app, slot=SHARED):
-        entry = await self.state.read(self.state.deployments, slot_key(app, slot), Deployment)
-        return entry.value if entry else None
+        return await self.state.deployments.get(slot_key(app, slot))
 
 
 @pytest.fixture
@@ -269,11 +270,10 @@ async def test_each_hard_limit_reaps_despite_heartbeats(stack, limits, reason):
 
 async def test_warm_pool_is_filled_claimed_and_refilled(stack):
     await stack.register(hello_spec(name="demo/pooled", pool=Pool(size=2)))
-    pool_key = slot_key("demo/pooled", "pool")
 
     async def warm():
-        entry = await stack.state.read(stack.state.deployments, pool_key, PoolIndex)
-        return [m.instance for m in entry.value.warm] if entry else []
+        index = await stack.state.pools.get("demo/pooled")
+        return [m.instance for m in index.warm] if index else []
 
     filled = await wait_for(lambda: _len_is(warm, 2), timeout=30, what="pool of 2 warm")
     await stack.page_load("demo/pooled")
@@ -415,3 +415,40 @@ async def test_times_the_backend_observed_go_into_the_status(settings):
         1000.5,
     )
     assert phases["ready"] > phases["started"]  # the handler's own time, none observed
+
+
+FORBIDDEN = "spinyard's service account may not create deployments in apps-ns (see the Role)"
+
+
+class ForbiddenBackend(LocalBackend):
+    """A backend whose cluster refuses spinyard, as a Kubernetes 403 does."""
+
+    async def start_viz(self, instance_id, spec, *, pooled=False):
+        raise PermanentError(FORBIDDEN, code="forbidden")
+
+
+async def test_a_refusal_meant_for_operators_never_reaches_the_page(settings):
+    with capture_logs() as logged:
+        async with running_stack(settings, backend_cls=ForbiddenBackend) as stack:
+            await stack.register(hello_spec())
+            await stack.page_load("demo/hello")
+            subject = subjects.app_status("demo/hello")
+            failed = await stack.wait_state(subject, "failed")
+            dead = await wait_for(lambda: _dead_letter(stack.js), what="dead letter")
+    assert failed["error"] == {
+        "code": "internal",
+        "message": "spinyard could not handle this event",
+    }
+    assert not any("service account" in repr(s) for s in stack.statuses.by_subject[subject])
+    assert dead.headers["Spinyard-Error-Code"] == "forbidden"
+    assert FORBIDDEN in dead.headers["Spinyard-Reason"]
+    assert any(
+        e["event"] == "handler_failed" and FORBIDDEN in e["error"] and e["app"] == "demo/hello"
+        for e in logged
+    )
+
+
+async def _dead_letter(js):
+    with contextlib.suppress(NotFoundError):
+        return await js.get_last_msg(subjects.DEAD_STREAM, subjects.dead(subjects.PAGE_LOAD))
+    return None

@@ -55,7 +55,7 @@ async def k8s(make):
 
 async def test_page_load_makes_a_deployment_and_reports_ready_with_pod_times(settings, k8s, server):
     async with handlers_on(settings, k8s) as (js, state, seen):
-        await state.put_app(k8s_spec(name="test/echo"))
+        await state.apps.put("test/echo", k8s_spec(name="test/echo"))
         event = PageLoad(app="test/echo", session="s-1")
         await js.publish(subjects.event("page_load", event.app), encode(event))
         subject = subjects.app_status("test/echo")
@@ -75,7 +75,7 @@ async def test_reaper_removes_managed_objects_no_record_names(settings, k8s, ser
     await k8s.start_viz("i-0000000000000abc", spec)  # started, then its record "lost"
     await wait_for(lambda: server.objects_of(k8s_api.DEPLOYMENTS), what="orphan deployment")
     async with handlers_on(settings, k8s) as (_js, state, _seen):
-        await state.put_app(spec)
+        await state.apps.put(spec.name, spec)
         await wait_for(
             lambda: not server.objects_of(k8s_api.DEPLOYMENTS),
             timeout=15,
@@ -86,7 +86,7 @@ async def test_reaper_removes_managed_objects_no_record_names(settings, k8s, ser
 
 async def test_a_run_goes_queued_running_succeeded_as_a_job(settings, k8s, server):
     async with handlers_on(settings, k8s) as (js, state, seen):
-        await state.put_app(model_spec(name="test/model", image=IMAGE))
+        await state.apps.put("test/model", model_spec(name="test/model", image=IMAGE))
         event = RunRequest(app="test/model", session="s-1", inputs={"n": 2})
         await js.publish(subjects.event("run_request", event.app), encode(event))
         job_id = job_id_for(event.app, event.session, None, event.id)

@@ -1,24 +1,31 @@
-"""Run (job) records and status, shared by run_request, run_cancel, job_update and the reaper.
+"""Runs (jobs): the record of one run, and its operations.
 
-A run's record lives in the jobs bucket under its job id. Its state only
-moves forward: queued -> running -> one terminal state; a late or repeated
-backend report for a finished run is ignored.
+A run's record lives in the jobs bucket under its job id (see
+`handlers.state`); run_request, run_cancel, job_update and reaper_tick share
+these operations. Its state only moves forward: queued -> running -> one
+terminal state; a late or repeated backend report for a finished run is ignored.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from handlers.context import Context
-from handlers.errors import PermanentError
+from handlers.errors import Rejected
 from schemas import errors as codes
 from schemas import subjects
 from schemas.errors import ErrorInfo
 from schemas.status import JobPhases, JobState, JobStatus, ResultRef
 
+if TYPE_CHECKING:  # the context holds the state, which holds these records
+    from handlers.context import Context
+
 
 class Job(BaseModel):
+    """One run of a job app: what it was asked, where it is, how it ended."""
+
     job_id: str
     app: str
     session: str | None = None
@@ -37,6 +44,7 @@ class Job(BaseModel):
 
 
 def status_of(job: Job) -> JobStatus:
+    """The status pages see for `job`."""
     return JobStatus(
         job_id=job.job_id,
         app=job.app,
@@ -51,6 +59,7 @@ def status_of(job: Job) -> JobStatus:
 
 
 async def publish(ctx: Context, job: Job) -> None:
+    """Publish `job`'s status on its own subject."""
     await ctx.publish_status(subjects.job_status(job.job_id), status_of(job))
 
 
@@ -58,21 +67,21 @@ async def load(ctx: Context, job_id: str) -> Job:
     """The run's record.
 
     Raises:
-        PermanentError: no run has that id.
+        Rejected: no run has that id.
     """
-    entry = await ctx.state.read(ctx.state.jobs, job_id, Job)
-    if entry is None:
-        raise PermanentError(f"no run with id {job_id!r}", code=codes.NOT_FOUND)
-    return entry.value
+    job = await ctx.state.jobs.get(job_id)
+    if job is None:
+        raise Rejected(f"no run with id {job_id!r}", code=codes.NOT_FOUND)
+    return job
 
 
 async def advance(ctx: Context, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
-    """Compare-and-set `change` on a run's record (see `State.change`).
+    """Compare-and-set `change` on a run's record (see `Records.change`).
 
     Returns:
         The written record, or None if the run is gone or `change` declined.
     """
-    entry = await ctx.state.change(ctx.state.jobs, job_id, Job, change)
+    entry = await ctx.state.jobs.change(job_id, change)
     return entry.value if entry else None
 
 

@@ -1,4 +1,4 @@
-"""reaper: one pass over every deployment on each tick.
+"""reaper_tick: one pass over every deployment, pool and run on each tick.
 
 A pass (1) stops deployments past an idle limit, (2) fails starts that
 overran their timeout, (3) keeps warm pools at size, a few refills per app
@@ -10,12 +10,14 @@ on a per-interval message id, so any number of reaper replicas make one pass
 per interval between them.
 """
 
-from handlers import runs
+from collections.abc import Callable
+
+from handlers import deployments, jobs, pools
 from handlers.context import Context
-from handlers.pool import change_pool, request_refill
+from handlers.deployments import LIVE, Deployment, status_of, status_subject
+from handlers.pools import PoolIndex
+from handlers.ports import Instance
 from handlers.registry import handler
-from handlers.state import POOL, Deployment, PoolIndex, slot_key
-from handlers.viz import LIVE, status_of, status_subject, stop_deployment
 from schemas import errors as codes
 from schemas import subjects
 from schemas.errors import ErrorInfo
@@ -43,25 +45,24 @@ def idle_reason(dep: Deployment, spec: AppSpec, now: float) -> str | None:
 @handler(subjects.REAPER_TICK, schema=ReaperTick, concurrency=1, retries=1, timeout_s=300)
 async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
     now = ctx.now()
-    apps = {spec.name: spec for spec in await ctx.state.list_apps()}
+    apps = {entry.key: entry.value for entry in await ctx.state.apps.scan()}
     instances = {i.id: i for i in await ctx.backend.list_instances()}
     known: set[str] = set()
     counts = {"reaped": 0, "failed": 0, "orphans": 0, "refills": 0}
 
-    for key, raw, rev in await ctx.state.scan(ctx.state.deployments):
-        if key.endswith(f".{POOL}"):
-            known.update(await _tend_pool(ctx, PoolIndex.model_validate(raw), key, apps, now))
-            continue
-        dep = Deployment.model_validate(raw)
+    for pool in await ctx.state.pools.scan():
+        known.update(await _tend_pool(ctx, pool.value, pool.key, apps, now))
+    for entry in await ctx.state.deployments.scan():
+        key, dep, rev = entry.key, entry.value, entry.revision
         known.add(dep.instance)
         spec = apps.get(dep.app)
         if dep.state not in LIVE:
             if dep.state != AppState.STOPPING and now - dep.created_at > KEEP_ENDED_S:
-                await ctx.state.delete(ctx.state.deployments, key, rev)
+                await ctx.state.deployments.delete(key, rev)
             continue
         reason = "app_removed" if spec is None else idle_reason(dep, spec, now)
         if reason:
-            counts["reaped"] += await stop_deployment(ctx, key, dep, rev, reason)
+            counts["reaped"] += await deployments.stop(ctx, key, dep, rev, reason)
             continue
         timeout = spec.start_timeout_s + ctx.knobs.reconcile_grace_s
         instance = instances.get(dep.instance)
@@ -76,7 +77,7 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
         else:
             continue
         failed = dep.model_copy(update={"state": AppState.FAILED, "error": error})
-        if await ctx.state.update(ctx.state.deployments, key, failed, rev) is not None:
+        if await ctx.state.deployments.update(key, failed, rev) is not None:
             await ctx.backend.stop_viz(dep.instance)
             await ctx.publish_status(status_subject(dep), status_of(failed))
             ctx.log.warning("viz_deployment_failed", instance=dep.instance, code=error.code)
@@ -84,7 +85,9 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
 
     for spec in apps.values():
         if spec.kind == "viz" and spec.pool.size:
-            counts["refills"] += await request_refill(ctx, spec, ctx.knobs.pool_refill_per_tick)
+            counts["refills"] += await pools.request_refill(
+                ctx, spec, ctx.knobs.pool_refill_per_tick
+            )
 
     for instance in instances.values():
         if instance.kind != "viz" or instance.id in known:
@@ -97,30 +100,32 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
     ctx.log.info("reaper_pass_finished", deployments=len(known), **counts)
 
 
-def _timed_out(now: float):
-    error = runs.failure(JobState.TIMED_OUT)
-    return lambda job: runs.finish(job, JobState.TIMED_OUT, now, error=error)
+def _timed_out(now: float) -> Callable[[jobs.Job], jobs.Job | None]:
+    error = jobs.failure(JobState.TIMED_OUT)
+    return lambda job: jobs.finish(job, JobState.TIMED_OUT, now, error=error)
 
 
-async def _tend_jobs(ctx: Context, instances: dict, now: float, counts: dict) -> None:
+async def _tend_jobs(
+    ctx: Context, instances: dict[str, Instance], now: float, counts: dict[str, int]
+) -> None:
     """Stop runs past their deadline, drop results past retention, cancel unknown jobs."""
     grace = ctx.knobs.reconcile_grace_s
     known: set[str] = set()
-    for job_id, raw, _ in await ctx.state.scan(ctx.state.jobs):
-        job = runs.Job.model_validate(raw)
+    for entry in await ctx.state.jobs.scan():
+        job_id, job = entry.key, entry.value
         known.add(job_id)
         if not job.state.terminal and now - job.created_at > job.deadline_s + grace:
             # Record the verdict first: the backend's own `cancelled` report for
             # the stop below must find the run already ended.
-            done = await runs.advance(ctx, job_id, _timed_out(now))
+            done = await jobs.advance(ctx, job_id, _timed_out(now))
             await ctx.backend.cancel_job(job_id)
             if done is not None:
-                await runs.publish(ctx, done)
+                await jobs.publish(ctx, done)
                 counts["timed_out"] = counts.get("timed_out", 0) + 1
         elif job.state.terminal and now - (job.phases.finished or job.created_at) > job.retention_s:
             if ctx.store is not None:
                 await ctx.store.delete_job(job_id)
-            await ctx.state.delete(ctx.state.jobs, job_id)
+            await ctx.state.jobs.delete(job_id)
             ctx.log.info("job_expired", job_id=job_id)
             counts["expired"] = counts.get("expired", 0) + 1
     for instance in instances.values():
@@ -135,10 +140,9 @@ async def _tend_jobs(ctx: Context, instances: dict, now: float, counts: dict) ->
 
 
 async def _tend_pool(
-    ctx: Context, index: PoolIndex, key: str, apps: dict[str, AppSpec], now: float
+    ctx: Context, index: PoolIndex, app: str, apps: dict[str, AppSpec], now: float
 ) -> set[str]:
     """Expire stuck reservations and empty pools of removed apps. Returns the instances kept."""
-    app = key.rsplit(".", 1)[0].replace(".", "/", 1)
     spec = apps.get(app)
     timeout = (spec.start_timeout_s if spec else 0.0) + ctx.knobs.reconcile_grace_s
     expired = {i for i, t in index.starting.items() if spec is None or now - t > timeout}
@@ -156,12 +160,9 @@ async def _tend_pool(
             idx.warm = [m for m in idx.warm if m.instance not in drop]
             return True
 
-        await change_pool(ctx, app, remove)
+        await pools.change(ctx, app, remove)
         for instance in drop:
             await ctx.backend.stop_viz(instance)
             ctx.log.info("pool_instance_dropped", instance=instance, app=app)
     kept = {m.instance for m in index.warm} | set(index.starting)
     return kept - drop
-
-
-__all__ = ["idle_reason", "reaper_tick", "slot_key"]

@@ -1,0 +1,54 @@
+"""pool_refill: start one reserved warm instance and, once ready, list it as warm.
+
+`pools.request_refill` (on a claim, and on each reaper tick) reserves a
+place in an app's pool and publishes one `pool_refill` event per place; this
+handler starts that instance. A reservation that expired or an app that went
+away leaves nothing running.
+"""
+
+from handlers import pools
+from handlers.context import Context
+from handlers.errors import StartFailed
+from handlers.registry import handler
+from schemas import subjects
+from schemas.events import PoolRefill
+
+
+@handler(subjects.POOL_REFILL, schema=PoolRefill, concurrency=4, retries=2, timeout_s=900)
+async def pool_refill(ctx: Context, event: PoolRefill) -> None:
+    """Start one reserved warm instance and, once ready, list it as warm."""
+    spec = await ctx.state.apps.get(event.app)
+    index = await ctx.state.pools.get(event.app)
+    reserved_at = index.starting.get(event.instance) if index else None
+    if spec is None or spec.pool.size == 0 or reserved_at is None:
+        # The app went away, or the reservation expired: make sure nothing runs.
+        await ctx.backend.stop_viz(event.instance)
+        await pools.forget(ctx, event.app, event.instance)
+        return
+    await ctx.backend.start_viz(event.instance, spec, pooled=True)
+    remaining = max(1.0, spec.start_timeout_s - (ctx.now() - reserved_at))
+    try:
+        await ctx.backend.wait_ready(event.instance, spec, remaining)
+    except StartFailed as exc:
+        ctx.log.warning("pool_instance_failed", instance=event.instance, reason=exc.message)
+        await ctx.backend.stop_viz(event.instance)
+        await pools.forget(ctx, event.app, event.instance)
+        return
+    member = pools.PoolMember(
+        instance=event.instance,
+        url=ctx.backend.url(event.instance, spec),
+        created_at=reserved_at,
+        ready_at=ctx.now(),
+    )
+
+    def promote(index: pools.PoolIndex) -> bool:
+        if index.starting.pop(event.instance, None) is None:
+            return False
+        index.warm.append(member)
+        return True
+
+    if await pools.change(ctx, event.app, promote) is None:
+        # The reaper gave up on this reservation while it started.
+        await ctx.backend.stop_viz(event.instance)
+        return
+    ctx.log.info("pool_instance_ready", instance=event.instance, app=event.app)
