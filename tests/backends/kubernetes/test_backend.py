@@ -306,6 +306,30 @@ async def test_a_watch_answered_410_lists_again(backend, server):
     await wait_for(lambda: server.open_watches(DEPLOYMENTS) == 1, what="the watch again")
 
 
+async def test_a_died_informer_fails_the_wait_and_the_next_wait_starts_it_again(backend, cluster):
+    spec, iid = sim_spec("hang"), new_id()
+    await backend.start_viz(iid, spec)
+    await wait_for(lambda: cluster.server.objects_of(PODS), what="the pod")
+    broken = [True]
+
+    def update(pod: dict) -> None:  # a bug in what the backend registered
+        if broken[0]:
+            raise RuntimeError("a handler failed")
+
+    backend._pods.on(update, lambda pod: None)
+    with pytest.raises(PermanentError, match=r"watching pods failed: RuntimeError") as failed:
+        await backend.wait_ready(iid, spec, WAIT_S)
+    assert not isinstance(failed.value, RetryableError)
+    assert not backend._pods.running
+
+    broken[0] = False
+    waiting = asyncio.create_task(backend.wait_ready(iid, spec, WAIT_S))
+    await wait_for(lambda: backend._pods.running, what="the informer again")
+    pod = next(iter(cluster.server.objects_of(PODS)))
+    await cluster.patch_status(PODS, pod, controllers.pod_running("app", True))
+    await asyncio.wait_for(waiting, WAIT_S)
+
+
 # -- API errors --
 
 
