@@ -3,7 +3,7 @@
     python -m bench.k8s_sim --deployments 2000 --jobs 500 [--passes 5] [--json PATH]
     python -m bench.k8s_sim --quick
 
-Starts the emulator of tests/kube.py (kmock, with resourceVersions, paging
+Starts kubesim's API server emulator (kmock, with resourceVersions, paging
 and watches) on a loopback port in this process, then drives a
 `KubernetesBackend` through it, with the backend's default settings but for
 the API address:
@@ -32,12 +32,12 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import kubesim
 from dispatcher import logs
 from dispatcher.backends.base import JobLaunch
 from dispatcher.backends.kubernetes.backend import KubernetesBackend
 from dispatcher.settings import KubernetesBackendSettings
 from schemas.spec import AppSpec
-from tests import kube
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "registry.example.com/spinyard/bench:1"
@@ -102,9 +102,9 @@ async def run(args: argparse.Namespace) -> dict:
     total = len(instance_ids) + len(job_ids)
     settings = KubernetesBackendSettings(pod_templates_dir=ROOT / "k8s/base/pod-templates")
 
-    async with kube.apiserver(remember_requests=False) as server:
+    async with kubesim.apiserver(remember_requests=False) as server:
         backend = KubernetesBackend(
-            settings, "https://apps.example.org", configuration=kube.configuration(server)
+            settings, "https://apps.example.org", configuration=kubesim.configuration(server)
         )
         await backend.setup()
         try:

@@ -1,23 +1,22 @@
 """Runs viz apps as Deployments and runs as Jobs on a Kubernetes cluster.
 
-A viz instance is a Deployment, a Service and a route (see `k8s_objects`);
+A viz instance is a Deployment, a Service and a route (see objects.py);
 a warm pool instance is the same, labelled `spinyard.io/pooled=true` until it
 is claimed. A run is a Job and its inputs Secret. Everything is found again
 by the managed-by label, so a restarted handler knows what runs without any
 state of its own, and every operation is idempotent: a create that meets an
 existing object (409) keeps it, a delete that finds nothing (404) is done.
 
-What happens after a create is learned from watches on Deployments, Pods and
-Jobs (`KubeApi.watch`: list, then watch, resumed from the last
-resourceVersion or listed again), started on first need: `wait_ready` waits
-for the watch to say that a pod is ready or has failed, and `watch_jobs`
-turns Job and pod changes into reports. The API itself is reached only
-through `k8s_api`.
+What happens after a create is learned from one informer per watched kind
+(informer.py: list, then watch, resumed from the last resourceVersion or
+listed again), started on first need: `wait_ready` waits for the Deployment
+and Pod informers to say that a pod is ready or has failed (readiness.py),
+and `watch_jobs` turns what the Job and Pod informers see into reports
+(job_reports.py). The API itself is reached only through `KubeApi` (api.py).
 """
 
 import asyncio
 import contextlib
-import functools
 import time
 from pathlib import Path
 
@@ -26,8 +25,12 @@ from kubernetes import client
 
 from dispatcher import logs
 from dispatcher.backends.base import Backend, Instance, JobLaunch
-from dispatcher.backends.kubernetes import objects, status
-from dispatcher.backends.kubernetes.api import (
+from dispatcher.backends.kubernetes import informer, objects, status
+from dispatcher.backends.kubernetes.api import ApiError, KubeApi
+from dispatcher.backends.kubernetes.informer import Informer
+from dispatcher.backends.kubernetes.job_reports import JobReports
+from dispatcher.backends.kubernetes.readiness import Readiness
+from dispatcher.backends.kubernetes.resources import (
     DEPLOYMENTS,
     INGRESSES,
     INGRESSROUTES,
@@ -35,34 +38,14 @@ from dispatcher.backends.kubernetes.api import (
     PODS,
     SECRETS,
     SERVICES,
-    ApiError,
-    KubeApi,
-    Resource,
 )
 from dispatcher.settings import KubernetesBackendSettings
-from handlers.errors import PermanentError, RetryableError, StartFailed
+from handlers.errors import RetryableError, StartFailed
 from handlers.ports import JobReport
 from schemas import errors as codes
 from schemas.events import JobUpdate
 from schemas.names import INSTANCE_ID_RE, JOB_ID_RE
 from schemas.spec import AppSpec
-
-
-class _Viz:
-    """What the watches said about one viz instance, and an event set on each change."""
-
-    __slots__ = ("changed", "deployment", "phases", "pods")
-
-    def __init__(self) -> None:
-        self.deployment: dict | None = None
-        self.pods: dict[str, dict] = {}
-        self.phases: dict[str, float] = {}
-        self.changed = asyncio.Event()
-
-    def touch(self) -> None:
-        """Wake everyone waiting on this instance; later waiters get a fresh event."""
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
 
 
 class KubernetesBackend(Backend):
@@ -94,14 +77,11 @@ class KubernetesBackend(Backend):
         self._route = INGRESSROUTES if settings.route_kind == "ingressroute" else INGRESSES
         self.api = KubeApi(settings, configuration)
         self._templates: dict[str, dict] = {}
-        self._viz: dict[str, _Viz] = {}
-        self._jobs: dict[str, dict] = {}
-        self._job_pods: dict[str, dict[str, dict]] = {}
-        self._job_changes: asyncio.Queue[str] | None = None  # while watch_jobs runs
-        self._jobs_gone: dict[str, dict] = {}  # deleted Jobs' last state, while watch_jobs runs
-        self._watches: dict[Resource, asyncio.Task] = {}
-        self._synced: dict[Resource, asyncio.Event] = {}
-        self._errors: dict[Resource, PermanentError] = {}
+        self._deployments = Informer(self.api, DEPLOYMENTS, objects.SELECTOR)
+        self._pods = Informer(self.api, PODS, objects.SELECTOR)
+        self._jobs = Informer(self.api, JOBS, objects.SELECTOR)
+        self._readiness = Readiness(self._deployments, self._pods)
+        self._job_reports = JobReports(self._jobs, self._pods)
         self._log = logs.get("spinyard.backend.kubernetes")
 
     async def setup(self) -> None:
@@ -129,12 +109,8 @@ class KubernetesBackend(Backend):
         return template
 
     async def cleanup(self) -> None:
-        """Stop the watches and drop connections. Instances and runs keep running."""
-        tasks = list(self._watches.values())
-        self._watches.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Stop the informers and drop connections. Instances and runs keep running."""
+        await asyncio.gather(self._deployments.stop(), self._pods.stop(), self._jobs.stop())
         self.api.close()
 
     # -- viz instances --
@@ -177,7 +153,7 @@ class KubernetesBackend(Backend):
             await asyncio.gather(
                 self.api.create(SERVICES, service), self.api.create(self._route, route)
             )
-        self._seen(found)
+        self._deployments.note(found)
         if created:
             self._log.info(
                 "viz_deployment_created", instance=instance_id, app=spec.name, pooled=pooled
@@ -192,49 +168,35 @@ class KubernetesBackend(Backend):
                 Kubernetes gave up on it; `start_timeout` after `timeout`.
             handlers.errors.PermanentError: `forbidden`: the Role does not allow watching.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         timed_out = StartFailed(
             f"the app did not answer {spec.readiness_path} within {timeout:g} s",
             code=codes.START_TIMEOUT,
         )
         try:
             async with asyncio.timeout(timeout):
-                await self._watching(DEPLOYMENTS, PODS)
+                await informer.synced(self._deployments, self._pods)
         except TimeoutError:
             raise timed_out from None
-        entry = self._viz.get(instance_id)
-        if entry is None or entry.deployment is None:
+        if not self._readiness.knows(instance_id):
             found = await self.api.get(DEPLOYMENTS, objects.object_name(instance_id))
             if found is None or not status.ours(found):
                 raise StartFailed("the app's instance is not running", code=codes.START_FAILED)
-            self._on_deployment("ADDED", found)
-        while True:
-            for res in (DEPLOYMENTS, PODS):
-                if res in self._errors:
-                    raise self._errors[res]
-            entry = self._viz.get(instance_id) or _Viz()
-            changed = entry.changed
-            verdict, message, pod = status.viz_verdict(entry.deployment, entry.pods.values())
-            if verdict == status.READY:
-                self._log.info("viz_instance_ready", instance=instance_id, **entry.phases)
-                return
-            if verdict == status.GONE:
-                raise StartFailed(message, code=codes.START_FAILED)
-            if verdict == status.FAILED:
-                raise StartFailed(message + await self._tail(pod), code=codes.START_FAILED)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                detail = f" ({message})" if message else ""
-                raise StartFailed(timed_out.message + detail, code=codes.START_TIMEOUT)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await changed.wait()
+            self._deployments.note(found)
+        verdict, message, pod = await self._readiness.wait(instance_id, deadline)
+        if verdict == status.READY:
+            self._log.info("viz_instance_ready", instance=instance_id, **self.phases(instance_id))
+            return
+        if verdict == status.GONE:
+            raise StartFailed(message, code=codes.START_FAILED)
+        if verdict == status.FAILED:
+            raise StartFailed(message + await self._tail(pod), code=codes.START_FAILED)
+        detail = f" ({message})" if message else ""
+        raise StartFailed(timed_out.message + detail, code=codes.START_TIMEOUT)
 
     def phases(self, instance_id: str) -> dict[str, float]:
         """Unix times at which the instance's pod was scheduled, started and ready, as seen."""
-        entry = self._viz.get(instance_id)
-        return dict(entry.phases) if entry else {}
+        return self._readiness.phases(instance_id)
 
     def url(self, instance_id: str, spec: AppSpec) -> str:
         """The public base URL, the instance's prefix and the app's entry path."""
@@ -268,7 +230,7 @@ class KubernetesBackend(Backend):
         if found is None:
             self._log.warning("viz_claim_missed", instance=instance_id)
             return
-        self._seen(found)
+        self._deployments.note(found)
         self._log.info("viz_instance_claimed", instance=instance_id)
 
     async def list_instances(self) -> list[Instance]:
@@ -350,203 +312,22 @@ class KubernetesBackend(Backend):
         is deleted before it ended. Every run present at the start is reported
         again (reports are de-duplicated downstream).
         """
-        reported: dict[str, str] = {}
-        changes = self._job_changes = asyncio.Queue()
-        stop = asyncio.create_task(stopping.wait(), name="k8s-watch-jobs-stop")
-        try:
-            synced = asyncio.create_task(self._watching(JOBS, PODS), name="k8s-watch-jobs-sync")
-            await asyncio.wait({synced, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not synced.done():  # stopped before the API answered
-                synced.cancel()
-                return
-            synced.result()
-            for job_id in self._jobs:
-                changes.put_nowait(job_id)
-            while not stopping.is_set():
-                get = asyncio.create_task(changes.get(), name="k8s-watch-jobs-next")
-                await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
-                    get.cancel()
-                    break
-                job_id = get.result()
-                state = self._job_state(job_id, reported.get(job_id))
-                if state is None or reported.get(job_id) == state:
-                    continue
-                update = await self._job_update(job_id, state)
-                try:
-                    await report(update)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self._log.warning("job_report_failed", job_id=job_id, error=repr(exc))
-                    asyncio.get_running_loop().call_later(1.0, changes.put_nowait, job_id)
-                    continue
-                reported[job_id] = state
-        finally:
-            stop.cancel()
-            self._job_changes = None
-            self._jobs_gone.clear()
+        await self._job_reports.watch(report, stopping, self._job_update)
 
-    def _job_state(self, job_id: str, reported: str | None) -> str | None:
-        """The state to report for a run, from the watches; None: nothing (new) to say."""
-        job = self._jobs.get(job_id)
-        if job is not None:
-            return status.job_state(job, self._job_pods.get(job_id, {}))
-        last = self._jobs_gone.pop(job_id, None)
-        if last is None or reported in ("succeeded", "failed", "timed_out", "cancelled"):
-            return None
-        ended = status.job_state(last, self._job_pods.get(job_id, {}))
-        return "cancelled" if ended in (None, "running") else None
-
-    async def _job_update(self, job_id: str, state: str) -> JobUpdate:
+    async def _job_update(self, job_id: str, state: str, pods: list[dict]) -> JobUpdate:
+        """The report of a run in `state`: for a failure, its exit code and log tail."""
         if state not in ("failed", "timed_out"):
             code = 0 if state == "succeeded" else None
             return JobUpdate(job_id=job_id, state=state, exit_code=code)
-        pods = list(self._job_pods.get(job_id, {}).values())
         if not any(status.exit_code(p, objects.JOB_CONTAINER) is not None for p in pods):
             selector = f"{objects.SELECTOR},{objects.INSTANCE}={job_id}"
             with contextlib.suppress(ApiError, RetryableError):
                 pods, _ = await self.api.list(PODS, selector)
-        pods.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+        pods = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
         pod = pods[-1] if pods else None
         code = status.exit_code(pod, objects.JOB_CONTAINER) if pod else None
         tail = await self._tail(pod, objects.JOB_CONTAINER, prefix=False)
         return JobUpdate(job_id=job_id, state=state, exit_code=code, log_tail=tail or None)
-
-    # -- watches and what they tell --
-
-    async def _watching(self, *resources: Resource) -> None:
-        """Start the watches not yet running; return once each has listed its objects."""
-        for res in resources:
-            if res not in self._watches:
-                self._synced[res] = asyncio.Event()
-                task = asyncio.create_task(
-                    self.api.watch(res, objects.SELECTOR, functools.partial(self._on_event, res)),
-                    name=f"k8s-watch:{res.plural}",
-                )
-                task.add_done_callback(functools.partial(self._watch_ended, res))
-                self._watches[res] = task
-        for res in resources:
-            await self._synced[res].wait()
-            if res in self._errors:
-                raise self._errors[res]
-
-    def _watch_ended(self, res: Resource, task: asyncio.Task) -> None:
-        """A watch ends only when cancelled; if it died, fail its waiters (the next starts it)."""
-        if self._watches.get(res) is task:
-            del self._watches[res]
-        if task.cancelled() or task.exception() is None:
-            return
-        error = repr(task.exception())
-        self._log.error("k8s_watch_died", resource=str(res), error=error)
-        self._on_event(res, "ERROR", PermanentError(f"watching {res} failed: {error}"))
-
-    def _on_event(self, res: Resource, kind: str, payload) -> None:
-        if kind == "ERROR":
-            self._errors[res] = payload
-            self._synced[res].set()
-            for entry in self._viz.values():
-                entry.touch()
-            return
-        self._errors.pop(res, None)
-        if res == DEPLOYMENTS:
-            handle = self._on_deployment
-        elif res == PODS:
-            handle = self._on_pod
-        else:
-            handle = self._on_job
-        if kind == "SYNC":
-            self._forget(res, {_key(obj, res) for obj in payload})
-            for obj in payload:
-                handle("ADDED", obj)
-            self._synced[res].set()
-        else:
-            handle(kind, payload)
-
-    def _forget(self, res: Resource, present: set) -> None:
-        """After a (re)list, drop what the list no longer holds."""
-        if res == DEPLOYMENTS:
-            for iid, entry in list(self._viz.items()):
-                if entry.deployment is not None and iid not in present:
-                    entry.deployment = None
-                    entry.touch()
-        elif res == PODS:
-            for entry in self._viz.values():
-                for name in entry.pods.keys() - present:
-                    del entry.pods[name]
-                    entry.touch()
-            for pods in self._job_pods.values():
-                for name in pods.keys() - present:
-                    del pods[name]
-        else:
-            for job_id in self._jobs.keys() - present:
-                self._job_gone(job_id, self._jobs.pop(job_id))
-
-    def _entry(self, instance_id: str) -> _Viz:
-        entry = self._viz.get(instance_id)
-        if entry is None:
-            entry = self._viz[instance_id] = _Viz()
-        return entry
-
-    def _seen(self, deployment: dict) -> None:
-        """Note a Deployment an API call returned, if the watch keeps the cache current."""
-        if DEPLOYMENTS in self._watches:
-            self._on_deployment("MODIFIED", deployment)
-
-    def _on_deployment(self, kind: str, obj: dict) -> None:
-        instance_id = status.label(obj, objects.INSTANCE)
-        if instance_id is None:
-            return
-        entry = self._entry(instance_id)
-        entry.deployment = None if kind == "DELETED" else obj
-        if entry.deployment is None and not entry.pods:
-            del self._viz[instance_id]
-        entry.touch()
-
-    def _on_pod(self, kind: str, pod: dict) -> None:
-        owner = status.label(pod, objects.INSTANCE)
-        name = (pod.get("metadata") or {}).get("name")
-        if owner is None or name is None:
-            return
-        if status.label(pod, objects.COMPONENT) == "job":
-            pods = self._job_pods.setdefault(owner, {})
-            if kind == "DELETED":
-                pods.pop(name, None)
-                if not pods:
-                    del self._job_pods[owner]
-            else:
-                pods[name] = pod
-            self._job_changed(owner)
-            return
-        entry = self._entry(owner)
-        if kind == "DELETED":
-            entry.pods.pop(name, None)
-        else:
-            entry.pods[name] = pod
-            status.note_phases(entry.phases, pod)
-        if entry.deployment is None and not entry.pods:
-            del self._viz[owner]
-        entry.touch()
-
-    def _on_job(self, kind: str, job: dict) -> None:
-        job_id = status.label(job, objects.INSTANCE)
-        if job_id is None:
-            return
-        if kind == "DELETED":
-            self._jobs.pop(job_id, None)
-            self._job_gone(job_id, job)
-            return
-        self._jobs[job_id] = job
-        self._job_changed(job_id)
-
-    def _job_gone(self, job_id: str, last: dict) -> None:
-        if self._job_changes is not None:
-            self._jobs_gone[job_id] = last
-            self._job_changes.put_nowait(job_id)
-
-    def _job_changed(self, job_id: str) -> None:
-        if self._job_changes is not None:
-            self._job_changes.put_nowait(job_id)
 
     async def _tail(
         self, pod: dict | None, container: str = objects.VIZ_CONTAINER, *, prefix: bool = True
@@ -585,10 +366,3 @@ def _start_errors():
 def _check_id(instance_id: str) -> None:
     if not (INSTANCE_ID_RE.match(instance_id) or JOB_ID_RE.match(instance_id)):
         raise ValueError(f"not an instance or job id: {instance_id!r}")
-
-
-def _key(obj: dict, res: Resource) -> str | None:
-    """What the caches key `obj` by: instance id (Deployments, Jobs) or pod name."""
-    if res == PODS:
-        return (obj.get("metadata") or {}).get("name")
-    return status.label(obj, objects.INSTANCE)

@@ -2,22 +2,22 @@
 
 import pytest
 
+import kubesim
 from dispatcher.backends.kubernetes.backend import KubernetesBackend
 from dispatcher.settings import KubernetesBackendSettings
-from tests import kube
 from tests.backends.kubernetes.support import PUBLIC_URL
 from tests.helpers import ROOT
 
 
 @pytest.fixture
 async def server():
-    async with kube.apiserver() as found:
+    async with kubesim.apiserver() as found:
         yield found
 
 
 @pytest.fixture
 async def cluster(server):
-    async with kube.Cluster(server) as found:
+    async with kubesim.Cluster(server) as found:
         yield found
 
 
@@ -40,7 +40,9 @@ async def make(server, cluster, k8s_settings):
 
     async def build(**changes) -> KubernetesBackend:
         settings = k8s_settings.model_copy(update=changes)
-        backend = KubernetesBackend(settings, PUBLIC_URL, configuration=kube.configuration(server))
+        backend = KubernetesBackend(
+            settings, PUBLIC_URL, configuration=kubesim.configuration(server)
+        )
         await backend.setup()
         made.append(backend)
         return backend

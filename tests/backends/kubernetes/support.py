@@ -14,7 +14,7 @@ def k8s_spec(behaviour: str = "serve", name: str = "test/echo", **fields) -> App
 
 
 def sim_spec(sim: str, name: str = "test/sim", **fields) -> AppSpec:
-    """A spec whose simulated pod does `sim` (see `tests.kube.behaviour`)."""
+    """A spec whose simulated pod does `sim` (see `kubesim.controllers.behaviour`)."""
     env = {"SIM_BEHAVIOUR": sim} | fields.pop("env", {})
     return AppSpec(name=name, image=IMAGE, command=["serve"], env=env, **fields)
 

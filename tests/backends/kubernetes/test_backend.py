@@ -1,4 +1,4 @@
-"""The Kubernetes backend against kmock's API emulator (tests/kube.py).
+"""The Kubernetes backend against kmock's API emulator (kubesim).
 
 The shared backend contract runs first, with simulated controllers standing
 in for the Deployment controller and the kubelet. Then what only this
@@ -11,14 +11,17 @@ import json
 import subprocess
 import sys
 
+import kmock
 import pytest
 import yaml
 from kubernetes import client
 
+import kubesim
 from dispatcher.backends.base import JobLaunch
 from dispatcher.backends.kubernetes import api as k8s_api
 from dispatcher.backends.kubernetes import objects
-from dispatcher.backends.kubernetes.api import (
+from dispatcher.backends.kubernetes.backend import KubernetesBackend
+from dispatcher.backends.kubernetes.resources import (
     DEPLOYMENTS,
     INGRESSES,
     INGRESSROUTES,
@@ -27,12 +30,11 @@ from dispatcher.backends.kubernetes.api import (
     SECRETS,
     SERVICES,
 )
-from dispatcher.backends.kubernetes.backend import KubernetesBackend
 from dispatcher.compose import make_backend
 from dispatcher.settings import Settings
 from handlers.errors import PermanentError, RetryableError, StartFailed
+from kubesim import controllers
 from schemas import errors as codes
-from tests import kube
 from tests.backends.contract import (
     BackendContract,
     JobContract,
@@ -53,7 +55,7 @@ from tests.helpers import ROOT, wait_for
 
 
 class TestKubernetesBackend(BackendContract, JobContract):
-    """The shared contracts, with simulated controllers (tests/kube.py) instead of pods.
+    """The shared contracts, with simulated controllers (kubesim) instead of pods.
 
     `target()` is None here (no gateway proxy), so the contract's HTTP check of
     the app is skipped by the contract itself; readiness is what the simulated
@@ -63,7 +65,7 @@ class TestKubernetesBackend(BackendContract, JobContract):
 
     @pytest.fixture
     def new_backend(self, server, cluster, k8s_settings):
-        config = kube.configuration(server)
+        config = kubesim.configuration(server)
         return lambda: KubernetesBackend(k8s_settings, PUBLIC_URL, configuration=config)
 
     @pytest.fixture
@@ -184,7 +186,7 @@ async def test_wait_ready_wakes_on_the_watch_event(backend, cluster):
 
     pod = next(iter(cluster.server.objects_of(PODS)))
     started = asyncio.get_running_loop().time()
-    await cluster.patch_status(PODS, pod, kube._pod_running("app", True))
+    await cluster.patch_status(PODS, pod, controllers.pod_running("app", True))
     await asyncio.wait_for(waiting, WAIT_S)
     assert asyncio.get_running_loop().time() - started < 0.5  # an event, not a poll
     assert set(backend.phases(iid)) == {"scheduled", "started", "ready"}
@@ -238,8 +240,8 @@ def watches_of(server, res) -> list[dict]:
     return [
         r.params
         for r in server
-        if r.action == kube.enums.action.WATCH
-        and r.resource == kube.ref(res)
+        if r.action == kmock.action.WATCH
+        and r.resource == kubesim.ref(res)
         and "labelSelector" in r.params
     ]
 
@@ -261,7 +263,7 @@ async def test_a_dropped_watch_resumes_from_its_resource_version(backend, server
     await backend.start_viz(second, hang)
     waiting = asyncio.create_task(backend.wait_ready(second, hang, WAIT_S))
     await asyncio.sleep(0.1)
-    await cluster.patch_status(DEPLOYMENTS, second, kube._deployment_failed())
+    await cluster.patch_status(DEPLOYMENTS, second, controllers.deployment_failed())
     with pytest.raises(StartFailed, match="gave up"):
         await waiting
     assert backend.api.calls[("list", "apps", "deployments")] == lists  # and not listed again
@@ -278,7 +280,7 @@ async def test_a_watch_too_old_lists_again_and_forgets_what_went(backend, server
     # While the watch is down, `gone` is deleted and history compacted: 410, then a list.
     with server.paused_watches():
         server.drop_watches()
-        await cluster.request("DELETE", DEPLOYMENTS.path(kube.NAMESPACE, gone))
+        await cluster.request("DELETE", DEPLOYMENTS.path(kubesim.NAMESPACE, gone))
         server.compact()
     await wait_for(
         lambda: backend.api.calls[("list", "apps", "deployments")] > lists, what="a relist"
@@ -302,6 +304,30 @@ async def test_a_watch_answered_410_lists_again(backend, server):
         lambda: backend.api.calls[("list", "apps", "deployments")] == lists + 1, what="a relist"
     )
     await wait_for(lambda: server.open_watches(DEPLOYMENTS) == 1, what="the watch again")
+
+
+async def test_a_died_informer_fails_the_wait_and_the_next_wait_starts_it_again(backend, cluster):
+    spec, iid = sim_spec("hang"), new_id()
+    await backend.start_viz(iid, spec)
+    await wait_for(lambda: cluster.server.objects_of(PODS), what="the pod")
+    broken = [True]
+
+    def update(pod: dict) -> None:  # a bug in what the backend registered
+        if broken[0]:
+            raise RuntimeError("a handler failed")
+
+    backend._pods.on(update, lambda pod: None)
+    with pytest.raises(PermanentError, match=r"watching pods failed: RuntimeError") as failed:
+        await backend.wait_ready(iid, spec, WAIT_S)
+    assert not isinstance(failed.value, RetryableError)
+    assert not backend._pods.running
+
+    broken[0] = False
+    waiting = asyncio.create_task(backend.wait_ready(iid, spec, WAIT_S))
+    await wait_for(lambda: backend._pods.running, what="the informer again")
+    pod = next(iter(cluster.server.objects_of(PODS)))
+    await cluster.patch_status(PODS, pod, controllers.pod_running("app", True))
+    await asyncio.wait_for(waiting, WAIT_S)
 
 
 # -- API errors --
@@ -385,6 +411,32 @@ async def test_a_missing_resource_type_is_an_error_not_nothing(backend, server):
         await backend.list_instances()
 
 
+# -- label selectors: the server applies them --
+
+
+async def test_lists_find_only_what_the_selector_selects(backend, cluster):
+    # Everything of a viz instance but the managed-by label: only the selector excludes it.
+    iid, stranger = new_id(), new_id()
+    await backend.start_viz(iid, k8s_spec())
+    labels = {"app.kubernetes.io/component": "viz", "spinyard.io/instance": stranger}
+    meta = {"name": stranger, "labels": labels | {"spinyard.io/app": "test.echo"}}
+    body = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {}}
+    await cluster.request("POST", DEPLOYMENTS.path(kubesim.NAMESPACE), body)
+    assert [i.id for i in await backend.list_instances()] == [iid]
+
+
+async def test_an_instance_that_stops_being_ours_is_gone_to_the_watch(backend, cluster):
+    spec, iid = sim_spec("hang"), new_id()
+    await backend.start_viz(iid, spec)
+    waiting = asyncio.create_task(backend.wait_ready(iid, spec, WAIT_S))
+    await asyncio.sleep(0.1)
+    # The server now sends the watch DELETED for it (it no longer matches the selector).
+    unlabel = {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}}
+    await cluster.request("PATCH", DEPLOYMENTS.path(kubesim.NAMESPACE, iid), unlabel)
+    with pytest.raises(StartFailed, match="not running"):
+        await asyncio.wait_for(waiting, WAIT_S)
+
+
 # -- reconcile support --
 
 
@@ -398,7 +450,7 @@ async def test_list_instances_finds_ours_by_label_only(backend, server, cluster)
         "metadata": {"name": "not-ours", "labels": {"spinyard.io/instance": "i-0000000000000000"}},
         "spec": {},
     }
-    await cluster.request("POST", DEPLOYMENTS.path(kube.NAMESPACE), stranger)
+    await cluster.request("POST", DEPLOYMENTS.path(kubesim.NAMESPACE), stranger)
 
     found = {i.id: i for i in await backend.list_instances()}
     assert set(found) == {viz, warm}
@@ -410,7 +462,7 @@ async def test_list_instances_finds_ours_by_label_only(backend, server, cluster)
     assert set(server.objects_of(DEPLOYMENTS)) == {"not-ours"}
     assert server.objects_of(SERVICES) == server.objects_of(INGRESSROUTES) == {}
     deletes = [  # the backend's (the simulated garbage collector sends no options)
-        r for r in server if r.action == kube.enums.action.DELETE and r.data is not None
+        r for r in server if r.action == kmock.action.DELETE and r.data is not None
     ]
     assert len(deletes) == 6
     assert {r.data["propagationPolicy"] for r in deletes} == {"Background"}
@@ -474,7 +526,7 @@ async def test_a_run_is_a_job_with_an_owned_secret(backend, server, cluster):
         "inputs.json": '{"n": 1}',
         "uploads.json": '{"out.txt": "http://minio.test/results/out.txt?sig=1"}',
     }
-    creates = [r.resource.plural for r in server if r.action == kube.enums.action.CREATE]
+    creates = [r.resource.plural for r in server if r.action == kmock.action.CREATE]
     assert creates[:2] == ["jobs", "secrets"]  # the Secret is made after the Job it belongs to
 
     await wait_for(lambda: cluster.running_pods(job_id) == 1, what="the job's pod")
@@ -486,9 +538,21 @@ async def test_a_run_reports_running_then_succeeded(backend, cluster):
     job_id = new_job_id()
     await backend.submit_job(launch_for(job_id), job_spec())
 
-    finisher = asyncio.create_task(_finish_after_running(cluster, job_id))
-    seen = await reports_until(backend, lambda s: s[-1].state == "succeeded")
-    await finisher
+    seen, stopping = [], asyncio.Event()
+
+    async def report(update) -> None:
+        seen.append(update)
+        if update.state == "running":
+            # The run ends only once `running` is reported. A run that ends before
+            # the watcher takes its `running` change is reported `succeeded` only, and
+            # rightly so: reports are states, not transitions (job_reports.py), and the
+            # job_update handler moves a run from queued to succeeded. Finishing it
+            # independently of the reports made this test race the watcher.
+            await _finish_after_running(cluster, job_id)
+        elif update.state == "succeeded":
+            stopping.set()
+
+    await asyncio.wait_for(backend.watch_jobs(report, stopping), WAIT_S)
     assert [(u.job_id, u.state, u.exit_code) for u in seen] == [
         (job_id, "running", None),
         (job_id, "succeeded", 0),
@@ -531,8 +595,8 @@ async def test_cancel_deletes_the_job_in_the_background(backend, server, cluster
     await backend.cancel_job(job_id)
 
     assert server.objects_of(JOBS) == server.objects_of(SECRETS) == {}
-    deletes = [r for r in server if r.action == kube.enums.action.DELETE]
-    delete = next(r for r in deletes if r.resource == kube.ref(JOBS))
+    deletes = [r for r in server if r.action == kmock.action.DELETE]
+    delete = next(r for r in deletes if r.resource == kubesim.ref(JOBS))
     assert delete.name == job_id
     assert delete.data["propagationPolicy"] == "Background"
     await wait_for(lambda: not server.objects_of(PODS), what="the pod to be collected")
@@ -637,7 +701,7 @@ async def test_setup_loads_a_kubeconfig(server, tmp_path, k8s_settings):
         assert await backend.list_instances() == []
     finally:
         await backend.cleanup()
-    sent = next(r for r in server if r.action == kube.enums.action.LIST)
+    sent = next(r for r in server if r.action == kmock.action.LIST)
     assert sent.headers["Authorization"] == "Bearer t0ken"
 
 

@@ -1,7 +1,7 @@
 """The handlers on the Kubernetes backend: page load to ready, reconcile, and a run.
 
 Real nats-server and handlers; the Kubernetes API is kmock's emulator with
-simulated controllers (tests/kube.py), as in tests/test_k8s_backend.py.
+simulated controllers (kubesim), as in test_backend.py.
 """
 
 import asyncio
@@ -11,14 +11,13 @@ import msgpack
 import pytest
 
 from dispatcher import bus, compose
-from dispatcher.backends.kubernetes import api as k8s_api
+from dispatcher.backends.kubernetes import resources
 from dispatcher.runtime import Handlers
 from handlers.registry import default_registry
 from schemas import subjects
 from schemas.codec import encode
 from schemas.events import PageLoad, RunRequest, job_id_for
-from tests.backends.contract import job_spec as model_spec
-from tests.backends.kubernetes.support import IMAGE, PUBLIC_URL, k8s_spec
+from tests.backends.kubernetes.support import PUBLIC_URL, job_spec, k8s_spec
 from tests.helpers import wait_for
 
 
@@ -63,7 +62,7 @@ async def test_page_load_makes_a_deployment_and_reports_ready_with_pod_times(set
         ready = last(seen, subject)
     assert ready["url"].startswith(PUBLIC_URL.rstrip("/") + "/apps/test/echo/i-")
     assert {"scheduled", "started", "ready"} <= set(ready["phases"])
-    deployments = server.objects_of(k8s_api.DEPLOYMENTS)
+    deployments = server.objects_of(resources.DEPLOYMENTS)
     assert len(deployments) == 1
     labels = next(iter(deployments.values()))["metadata"]["labels"]
     assert labels["app.kubernetes.io/managed-by"] == "spinyard"
@@ -73,24 +72,30 @@ async def test_page_load_makes_a_deployment_and_reports_ready_with_pod_times(set
 async def test_reaper_removes_managed_objects_no_record_names(settings, k8s, server):
     spec = k8s_spec(name="test/echo")
     await k8s.start_viz("i-0000000000000abc", spec)  # started, then its record "lost"
-    await wait_for(lambda: server.objects_of(k8s_api.DEPLOYMENTS), what="orphan deployment")
+    await wait_for(lambda: server.objects_of(resources.DEPLOYMENTS), what="orphan deployment")
     async with handlers_on(settings, k8s) as (_js, state, _seen):
         await state.apps.put(spec.name, spec)
         await wait_for(
-            lambda: not server.objects_of(k8s_api.DEPLOYMENTS),
+            lambda: not server.objects_of(resources.DEPLOYMENTS),
             timeout=15,
             what="orphan deployment reaped",
         )
-    assert not server.objects_of(k8s_api.SERVICES)
+    assert not server.objects_of(resources.SERVICES)
 
 
-async def test_a_run_goes_queued_running_succeeded_as_a_job(settings, k8s, server):
+async def test_a_run_goes_queued_running_succeeded_as_a_job(settings, k8s, server, cluster):
     async with handlers_on(settings, k8s) as (js, state, seen):
-        await state.apps.put("test/model", model_spec(name="test/model", image=IMAGE))
+        # A run the simulated kubelet keeps running until the test ends it: it ends
+        # once `running` is published, so the run cannot end before the watcher reports
+        # it running (it would then rightly report `succeeded` only: job_reports.py).
+        await state.apps.put("test/model", job_spec(name="test/model"))
         event = RunRequest(app="test/model", session="s-1", inputs={"n": 2})
         await js.publish(subjects.event("run_request", event.app), encode(event))
         job_id = job_id_for(event.app, event.session, None, event.id)
         subject = subjects.job_status(job_id)
+        await wait_for(lambda: last(seen, subject).get("state") == "running", what="running")
+        await wait_for(lambda: cluster.running_pods(job_id) == 1, what="the job's pod")
+        await cluster.finish_job(job_id)
         await wait_for(
             lambda: last(seen, subject).get("state") == "succeeded",
             timeout=15,
@@ -98,7 +103,7 @@ async def test_a_run_goes_queued_running_succeeded_as_a_job(settings, k8s, serve
         )
         states = [s["state"] for s in seen[subject]]
     assert states[0] == "queued" and states[-1] == "succeeded" and "running" in states
-    jobs = server.objects_of(k8s_api.JOBS)
+    jobs = server.objects_of(resources.JOBS)
     assert any(
         j["metadata"]["labels"].get("spinyard.io/job") == job_id or job_id in j["metadata"]["name"]
         for j in jobs.values()

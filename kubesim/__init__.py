@@ -1,0 +1,18 @@
+"""kubesim: a Kubernetes API server and cluster, simulated in-process, for tests and benchmarks.
+
+A development tool, not part of spinyard: it is not in the wheel (pyproject
+lists the shipped packages) and needs the `dev` extra (kmock). The tests of
+the Kubernetes backend and `bench/k8s_sim.py` run the backend against it.
+
+- `apiserver`: `Apiserver`, kmock's API emulator with resourceVersions,
+  label selectors, paging, resumable watches and injected failures;
+  `apiserver()` starts one on a loopback port, `configuration()` points the
+  official client at it.
+- `controllers`: `Cluster`, the Deployment and Job controllers, the garbage
+  collector and the kubelet, simulated over HTTP.
+"""
+
+from kubesim.apiserver import NAMESPACE, Apiserver, apiserver, configuration, ref
+from kubesim.controllers import Cluster
+
+__all__ = ["NAMESPACE", "Apiserver", "Cluster", "apiserver", "configuration", "ref"]
