@@ -119,6 +119,7 @@ async def test_a_job_gets_its_inputs_uploads_and_env_and_no_secrets(
     assert seen["uploads"] == urls
     assert seen["env"] == {
         "SPINYARD_JOB_ID": jid,
+        "SPINYARD_APP": spec.name,  # as on Kubernetes
         "SPINYARD_INPUTS": str(here / "inputs.json"),
         "SPINYARD_UPLOADS": str(here / "uploads.json"),
         "SPINYARD_OUTPUT_DIR": str(here / "work"),
