@@ -33,9 +33,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "viz": frozenset({"port", "prefix", "host", "python"}),
     "job": frozenset({"python"}),
 }
-_PLACEHOLDER = re.compile(
-    r"\{(" + "|".join(sorted(PLACEHOLDERS["viz"])) + r")\}"
-)  # viz has them all
+_NAMES = "|".join(sorted(PLACEHOLDERS["viz"]))  # viz has them all
+_PLACEHOLDER = re.compile(rf"\{{({_NAMES})\}}")
 
 
 class IdleLimits(BaseModel):
@@ -136,7 +135,9 @@ class AppSpec(BaseModel):
 
     @field_validator("command", "env")
     @classmethod
-    def _placeholders(cls, v: list[str] | dict[str, str], info: ValidationInfo):
+    def _placeholders(
+        cls, v: list[str] | dict[str, str], info: ValidationInfo
+    ) -> list[str] | dict[str, str]:
         kind = info.data.get("kind")
         if kind is None:  # `kind` itself was invalid: that error is reported instead
             return v
