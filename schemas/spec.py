@@ -4,17 +4,37 @@ One spec describes one app, `owner/title`, of kind `viz` (a long-running web
 server shown in a page) or `job` (a model run that ends). The same spec
 serves the local process backend (`command`, `{port}`/`{prefix}`
 placeholders) and the Kubernetes backend (`image`, `port`, `resources`).
+Which placeholders each kind may use is checked here, at registration, so
+a spec that names a value its kind has none of (a job's `{port}`) never
+reaches a backend; the backends fill them with `dispatcher.backends.launch`.
 """
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from schemas.names import check_app
 
 SPEC_VERSION = 1
+
+# The placeholders `command` and `env` may hold, per kind: a job has no port,
+# URL prefix or bind address, only the interpreter. Other braces are left as written.
+PLACEHOLDERS: dict[str, frozenset[str]] = {
+    "viz": frozenset({"port", "prefix", "host", "python"}),
+    "job": frozenset({"python"}),
+}
+_NAMES = "|".join(sorted(PLACEHOLDERS["viz"]))  # viz has them all
+_PLACEHOLDER = re.compile(rf"\{{({_NAMES})\}}")
 
 
 class IdleLimits(BaseModel):
@@ -72,10 +92,12 @@ class AppSpec(BaseModel):
     description: str = Field("", description="Shown in the app list")
     command: list[str] = Field(
         min_length=1,
-        description="argv; '{port}' and '{prefix}' are replaced for viz apps",
+        description="argv; placeholders such as '{port}' are replaced (docs/app-spec.md)",
     )
     workdir: str | None = Field(None, description="Working directory; relative to the spec file.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables; placeholders as in command"
+    )
     image: str | None = Field(None, description="Container image, for the Kubernetes backend.")
     port: int = Field(8000, ge=1, le=65535, description="Port the app listens on in its container.")
     resources: Resources = Field(default_factory=Resources)
@@ -110,6 +132,25 @@ class AppSpec(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_app(v)
+
+    @field_validator("command", "env")
+    @classmethod
+    def _placeholders(
+        cls, v: list[str] | dict[str, str], info: ValidationInfo
+    ) -> list[str] | dict[str, str]:
+        kind = info.data.get("kind")
+        if kind is None:  # `kind` itself was invalid: that error is reported instead
+            return v
+        where = enumerate(v) if isinstance(v, list) else v.items()
+        for key, text in where:
+            for name in _PLACEHOLDER.findall(text):
+                if name not in PLACEHOLDERS[kind]:
+                    allowed = ", ".join(f"{{{n}}}" for n in sorted(PLACEHOLDERS[kind]))
+                    raise ValueError(
+                        f"{info.field_name}[{key!r}]: {{{name}}} has no value in a {kind} app "
+                        f"(a {kind} app may use {allowed})"
+                    )
+        return v
 
     @field_validator("readiness_path")
     @classmethod

@@ -182,6 +182,8 @@ def test_job_ids_are_stable_per_idempotency_key_and_valid():
         ({"embed_origins": ["evil.example"]}, "embed_origins"),
         ({"kind": "job", "pool": {"size": 1}}, ""),
         ({"outputs": ["../escape"]}, ""),
+        ({"kind": "job", "command": ["x", "--port={port}"]}, "command[1]: {port} has no value"),
+        ({"kind": "job", "env": {"AT": "{prefix}"}}, "env['AT']: {prefix} has no value"),
         ({"surprise": 1}, "surprise"),
     ],
 )

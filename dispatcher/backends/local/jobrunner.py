@@ -1,24 +1,20 @@
-"""The job runner: supervises one run of a job app on this machine, and the files it keeps.
+"""The job runner: the process that supervises one run of a job app on this machine.
 
-`LocalBackend.submit_job` prepares a job's directory and starts
-`python -m dispatcher.backends.local.jobrunner <dir>` in a new session, so a
-crashed handler process does not take runs with it. The runner holds no
-credentials (its environment has no SPINYARD_* variable) and uses nothing of
-spinyard but `processes`. It starts the model, enforces the deadline,
-records the outcome and tells the backend's watcher (`jobwatch.py`), with a
-datagram naming the job on the unix socket `<data_dir>/local/jobs.sock`,
-when the model starts and when it ends.
+`LocalBackend.submit_job` prepares a job's directory (`jobfiles.py`) and
+starts `python -m dispatcher.backends.local.jobrunner <dir>` in a new
+session (`start_runner`), so a crashed handler process does not take runs
+with it. The runner holds no credentials (its environment has no SPINYARD_*
+variable) and imports nothing of spinyard but `processes` and `jobfiles`,
+so it starts quickly (docs/benchmarks.md). It starts the model, enforces
+the deadline, records the outcome and tells the backend's watcher
+(`jobwatch.py`) when the model starts and when it ends.
 
 What a run gets (the Kubernetes backend mounts the same files from a Secret):
 
-    environment   the handler's environment without any SPINYARD_* variable,
-                  then the spec's `env` ("{python}" replaced), then
-                  SPINYARD_JOB_ID      the job id
-                  SPINYARD_INPUTS      path of inputs.json: the run's inputs, a JSON object
-                  SPINYARD_UPLOADS     path of uploads.json: {"<output name>": "<PUT URL>"},
-                                       a presigned URL per declared output
-                  SPINYARD_OUTPUT_DIR  an empty private directory the run may write to
-                  SPINYARD_DEADLINE_S  seconds the run may take (a decimal number)
+    environment   the handler's environment without any SPINYARD_* variable, then
+                  `launch.job_env`: the spec's `env` filled, SPINYARD_JOB_ID, SPINYARD_APP,
+                  SPINYARD_INPUTS, SPINYARD_UPLOADS and SPINYARD_OUTPUT_DIR (the
+                  job directory's inputs.json, uploads.json and work/) and SPINYARD_DEADLINE_S
     stdin         the contents of inputs.json
     cwd           the spec's `workdir`, if set (so relative script paths work), else
                   SPINYARD_OUTPUT_DIR
@@ -38,217 +34,36 @@ what is left of its group is killed. Processes that leave the group (setsid)
 are out of reach, as is memory beyond one process's address space: the local
 backend has no cgroups.
 
-A job's directory, `<data_dir>/local/jobs/<job_id>/` (0700, files 0600):
-
-    job.json      the runner's instructions (argv, cwd, env, limits, deadline)
-    runner.json   the runner's pid, start time and boot id, the app, created_at
-    inputs.json   uploads.json   work/   (see above)
-    job.log       the run's stdout and stderr; runner.log: the runner's own
-    model.json    written when the model has started (its pid)
-    result.json   {state: succeeded|failed|timed_out|cancelled, exit_code,
-                   log_tail, started_at, finished_at}, written once, atomically
-    reported      the watcher reported the result (so a restart does not repeat it)
-
-Submitting takes no lock: the backend fills a directory of a temporary name
-(`.<job_id>.<random>`), starts a runner on it and waits for its answer on
-the runner's stdout. The runner writes runner.json, then claims the job by
-renaming the directory to `<job_id>`; if that exists, another runner has the
-job, and this one removes its copy and exits. So any number of submissions
-start one run, and a submitter that hangs keeps no other waiting. The lock
-file `<data_dir>/local/jobs/<job_id>.lock` orders what may write result.json
-besides the runner (a cancel, the watcher after a runner died) and removal.
-
-`exit_code` is the model's, or 128 + the signal number that ended it (as a
-shell or Kubernetes reports it); null if it never ran. `log_tail` is the
-last 40 lines (at most 4 KiB) of job.log, where the runner also notes why it
-stopped a run.
+Submitting takes no lock: the backend fills a directory of a temporary name,
+starts a runner on it and waits for its answer on the runner's stdout. The
+runner writes runner.json, then claims the job by renaming the directory to
+`<job_id>`; if that exists, another runner has the job, and this one
+removes its copy and exits. So any number of submissions start one run,
+and a submitter that hangs keeps no other waiting.
 """
 
 import asyncio
 import contextlib
 import errno
-import json
 import math
 import os
 import resource
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 from dispatcher.backends.local import processes
-from schemas.names import JOB_ID_RE
+from dispatcher.backends.local.jobfiles import JobDir, notify, read_json
 
-ENDS = ("succeeded", "failed", "timed_out", "cancelled")  # the states of a result
-TAIL_LINES = 40
-TAIL_BYTES = 4096
 CPU_KILL_AFTER_S = 5  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL this much later
 _STOP = (signal.SIGTERM, signal.SIGINT)  # what tells the runner to cancel its run
 _CLAIMED, _EXISTS = b"claimed\n", b"exists\n"  # what a runner tells its submitter
 _CODE_ROOT = Path(__file__).resolve().parents[3]  # where `-m dispatcher...` is found
-
-
-class JobDir:
-    """The files of one job, shared by the backend, the runner and the watcher."""
-
-    def __init__(self, root: Path, job_id: str, path: Path | None = None) -> None:
-        self.id = job_id
-        self.path = path or root / job_id  # another path while the job is being submitted
-        self.lock = root / f"{job_id}.lock"
-        self.inputs = self.path / "inputs.json"
-        self.uploads = self.path / "uploads.json"
-        self.work = self.path / "work"
-        self.log = self.path / "job.log"
-        self.runner_log = self.path / "runner.log"
-        self.reported = self.path / "reported"
-
-    @classmethod
-    def at(cls, path: Path) -> "JobDir":
-        return cls(path.parent, path.name)
-
-    @classmethod
-    def staging(cls, root: Path, job_id: str) -> "JobDir":
-        """A new private directory to prepare the job in; its runner moves it into place."""
-        path = Path(tempfile.mkdtemp(prefix=f".{job_id}.", dir=root))  # mode 0700
-        job = cls(root, job_id, path)
-        job.work.mkdir(mode=0o700)
-        return job
-
-    def read(self, name: str) -> dict | None:
-        """A JSON file of the job's directory; None if it is missing or unreadable."""
-        return _read_json(self.path / name)
-
-    def write(self, name: str, data: dict) -> None:
-        processes.write_atomic(self.path / name, json.dumps(data).encode())
-
-    def runner(self) -> processes.Process | None:
-        return _process(self.read("runner.json"))
-
-    def model(self) -> processes.Process | None:
-        return _process(self.read("model.json"))
-
-    def result(self) -> dict | None:
-        """result.json; None if there is none yet, or it is not one (so it is written again)."""
-        result = self.read("result.json") or {}
-        valid = (
-            result.get("state") in ENDS
-            and isinstance(result.get("exit_code"), int | None)
-            and isinstance(result.get("log_tail"), str | None)
-        )
-        return result if valid else None
-
-    def listing(self) -> dict | None:
-        """The job as `list_instances` shows it (an `Instance`'s fields); None if not started."""
-        record, runner = self.read("runner.json"), self.runner()
-        if record is None or runner is None:
-            return None
-        result = self.result()
-        state = result["state"] if result else "running" if self.model() else "starting"
-        return {
-            "app": str(record.get("app", "")),
-            "created_at": float(record.get("created_at", 0.0)),
-            "alive": processes.alive(runner),
-            "labels": {"pid": str(runner.pid), "state": state},
-        }
-
-    def log_tail(self) -> str:
-        return processes.tail(self.log, TAIL_LINES, TAIL_BYTES)
-
-    def note(self, text: str) -> None:
-        """Add a line of spinyard's to the run's log, where users look."""
-        with contextlib.suppress(OSError), processes.open_log(self.log) as log:
-            log.write(f"[spinyard] {text}\n".encode())
-
-    def finish(self, state: str, exit_code: int | None, started_at: float | None) -> dict:
-        """Write result.json (the caller makes sure nobody else does) and return it."""
-        result = {
-            "state": state,
-            "exit_code": exit_code,
-            "log_tail": self.log_tail(),
-            "started_at": started_at,
-            "finished_at": time.time(),
-        }
-        self.write("result.json", result)
-        return result
-
-    async def stop(self, runner: processes.Process, state: str, note: str, grace_s: float) -> str:
-        """Stop the runner and the run; record `state` if the runner left no result.
-
-        How the runner went, as `processes.terminate` says. The caller holds the lock.
-        """
-        how = await processes.terminate(runner, grace_s + processes.KILL_WAIT_S)
-        model = self.model()
-        if model is not None and processes.signal_group(model, signal.SIGKILL):
-            await processes.wait_gone(model, processes.KILL_WAIT_S)
-        if self.result() is None:
-            self.note(note)
-            self.finish(state, None, (self.read("model.json") or {}).get("started_at"))
-        return how
-
-
-def job_ids(root: Path) -> list[str]:
-    """The ids of the jobs with a directory under `root`, sorted."""
-    try:
-        names = sorted(os.listdir(root))
-    except FileNotFoundError:
-        return []
-    return [n for n in names if JOB_ID_RE.match(n)]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _process(data: dict | None) -> processes.Process | None:
-    try:
-        return processes.Process(int(data["pid"]), int(data["start_time"]), str(data["boot_id"]))
-    except (TypeError, KeyError, ValueError):
-        return None
-
-
-def notify(sock_path: str | Path, job_id: str) -> None:
-    """Tell the watcher to look at the job; nobody listening is fine (it scans at start)."""
-    with (
-        contextlib.suppress(OSError),
-        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
-        processes.unix_address(Path(sock_path)) as address,
-    ):
-        sock.settimeout(1.0)
-        sock.sendto(job_id.encode(), address)
-
-
-def prepare(stage: JobDir, job: JobDir, inputs: dict, upload_urls: dict, run: dict) -> None:
-    """Write a run's files and its runner's instructions into `stage`, naming paths in `job`.
-
-    `run` holds the app, argv, cwd (None: the output dir), the spec's env, deadline_s,
-    stop_grace_s, memory_bytes, cpu_seconds and the watcher's socket.
-    """
-    processes.write_atomic(stage.inputs, json.dumps(inputs).encode())
-    processes.write_atomic(stage.uploads, json.dumps(upload_urls).encode())
-    env = run["env"] | {
-        "SPINYARD_JOB_ID": job.id,
-        "SPINYARD_INPUTS": str(job.inputs),
-        "SPINYARD_UPLOADS": str(job.uploads),
-        "SPINYARD_OUTPUT_DIR": str(job.work),
-        "SPINYARD_DEADLINE_S": f"{run['deadline_s']:g}",
-    }
-    instructions = {
-        "job_dir": str(job.path),
-        "created_at": time.time(),
-        "cwd": run["cwd"] or str(job.work),
-        "env": processes.child_env(env),
-    }
-    stage.write("job.json", run | instructions)
 
 
 async def start_runner(staging: JobDir) -> bool:
@@ -282,21 +97,6 @@ async def start_runner(staging: JobDir) -> bool:
     tail = processes.tail(staging.runner_log, 10)
     shutil.rmtree(staging.path, ignore_errors=True)
     raise processes.SpawnError("the job runner exited at start" + (f": {tail}" if tail else ""))
-
-
-def remove_stale_staging(root: Path, older_than_s: float) -> None:
-    """Remove what submitters that died left while preparing jobs."""
-    with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
-        for entry in entries:
-            if entry.name.startswith(".j-") and entry.is_dir(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    if time.time() - entry.stat().st_mtime > older_than_s:
-                        shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def cpu_seconds(cores: float, deadline_s: float) -> int:
-    """RLIMIT_CPU for a run: the CPU time `cores` cores give over the deadline."""
-    return max(1, math.ceil(cores * deadline_s))
 
 
 # -- the runner process --
@@ -444,7 +244,7 @@ def _tell(answer: bytes) -> None:
 def run(staging: Path) -> int:
     """Claim the job prepared in `staging`, then run it to its end; the runner's exit code."""
     signals = _Signals()  # first: a cancel that comes early must not be lost
-    spec = _read_json(staging / "job.json")
+    spec = read_json(staging / "job.json")
     if spec is None:
         sys.stderr.write(f"jobrunner: {staging}/job.json is missing or unreadable\n")
         return 1

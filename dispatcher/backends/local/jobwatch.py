@@ -1,7 +1,7 @@
 """The watcher side of the local backend's jobs: it turns what runners do into reports.
 
-`LocalBackend.watch_jobs` runs a `JobWatcher`. Runners (`jobrunner.py`, which
-also describes a job's files) send a datagram naming their job to the unix
+`LocalBackend.watch_jobs` runs a `JobWatcher`. Runners (`jobrunner.py`; a job's
+files are `jobfiles.py`'s) send a datagram naming their job to the unix
 socket `<data_dir>/local/jobs.sock` when the run starts and when it ends; the
 watcher then reads the job's files and reports `running`, then the result.
 It also watches each running job's runner with a pidfd, so a runner that
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dispatcher import logs
 from dispatcher.backends.local import processes
-from dispatcher.backends.local.jobrunner import JobDir, job_ids
+from dispatcher.backends.local.jobfiles import JobDir, job_ids
 from schemas.names import JOB_ID_RE
 
 _RETRY_S, _RETRY_MAX_S = 0.5, 30.0  # backoff of a report that failed

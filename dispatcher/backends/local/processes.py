@@ -1,6 +1,6 @@
 """Processes, process groups and lock files on this machine, for the local backend.
 
-The local backend (`local.py`) and the job runner (`jobrunner.py`) share
+The local backend (`backend.py`) and the job runner (`jobrunner.py`) share
 these helpers: start a command in a new session, tell a live process from a
 recycled pid (by its start time in /proc/<pid>/stat and the boot id), signal
 and stop a whole process group, hold a per-instance lock file across

@@ -57,8 +57,8 @@ def job_spec(**fields) -> AppSpec:
         "name": "alice/model",
         "kind": "job",
         "image": "registry.example.com/alice/model:3",
-        "command": ["{python}", "-m", "model", "--port={port}"],
-        "env": {"MODE": "fast"},
+        "command": ["{python}", "-m", "model", "--seed={seed}"],  # a job has no {port}
+        "env": {"MODE": "fast", "RUNTIME": "{python}"},
         "deadline_s": 120.5,
         "outputs": ["result.csv"],
     }
@@ -339,6 +339,7 @@ def test_odd_app_names_make_valid_hosts_and_labels():
 JOB_ENV = [
     {"name": "HOME", "value": "/tmp"},
     {"name": "MODE", "value": "fast"},
+    {"name": "RUNTIME", "value": "python"},  # env is filled as the command is, on both backends
     {"name": "SPINYARD_JOB_ID", "value": JID},
     {"name": "SPINYARD_APP", "value": "alice/model"},
     {"name": "SPINYARD_INPUTS", "value": "/var/run/spinyard/inputs.json"},
@@ -400,7 +401,7 @@ def test_job_and_its_secret():
                         {
                             "name": "job",
                             "image": "registry.example.com/alice/model:3",
-                            "command": ["python", "-m", "model", "--port={port}"],
+                            "command": ["python", "-m", "model", "--seed={seed}"],
                             "env": JOB_ENV,
                             "resources": {
                                 "requests": {"cpu": "500m", "memory": "512Mi"},

@@ -119,6 +119,7 @@ async def test_a_job_gets_its_inputs_uploads_and_env_and_no_secrets(
     assert seen["uploads"] == urls
     assert seen["env"] == {
         "SPINYARD_JOB_ID": jid,
+        "SPINYARD_APP": spec.name,  # as on Kubernetes
         "SPINYARD_INPUTS": str(here / "inputs.json"),
         "SPINYARD_UPLOADS": str(here / "uploads.json"),
         "SPINYARD_OUTPUT_DIR": str(here / "work"),
@@ -151,6 +152,18 @@ async def test_without_a_workdir_a_job_runs_in_its_output_dir(backend, watch, da
     await backend.submit_job(launch(jid, spec), spec)
     await watcher.until(jid, "succeeded")
     assert (await seen_by_model(data_dir, jid))["cwd"] == str(job_dir(data_dir, jid) / "work")
+
+
+async def test_a_placeholder_a_job_has_no_value_for_is_passed_as_written(backend, watch, data_dir):
+    # Validation refuses `{port}` in a job spec; one that got past it (stored before
+    # that check) used to raise KeyError here, so its run request was retried, then
+    # dead-lettered. Now the run starts, with the braces as written.
+    spec = job_spec().model_copy(update={"env": {"JOB_PORT": "{port}", "JOB_PY": "{python}"}})
+    jid, watcher = new_job_id(), watch()
+    await backend.submit_job(launch(jid, spec), spec)
+    await watcher.until(jid, "succeeded")
+    env = (await seen_by_model(data_dir, jid))["env"]
+    assert (env["JOB_PORT"], env["JOB_PY"]) == ("{port}", sys.executable)
 
 
 async def test_a_job_uploads_its_outputs_through_presigned_urls(
