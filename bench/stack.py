@@ -10,7 +10,6 @@ variables, as in production.
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from dispatcher import waits
+from dispatcher.backends import launch
 from dispatcher.backends.local.backend import LocalBackend
 from dispatcher.settings import LocalBackendSettings
 from schemas.spec import AppSpec
@@ -186,11 +186,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _fill(command: list[str], values: dict[str, str]) -> list[str]:
-    """The command with the local backend's placeholders ({port}, {python}...) replaced."""
-    return [re.sub(r"\{(\w+)\}", lambda m: values.get(m[1], m[0]), arg) for arg in command]
-
-
 async def app_alone(spec: AppSpec, n: int, poll_s: float = 0.005) -> list[float]:
     """Seconds from spawning a viz app's command directly (no spinyard) to its readiness
     path answering below 500, polled every `poll_s`; `n` times, one after another.
@@ -201,8 +196,10 @@ async def app_alone(spec: AppSpec, n: int, poll_s: float = 0.005) -> list[float]
     async with aiohttp.ClientSession() as http:
         for _ in range(n):
             port, prefix = free_port(), "/alone/"
-            values = {"python": sys.executable, "port": str(port), "prefix": prefix}
-            argv = _fill(spec.command, values | {"host": "127.0.0.1"})
+            values = launch.viz_values(
+                port=port, prefix=prefix, host="127.0.0.1", python=sys.executable
+            )
+            argv = launch.argv(spec, values)
             env = clean_env({"SPINYARD_PORT": str(port), "SPINYARD_PREFIX": prefix})
             url = f"http://127.0.0.1:{port}{prefix.rstrip('/')}{spec.readiness_path}"
             quiet = subprocess.DEVNULL

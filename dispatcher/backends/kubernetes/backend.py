@@ -39,12 +39,12 @@ from dispatcher.backends.kubernetes.resources import (
     SECRETS,
     SERVICES,
 )
+from dispatcher.backends.launch import check_id, check_job_id
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import RetryableError, StartFailed
 from handlers.ports import JobReport
 from schemas import errors as codes
 from schemas.events import JobUpdate
-from schemas.names import INSTANCE_ID_RE, JOB_ID_RE
 from schemas.spec import AppSpec
 
 
@@ -125,7 +125,7 @@ class KubernetesBackend(Backend):
             handlers.errors.PermanentError: `forbidden`: the Role lacks a permission.
             handlers.errors.RetryableError: the API did not answer; try again later.
         """
-        _check_id(instance_id)
+        check_id(instance_id)
         now = time.time()
         try:
             deployment = objects.make_viz_deployment(
@@ -208,7 +208,7 @@ class KubernetesBackend(Backend):
         Raises:
             ValueError: `instance_id` is not a valid id.
         """
-        _check_id(instance_id)
+        check_id(instance_id)
         name = objects.object_name(instance_id)
         found = await asyncio.gather(
             self.api.delete(self._route, name),
@@ -224,7 +224,7 @@ class KubernetesBackend(Backend):
         Raises:
             ValueError: `instance_id` is not a valid id.
         """
-        _check_id(instance_id)
+        check_id(instance_id)
         patch = {"metadata": {"labels": {objects.POOLED: "false"}}}
         found = await self.api.patch(DEPLOYMENTS, objects.object_name(instance_id), patch)
         if found is None:
@@ -258,8 +258,7 @@ class KubernetesBackend(Backend):
             handlers.errors.PermanentError: `forbidden`: the Role lacks a permission.
             handlers.errors.RetryableError: the API did not answer; try again later.
         """
-        if not JOB_ID_RE.match(launch.job_id):
-            raise ValueError(f"not a job id: {launch.job_id!r}")
+        check_job_id(launch.job_id)
         now = time.time()
         try:
             job = objects.make_job(
@@ -295,7 +294,7 @@ class KubernetesBackend(Backend):
         Raises:
             ValueError: `job_id` is not a valid id.
         """
-        _check_id(job_id)
+        check_id(job_id)
         deleted, _ = await asyncio.gather(
             self.api.delete(JOBS, objects.object_name(job_id), propagation="Background"),
             self.api.delete(SECRETS, objects.secret_name(job_id)),
@@ -361,8 +360,3 @@ def _start_errors():
         raise StartFailed(exc.message, code=codes.START_FAILED) from exc
     except ValueError as exc:  # an object without a uid to own others
         raise StartFailed(str(exc), code=codes.START_FAILED) from exc
-
-
-def _check_id(instance_id: str) -> None:
-    if not (INSTANCE_ID_RE.match(instance_id) or JOB_ID_RE.match(instance_id)):
-        raise ValueError(f"not an instance or job id: {instance_id!r}")
