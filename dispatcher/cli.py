@@ -10,7 +10,6 @@ import signal
 import sys
 from pathlib import Path
 
-import msgpack
 from pydantic import ValidationError
 
 from dispatcher import logs
@@ -156,7 +155,7 @@ async def _cmd_publish(args, settings: Settings) -> int:
 
 
 async def _cmd_watch(args, settings: Settings) -> int:
-    from schemas import subjects
+    from schemas import codec, subjects
 
     if args.job:
         subject = subjects.job_status(args.job)
@@ -178,7 +177,7 @@ async def _cmd_watch(args, settings: Settings) -> int:
                     msg = await sub.next_msg(timeout=0.5)
                 except TimeoutError:
                     continue
-                line = {"subject": msg.subject, **msgpack.unpackb(msg.data)}
+                line = {"subject": msg.subject, **codec.loads(msg.data)}
                 print(json.dumps(line), flush=True)
         finally:
             await sub.unsubscribe()  # before the drain, or it waits on the subscription

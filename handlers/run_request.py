@@ -7,15 +7,13 @@ requests for one job id only one submits it; a redelivery of that same
 request resumes the submission, which the backend makes idempotent.
 """
 
-import msgpack
-
 from handlers import jobs
 from handlers.context import Context
 from handlers.errors import Rejected
 from handlers.ports import JobLaunch
 from handlers.registry import handler
+from schemas import codec, subjects
 from schemas import errors as codes
-from schemas import subjects
 from schemas.errors import ErrorInfo
 from schemas.events import RunRequest, job_id_for
 from schemas.status import JobPhases, JobState, JobStatus
@@ -51,7 +49,7 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
         raise Rejected(f"no app named {event.app!r} is registered", code=codes.UNKNOWN_APP)
     if spec.kind != "job":
         raise Rejected(f"{event.app!r} is a {spec.kind} app, not a job app", code=codes.WRONG_KIND)
-    size = len(msgpack.packb(event.inputs, use_bin_type=True))
+    size = codec.packed_size(event.inputs)
     if size > spec.max_input_bytes:
         raise Rejected(
             f"inputs are {size} bytes; {event.app} accepts at most {spec.max_input_bytes}",

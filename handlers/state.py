@@ -22,23 +22,24 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import msgpack
+import structlog
 from nats.js.api import DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from handlers import pools
 from handlers.deployments import Deployment
 from handlers.errors import RetryableError
 from handlers.jobs import Job
 from handlers.pools import PoolIndex
-from schemas import subjects
+from schemas import codec, subjects
 from schemas.spec import AppSpec
 
 M = TypeVar("M", bound=BaseModel)
 
 SCAN_TIMEOUT_S = 5.0
+log = structlog.get_logger("spinyard.state")
 
 
 def _same(key: str) -> str:
@@ -88,7 +89,7 @@ class Records(Generic[M]):
             return None
         if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
             return None
-        value = self.model.model_validate(msgpack.unpackb(entry.value))
+        value = codec.decode(self.model, entry.value)
         return Entry(id, value, entry.revision)
 
     async def get(self, id: str) -> M | None:
@@ -99,20 +100,20 @@ class Records(Generic[M]):
     async def create(self, id: str, value: M) -> int | None:
         """Write `value` only if the record is absent. The revision, or None if it exists."""
         try:
-            return await self.kv.create(self._key(id), _pack(value))
+            return await self.kv.create(self._key(id), codec.encode(value))
         except KeyWrongLastSequenceError:
             return None
 
     async def update(self, id: str, value: M, revision: int) -> int | None:
         """Write `value` only if the record is still at `revision`. None on conflict."""
         try:
-            return await self.kv.update(self._key(id), _pack(value), last=revision)
+            return await self.kv.update(self._key(id), codec.encode(value), last=revision)
         except KeyWrongLastSequenceError:
             return None
 
     async def put(self, id: str, value: M) -> int:
         """Write `value` whatever is there (for records one writer owns, like app specs)."""
-        return await self.kv.put(self._key(id), _pack(value))
+        return await self.kv.put(self._key(id), codec.encode(value))
 
     async def change(
         self,
@@ -198,14 +199,15 @@ class Records(Generic[M]):
                     break
         finally:
             await sub.unsubscribe()
-        return [
-            Entry(self._id(key), self.model.model_validate(msgpack.unpackb(data)), rev)
-            for key, (data, rev) in found.items()
-        ]
-
-
-def _pack(model: BaseModel) -> bytes:
-    return msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+        entries = []
+        for key, (data, rev) in found.items():
+            try:
+                entries.append(Entry(self._id(key), codec.decode(self.model, data), rev))
+            except (codec.DecodeError, ValidationError) as exc:
+                # One record this version cannot read (written by an older one, say) must
+                # not stop every pass over the rest: skip it, and say so.
+                log.warning("record_unreadable", bucket=kv._stream, key=key, error=str(exc)[:300])
+        return entries
 
 
 class State:

@@ -35,8 +35,13 @@ def loads(data: bytes, content_type: str = "application/msgpack") -> Any:
         if "json" in content_type:
             return json.loads(data)
         return msgpack.unpackb(data, raw=False)
-    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
         raise DecodeError(f"body is not valid {content_type}") from exc
+
+
+def packed_size(value: Any) -> int:
+    """How many bytes `value` takes as msgpack: what the run inputs limit counts."""
+    return len(msgpack.packb(value, use_bin_type=True))
 
 
 def decode(model: type[M], data: bytes) -> M:
@@ -60,4 +65,13 @@ def decode_event(data: bytes, content_type: str = "application/msgpack") -> Even
     return _EVENT.validate_python(obj)
 
 
-__all__ = ["DecodeError", "ValidationError", "decode", "decode_event", "encode", "encode_json"]
+__all__ = [
+    "DecodeError",
+    "ValidationError",
+    "decode",
+    "decode_event",
+    "encode",
+    "encode_json",
+    "loads",
+    "packed_size",
+]

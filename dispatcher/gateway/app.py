@@ -9,14 +9,12 @@ never opens one itself.
 
 import asyncio
 import inspect
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import nats.errors
 from aiohttp import web
 from nats.aio.client import Client
@@ -34,8 +32,8 @@ from dispatcher.settings import GatewaySettings
 from handlers.errors import PublicError
 from handlers.ports import Backend
 from handlers.state import State
+from schemas import codec, subjects
 from schemas import errors as codes
-from schemas import subjects
 from schemas.codec import encode
 from schemas.events import Heartbeat, PageLoad, RunCancel, RunRequest, job_id_for
 from schemas.names import JOB_ID_RE
@@ -136,8 +134,8 @@ def parse_event(body: bytes, content_type: str) -> BaseModel:
     """
     msgpack_body = content_type in MSGPACK_TYPES
     try:
-        obj = msgpack.unpackb(body, raw=False) if msgpack_body else json.loads(body)
-    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
+        obj = codec.loads(body, "application/msgpack" if msgpack_body else "application/json")
+    except codec.DecodeError as exc:
         kind = "msgpack" if msgpack_body else "JSON"
         raise GatewayError(400, codes.BAD_ENCODING, f"the body is not valid {kind}") from exc
     if not isinstance(obj, dict):
@@ -188,7 +186,7 @@ async def post_event(request: web.Request) -> web.Response:
                     f"{kind} needs a {NEEDS_KIND[kind]} app; {event.app!r} is a {spec.kind} app",
                 )
             if kind == subjects.RUN_REQUEST:
-                size = len(msgpack.packb(event.inputs))
+                size = codec.packed_size(event.inputs)
                 if size > spec.max_input_bytes:
                     message = f"inputs: {size} bytes, {event.app!r} takes {spec.max_input_bytes}"
                     raise GatewayError(413, codes.TOO_LARGE, message)

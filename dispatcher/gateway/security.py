@@ -17,7 +17,6 @@ import asyncio
 import html
 import time
 
-import msgpack
 from aiohttp import web
 from yarl import URL
 
@@ -26,6 +25,7 @@ from dispatcher.gateway.auth import Authenticator, AuthError, mint
 from dispatcher.settings import AuthSettings
 from handlers.jobs import Job
 from handlers.state import State
+from schemas import codec
 from schemas import errors as codes
 from schemas.names import JOB_ID_RE, check_app, check_session
 from schemas.spec import AppSpec
@@ -108,7 +108,7 @@ class Guard:
                 async with asyncio.timeout(JOB_RECORD_WAIT_S):
                     async for update in watcher:
                         if update is not None and update.value:
-                            job = Job.model_validate(msgpack.unpackb(update.value))
+                            job = codec.decode(Job, update.value)
                             return job.app, job.session
             except TimeoutError:
                 pass

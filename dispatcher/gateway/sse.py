@@ -18,7 +18,6 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgpack
 import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
@@ -29,8 +28,8 @@ from nats.js.errors import NotFoundError
 from dispatcher import logs
 from dispatcher.gateway import SESSION, GatewayError, error_response
 from handlers.state import State
+from schemas import codec, subjects
 from schemas import errors as codes
-from schemas import subjects
 from schemas.names import JOB_ID_RE, check_app, check_session
 
 log = logs.get("spinyard.gateway")
@@ -50,8 +49,8 @@ def wants_sse(request: web.Request) -> bool:
 def to_json(data: bytes | None) -> str | None:
     """A status payload (msgpack of any shape) as one line of JSON, or None if undecodable."""
     try:
-        obj = msgpack.unpackb(data or b"", raw=False)
-    except (ValueError, msgpack.UnpackException, TypeError):
+        obj = codec.loads(data or b"")
+    except codec.DecodeError:
         return None
     return json.dumps(obj, separators=(",", ":"), default=_jsonable)
 

@@ -2,7 +2,9 @@
 
 import asyncio
 
+import msgpack
 import pytest
+import structlog.testing
 
 from dispatcher import bus
 from handlers.deployments import Deployment, session_slot, slot_key
@@ -106,3 +108,21 @@ async def test_change_retries_on_conflict_and_creates_from_a_default(state):
     assert sorted(e.value.size() for e in entries) == [1, 2, 3, 4, 5]  # none lost
     assert (await state.pools.get("demo/y")).size() == 5
     assert await state.pools.change("demo/y", lambda index: None) is None  # declined
+
+
+async def test_a_record_this_version_cannot_read_is_skipped_not_fatal(state):
+    """One bad spec (e.g. a job spec with `{port}`, valid before that was refused) must not
+    stop the reaper's and the gateway's scans of every other app."""
+    good = AppSpec(name="demo/good", command=["x"])
+    await state.apps.put(good.name, good)
+    bad = good.model_dump(mode="json") | {"name": "demo/bad", "kind": "job"}
+    bad["command"] = ["{python}", "model.py", "--port={port}"]
+    await state.apps.kv.put("demo.bad", msgpack.packb(bad))
+    await state.apps.kv.put("demo.junk", b"\xc1 not msgpack")
+    with structlog.testing.capture_logs() as logs:
+        found = await state.apps.scan()
+    assert [e.value.name for e in found] == ["demo/good"]
+    assert sorted(e["key"] for e in logs if e["event"] == "record_unreadable") == [
+        "demo.bad",
+        "demo.junk",
+    ]
