@@ -45,7 +45,7 @@ def idle_reason(dep: Deployment, spec: AppSpec, now: float) -> str | None:
 @handler(subjects.REAPER_TICK, schema=ReaperTick, concurrency=1, retries=1, timeout_s=300)
 async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
     now = ctx.now()
-    apps = {entry.key: entry.value for entry in await ctx.state.apps.scan()}
+    apps: dict[str, AppSpec | None] = {e.key: e.value for e in await ctx.state.apps.scan()}
     instances = {i.id: i for i in await ctx.backend.list_instances()}
     known: set[str] = set()
     counts = {"reaped": 0, "failed": 0, "orphans": 0, "refills": 0}
@@ -55,7 +55,7 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
     for entry in await ctx.state.deployments.scan():
         key, dep, rev = entry.key, entry.value, entry.revision
         known.add(dep.instance)
-        spec = apps.get(dep.app)
+        spec = await _current_spec(ctx, apps, dep.app)
         if dep.state not in LIVE:
             if dep.state != AppState.STOPPING and now - dep.created_at > KEEP_ENDED_S:
                 await ctx.state.deployments.delete(key, rev)
@@ -84,7 +84,7 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
             counts["failed"] += 1
 
     for spec in apps.values():
-        if spec.kind == "viz" and spec.pool.size:
+        if spec is not None and spec.kind == "viz" and spec.pool.size:
             counts["refills"] += await pools.request_refill(
                 ctx, spec, ctx.knobs.pool_refill_per_tick
             )
@@ -139,11 +139,23 @@ async def _tend_jobs(
             counts["orphans"] += 1
 
 
+async def _current_spec(ctx: Context, apps: dict[str, AppSpec | None], name: str) -> AppSpec | None:
+    """The app's spec, asked for again when the pass's list lacks it.
+
+    The list is read at the start of the pass; an app registered since, whose
+    first page load made a deployment the pass then sees, is not in it. Only an
+    app that is still absent when asked directly counts as removed.
+    """
+    if name not in apps:
+        apps[name] = await ctx.state.apps.get(name)
+    return apps[name]
+
+
 async def _tend_pool(
-    ctx: Context, index: PoolIndex, app: str, apps: dict[str, AppSpec], now: float
+    ctx: Context, index: PoolIndex, app: str, apps: dict[str, AppSpec | None], now: float
 ) -> set[str]:
     """Expire stuck reservations and empty pools of removed apps. Returns the instances kept."""
-    spec = apps.get(app)
+    spec = await _current_spec(ctx, apps, app)
     timeout = (spec.start_timeout_s if spec else 0.0) + ctx.knobs.reconcile_grace_s
     expired = {i for i, t in index.starting.items() if spec is None or now - t > timeout}
     excess = (
