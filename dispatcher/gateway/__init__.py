@@ -1,8 +1,10 @@
 """The aiohttp gateway: how browsers reach spinyard (events, status, app proxy, embed.js).
 
-`app.make_app` / `app.start_gateway` build and start it; `sse` answers
-status (JSON or Server-Sent Events), `proxy` relays to app instances, and
-`static/` holds the embed snippet and the demo page. This module holds what
+`app.make_app` / `app.start_gateway` build and start it; `events` takes
+`POST /v1/events`, `sse` answers status (JSON or Server-Sent Events),
+`proxy` relays to app instances, `auth` checks JWTs and `security` applies
+them (with origins and frame-ancestors), and `static/` holds the embed
+snippet and the demo page. This module holds what
 all of them share: the error they answer with, the request keys an auth
 hook may read, and the metrics they count.
 """

@@ -1,16 +1,13 @@
 """The gateway's routes and wiring: pages publish events and read status here.
 
-It validates what a browser sends (`POST /v1/events`) and publishes it as
-msgpack on the JetStream events stream, lists the apps in the KV, and wires
-in status (`sse`), the app proxy (`proxy`), `embed.js`, the demo page,
-`/healthz` and `/metrics`. It uses the NATS connection its caller owns and
-never opens one itself.
+It builds the aiohttp app: events (`events`, `POST /v1/events`), the app
+list, status (`sse`), the app proxy (`proxy`), `embed.js`, the demo page,
+`/healthz` and `/metrics`, with the middleware that gives every error the
+public error body and counts every answer. It uses the NATS connection its
+caller owns and never opens one itself.
 """
 
 import asyncio
-import inspect
-import re
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,207 +17,33 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ValidationError
 
 from dispatcher import logs
-from dispatcher.gateway import EVENT, SESSION, GatewayError, Metrics, error_response
+from dispatcher.gateway import GatewayError, Metrics, error_response
+from dispatcher.gateway.events import Auth, authorize, post_event
+from dispatcher.gateway.keys import (
+    AUTH,
+    BACKEND,
+    JS,
+    METRICS,
+    NC,
+    PROXY,
+    SETTINGS,
+    STATE,
+    STREAMS,
+)
 from dispatcher.gateway.proxy import Proxy
 from dispatcher.gateway.security import Guard, install
 from dispatcher.gateway.sse import StatusStreams
 from dispatcher.metrics import exposition
 from dispatcher.settings import GatewaySettings
-from handlers.errors import PublicError
 from handlers.ports import Backend
 from handlers.state import State
-from schemas import codec, subjects
 from schemas import errors as codes
-from schemas.codec import encode
-from schemas.events import Heartbeat, PageLoad, RunCancel, RunRequest, job_id_for
-from schemas.names import JOB_ID_RE
 
 log = logs.get("spinyard.gateway")
 
 STATIC = Path(__file__).parent / "static"
-
-Auth = Callable[[web.Request, str | None, str | None], Awaitable[None] | None]
-"""`auth(request, app, job_id)`: return to allow, raise `GatewayError` (or anything) to reject."""
-
-
-# What a browser may send, and the app kind each needs.
-BROWSER_EVENTS: dict[str, type[BaseModel]] = {
-    subjects.PAGE_LOAD: PageLoad,
-    subjects.HEARTBEAT: Heartbeat,
-    subjects.RUN_REQUEST: RunRequest,
-    subjects.RUN_CANCEL: RunCancel,
-}
-NEEDS_KIND = {subjects.PAGE_LOAD: "viz", subjects.HEARTBEAT: "viz", subjects.RUN_REQUEST: "job"}
-# The id becomes the Nats-Msg-Id header: no spaces, no line breaks.
-EVENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,80}$")
-MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
-STATUS_OF_ERROR = {codes.UNAUTHORIZED: 401, codes.FORBIDDEN: 403, codes.TOO_MANY: 429}
-
-
-SETTINGS = web.AppKey("settings", GatewaySettings)
-JS = web.AppKey("js", JetStreamContext)
-NC = web.AppKey("nc", Client)
-STATE = web.AppKey("state", State)
-BACKEND = web.AppKey("backend", Backend | None)  # type: ignore[arg-type]
-AUTH = web.AppKey("auth", Callable | None)  # type: ignore[arg-type]
-METRICS = web.AppKey("metrics", Metrics)
-STREAMS = web.AppKey("streams", StatusStreams)
-PROXY = web.AppKey("proxy", Proxy)
-
-
-def describe(exc: ValidationError) -> str:
-    """A validation error as `field: reason; ...`, readable by whoever wrote the request."""
-    parts = []
-    for err in exc.errors(include_url=False)[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
-async def authorize(request: web.Request, app: str | None, job_id: str | None) -> None:
-    """Run the auth hook, if any. It may read `request[SESSION]` and `request[EVENT]`.
-
-    An exception with an int `status` (4xx), a `code` and a `message` (like `GatewayError`)
-    is answered as it says; a `PublicError` by its code; anything else with a plain 401.
-
-    Raises:
-        GatewayError: the hook rejected the request.
-    """
-    hook = request.app[AUTH]
-    if hook is None:
-        return
-    try:
-        result = hook(request, app, job_id)
-        if inspect.isawaitable(result):
-            await result
-    except Exception as exc:
-        status, code, message = (getattr(exc, a, None) for a in ("status", "code", "message"))
-        if isinstance(exc, PublicError):
-            status = STATUS_OF_ERROR.get(exc.code, 403)
-        if isinstance(status, int) and 400 <= status < 500 and isinstance(code, str):
-            raise GatewayError(status, code, str(message or code)) from exc
-        log.warning("auth_hook_failed", error=type(exc).__name__)
-        raise GatewayError(401, codes.UNAUTHORIZED, "not authorized") from exc
-
-
-# --- events -------------------------------------------------------------------------------
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refusing to read more than `limit` bytes.
-
-    Raises:
-        GatewayError: 413 by Content-Length or once the body read passes `limit`.
-    """
-    too_large = GatewayError(413, codes.TOO_LARGE, f"an event body may be at most {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    body = bytearray()
-    while chunk := await request.content.readany():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
-
-
-def parse_event(body: bytes, content_type: str) -> BaseModel:
-    """Decode and validate one browser event.
-
-    Raises:
-        GatewayError: 400 bad_encoding, or 422 invalid_event naming the field and reason.
-    """
-    msgpack_body = content_type in MSGPACK_TYPES
-    try:
-        obj = codec.loads(body, "application/msgpack" if msgpack_body else "application/json")
-    except codec.DecodeError as exc:
-        kind = "msgpack" if msgpack_body else "JSON"
-        raise GatewayError(400, codes.BAD_ENCODING, f"the body is not valid {kind}") from exc
-    if not isinstance(obj, dict):
-        raise GatewayError(422, codes.INVALID_EVENT, "an event must be an object")
-    kind = obj.get("type")
-    model = BROWSER_EVENTS.get(kind) if isinstance(kind, str) else None
-    if model is None:
-        if kind in subjects.KINDS:
-            raise GatewayError(
-                422, codes.INVALID_EVENT, f"type: {kind!r} events are internal to spinyard"
-            )
-        allowed = ", ".join(BROWSER_EVENTS)
-        raise GatewayError(422, codes.INVALID_EVENT, f"type: must be one of {allowed}")
-    try:
-        event = model.model_validate(obj)
-    except ValidationError as exc:
-        raise GatewayError(422, codes.INVALID_EVENT, describe(exc)) from exc
-    if not EVENT_ID_RE.match(event.id):  # type: ignore[attr-defined]
-        raise GatewayError(
-            422, codes.INVALID_EVENT, "id: 1-80 characters of letters, digits, '_', '.', ':' or '-'"
-        )
-    return event
-
-
-async def post_event(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    kind = "unknown"
-    try:
-        body = await read_body(request, request.app[SETTINGS].max_body_bytes)
-        event: Any = parse_event(body, request.content_type)
-        kind = event.type
-        request[EVENT], request[SESSION] = event, event.session
-        if kind == subjects.RUN_CANCEL:
-            if not JOB_ID_RE.match(event.job_id):
-                message = "job_id: must look like j-<8-40 a-z0-9>"
-                raise GatewayError(422, codes.INVALID_EVENT, message)
-            await authorize(request, None, event.job_id)
-            subject = subjects.event_for(kind, event.job_id)
-        else:
-            await authorize(request, event.app, None)
-            spec = await request.app[STATE].apps.get(event.app)
-            if spec is None:
-                raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {event.app!r}")
-            if spec.kind != NEEDS_KIND[kind]:
-                raise GatewayError(
-                    422,
-                    codes.WRONG_KIND,
-                    f"{kind} needs a {NEEDS_KIND[kind]} app; {event.app!r} is a {spec.kind} app",
-                )
-            if kind == subjects.RUN_REQUEST:
-                size = codec.packed_size(event.inputs)
-                if size > spec.max_input_bytes:
-                    message = f"inputs: {size} bytes, {event.app!r} takes {spec.max_input_bytes}"
-                    raise GatewayError(413, codes.TOO_LARGE, message)
-                job_id = job_id_for(event.app, event.session, event.idempotency_key, event.id)
-                event = event.model_copy(update={"job_id": job_id})
-            subject = subjects.event(kind, event.app)
-    except GatewayError as exc:
-        metrics.count_event(kind, exc.code)
-        log.info("event_rejected", type=kind, code=exc.code, status=exc.status)
-        raise
-
-    started = time.perf_counter()
-    try:
-        await request.app[JS].publish(subject, encode(event), headers={"Nats-Msg-Id": event.id})
-    except (nats.errors.Error, ConnectionError) as exc:
-        metrics.count_event(kind, codes.UNAVAILABLE)
-        log.warning("event_publish_failed", type=kind, event_id=event.id, error=type(exc).__name__)
-        message = "the event bus is not reachable; try again"
-        raise GatewayError(503, codes.UNAVAILABLE, message) from exc
-    metrics.observe_publish(time.perf_counter() - started)
-    metrics.count_event(kind, "accepted")
-    answer = {"id": event.id, "time": time.time()}
-    if kind == subjects.RUN_REQUEST:
-        answer["job_id"] = event.job_id
-    log.info(
-        "event_accepted",
-        type=kind,
-        event_id=event.id,
-        app=getattr(event, "app", None),
-        job_id=getattr(event, "job_id", None),
-    )
-    return web.json_response(answer, status=202)
-
-
 # --- apps --------------------------------------------------------------------------------
 
 

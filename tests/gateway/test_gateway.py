@@ -16,7 +16,7 @@ import pytest
 from yarl import URL
 
 from dispatcher.gateway import SESSION, GatewayError
-from dispatcher.gateway.app import STREAMS
+from dispatcher.gateway.keys import STREAMS
 from handlers.deployments import SHARED, Deployment, slot_key
 from schemas import subjects
 from schemas.codec import decode_event
