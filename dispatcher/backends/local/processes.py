@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from dispatcher import waits
+
 DEAD = ("Z", "X", "x")  # /proc states of a process that has exited
 POLL_S = 0.02  # how often a stop checks whether the process group is gone
 KILL_WAIT_S = 5.0  # how long to wait for SIGKILL to take effect
@@ -111,12 +113,10 @@ def gone(proc: Process) -> bool:
 
 async def wait_gone(proc: Process, within_s: float) -> bool:
     """Poll until the process group has gone; False if it has not after `within_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while not gone(proc):
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(POLL_S)
+    try:
+        await waits.until(lambda: gone(proc), within_s, interval_s=POLL_S, what="the exit")
+    except TimeoutError:
+        return False
     return True
 
 
