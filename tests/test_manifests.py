@@ -25,7 +25,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from dispatcher.bus import permissions as natsauth
+from dispatcher.bus import permissions
 from dispatcher.embedded.natsserver import NatsServer, find_binary
 from dispatcher.settings import Settings
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
@@ -508,7 +508,7 @@ def test_secrets_exist_in_dev_and_are_documented_for_prod():
 
 
 def test_each_pod_gets_only_its_own_secrets(docs):
-    nats_roles = {("spinyard-nats-auth", role) for role in natsauth.ROLES}
+    nats_roles = {("spinyard-nats-auth", role) for role in permissions.ROLES}
     minio = {("spinyard-minio", "root-user"), ("spinyard-minio", "root-password")}
     for d in docs:
         if d["kind"] not in WORKLOADS:
@@ -604,12 +604,12 @@ def nats_env(docs) -> dict[str, str]:
     return env
 
 
-def test_nats_config_carries_natsauth_and_parses(docs, overlay, tmp_path):
+def test_nats_config_carries_the_generated_users_and_parses(docs, overlay, tmp_path):
     conf = nats_config(docs, tmp_path)
-    assert (tmp_path / "auth.conf").read_text() == natsauth.k8s_config()
+    assert (tmp_path / "auth.conf").read_text() == permissions.k8s_config()
     env = nats_env(docs)
-    for role in natsauth.ROLES:
-        assert natsauth.password_env(role) in env, role
+    for role in permissions.ROLES:
+        assert permissions.password_env(role) in env, role
     result = subprocess.run(
         [find_binary(), "-t", "-c", str(conf)], env=env, capture_output=True, text=True, timeout=30
     )
@@ -645,11 +645,11 @@ async def test_dev_nats_config_lets_each_role_in(tmp_path, monkeypatch):
         (store / name).write_text((tmp_path / "conf" / name).read_text())
     server = NatsServer(store, config=conf).start()
     try:
-        for role in natsauth.ROLES:
+        for role in permissions.ROLES:
             nc = await nats.connect(
                 server.url,
                 user=role,
-                password=env[natsauth.password_env(role)],
+                password=env[permissions.password_env(role)],
                 allow_reconnect=False,
                 connect_timeout=5,
             )

@@ -21,7 +21,7 @@ from nats.js.api import DeliverPolicy, StreamConfig
 from pydantic import BaseModel, SecretStr
 
 from dispatcher import bus, compose
-from dispatcher.bus import permissions as natsauth
+from dispatcher.bus import permissions
 from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.settings import HandlerSettings, NatsSettings, Settings
 from handlers.registry import HandlerSpec, default_registry
@@ -30,7 +30,7 @@ from schemas import subjects
 from tests.helpers import ROOT, wait_for
 
 # A `$` and a space: both must survive the quoting in server_config.
-PASSWORDS = {role: f"pw {role} $x-1" for role in natsauth.ROLES}
+PASSWORDS = {role: f"pw {role} $x-1" for role in permissions.ROLES}
 
 
 class _Event(BaseModel):
@@ -59,7 +59,7 @@ class Conn:
 
 @pytest.fixture
 def server(tmp_path):
-    srv = NatsServer(tmp_path / "nats", config=natsauth.server_config(PASSWORDS)).start()
+    srv = NatsServer(tmp_path / "nats", config=permissions.server_config(PASSWORDS)).start()
     yield srv
     srv.stop()
 
@@ -117,39 +117,39 @@ async def subscribe_and_flush(conn: Conn, subject: str) -> None:
 
 
 def test_every_role_has_allow_lists_and_only_admin_has_everything():
-    for role in natsauth.ROLES:
-        perms = natsauth.permissions(role)
+    for role in permissions.ROLES:
+        perms = permissions.permissions(role)
         assert set(perms) == {"publish", "subscribe"}
         assert all(set(p) == {"allow"} and p["allow"] for p in perms.values())
         has_all = any(">" in p["allow"] for p in perms.values())
-        assert has_all == (role == natsauth.ADMIN), role
+        assert has_all == (role == permissions.ADMIN), role
 
 
 def test_gateway_publishes_only_browser_kinds():
     published_events = [
         s
-        for s in natsauth.permissions(natsauth.GATEWAY)["publish"]["allow"]
+        for s in permissions.permissions(permissions.GATEWAY)["publish"]["allow"]
         if s.startswith(subjects.EVENTS)
     ]
-    assert published_events == [f"{subjects.EVENTS}.{k}.>" for k in natsauth.BROWSER_KINDS]
-    assert subjects.REAPER_TICK not in natsauth.BROWSER_KINDS
+    assert published_events == [f"{subjects.EVENTS}.{k}.>" for k in permissions.BROWSER_KINDS]
+    assert subjects.REAPER_TICK not in permissions.BROWSER_KINDS
 
 
 def test_unknown_role_and_bad_passwords_are_refused():
     with pytest.raises(ValueError, match="unknown NATS role"):
-        natsauth.permissions("root")
+        permissions.permissions("root")
     with pytest.raises(ValueError, match="missing"):
-        natsauth.server_config({"admin": "x"})
+        permissions.server_config({"admin": "x"})
     with pytest.raises(ValueError, match="unknown"):
-        natsauth.server_config({**PASSWORDS, "root": "x"})
+        permissions.server_config({**PASSWORDS, "root": "x"})
     for bad in ('a"b', "a\\b", "a\nb", ""):
         with pytest.raises(ValueError, match="NATS password"):
-            natsauth.server_config({**PASSWORDS, "gateway": bad})
+            permissions.server_config({**PASSWORDS, "gateway": bad})
 
 
-def test_k8s_auth_conf_is_generated_from_natsauth():
+def test_k8s_auth_conf_is_generated_from_the_permissions_module():
     committed = (ROOT / "k8s/base/nats/auth.conf").read_text()
-    assert committed == natsauth.k8s_config(), (
+    assert committed == permissions.k8s_config(), (
         "k8s/base/nats/auth.conf is stale; regenerate it:"
         " python -m dispatcher.bus.permissions --k8s > k8s/base/nats/auth.conf"
     )
@@ -158,14 +158,14 @@ def test_k8s_auth_conf_is_generated_from_natsauth():
     def rules(text: str) -> list[str]:
         return [ln for ln in text.splitlines() if "password:" not in ln and not ln.startswith("#")]
 
-    assert rules(committed) == rules(natsauth.server_config(PASSWORDS))
-    for role in natsauth.ROLES:
-        assert f"password: ${natsauth.password_env(role)}" in committed
+    assert rules(committed) == rules(permissions.server_config(PASSWORDS))
+    for role in permissions.ROLES:
+        assert f"password: ${permissions.password_env(role)}" in committed
 
 
 def test_main_writes_the_k8s_config(capsys):
-    assert natsauth.main(["--k8s"]) == 0
-    assert capsys.readouterr().out == natsauth.k8s_config()
+    assert permissions.main(["--k8s"]) == 0
+    assert capsys.readouterr().out == permissions.k8s_config()
 
 
 # --- against a real server ------------------------------------------------------------
@@ -191,8 +191,8 @@ async def test_wrong_password_is_refused(server):
 
 
 async def test_handler_sets_up_and_does_its_work(connect):
-    handler = await connect(natsauth.HANDLER)
-    gateway = await connect(natsauth.GATEWAY)
+    handler = await connect(permissions.HANDLER)
+    gateway = await connect(permissions.GATEWAY)
     await set_up(handler)
     await set_up(handler)  # a second replica starting: updates in place
 
@@ -240,8 +240,8 @@ async def test_the_handler_runtime_runs_as_handler(server, connect, tmp_path):
     """`spinyard handlers` with every built-in handler, its ticker and job watcher."""
     settings = Settings(data_dir=tmp_path / "data", log_format="console", log_level="warning")
     settings.nats.url = server.url
-    settings.nats.user = natsauth.HANDLER
-    settings.nats.password = SecretStr(PASSWORDS[natsauth.HANDLER])
+    settings.nats.user = permissions.HANDLER
+    settings.nats.password = SecretStr(PASSWORDS[permissions.HANDLER])
     settings.reaper.interval_s = 0.2
     async with contextlib.AsyncExitStack() as stack:
         backend = await stack.enter_async_context(compose.backend(settings))
@@ -250,7 +250,7 @@ async def test_the_handler_runtime_runs_as_handler(server, connect, tmp_path):
         await stack.enter_async_context(
             compose.handlers(settings, nc, state, backend=backend, store=None)
         )
-        admin = await connect(natsauth.ADMIN)
+        admin = await connect(permissions.ADMIN)
 
         async def ticks_handled() -> bool:
             info = await admin.js.consumer_info(subjects.EVENTS_STREAM, subjects.REAPER_TICK)
@@ -262,7 +262,7 @@ async def test_the_handler_runtime_runs_as_handler(server, connect, tmp_path):
 
 
 async def test_handler_cannot_destroy_or_leave_its_subjects(connect):
-    handler = await connect(natsauth.HANDLER)
+    handler = await connect(permissions.HANDLER)
     await set_up(handler)
     events = subjects.EVENTS_STREAM
     await assert_denied(
@@ -289,8 +289,8 @@ async def test_handler_cannot_destroy_or_leave_its_subjects(connect):
 
 
 async def test_gateway_publishes_browser_events_and_reads_state(connect):
-    admin = await connect(natsauth.ADMIN)
-    gateway = await connect(natsauth.GATEWAY)
+    admin = await connect(permissions.ADMIN)
+    gateway = await connect(permissions.GATEWAY)
     await set_up(admin)
     state = await bus.ensure_state(admin.js, NatsSettings())
     await state.apps.kv.put("o.t", b"spec")
@@ -298,7 +298,7 @@ async def test_gateway_publishes_browser_events_and_reads_state(connect):
     status_subject = subjects.app_status("o/t")
     await admin.js.publish(status_subject, b"ready")
 
-    for kind in natsauth.BROWSER_KINDS:
+    for kind in permissions.BROWSER_KINDS:
         ack = await gateway.js.publish(
             subjects.event(kind, "o/t"), b"e", headers={"Nats-Msg-Id": f"gw-{kind}"}
         )
@@ -334,12 +334,12 @@ async def test_gateway_publishes_browser_events_and_reads_state(connect):
 
 
 async def test_gateway_cannot_act_as_a_handler(connect):
-    admin = await connect(natsauth.ADMIN)
-    gateway = await connect(natsauth.GATEWAY)
+    admin = await connect(permissions.ADMIN)
+    gateway = await connect(permissions.GATEWAY)
     await set_up(admin)
     apps = await gateway.js.key_value(subjects.APPS_BUCKET)
 
-    for kind in set(subjects.KINDS) - set(natsauth.BROWSER_KINDS):
+    for kind in set(subjects.KINDS) - set(permissions.BROWSER_KINDS):
         subject = subjects.event_for(kind, "x")
         await assert_denied(gateway, gateway.js.publish(subject, b"e"), subject)
     await assert_denied(gateway, apps.put("o.t", b"x"), f"$KV.{subjects.APPS_BUCKET}.o.t")
@@ -383,7 +383,7 @@ async def test_gateway_cannot_act_as_a_handler(connect):
 
 
 async def test_admin_may_do_anything(connect):
-    admin = await connect(natsauth.ADMIN)
+    admin = await connect(permissions.ADMIN)
     await set_up(admin)
     await admin.js.add_stream(StreamConfig(name="SCRATCH", subjects=["scratch.>"]))
     assert (await admin.js.publish("scratch.x", b"x")).stream == "SCRATCH"
