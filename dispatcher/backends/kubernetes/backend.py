@@ -41,7 +41,7 @@ from dispatcher.backends.kubernetes.resources import (
 )
 from dispatcher.backends.launch import check_id, check_job_id
 from dispatcher.settings import KubernetesBackendSettings
-from handlers.errors import RetryableError, StartFailed
+from handlers.errors import PermanentError, RetryableError, StartFailed
 from handlers.ports import JobReport
 from schemas import errors as codes
 from schemas.events import JobUpdate
@@ -120,9 +120,9 @@ class KubernetesBackend(Backend):
 
         Raises:
             ValueError: `instance_id` is not a valid id.
-            handlers.errors.StartFailed: the spec cannot run here (no image) or the API
-                refused the objects.
-            handlers.errors.PermanentError: `forbidden`: the Role lacks a permission.
+            handlers.errors.StartFailed: the spec cannot run here (no image).
+            handlers.errors.PermanentError: the API refused the objects (`ApiError`;
+                `forbidden` when the Role lacks a permission); not for a page's eyes.
             handlers.errors.RetryableError: the API did not answer; try again later.
         """
         check_id(instance_id)
@@ -254,8 +254,9 @@ class KubernetesBackend(Backend):
 
         Raises:
             ValueError: the job id is not valid.
-            handlers.errors.StartFailed: the spec cannot run here, or the API refused it.
-            handlers.errors.PermanentError: `forbidden`: the Role lacks a permission.
+            handlers.errors.StartFailed: the spec cannot run here (no image).
+            handlers.errors.PermanentError: the API refused the objects (`ApiError`;
+                `forbidden` when the Role lacks a permission); not for a page's eyes.
             handlers.errors.RetryableError: the API did not answer; try again later.
         """
         check_job_id(launch.job_id)
@@ -351,12 +352,13 @@ class KubernetesBackend(Backend):
 
 @contextlib.contextmanager
 def _start_errors():
-    """API refusals while starting become `StartFailed`, but for `forbidden` and `unauthorized`."""
+    """Any API refusal while starting fails it for good, for operators' eyes only.
+
+    `ApiError` is a `PermanentError` and not a `PublicError`: its text names the
+    namespace, the service account and the Role, so a page reads `internal`,
+    and the handler's log and the dead letter carry the detail.
+    """
     try:
         yield
-    except ApiError as exc:
-        if exc.code in (codes.FORBIDDEN, codes.UNAUTHORIZED):
-            raise
-        raise StartFailed(exc.message, code=codes.START_FAILED) from exc
-    except ValueError as exc:  # an object without a uid to own others
-        raise StartFailed(str(exc), code=codes.START_FAILED) from exc
+    except ValueError as exc:  # an object the API returned without a uid to own others
+        raise PermanentError(f"cannot own objects by it: {exc}") from exc

@@ -32,7 +32,13 @@ from dispatcher.backends.kubernetes.resources import (
 )
 from dispatcher.compose import make_backend
 from dispatcher.settings import Settings
-from handlers.errors import PermanentError, RetryableError, StartFailed
+from handlers.errors import (
+    PermanentError,
+    PublicError,
+    RetryableError,
+    StartFailed,
+    public_info,
+)
 from kubesim import controllers
 from schemas import errors as codes
 from tests.backends.contract import (
@@ -396,15 +402,21 @@ async def test_403_on_the_watch_fails_the_wait(backend, server, verb):
     assert failed.value.code == codes.FORBIDDEN
 
 
-async def test_a_refused_object_fails_the_start(backend, server):
+async def test_a_refused_object_fails_the_start_for_operators_eyes_only(backend, server):
+    """The refusal names the namespace and the API's reason: a permanent failure whose
+    text goes to the logs and the dead letter, never to a page (not a PublicError)."""
     server.fail("create", DEPLOYMENTS, 422, message="spec.template: Invalid value")
-    with pytest.raises(StartFailed, match=r"refused to create deployments\.apps.*422.*Invalid"):
+    with pytest.raises(
+        PermanentError, match=r"refused to create deployments\.apps.*422.*Invalid"
+    ) as e:
         await backend.start_viz(new_id(), k8s_spec())
+    assert not isinstance(e.value, PublicError)
+    assert public_info(e.value).code == codes.INTERNAL
 
 
 async def test_a_missing_resource_type_is_an_error_not_nothing(backend, server):
     server.fail("create", INGRESSROUTES, 404, message="the server could not find the resource")
-    with pytest.raises(StartFailed, match=r"does the cluster serve ingressroutes\.traefik\.io"):
+    with pytest.raises(PermanentError, match=r"does the cluster serve ingressroutes\.traefik\.io"):
         await backend.start_viz(new_id(), k8s_spec())
     server.fail("list", JOBS, 404, message="the server could not find the requested resource")
     with pytest.raises(PermanentError, match=r"refused to list jobs\.batch .*404"):
