@@ -91,6 +91,20 @@ async def serve_health(service: "Handlers", nc: Client, tasks: list[asyncio.Task
     return runner
 
 
+async def run_start_hooks(ctx: Context, specs: list[HandlerSpec]) -> None:
+    """Run each handler's start hook once, before any consumer fetches.
+
+    A hook that fails is logged and serving goes on: what it would have
+    cleaned up, the reaper's next passes clean up too.
+    """
+    hooks = {spec.on_start: spec.id for spec in specs if spec.on_start is not None}
+    for hook, handler_id in hooks.items():
+        try:
+            await hook(ctx.bind(handler=handler_id))
+        except Exception as exc:
+            log.warning("start_hook_failed", handler=handler_id, error=repr(exc))
+
+
 def make_knobs(settings: Settings) -> Knobs:
     return Knobs(
         pool_refill_per_tick=settings.reaper.pool_refill_per_tick,
@@ -154,6 +168,7 @@ class Handlers:
                 knobs=make_knobs(self.settings),
                 store=self.store,
             )
+            await run_start_hooks(ctx, self.specs)
             consumers = [
                 Consumer(js, spec, ctx, self.settings.handlers, self.stopping, self.metrics)
                 for spec in self.specs

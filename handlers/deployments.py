@@ -3,15 +3,16 @@
 A deployment serves one slot of a viz app: the app's shared slot, or one
 session's. Its record lives in the deployments bucket under its slot key
 (`owner.title.shared`, `owner.title.session.<sid>`; see `handlers.state`).
-page_load, heartbeat and reaper_tick share these operations; every change
-to a record goes through `mutate`, a compare-and-set loop, so concurrent
-page loads, heartbeats and reaper passes never overwrite each other's fields.
+page_load and reaper_tick share these operations; every change to a record
+goes through `mutate`, a compare-and-set loop, so concurrent page loads and
+reaper passes never overwrite each other's fields. Activity (later page loads,
+counted heartbeats) is kept beside the record, not in it (`handlers.activity`).
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
@@ -40,8 +41,9 @@ class Deployment(BaseModel):
     url: str | None = None
     event_id: str = Field(description="The page load that created it; its redelivery resumes it")
     created_at: float
-    last_page_load: float
-    last_heartbeat: float | None = None
+    last_page_load: float = Field(
+        description="The page load that created it; later ones are activity keys"
+    )
     phases: Phases = Field(default_factory=Phases)
     error: ErrorInfo | None = None
     session: str | None = None
@@ -106,16 +108,39 @@ async def mutate(
     return (entry.value, entry.revision) if entry else None
 
 
-async def stop(ctx: Context, key: str, dep: Deployment, revision: int, reason: str) -> bool:
+async def stop(
+    ctx: Context,
+    key: str,
+    dep: Deployment,
+    revision: int,
+    reason: str,
+    *,
+    still_idle: Callable[[], Awaitable[bool]] | None = None,
+) -> bool:
     """Move a deployment to stopping, stop its instance, and remove the record.
 
+    Args:
+        still_idle: asked once the record reads `stopping`, before anything is
+            stopped: False calls the stop off and puts the record back. (Activity
+            is not in the record, so a page load or heartbeat that came in since
+            the caller decided does not make the compare-and-set fail.)
+
     Returns:
-        False if the record changed first (nothing was done; decide again later).
+        False if the record changed first or the stop was called off (nothing
+        was done; decide again later).
     """
     stopping = dep.model_copy(update={"state": AppState.STOPPING})
     rev = await ctx.state.deployments.update(key, stopping, revision)
     if rev is None:
         return False
+    if still_idle is not None and not await still_idle():
+        if await ctx.state.deployments.update(key, dep, rev) is not None:
+            ctx.log.info("viz_stop_called_off", instance=dep.instance, reason=reason)
+            return False
+        # A page load replaced the stopping record meanwhile: the instance is no one's.
+        await ctx.backend.stop_viz(dep.instance)
+        ctx.log.info("viz_deployment_stopped", instance=dep.instance, app=dep.app, reason=reason)
+        return True
     subject = status_subject(dep)
     await ctx.publish_status(subject, status_of(stopping, reason=reason))
     await ctx.backend.stop_viz(dep.instance)

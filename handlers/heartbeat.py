@@ -3,10 +3,17 @@
 A heartbeat counts only when the page is visible, focused, and the viewer
 acted within the app's `idle.input_window_s`; a background tab or a bot that
 only loads the page does not keep an app running.
+
+A counted heartbeat is one plain KV put of its time to the slot's activity
+key (`handlers.activity`): any number of viewers of one shared app write
+without conflict. It does not read the deployment: the reaper counts a
+heartbeat only for a live deployment created before it, which is what the
+heartbeat would have checked.
 """
 
+from handlers import activity
 from handlers.context import Context
-from handlers.deployments import LIVE, SHARED, load_viz_app, mutate, session_slot, slot_key
+from handlers.deployments import SHARED, load_viz_app, session_slot, slot_key
 from handlers.registry import handler
 from schemas import subjects
 from schemas.events import Heartbeat
@@ -22,11 +29,4 @@ async def heartbeat(ctx: Context, event: Heartbeat) -> None:
         )
         return
     slot = session_slot(event.session) if spec.sharing == "per_session" else SHARED
-    now = ctx.now()
-    written = await mutate(
-        ctx,
-        slot_key(event.app, slot),
-        lambda d: d.model_copy(update={"last_heartbeat": now}) if d.state in LIVE else None,
-    )
-    if written is None:
-        ctx.log.debug("heartbeat_without_deployment")
+    await activity.record(ctx, slot_key(event.app, slot), activity.HEARTBEAT)

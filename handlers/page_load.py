@@ -1,16 +1,20 @@
 """page_load: give the page a ready app, starting or claiming one if needed.
 
 With a live deployment for the page's slot (the app's shared slot, or the
-session's own), it records the load and answers with the current status.
+session's own), it answers with the current status, then records the load in
+the slot's activity key (a plain put, see `handlers.activity`).
 Otherwise it wins the slot with a KV create (only one of any number of
 concurrent page loads can), then claims a warm instance or starts a new one,
 publishing `starting` and then `ready` or `failed`.
 
 A redelivered page load that created a deployment resumes that deployment,
-so a handler killed mid-start does not leave a second instance behind.
+so a handler killed mid-start does not leave a second instance behind. Before
+a page_load consumer fetches its first event, ready deployments and warm
+pool members whose instance is gone (after a restart) are taken out of
+service (`reconcile.at_start`).
 """
 
-from handlers import pools
+from handlers import activity, pools, reconcile
 from handlers.context import Context
 from handlers.deployments import (
     LIVE,
@@ -32,10 +36,6 @@ from schemas.events import PageLoad
 from schemas.spec import AppSpec
 from schemas.status import AppState, AppStatus, Phases
 
-# A page load within this many seconds of the last one is not written again:
-# the idle limits are minutes to hours, and it spares the KV a write per load.
-LOAD_RECORD_SLACK_S = 1.0
-
 
 async def _page_load_failed(ctx: Context, event: PageLoad, error: ErrorInfo) -> None:
     """Tell the page why its load could not be served."""
@@ -52,6 +52,7 @@ async def _page_load_failed(ctx: Context, event: PageLoad, error: ErrorInfo) -> 
     retries=3,
     timeout_s=900,
     on_failure=_page_load_failed,
+    on_start=reconcile.at_start,
 )
 async def page_load(ctx: Context, event: PageLoad) -> None:
     spec = await load_viz_app(ctx, event.app)
@@ -90,11 +91,14 @@ async def page_load(ctx: Context, event: PageLoad) -> None:
             ctx.log.info("viz_start_resumed", instance=dep.instance)
             await _bring_up(ctx, spec, key, dep, subject)
             return
-        if now - dep.last_page_load > LOAD_RECORD_SLACK_S:
-            bumped = dep.model_copy(update={"last_page_load": now})
-            if await ctx.state.deployments.update(key, bumped, entry.revision) is None:
-                continue
         await ctx.publish_status(subject, status_of(dep))
+        # Recorded after the answer, off the page's path. The reaper may have begun to
+        # stop the deployment as idle just before: it then sees this load and calls the
+        # stop off, or it goes on and the next round here starts one in its place.
+        await activity.record(ctx, key, activity.PAGE_LOAD)
+        again = await ctx.state.deployments.read(key)
+        if again and again.value.instance == dep.instance and again.value.state not in LIVE:
+            continue
         return
 
 

@@ -71,7 +71,12 @@ async def change(ctx: Context, app: str, edit: Callable[[PoolIndex], bool]) -> P
 
 
 async def claim(ctx: Context, app: str) -> PoolMember | None:
-    """Take the oldest warm instance of `app`'s pool, or None if the pool is empty."""
+    """Take the oldest warm instance of `app`'s pool that is alive, or None if none is.
+
+    Each one taken is claimed from the backend, which says whether it still
+    serves; one that does not (its process died, say with a restarted `spinyard
+    up`) is out of the pool already and is stopped, and the next is taken.
+    """
     taken: list[PoolMember] = []
 
     def take(index: PoolIndex) -> bool:
@@ -81,12 +86,15 @@ async def claim(ctx: Context, app: str) -> PoolMember | None:
         taken.append(index.warm.pop(0))
         return True
 
-    if await change(ctx, app, take) is None:
-        return None
-    member = taken[0]
-    await ctx.backend.claim(member.instance)
-    ctx.log.info("pool_instance_claimed", instance=member.instance, app=app)
-    return member
+    while True:
+        if await change(ctx, app, take) is None:
+            return None
+        member = taken[0]
+        if await ctx.backend.claim(member.instance):
+            ctx.log.info("pool_instance_claimed", instance=member.instance, app=app)
+            return member
+        ctx.log.warning("pool_instance_dead", instance=member.instance, app=app)
+        await ctx.backend.stop_viz(member.instance)
 
 
 async def request_refill(ctx: Context, spec: AppSpec, limit: int) -> int:

@@ -72,8 +72,12 @@ class Backend(abc.ABC):
         """Stop an instance: gracefully, then by force. Stopping one that is gone does nothing."""
 
     @abc.abstractmethod
-    async def claim(self, instance_id: str) -> None:
-        """Mark a warm pool instance as in use (relabel)."""
+    async def claim(self, instance_id: str) -> bool:
+        """Mark a warm pool instance as in use (relabel), if it still serves.
+
+        A quick check, on the path of a page load: True if the instance is
+        there and alive (and now marked in use); False if it is gone or dead.
+        """
 
     def phases(self, instance_id: str) -> dict[str, float]:
         """Unix times the backend itself saw for the instance (e.g. a pod's scheduled,

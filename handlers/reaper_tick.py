@@ -3,18 +3,26 @@
 A pass (1) stops deployments past an idle limit, (2) fails starts that
 overran their timeout, (3) keeps warm pools at size, a few refills per app
 per tick, and (4) reconciles: backend instances that no record names are
-stopped, records whose instance is gone are failed and removed.
+stopped, records whose instance is gone are failed and removed, and warm
+pool members whose instance is gone are dropped (`handlers.reconcile`).
+
+A deployment's activity (page loads after the first, counted heartbeats) is
+read from its activity keys, one scan of the activity bucket per pass
+(`handlers.activity`); keys of slots with no live deployment are deleted.
+Before a deployment is stopped as idle, its keys are read again, so activity
+that came in while the pass ran still saves it.
 
 Ticks come from a ticker in every reaper process, de-duplicated by JetStream
 on a per-interval message id, so any number of reaper replicas make one pass
 per interval between them.
 """
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from handlers import deployments, jobs, pools
+from handlers import activity, deployments, jobs, pools, reconcile
+from handlers.activity import Activity
 from handlers.context import Context
-from handlers.deployments import LIVE, Deployment, status_of, status_subject
+from handlers.deployments import LIVE, Deployment
 from handlers.pools import PoolIndex
 from handlers.ports import Instance
 from handlers.registry import handler
@@ -27,17 +35,17 @@ from schemas.status import AppState, JobState
 
 # How long a failed or stopped record is kept so a late reader still sees why.
 KEEP_ENDED_S = 300.0
+IDLE = ("idle_page_load", "idle_heartbeat")
 
 
-def idle_reason(dep: Deployment, spec: AppSpec, now: float) -> str | None:
-    """Which idle limit, if any, `dep` has passed."""
+def idle_reason(dep: Deployment, seen: Activity, spec: AppSpec, now: float) -> str | None:
+    """Which idle limit, if any, `dep` has passed, given its activity `seen`."""
     idle = spec.idle
     if now - dep.created_at > idle.max_lifetime_s:
         return "max_lifetime"
-    if now - dep.last_page_load > idle.since_page_load_s:
+    if now - seen.last_page_load > idle.since_page_load_s:
         return "idle_page_load"
-    last_active = max(dep.last_page_load, dep.last_heartbeat or 0.0)
-    if now - last_active > idle.since_heartbeat_s:
+    if now - seen.last_active > idle.since_heartbeat_s:
         return "idle_heartbeat"
     return None
 
@@ -46,13 +54,17 @@ def idle_reason(dep: Deployment, spec: AppSpec, now: float) -> str | None:
 async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
     now = ctx.now()
     apps: dict[str, AppSpec | None] = {e.key: e.value for e in await ctx.state.apps.scan()}
+    # Records before instances: an instance started after the listing is in no record read here.
+    indexes = await ctx.state.pools.scan()
+    records = await ctx.state.deployments.scan()
+    marks = await activity.scan(ctx)
     instances = {i.id: i for i in await ctx.backend.list_instances()}
     known: set[str] = set()
-    counts = {"reaped": 0, "failed": 0, "orphans": 0, "refills": 0}
+    counts = {"reaped": 0, "failed": 0, "orphans": 0, "refills": 0, "activity_pruned": 0}
 
-    for pool in await ctx.state.pools.scan():
-        known.update(await _tend_pool(ctx, pool.value, pool.key, apps, now))
-    for entry in await ctx.state.deployments.scan():
+    for pool in indexes:
+        known.update(await _tend_pool(ctx, pool.value, pool.key, apps, instances, now))
+    for entry in records:
         key, dep, rev = entry.key, entry.value, entry.revision
         known.add(dep.instance)
         spec = await _current_spec(ctx, apps, dep.app)
@@ -60,28 +72,28 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
             if dep.state != AppState.STOPPING and now - dep.created_at > KEEP_ENDED_S:
                 await ctx.state.deployments.delete(key, rev)
             continue
-        reason = "app_removed" if spec is None else idle_reason(dep, spec, now)
+        seen = activity.of(dep, marks.pop(key, {}))
+        reason = "app_removed" if spec is None else idle_reason(dep, seen, spec, now)
         if reason:
-            counts["reaped"] += await deployments.stop(ctx, key, dep, rev, reason)
+            recheck = _still_idle(ctx, key, dep, spec, now) if reason in IDLE else None
+            counts["reaped"] += await deployments.stop(
+                ctx, key, dep, rev, reason, still_idle=recheck
+            )
             continue
         timeout = spec.start_timeout_s + ctx.knobs.reconcile_grace_s
-        instance = instances.get(dep.instance)
         if dep.state != AppState.READY and now - dep.created_at > timeout:
             error = ErrorInfo(
                 code=codes.START_TIMEOUT, message="the app did not become ready in time"
             )
-        elif dep.state == AppState.READY and (instance is None or not instance.alive):
-            error = ErrorInfo(
-                code=codes.INSTANCE_LOST, message="the app's instance stopped unexpectedly"
-            )
+        elif dep.state == AppState.READY and reconcile.gone(instances, dep.instance):
+            error = reconcile.LOST
         else:
             continue
-        failed = dep.model_copy(update={"state": AppState.FAILED, "error": error})
-        if await ctx.state.deployments.update(key, failed, rev) is not None:
-            await ctx.backend.stop_viz(dep.instance)
-            await ctx.publish_status(status_subject(dep), status_of(failed))
-            ctx.log.warning("viz_deployment_failed", instance=dep.instance, code=error.code)
-            counts["failed"] += 1
+        counts["failed"] += await reconcile.fail(ctx, key, dep, rev, error)
+
+    for slot_marks in marks.values():  # slots with no live deployment
+        grace = ctx.knobs.reconcile_grace_s
+        counts["activity_pruned"] += await activity.prune(ctx, slot_marks, now - grace)
 
     for spec in apps.values():
         if spec is not None and spec.kind == "viz" and spec.pool.size:
@@ -98,6 +110,18 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
             counts["orphans"] += 1
     await _tend_jobs(ctx, instances, now, counts)
     ctx.log.info("reaper_pass_finished", deployments=len(known), **counts)
+
+
+def _still_idle(
+    ctx: Context, key: str, dep: Deployment, spec: AppSpec, now: float
+) -> Callable[[], Awaitable[bool]]:
+    """Whether `dep` is still idle by its activity keys read now (see `deployments.stop`)."""
+
+    async def still_idle() -> bool:
+        seen = activity.of(dep, await activity.read(ctx, key))
+        return idle_reason(dep, seen, spec, now) in IDLE
+
+    return still_idle
 
 
 def _timed_out(now: float) -> Callable[[jobs.Job], jobs.Job | None]:
@@ -152,29 +176,23 @@ async def _current_spec(ctx: Context, apps: dict[str, AppSpec | None], name: str
 
 
 async def _tend_pool(
-    ctx: Context, index: PoolIndex, app: str, apps: dict[str, AppSpec | None], now: float
+    ctx: Context,
+    index: PoolIndex,
+    app: str,
+    apps: dict[str, AppSpec | None],
+    instances: dict[str, Instance],
+    now: float,
 ) -> set[str]:
-    """Expire stuck reservations and empty pools of removed apps. Returns the instances kept."""
+    """Drop stuck reservations, dead or extra members, pools of removed apps. The ones kept."""
     spec = await _current_spec(ctx, apps, app)
     timeout = (spec.start_timeout_s if spec else 0.0) + ctx.knobs.reconcile_grace_s
     expired = {i for i, t in index.starting.items() if spec is None or now - t > timeout}
-    excess = (
-        [m.instance for m in index.warm[spec.pool.size :]]
-        if spec
-        else [m.instance for m in index.warm]
-    )
-    drop = expired | set(excess)
-    if drop:
-
-        def remove(idx: PoolIndex) -> bool:
-            for instance in drop:
-                idx.starting.pop(instance, None)
-            idx.warm = [m for m in idx.warm if m.instance not in drop]
-            return True
-
-        await pools.change(ctx, app, remove)
-        for instance in drop:
-            await ctx.backend.stop_viz(instance)
-            ctx.log.info("pool_instance_dropped", instance=instance, app=app)
+    dead = reconcile.dead_members(index, instances)
+    alive = [m.instance for m in index.warm if m.instance not in dead]
+    excess = set(alive[spec.pool.size :] if spec else alive)
+    if expired | excess:
+        await reconcile.drop_members(ctx, app, expired | excess, "expired_or_extra")
+    if dead:
+        await reconcile.drop_members(ctx, app, dead, "instance_lost")
     kept = {m.instance for m in index.warm} | set(index.starting)
-    return kept - drop
+    return kept - expired - excess - dead

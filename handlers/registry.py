@@ -3,7 +3,9 @@
 A handler is an async function `fn(ctx, event)`. Its id names its durable
 JetStream consumer, so every replica of the same handler shares the work.
 Its failure hook, `hook(ctx, event, error)`, runs once when a message fails
-for good, with the error as a page may read it (see `handlers.errors`).
+for good, with the error as a page may read it (see `handlers.errors`). Its
+start hook, `hook(ctx)`, runs once per process before its consumer fetches
+anything (page_load's reconciles what a restart left, `handlers.reconcile`).
 Tests build their own `Registry` and pass it to the runtime instead of the
 default one.
 """
@@ -21,6 +23,7 @@ from schemas.errors import ErrorInfo
 # The event argument is the handler's own `schema`; Any lets each handler name it.
 HandlerFn = Callable[[Context, Any], Awaitable[None]]
 FailureHook = Callable[[Context, Any, ErrorInfo], Awaitable[None]]
+StartHook = Callable[[Context], Awaitable[object]]
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class HandlerSpec:
     timeout_s: float = 60.0
     backoff_s: tuple[float, ...] = (0.5, 2.0, 10.0)
     on_failure: FailureHook | None = None
+    on_start: StartHook | None = None
 
     @property
     def filter_subject(self) -> str:
@@ -88,6 +92,7 @@ def handler(
     timeout_s: float = 60.0,
     backoff_s: tuple[float, ...] = (0.5, 2.0, 10.0),
     on_failure: FailureHook | None = None,
+    on_start: StartHook | None = None,
     registry: Registry | None = None,
 ) -> Callable[[HandlerFn], HandlerFn]:
     """Register `fn` as the handler of events of `kind`.
@@ -102,6 +107,8 @@ def handler(
         backoff_s: delays before the 2nd, 3rd, ... try.
         on_failure: run once when a message fails for good (dead-lettered):
             `hook(ctx, event, error)`, e.g. to publish a `failed` status.
+        on_start: run once per process before the consumer starts: `hook(ctx)`,
+            e.g. to reconcile records with what the backend runs.
         registry: where to register; the default registry otherwise.
 
     Returns:
@@ -120,6 +127,7 @@ def handler(
             timeout_s=timeout_s,
             backoff_s=backoff_s,
             on_failure=on_failure,
+            on_start=on_start,
         )
         (registry or default_registry).add(spec)
         fn.spec = spec  # type: ignore[attr-defined]

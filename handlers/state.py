@@ -12,8 +12,11 @@ too, so it does not change lightly):
 - `state.pools`:       app name -> `pools.PoolIndex`; bucket deployments,
                        key `owner.title.pool`
 - `state.jobs`:        job id -> `jobs.Job`; bucket jobs, key `<job_id>`
+- `state.activity`:    activity key -> `activity.Mark`; bucket activity, keys
+                       `<slot key>.page_load`, `<slot key>.heartbeat` (handlers
+                       only: the gateway does not open it)
 
-The records and their operations live in `deployments`, `pools` and `jobs`;
+The records and their operations live in `deployments`, `pools`, `jobs` and `activity`;
 this module only reads and writes them.
 """
 
@@ -29,6 +32,7 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel, ValidationError
 
 from handlers import pools
+from handlers.activity import Mark
 from handlers.deployments import Deployment
 from handlers.errors import RetryableError
 from handlers.jobs import Job
@@ -213,7 +217,13 @@ class Records(Generic[M]):
 class State:
     """spinyard's KV state: one typed accessor per kind of record."""
 
-    def __init__(self, apps: KeyValue, deployments: KeyValue, jobs: KeyValue):
+    def __init__(
+        self,
+        apps: KeyValue,
+        deployments: KeyValue,
+        jobs: KeyValue,
+        activity: KeyValue | None = None,
+    ):
         self.apps = Records(apps, AppSpec, key=subjects.app_key, id=app_name)
         self.deployments = Records(
             deployments, Deployment, keep=lambda key: not pools.is_pool_key(key)
@@ -226,6 +236,8 @@ class State:
             keep=pools.is_pool_key,
         )
         self.jobs = Records(jobs, Job)
+        # None in the gateway, which neither reads nor writes activity.
+        self.activity = Records(activity, Mark) if activity is not None else None
 
     @classmethod
     def of(cls, buckets: dict[str, KeyValue]) -> "State":
@@ -234,6 +246,7 @@ class State:
             buckets[subjects.APPS_BUCKET],
             buckets[subjects.DEPLOYMENTS_BUCKET],
             buckets[subjects.JOBS_BUCKET],
+            buckets.get(subjects.ACTIVITY_BUCKET),
         )
 
 

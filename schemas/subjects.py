@@ -21,11 +21,13 @@ DEAD_STREAM = "SPINYARD_DEAD"
 APPS_BUCKET = "spinyard_apps"
 DEPLOYMENTS_BUCKET = "spinyard_deployments"
 JOBS_BUCKET = "spinyard_jobs"
+ACTIVITY_BUCKET = "spinyard_activity"
 # Every KV bucket: handlers create them, the NATS permissions grant them, and
 # the KV state opens them from this one list. A new bucket is added here.
-BUCKETS = (APPS_BUCKET, DEPLOYMENTS_BUCKET, JOBS_BUCKET)
+BUCKETS = (APPS_BUCKET, DEPLOYMENTS_BUCKET, JOBS_BUCKET, ACTIVITY_BUCKET)
 # What the gateway reads: apps (validation, origins), deployments (app
-# redirect), jobs (a run's app, to authorize its status and cancel).
+# redirect), jobs (a run's app, to authorize its status and cancel); not
+# activity (last page loads and heartbeats, which only handlers keep).
 GATEWAY_BUCKETS = (APPS_BUCKET, DEPLOYMENTS_BUCKET, JOBS_BUCKET)
 
 # Event kinds; each is consumed by one durable consumer named after its handler.

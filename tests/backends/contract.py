@@ -221,13 +221,21 @@ class BackendContract:
     async def test_claim_relabels_a_pooled_instance(self, backend, make_spec):
         spec, iid = make_spec(), new_id()
         await backend.start_viz(iid, spec, pooled=True)
+        await backend.wait_ready(iid, spec, READY_S)
         assert (await find(backend, iid)).pooled is True
 
-        await backend.claim(iid)
+        assert await backend.claim(iid) is True
         assert (await find(backend, iid)).pooled is False
-        await backend.claim(iid)
+        assert await backend.claim(iid) is True
         assert (await find(backend, iid)).pooled is False
-        await backend.claim(new_id())  # gone: nothing to do
+        assert await backend.claim(new_id()) is False  # gone: nothing to claim
+
+    async def test_claim_of_a_stopped_instance_says_it_is_gone(self, backend, make_spec):
+        spec, iid = make_spec(), new_id()
+        await backend.start_viz(iid, spec, pooled=True)
+        await backend.wait_ready(iid, spec, READY_S)
+        await backend.stop_viz(iid)
+        assert await backend.claim(iid) is False
 
     async def test_start_twice_keeps_the_pool_label(self, backend, make_spec):
         spec, iid = make_spec(), new_id()

@@ -68,6 +68,13 @@ class Stack:
         self.settings, self.nc, self.backend, self.statuses = settings, nc, backend, statuses
         self.js = nc.jetstream()
         self.state = None
+        self.service = None
+
+    def handled(self, handler: str, outcome: str) -> float:
+        """How many messages `handler` settled with `outcome` (from its metrics)."""
+        labels = {"handler": handler, "outcome": outcome}
+        registry = self.service.metrics.registry
+        return registry.get_sample_value("spinyard_handler_messages_total", labels) or 0.0
 
     async def register(self, spec: AppSpec):
         await self.state.apps.put(spec.name, spec)
@@ -109,7 +116,9 @@ async def stack(settings):
 
 
 @contextlib.asynccontextmanager
-async def running_stack(settings, handler_ids=None, backend_cls=LocalBackend):
+async def running_stack(settings, handler_ids=None, backend_cls=LocalBackend, leave_running=False):
+    """The handlers (all, or `handler_ids`) over the local backend; on exit every instance
+    is stopped, unless `leave_running` (as a crashed or restarted stack leaves them)."""
     backend = backend_cls(settings.backend.local, settings.data_dir, "http://127.0.0.1:9999")
     await backend.setup()
     nc = await bus.connect(settings.nats, "test")
@@ -121,13 +130,16 @@ async def running_stack(settings, handler_ids=None, backend_cls=LocalBackend):
     await asyncio.wait_for(service.ready.wait(), 10)
     s = Stack(settings, nc, backend, statuses)
     s.state = await bus.ensure_state(nc.jetstream(), settings.nats)
-    yield s
-    service.stop()
-    await task
-    for instance in await backend.list_instances():
-        await backend.stop_viz(instance.id)
-    await backend.cleanup()
-    await nc.close()
+    s.service = service
+    try:
+        yield s
+    finally:
+        service.stop()
+        await task
+        for instance in [] if leave_running else await backend.list_instances():
+            await backend.stop_viz(instance.id)
+        await backend.cleanup()
+        await nc.close()
 
 
 async def test_page_load_starts_app_and_reports_ready(stack):

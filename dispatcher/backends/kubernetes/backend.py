@@ -218,8 +218,11 @@ class KubernetesBackend(Backend):
         if any(found):
             self._log.info("viz_instance_stopped", instance=instance_id)
 
-    async def claim(self, instance_id: str) -> None:
+    async def claim(self, instance_id: str) -> bool:
         """Relabel a warm pool Deployment as in use (its pods keep running untouched).
+
+        Returns:
+            False if the Deployment is gone, being deleted, or given up on.
 
         Raises:
             ValueError: `instance_id` is not a valid id.
@@ -229,9 +232,14 @@ class KubernetesBackend(Backend):
         found = await self.api.patch(DEPLOYMENTS, objects.object_name(instance_id), patch)
         if found is None:
             self._log.warning("viz_claim_missed", instance=instance_id)
-            return
+            return False
         self._deployments.note(found)
+        listed = status.instance_of(found, "viz")
+        if listed is None or not listed.alive:
+            self._log.warning("viz_claim_dead", instance=instance_id)
+            return False
         self._log.info("viz_instance_claimed", instance=instance_id)
+        return True
 
     async def list_instances(self) -> list[Instance]:
         """Deployments and Jobs with the managed-by label: two LISTs (paged), whatever the count.

@@ -22,6 +22,7 @@ recycled pid. Linux only: it reads /proc.
 """
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import socket
@@ -63,6 +64,7 @@ from schemas.events import JobUpdate
 from schemas.spec import AppSpec
 
 _PROBE_TIMEOUT_S = 2.0  # one readiness request, at most
+_CONNECT_TIMEOUT_S = 0.5  # a claim's check that the port accepts (loopback: well under 1 ms)
 _TAIL_LINES = 10
 _RUNNER_EXIT_S = 5.0  # how long a runner that wrote its result may take to exit
 _STALE_STAGING_S = 3600.0  # a job being submitted for this long was left by a dead submitter
@@ -203,8 +205,12 @@ class LocalBackend(Backend):
         if state is not None:
             self._log.info("viz_process_stopped", **state.fields(), how=outcome)
 
-    async def claim(self, instance_id: str) -> None:
-        """Mark a warm pool instance as in use. Does nothing if it is gone.
+    async def claim(self, instance_id: str) -> bool:
+        """Mark a warm pool instance as in use, if its process runs and its port accepts.
+
+        Returns:
+            False, and nothing is marked, if the instance is gone or dead (its
+            process died with an earlier `spinyard up`, say).
 
         Raises:
             ValueError: `instance_id` is not a valid instance id.
@@ -214,10 +220,14 @@ class LocalBackend(Backend):
             state = self._instances.load(instance_id)
             if state is None:
                 self._log.warning("viz_claim_missed", instance=instance_id)
-                return
+                return False
+            if not processes.alive(state.process) or not await _accepts(state):
+                self._log.warning("viz_claim_dead", **state.fields())
+                return False
             if state.pooled:
                 self._instances.write(state.model_copy(update={"pooled": False}))
         self._log.info("viz_instance_claimed", **state.fields())
+        return True
 
     async def list_instances(self) -> list[Instance]:
         """Every instance with a state file and every job with files, viz first.
@@ -358,6 +368,20 @@ class LocalBackend(Backend):
         for directory in (self._instances.root, self._logs, self._jobs):
             directory.mkdir(parents=True, exist_ok=True)
         self._jobs.chmod(0o700)  # inputs and upload URLs are the runs' own
+
+
+async def _accepts(state: InstanceState) -> bool:
+    """Whether the instance's port accepts a connection within `_CONNECT_TIMEOUT_S`."""
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(state.host, state.port), _CONNECT_TIMEOUT_S
+        )
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 async def _answers(http: aiohttp.ClientSession, url: str, limit_s: float) -> bool:

@@ -173,6 +173,20 @@ class TestLocalBackend(BackendContract, JobContract):
         assert instance.alive and int(instance.labels["pid"]) != pid
         assert await running_copies(iid) == 1
 
+    async def test_a_claim_of_a_dead_pool_member_is_refused(self, backend):
+        """As after `spinyard up` was restarted: the state file is there, the process is not."""
+        spec, iid = echo_spec(), new_id()
+        await backend.start_viz(iid, spec, pooled=True)
+        await backend.wait_ready(iid, spec, READY_S)
+        os.kill(int((await find(backend, iid)).labels["pid"]), signal.SIGKILL)
+
+        async def dead() -> bool:
+            return (await find(backend, iid)).alive is False
+
+        await wait_for(dead, what="the app to be seen dead")
+        assert await backend.claim(iid) is False
+        assert (await find(backend, iid)).pooled is True  # nothing was marked
+
     async def test_stop_kills_the_group_after_the_grace(self, local_settings, data_dir):
         local_settings.stop_grace_s = 0.3
         backend = LocalBackend(local_settings, data_dir, PUBLIC_URL)
