@@ -271,6 +271,7 @@ class LocalBackend(Backend):
             "stop_grace_s": self._settings.stop_grace_s,
             "memory_bytes": memory,
             "cpu_seconds": cpu_seconds(cores, launch.deadline_s),
+            "max_log_bytes": spec.max_log_bytes,
             "socket": str(self._socket),
         }
         stage = JobDir.staging(self._jobs, job.id)  # filled here, moved into place by the runner
