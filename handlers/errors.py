@@ -4,8 +4,11 @@ What happens to the message (kopf's `PermanentError`/`TemporaryError`):
 
 - `PermanentError`: retrying cannot help. The message is dead-lettered at
   once, the handler's failure hook runs, no redelivery.
-- `RetryableError(delay=)`: try again after `delay` seconds (until the
-  handler's tries run out, then it is dead-lettered).
+- `RetryableError(delay=, until=)`: try again after `delay` seconds or the
+  handler's backoff for that try, whichever is longer (so the backoff still
+  grows), until the handler's tries run out, then it is dead-lettered. With
+  `until` (a Unix time), a handler registered `patient` is tried past its
+  `retries` until then (a store outage while a run's results wait).
 - anything else: retried with the handler's backoff, dead-lettered after the
   last try.
 
@@ -43,11 +46,19 @@ class PermanentError(SpinyardError):
 
 
 class RetryableError(SpinyardError):
-    """Try again after `delay` seconds."""
+    """Try again after `delay` seconds at least; with `until`, past the handler's tries."""
 
-    def __init__(self, message: str, *, delay: float = 1.0, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        delay: float = 1.0,
+        code: str | None = None,
+        until: float | None = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.delay = delay
+        self.until = until
 
 
 class Rejected(PermanentError, PublicError):
