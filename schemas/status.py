@@ -52,6 +52,9 @@ class AppStatus(BaseModel):
     reason: str | None = Field(
         None, description="Why it stopped: idle_heartbeat, max_lifetime, ..."
     )
+    log_tail: str | None = Field(
+        None, description="On a failed start: the last lines of the app's own log"
+    )
     time: float = Field(default_factory=_time.time)
 
 
