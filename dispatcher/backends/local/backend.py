@@ -359,25 +359,10 @@ class LocalBackend(Backend):
         return f"{what} before it was ready"
 
     def _log_tail(self, instance_id: str) -> str:
-        """The app's last log lines for a start failure, a line repeated shown once.
-
-        An app that logs each request fills its log with the probe's; collapsed,
-        the lines before them (why it answers so) stay in view.
-        """
+        """The app's last log lines for a start failure, a line repeated shown once: an app
+        that logs each request fills its log with the probe's, and the lines before stay."""
         text = processes.tail(self._logs / f"{instance_id}.log", 400, 16 * _TAIL_BYTES)
-        lines: list[str] = []
-        repeats = 0
-        for line in text.splitlines():
-            if lines and line == lines[-1]:
-                repeats += 1
-                continue
-            if repeats:
-                lines.append(f"[the line above {repeats} more times]")
-                repeats = 0
-            lines.append(line)
-        if repeats:
-            lines.append(f"[the line above {repeats} more times]")
-        return "\n".join(lines[-_TAIL_LINES:])[-_TAIL_BYTES:]
+        return "\n".join(processes.collapse_repeats(text)[-_TAIL_LINES:])[-_TAIL_BYTES:]
 
     def _free_port(self) -> int:
         """A free port on the host, not one another instance was given (it may be slow to bind)."""

@@ -243,6 +243,22 @@ def tail(path: Path, lines: int, max_bytes: int = 4096) -> str:
     return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
 
 
+def collapse_repeats(text: str) -> list[str]:
+    """The lines of `text`, each run of one repeated line shown once with a count."""
+    lines: list[str] = []
+    repeats = 0
+    for line in [*text.splitlines(), None]:
+        if lines and line == lines[-1]:
+            repeats += 1
+            continue
+        if repeats:
+            lines.append(f"[the line above {repeats} more times]")
+            repeats = 0
+        if line is not None:
+            lines.append(line)
+    return lines
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` at once (readers never see half of it), created with `mode`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
