@@ -246,6 +246,18 @@ class AuthSettings(BaseModel):
     )
 
 
+class EmbeddedSettings(BaseModel):
+    nats_restarts: int = Field(
+        5,
+        ge=0,
+        description="`spinyard up` restarts a nats-server that died at most this many times "
+        "within `nats_restart_window_s`, then stops with an error (count; 0: never restart)",
+    )
+    nats_restart_window_s: float = Field(
+        60.0, gt=0, description="The window `nats_restarts` counts restarts in, seconds"
+    )
+
+
 class Settings(BaseSettings):
     """spinyard's configuration."""
 
@@ -265,3 +277,4 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
