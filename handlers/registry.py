@@ -40,14 +40,21 @@ class HandlerSpec:
     backoff_s: tuple[float, ...] = (0.5, 2.0, 10.0)
     on_failure: FailureHook | None = None
     on_start: StartHook | None = None
+    patient: bool = False
 
     @property
     def filter_subject(self) -> str:
         return subjects.kind_filter(self.kind)
 
     @property
-    def max_deliver(self) -> int:
+    def tries(self) -> int:
+        """Tries of a message before it is dead-lettered (unless its error says `until`)."""
         return self.retries + 1
+
+    @property
+    def max_deliver(self) -> int:
+        """JetStream's limit of deliveries: none for a patient handler (the consumer counts)."""
+        return -1 if self.patient else self.tries
 
     def backoff(self, attempt: int) -> float:
         """Delay before try `attempt + 1`, given `attempt` tries so far (1-based)."""
@@ -93,6 +100,7 @@ def handler(
     backoff_s: tuple[float, ...] = (0.5, 2.0, 10.0),
     on_failure: FailureHook | None = None,
     on_start: StartHook | None = None,
+    patient: bool = False,
     registry: Registry | None = None,
 ) -> Callable[[HandlerFn], HandlerFn]:
     """Register `fn` as the handler of events of `kind`.
@@ -109,6 +117,8 @@ def handler(
             `hook(ctx, event, error)`, e.g. to publish a `failed` status.
         on_start: run once per process before the consumer starts: `hook(ctx)`,
             e.g. to reconcile records with what the backend runs.
+        patient: a `RetryableError` with `until` is tried past `retries`, until
+            then (with the last backoff between tries); others still get `retries`.
         registry: where to register; the default registry otherwise.
 
     Returns:
@@ -128,6 +138,7 @@ def handler(
             backoff_s=backoff_s,
             on_failure=on_failure,
             on_start=on_start,
+            patient=patient,
         )
         (registry or default_registry).add(spec)
         fn.spec = spec  # type: ignore[attr-defined]
