@@ -2,7 +2,7 @@
 
 The first run leaves a ready shared deployment, a ready per-session one and
 a full warm pool in the KV; it is killed with everything it started, so
-nothing is cleaned up (as a crash, or a Ctrl-C whose clean-up failed). The second run
+nothing is cleaned up (as after a crash). The second run
 must serve page loads of the pooled app (and the shared one) from live
 instances: every page load reaches `ready`, none `failed`, and every page
 answers.
@@ -130,7 +130,7 @@ async def test_a_restarted_up_serves_pooled_apps_and_none_fail(tmp_path):
                 lambda: len(pooled_instances(data)) == 2, timeout=60, what="a full warm pool"
             )
     finally:
-        tree = first.crash()  # as the Ctrl-C did: the apps die, their records stay
+        tree = first.crash()  # the apps die, their records stay
     await wait_for(lambda: not alive(tree), timeout=15, what="the first run's processes gone")
     left = pooled_instances(data)
     assert len(left) == 2  # the KV and the state files still list them
