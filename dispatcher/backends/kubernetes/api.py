@@ -41,10 +41,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import urllib3
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.watch.watch import iter_resp_lines
 
 from dispatcher import logs
+from dispatcher.backends.kubernetes.clientconfig import load_configuration
 from dispatcher.backends.kubernetes.resources import PODS, Resource
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import PermanentError, RetryableError
@@ -69,25 +70,6 @@ class ApiError(PermanentError):
 
 class Gone(Exception):
     """A watch's resourceVersion is too old: list again."""
-
-
-def load_configuration(settings: KubernetesBackendSettings) -> client.Configuration:
-    """In-cluster configuration if spinyard runs in a pod, else the kubeconfig's.
-
-    Raises:
-        kubernetes.config.ConfigException: neither is available.
-    """
-    cfg = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=cfg, try_refresh_token=True)
-    except config.ConfigException:
-        config.load_kube_config(
-            config_file=str(settings.kubeconfig) if settings.kubeconfig else None,
-            context=settings.context,
-            client_configuration=cfg,
-            persist_config=False,
-        )
-    return cfg
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ recycled pid. Linux only: it reads /proc.
 """
 
 import asyncio
-import os
 import shutil
 import signal
 import socket
@@ -45,7 +44,7 @@ from dispatcher.backends.launch import (
     viz_env,
     viz_values,
 )
-from dispatcher.backends.local import processes
+from dispatcher.backends.local import processes, readiness
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
 from dispatcher.backends.local.jobfiles import (
     JobDir,
@@ -64,7 +63,6 @@ from schemas import errors as codes
 from schemas.events import JobUpdate
 from schemas.spec import AppSpec
 
-_PROBE_TIMEOUT_S = 2.0  # one readiness request, at most
 _CONNECT_TIMEOUT_S = 0.5  # a claim's check that the port accepts (loopback: well under 1 ms)
 _TAIL_LINES = 10  # of an app's log, in a start failure (at most _TAIL_BYTES)
 _TAIL_BYTES = 2048
@@ -165,13 +163,13 @@ class LocalBackend(Backend):
                     raise StartFailed("the app's instance is not running", code=codes.START_FAILED)
                 if not processes.alive(state.process):
                     raise StartFailed(
-                        self._exit_message(state),
+                        readiness.exit_message(processes.exit_code(state.process)),
                         code=codes.START_FAILED,
                         log_tail=self._log_tail(state.id),
                     )
                 url = f"http://{http_host(state.host)}:{state.port}{path}"
-                probe_s = max(0.05, min(_PROBE_TIMEOUT_S, deadline - loop.time()))
-                ready, answer = await _probe(http, url, probe_s)
+                probe_s = max(0.05, min(readiness.PROBE_TIMEOUT_S, deadline - loop.time()))
+                ready, answer = await readiness.probe(http, url, probe_s)
                 if ready and processes.alive(state.process):
                     return
                 if loop.time() >= deadline:
@@ -359,16 +357,6 @@ class LocalBackend(Backend):
 
     # -- viz processes --
 
-    def _exit_message(self, state: InstanceState) -> str:
-        code = processes.exit_code(state.process)
-        if code is None:
-            what = "the app exited"
-        elif code < 0:
-            what = f"the app was killed by {signal.Signals(-code).name}"
-        else:
-            what = f"the app exited with code {code}"
-        return f"{what} before it was ready"
-
     def _log_tail(self, instance_id: str) -> str:
         """The app's last log lines for a start failure, a line repeated shown once: an app
         that logs each request fills its log with the probe's, and the lines before stay."""
@@ -391,19 +379,3 @@ class LocalBackend(Backend):
         for directory in (self._instances.root, self._logs, self._jobs):
             directory.mkdir(parents=True, exist_ok=True)
         self._jobs.chmod(0o700)  # inputs and upload URLs are the runs' own
-
-
-async def _probe(http: aiohttp.ClientSession, url: str, limit_s: float) -> tuple[bool, str]:
-    """Whether `url` answers 200-399 within `limit_s` (redirects not followed), and its
-    answer in words: `404 Not Found`, `no answer within 2 s`, `connection refused`."""
-    try:
-        timeout = aiohttp.ClientTimeout(total=limit_s)
-        async with http.get(url, allow_redirects=False, timeout=timeout) as resp:
-            return 200 <= resp.status < 400, f"{resp.status} {resp.reason or ''}".strip()
-    except TimeoutError:
-        return False, f"no answer within {limit_s:.2g} s"
-    except aiohttp.ClientConnectorError as exc:
-        errno = getattr(exc.os_error, "errno", None)
-        return False, os.strerror(errno).lower() if errno else "no connection"
-    except aiohttp.ClientError as exc:
-        return False, type(exc).__name__

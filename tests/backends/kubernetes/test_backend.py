@@ -18,8 +18,7 @@ from kubernetes import client
 
 import kubesim
 from dispatcher.backends.base import JobLaunch
-from dispatcher.backends.kubernetes import api as k8s_api
-from dispatcher.backends.kubernetes import objects
+from dispatcher.backends.kubernetes import clientconfig, objects
 from dispatcher.backends.kubernetes.backend import KubernetesBackend
 from dispatcher.backends.kubernetes.resources import (
     DEPLOYMENTS,
@@ -742,7 +741,7 @@ def test_in_a_pod_the_service_account_is_used(tmp_path, monkeypatch, k8s_setting
     monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(cert))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    cfg = k8s_api.load_configuration(k8s_settings.model_copy(update={"context": "ignored"}))
+    cfg = clientconfig.load_configuration(k8s_settings.model_copy(update={"context": "ignored"}))
     assert cfg.host == "https://10.96.0.1:443"
     assert cfg.get_api_key_with_prefix("BearerToken").lower() == "bearer sa-token"
 
