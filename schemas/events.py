@@ -13,7 +13,7 @@ import time as _time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from schemas.names import (
     APP_PATTERN,
@@ -32,9 +32,18 @@ EVENT_VERSION = 1
 INPUTS_MAX_DEPTH = 32  # levels of objects and arrays in `inputs`, itself the first
 
 
-def _pattern(pattern: str) -> dict[str, str]:
-    """The JSON Schema of a field checked by one of `schemas.names`' patterns."""
-    return {"pattern": json_pattern(pattern)}
+def _checked(pattern: str, check: Any) -> Any:
+    """A string checked in full by one of `schemas.names`' checks, with its pattern in
+    the JSON Schema (and so in the OpenAPI document)."""
+    return Annotated[
+        str, AfterValidator(check), Field(json_schema_extra={"pattern": json_pattern(pattern)})
+    ]
+
+
+AppName = _checked(APP_PATTERN, check_app)
+SessionId = _checked(SESSION_PATTERN, check_session)
+EventId = _checked(EVENT_ID_PATTERN, check_event_id)
+JobId = _checked(JOB_ID_PATTERN, check_job_id)
 
 
 def new_id(prefix: str = "ev") -> str:
@@ -46,38 +55,19 @@ class BaseEvent(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     v: Literal[1] = EVENT_VERSION
-    id: str = Field(
+    id: EventId = Field(
         default_factory=new_id,
         description="De-duplication id, also the Nats-Msg-Id header; default: a fresh one",
-        json_schema_extra=_pattern(EVENT_ID_PATTERN),
     )
     time: float = Field(
         default_factory=_time.time,
         description="Unix time, seconds; the gateway sets it to its own clock",
     )
 
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        return check_event_id(v)
-
 
 class AppEvent(BaseEvent):
-    app: str = Field(description="owner/title", json_schema_extra=_pattern(APP_PATTERN))
-    session: str = Field(
-        description="The viewer's session, chosen by the page",
-        json_schema_extra=_pattern(SESSION_PATTERN),
-    )
-
-    @field_validator("app")
-    @classmethod
-    def _app(cls, v: str) -> str:
-        return check_app(v)
-
-    @field_validator("session")
-    @classmethod
-    def _session(cls, v: str) -> str:
-        return check_session(v)
+    app: AppName = Field(description="owner/title")
+    session: SessionId = Field(description="The viewer's session, chosen by the page")
 
 
 class PageLoad(AppEvent):
@@ -105,11 +95,7 @@ class RunRequest(AppEvent):
         "levels (inputs itself the first); its msgpack size is limited by the app",
     )
     idempotency_key: str | None = Field(None, max_length=128)
-    job_id: str | None = Field(
-        None,
-        description="Set by the gateway; else by the handler",
-        json_schema_extra=_pattern(JOB_ID_PATTERN),
-    )
+    job_id: JobId | None = Field(None, description="Set by the gateway; else by the handler")
 
     @field_validator("inputs")
     @classmethod
@@ -121,34 +107,14 @@ class RunRequest(AppEvent):
             raise ValueError(f"{exc.reason}{where}") from None
         return v
 
-    @field_validator("job_id")
-    @classmethod
-    def _job_id(cls, v: str | None) -> str | None:
-        return v if v is None else check_job_id(v)
-
 
 class RunCancel(BaseEvent):
     """Cancel a queued or running job."""
 
     type: Literal["run_cancel"] = "run_cancel"
-    job_id: str = Field(json_schema_extra=_pattern(JOB_ID_PATTERN))
-    app: str | None = Field(None, json_schema_extra=_pattern(APP_PATTERN))
-    session: str | None = Field(None, json_schema_extra=_pattern(SESSION_PATTERN))
-
-    @field_validator("job_id")
-    @classmethod
-    def _job_id(cls, v: str) -> str:
-        return check_job_id(v)
-
-    @field_validator("app")
-    @classmethod
-    def _app(cls, v: str | None) -> str | None:
-        return v if v is None else check_app(v)
-
-    @field_validator("session")
-    @classmethod
-    def _session(cls, v: str | None) -> str | None:
-        return v if v is None else check_session(v)
+    job_id: JobId
+    app: AppName | None = None
+    session: SessionId | None = None
 
 
 class ReaperTick(BaseEvent):
@@ -161,28 +127,18 @@ class PoolRefill(BaseEvent):
     """Start one warm instance for an app's pool (published by the reaper)."""
 
     type: Literal["pool_refill"] = "pool_refill"
-    app: str
+    app: AppName
     instance: str
-
-    @field_validator("app")
-    @classmethod
-    def _app(cls, v: str) -> str:
-        return check_app(v)
 
 
 class JobUpdate(BaseEvent):
     """A backend saw a job change state (published by the backend watcher)."""
 
     type: Literal["job_update"] = "job_update"
-    job_id: str = Field(json_schema_extra=_pattern(JOB_ID_PATTERN))
+    job_id: JobId
     state: Literal["running", "succeeded", "failed", "timed_out", "cancelled"]
     exit_code: int | None = None
     log_tail: str | None = None
-
-    @field_validator("job_id")
-    @classmethod
-    def _job_id(cls, v: str) -> str:
-        return check_job_id(v)
 
 
 Event = Annotated[
