@@ -3,9 +3,10 @@
     python -m bench                      # all benches, full sizes
     python -m bench viz --quick          # one bench, small sizes
     python -m bench viz runs             # several
+    python -m bench sporadic --loads 60  # page loads at random gaps, p99 against p50
     python -m bench all --json out.json
 
-`all` runs viz, runs and, when bench/k8s_sim.py exists, the Kubernetes
+`all` runs viz, sporadic, runs and, when bench/k8s_sim.py exists, the Kubernetes
 simulation (`k8s`, through its `main(argv)`). Each bench is a function
 `(quick: bool) -> dict` that prints its own tables. A bench that cannot run
 prints why (an exception, or `errors` in the dict it returns); the exit
@@ -42,9 +43,9 @@ def k8s_bench(quick: bool) -> dict:
 
 
 def benches() -> dict[str, Callable]:
-    from bench import runs, viz
+    from bench import runs, sporadic, viz
 
-    found = {"viz": viz.main, "runs": runs.main}
+    found = {"viz": viz.main, "sporadic": sporadic.main, "runs": runs.main}
     if importlib.util.find_spec(K8S_MODULE) is not None:  # written separately; optional
         found["k8s"] = k8s_bench
     return found
@@ -58,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes (a minute or so)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--loads",
+        type=int,
+        metavar="N",
+        help="sporadic: timed page loads (default 40, --quick 15; about 1.5 s each)",
+    )
     args = parser.parse_args(argv)
     logs.configure("console", "warning")
 
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"== {name}{' (quick)' if args.quick else ''}", flush=True)
         try:
-            result = results[name] = available[name](quick=args.quick)
+            options = {"loads": args.loads} if name == "sporadic" and args.loads else {}
+            result = results[name] = available[name](quick=args.quick, **options)
             if isinstance(result, dict) and result.get("errors"):
                 print(f"{name}: FAILED: {'; '.join(result['errors'])}", file=sys.stderr)
                 status = 1

@@ -111,11 +111,15 @@ def is_ready(subject: str) -> Callable[[str, dict], bool]:
     return lambda s, status: s == subject and status.get("state") == "ready"
 
 
-async def page_load(js, watch: Watch, app: str, session: str) -> tuple[float, dict]:
-    """Publish a page load; seconds until its `ready` arrives, and that status."""
+async def page_load(
+    js, watch: Watch, app: str, session: str, shared: bool | None = None
+) -> tuple[float, dict]:
+    """Publish a page load; seconds until its `ready` arrives, and that status.
+
+    `shared`: whether `app` is a shared app (default: only SHARED is)."""
     event = PageLoad(app=app, session=session)
     data, headers = encode(event), {"Nats-Msg-Id": event.id}
-    per_session = app != SHARED
+    per_session = app != SHARED if shared is None else not shared
     subject = subjects.app_status(app, session if per_session else None)
     watch.clear()
     t0 = time.perf_counter()
@@ -151,8 +155,23 @@ async def run(sizes: Sizes = FULL) -> dict:
             return await _run(Path(tmp), sizes, stack)
 
 
-async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
-    machine = stats.machine()
+@dataclass
+class Page:
+    """The running parts a viz bench talks to: the page's connection, KV, the handlers."""
+
+    server: NatsServer
+    nc: nats.NATS
+    js: object
+    state: object
+    handlers: Process
+    status: Watch
+
+
+async def start_page(
+    tmp: Path, stack: AsyncExitStack, apps: dict[str, AppSpec], pool_size: int
+) -> Page:
+    """nats-server, the streams and buckets, `apps` registered, `spinyard handlers KINDS`
+    pulling, and a `Watch` on every status; all stopped by `stack`."""
     server = NatsServer(tmp / "nats").start()
     stack.callback(server.stop)
     nc = await nats.connect(server.url, name="bench-page")
@@ -161,12 +180,38 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
     nsettings = NatsSettings(url=server.url)
     await provision.ensure_streams(js, nsettings)
     state = await provision.ensure_state(js, nsettings)
-    await nats_peer.setup(js)
-    specs = bench_specs(sizes.pool_size)
-    await state.apps.put(SHARED, specs[SHARED])
-    await state.apps.put(COLD, specs[COLD])
-
+    for name, spec in apps.items():
+        await state.apps.put(name, spec)
     data_dir = tmp / "data"
+    handlers = handlers_process(
+        KINDS,
+        server.url,
+        data_dir,
+        tmp,
+        reaper__interval_s="1.0",
+        reaper__pool_refill_per_tick=str(pool_size),
+    ).start()
+    stack.push_async_callback(stop_instances, data_dir)  # runs after the handlers stop
+    stack.callback(handlers.stop)
+    await wait_consumers(js, subjects.EVENTS_STREAM, KINDS, handlers)
+    status = Watch()
+    await nc.subscribe(f"{subjects.STATUS}.>", cb=status.on_msg)
+    return Page(server, nc, js, state, handlers, status)
+
+
+async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
+    machine = stats.machine()
+    specs = bench_specs(sizes.pool_size)
+    page = await start_page(tmp, stack, {n: specs[n] for n in (SHARED, COLD)}, sizes.pool_size)
+    server, nc, js, state, handlers, status = (
+        page.server,
+        page.nc,
+        page.js,
+        page.state,
+        page.handlers,
+        page.status,
+    )
+    await nats_peer.setup(js)
     peer = Process(
         "raw NATS peer",
         [sys.executable, "-m", "bench.nats_peer", server.url],
@@ -174,21 +219,9 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
         tmp / "peer.log",
     ).start()
     stack.callback(peer.stop)
-    handlers = handlers_process(
-        KINDS,
-        server.url,
-        data_dir,
-        tmp,
-        reaper__interval_s="1.0",
-        reaper__pool_refill_per_tick=str(sizes.pool_size),
-    ).start()
-    stack.push_async_callback(stop_instances, data_dir)  # runs after the handlers stop
-    stack.callback(handlers.stop)
-    await wait_consumers(js, subjects.EVENTS_STREAM, KINDS, handlers)
     await wait_consumers(js, nats_peer.JS_STREAM, [nats_peer.JS_DURABLE], peer)
 
-    status, reply = Watch(), Watch()
-    await nc.subscribe(f"{subjects.STATUS}.>", cb=status.on_msg)
+    reply = Watch()
     await nc.subscribe(nats_peer.JS_REPLY, cb=reply.on_msg)
     payload = encode(PageLoad(app=SHARED, session="s-bench"))
 

@@ -46,7 +46,12 @@ class HandlerSettings(BaseModel):
     max_ack_pending: int = Field(
         1000, ge=1, description="Messages out at once per handler, all replicas"
     )
-    fetch_batch: int = Field(16, ge=1, description="Messages asked for per pull request")
+    fetch_batch: int = Field(
+        16,
+        ge=1,
+        description="Most messages asked for per pull request while a backlog waits "
+        "(an idle consumer asks for one at a time)",
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="In-flight work may finish for this long"
     )

@@ -8,7 +8,7 @@ of the runs bench is exercised by the bench itself (it needs redis-server).
 
 import math
 
-from bench import runs, stats, viz
+from bench import runs, sporadic, stats, viz
 
 
 def _check_latency_rows(rows: list[dict]) -> None:
@@ -57,3 +57,19 @@ async def test_runs_bench_spinyard_half_runs_and_reports_rates():
     assert runs.failed(result) == []
     assert "run request -> running" in runs.format_result(result)
     assert stats.percentile([1.0, 2.0, 3.0], 50) == 2.0
+
+
+async def test_sporadic_bench_runs_and_reports_its_rows():
+    result = await sporadic.run(sporadic.Sizes(loads=4, max_gap_s=0.1))
+
+    rows = result["rows"]
+    assert [row["n"] for row in rows] == [4, 4, 2]  # raw round trips, loads, follow-ons
+    _check_latency_rows(rows)
+    for row in rows:
+        assert row["p99_over_p50"] >= 1.0
+    assert rows[0]["ratio_p99"] == 1.0
+    assert len(result["samples"]["gap_s"]) == 8 and all(
+        0 <= gap <= 0.1 for gap in result["samples"]["gap_s"]
+    )
+    assert isinstance(result["met"], bool)
+    assert "follow-on load 10 ms after another" in sporadic.format_result(result)

@@ -36,6 +36,7 @@ from schemas import subjects
 from schemas.codec import DecodeError, decode
 
 FETCH_TIMEOUT_S = 1.0  # long-poll length; also bounds how fast a stop is noticed
+DRAIN_TIMEOUT_S = 0.1  # a batch pull taken only while a backlog is known (see `run`)
 
 
 class HandlerMetrics:
@@ -103,18 +104,29 @@ class Consumer:
     async def run(self) -> None:
         sub = await self.js.pull_subscribe_bind(durable=self.spec.id, stream=subjects.EVENTS_STREAM)
         self.log.info("consumer_started", concurrency=self.concurrency)
+        # Idle, the loop long-polls for ONE message; it asks for a batch only while the
+        # last message said more were waiting (`num_pending`). A batch pull that finds
+        # the stream empty waits on the server, and a message that then arrives is
+        # delivered but held by nats-py until the batch fills or the pull expires: that
+        # held sporadic page loads 0.2-0.9 s (docs/benchmarks.md, "sporadic"). A
+        # one-message pull ends with its message; a batch pull that meets an emptied
+        # backlog (another replica took it) expires after DRAIN_TIMEOUT_S at most.
+        backlog = False
         try:
             while not self.stopping.is_set():
                 free = self.concurrency - len(self.inflight)
                 if free <= 0:
                     await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
                     continue
+                batch = min(free, self.settings.fetch_batch) if backlog else 1
                 try:
                     msgs = await sub.fetch(
-                        min(free, self.settings.fetch_batch), timeout=FETCH_TIMEOUT_S
+                        batch, timeout=DRAIN_TIMEOUT_S if batch > 1 else FETCH_TIMEOUT_S
                     )
                 except TimeoutError:  # nats-py raises both its own and asyncio's
+                    backlog = False
                     continue
+                backlog = bool(msgs) and msgs[-1].metadata.num_pending > 0
                 for msg in msgs:
                     if self.stopping.is_set():
                         await msg.nak()  # hand it straight to another replica

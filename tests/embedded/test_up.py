@@ -270,16 +270,25 @@ async def test_a_killed_nats_server_comes_back_and_nothing_is_lost(stack, http):
     assert restarts[0]["port"] == banner_port
     assert proc.poll() is None and nats_server_pid(proc.pid) == new
 
+    # A handler whose KV request died with the server waits out its timeout and retries:
+    # let that finish here, not in the next test.
+    async def idle() -> bool:
+        async with http.get(f"{stack['url']}/metrics") as r:
+            samples = parse_metrics(await r.text())
+        return not any(v for (n, _), v in samples.items() if n == "spinyard_handler_inflight")
+
+    await wait_for(idle, timeout=30, what="no message in flight")
+
 
 def quiet_after(log: Path, offset: int, signalled: float) -> None:
-    """Assert `up` logged nothing of its own stopping: no line from later than a moment
-    after `signalled` (lines already on their way then may land), no warning, no traceback."""
-    text = log.read_bytes()[offset:].decode()
-    assert "Traceback" not in text, text
-    for line in text.splitlines():
+    """Assert `up` logged nothing of its own stopping: after `signalled`, only info lines
+    already on their way when the signal came (within 0.2 s); no warning, no traceback."""
+    for line in log.read_bytes()[offset:].decode().splitlines():
         entry = json.loads(line)
-        assert entry["level"] == "info", line
         at = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+        if at < signalled:
+            continue  # before the stop: what the stack was doing anyway
+        assert entry["level"] == "info" and "exception" not in entry, line
         assert at < signalled + 0.2, line
 
 
