@@ -13,6 +13,7 @@ install:
     {{py}} -m pip install -q --disable-pip-version-check -e '.[dev,demo]'
 
 # Start the embedded stack (nats-server, handlers, gateway, local backend) with the examples
+# (`./just up` runs `spinyard up` itself after `install`, so Ctrl-C exits 0; see ./just)
 up *ARGS: install
     .venv/bin/spinyard up {{ARGS}}
 

@@ -6,6 +6,7 @@ This is the one module that writes to stdout for people; everything else logs.
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -54,8 +55,17 @@ async def _cmd_up(args, settings: Settings) -> int:
     stack = Stack(
         settings, app_dirs=[Path(d) for d in args.apps] or [Path("examples")], port=args.port
     )
-    _on_signals(stack.stop)
+
+    def stop() -> None:
+        # Stopping is routine: its info lines (each consumer, the gateway, ...) would
+        # bury the one line a person at the terminal needs. Warnings still show.
+        if logging.getLevelName(settings.log_level.upper()) < logging.WARNING:
+            logs.configure(settings.log_format, "warning")
+        stack.stop()
+
+    _on_signals(stop)
     await stack.run(announce=lambda text: print(text, flush=True))
+    print("spinyard stopped", flush=True)
     return 0
 
 

@@ -24,6 +24,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
 
+import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
@@ -77,12 +78,18 @@ def make_backend(settings: Settings) -> Backend:
 async def nats_client(
     settings: Settings, name: str, *, wait_s: float | None = None
 ) -> AsyncIterator[Client]:
-    """A NATS connection with `settings.nats`' credentials; drained on exit."""
+    """A NATS connection with `settings.nats`' credentials; drained on exit (closed, if
+    the server is gone and there is nothing to drain)."""
     nc = await bus.connect(settings.nats, name, wait_s=wait_s)
     try:
         yield nc
     finally:
-        await nc.drain()
+        try:
+            await nc.drain()
+        except (nats.errors.Error, OSError) as exc:  # the server is gone: nothing to drain
+            log.warning("nats_drain_failed", client=name, error=repr(exc))
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await nc.close()  # closing flushes too, and may meet the same dead socket
 
 
 async def provision(js: JetStreamContext, settings: Settings, specs: list[HandlerSpec]) -> State:

@@ -176,6 +176,19 @@ class GatewaySettings(BaseModel):
     public_url: str | None = Field(None, description="Base URL pages use; default http://host:port")
     max_body_bytes: int = Field(64 * 1024, gt=0, description="Largest event body accepted")
     sse_keepalive_s: float = Field(15.0, gt=0, description="Comment line sent this often on SSE")
+    read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A client has this long to send a request's head (from the connection's "
+        "start or the head's first byte), and as long again for its body; else the "
+        "connection is closed. Answers (SSE, proxied apps) and WebSockets are not timed",
+    )
+    idle_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        description="An idle keep-alive connection is closed after this long; keep it above "
+        "the idle timeout of any reverse proxy in front (nginx's upstream default: 60 s)",
+    )
 
     @property
     def base_url(self) -> str:
@@ -240,6 +253,18 @@ class AuthSettings(BaseModel):
     )
 
 
+class EmbeddedSettings(BaseModel):
+    nats_restarts: int = Field(
+        5,
+        ge=0,
+        description="`spinyard up` restarts a nats-server that died at most this many times "
+        "within `nats_restart_window_s`, then stops with an error (count; 0: never restart)",
+    )
+    nats_restart_window_s: float = Field(
+        60.0, gt=0, description="The window `nats_restarts` counts restarts in, seconds"
+    )
+
+
 class Settings(BaseSettings):
     """spinyard's configuration."""
 
@@ -259,3 +284,4 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)

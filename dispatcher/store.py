@@ -37,7 +37,7 @@ from schemas.names import JOB_ID_RE
 PREFIX = "results/"
 LIFECYCLE_RULE_ID = "spinyard-results-expiry"
 _BACKOFF_S = 0.1  # first pause between tries; doubles each time
-_NAME_RE = re.compile(r"^[^/\\\x00-\x1f.][^/\\\x00-\x1f]{0,254}$")
+_NAME_RE = re.compile(r"^[^/\\\x00-\x1f.][^/\\\x00-\x1f]{0,254}\Z")
 
 T = TypeVar("T")
 

@@ -44,6 +44,7 @@ class Deployment(BaseModel):
     last_heartbeat: float | None = None
     phases: Phases = Field(default_factory=Phases)
     error: ErrorInfo | None = None
+    log_tail: str | None = None  # of a failed start: the app's last log lines
     session: str | None = None
 
 
@@ -84,6 +85,7 @@ def status_of(dep: Deployment, **extra) -> AppStatus:
         url=dep.url if dep.state == AppState.READY else None,
         phases=dep.phases,
         error=dep.error,
+        log_tail=dep.log_tail if dep.state == AppState.FAILED else None,
         session=dep.session,
         instance=dep.instance,
         **extra,

@@ -1,14 +1,18 @@
 """job_update: turn a backend's report on a run into its record and status.
 
 On success it checks the uploads against the app's declared outputs and
-attaches presigned GET URLs. If object storage is down it raises a
-retryable error, so the report is tried again with backoff until the store
-is back, and the run then ends `succeeded` as it should.
+attaches presigned GET URLs. If object storage is down, it notes on the
+run's record when the run exited (`exited_at`, so the reaper no longer
+holds it to its deadline) and raises the store's retryable error with
+`until` = that time + the app's `retention_s`: the report is tried again
+with the growing backoff below (its last step, 60 s, repeats) for as long
+as the results would be kept, and the run ends `succeeded` once the store
+is back. Past that, the run ends `failed` (`unavailable`).
 """
 
 from handlers import jobs
 from handlers.context import Context
-from handlers.errors import PermanentError, PublicError
+from handlers.errors import PermanentError, PublicError, RetryableError
 from handlers.registry import handler
 from schemas import errors as codes
 from schemas import subjects
@@ -27,6 +31,7 @@ RESULTS_MISMATCH = "the run's uploads do not match its declared outputs"
     retries=10,
     backoff_s=(0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0),
     timeout_s=120,
+    patient=True,
 )
 async def job_update(ctx: Context, event: JobUpdate) -> None:
     job = await jobs.load(ctx, event.job_id)
@@ -49,7 +54,7 @@ async def job_update(ctx: Context, event: JobUpdate) -> None:
             ),
         )
     elif state == JobState.SUCCEEDED:
-        fields = await _collect(ctx, job)
+        fields = await _collect_or_wait(ctx, job, now)
         end = JobState.SUCCEEDED if "error" not in fields else JobState.FAILED
         new = await jobs.advance(
             ctx, job.job_id, lambda j: jobs.finish(j, end, now, exit_code=event.exit_code, **fields)
@@ -64,6 +69,34 @@ async def job_update(ctx: Context, event: JobUpdate) -> None:
     if new is not None:
         ctx.log.info("job_state_changed", state=new.state)
         await jobs.publish(ctx, new)
+
+
+async def _collect_or_wait(ctx: Context, job: jobs.Job, now: float) -> dict:
+    """`_collect`, or, while the store is away, note the exit and ask to be tried again.
+
+    Raises:
+        handlers.errors.RetryableError: the store did not answer; `until` is set to
+            the end of the run's retention, counted from its exit.
+    """
+    try:
+        return await _collect(ctx, job)
+    except RetryableError as exc:
+        exited_at = job.exited_at
+        if exited_at is None:
+            noted = await jobs.advance(
+                ctx,
+                job.job_id,
+                lambda j: None if j.state.terminal else j.model_copy(update={"exited_at": now}),
+            )
+            exited_at = noted.exited_at if noted is not None else now
+        exc.until = exited_at + job.retention_s
+        if now < exc.until:
+            ctx.log.warning(
+                "job_results_waiting", error=exc.message, waiting_s=round(now - exited_at, 1)
+            )
+            raise
+        ctx.log.error("job_results_abandoned", error=exc.message, retention_s=job.retention_s)
+        return {"error": jobs.RESULTS_UNAVAILABLE}
 
 
 async def _collect(ctx: Context, job: jobs.Job) -> dict:

@@ -41,6 +41,12 @@ class Job(BaseModel):
     error: ErrorInfo | None = None
     exit_code: int | None = None
     log_tail: str | None = None
+    exited_at: float | None = Field(
+        None,
+        description="When the backend said the run exited 0 and its results could not be"
+        " collected yet (the store was away): from then on its retention, not its deadline,"
+        " bounds the wait",
+    )
 
 
 def status_of(job: Job) -> JobStatus:
@@ -90,6 +96,13 @@ _ENDINGS = {
     JobState.TIMED_OUT: (codes.DEADLINE_EXCEEDED, "the run passed its deadline and was stopped"),
     JobState.CANCELLED: (codes.CANCELLED, "the run was cancelled"),
 }
+
+
+# A run that exited 0 whose results the store never gave back within their retention.
+RESULTS_UNAVAILABLE = ErrorInfo(
+    code=codes.UNAVAILABLE,
+    message="the run's results could not be collected: storage was unavailable",
+)
 
 
 def failure(state: JobState, exit_code: int | None = None) -> ErrorInfo:

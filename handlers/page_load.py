@@ -127,16 +127,20 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
     try:
         await ctx.backend.wait_ready(dep.instance, spec, remaining)
     except StartFailed as exc:
-        error = ErrorInfo(code=exc.code, message=exc.message)
+        error, log_tail = ErrorInfo(code=exc.code, message=exc.message), exc.log_tail
     else:
-        error = None
+        error = log_tail = None
 
     if error is not None:
         await ctx.backend.stop_viz(dep.instance)
-        update = {"state": AppState.FAILED, "error": error}
+        update = {"state": AppState.FAILED, "error": error, "log_tail": log_tail}
         failed = await mutate(ctx, key, lambda d: d.model_copy(update=update) if ours(d) else None)
         ctx.log.warning(
-            "viz_start_failed", instance=dep.instance, code=error.code, reason=error.message
+            "viz_start_failed",
+            instance=dep.instance,
+            code=error.code,
+            reason=error.message,
+            log_tail=log_tail,
         )
         if failed:
             await ctx.publish_status(subject, status_of(failed[0]))

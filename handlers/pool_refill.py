@@ -30,7 +30,12 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
     try:
         await ctx.backend.wait_ready(event.instance, spec, remaining)
     except StartFailed as exc:
-        ctx.log.warning("pool_instance_failed", instance=event.instance, reason=exc.message)
+        ctx.log.warning(
+            "pool_instance_failed",
+            instance=event.instance,
+            reason=exc.message,
+            log_tail=exc.log_tail,
+        )
         await ctx.backend.stop_viz(event.instance)
         await pools.forget(ctx, event.app, event.instance)
         return

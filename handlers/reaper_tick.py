@@ -105,16 +105,28 @@ def _timed_out(now: float) -> Callable[[jobs.Job], jobs.Job | None]:
     return lambda job: jobs.finish(job, JobState.TIMED_OUT, now, error=error)
 
 
+def _results_lost(now: float) -> Callable[[jobs.Job], jobs.Job | None]:
+    return lambda job: jobs.finish(job, JobState.FAILED, now, error=jobs.RESULTS_UNAVAILABLE)
+
+
 async def _tend_jobs(
     ctx: Context, instances: dict[str, Instance], now: float, counts: dict[str, int]
 ) -> None:
-    """Stop runs past their deadline, drop results past retention, cancel unknown jobs."""
+    """Stop runs past their deadline (unless they exited and wait for the store), drop
+    results past retention, cancel unknown jobs."""
     grace = ctx.knobs.reconcile_grace_s
     known: set[str] = set()
     for entry in await ctx.state.jobs.scan():
         job_id, job = entry.key, entry.value
         known.add(job_id)
-        if not job.state.terminal and now - job.created_at > job.deadline_s + grace:
+        if job.exited_at is not None and not job.state.terminal:
+            # It exited and waits for the store (job_update retries); past the results'
+            # retention that will not come back.
+            if now - job.exited_at > job.retention_s + grace:
+                done = await jobs.advance(ctx, job_id, _results_lost(now))
+                if done is not None:
+                    await jobs.publish(ctx, done)
+        elif not job.state.terminal and now - job.created_at > job.deadline_s + grace:
             # Record the verdict first: the backend's own `cancelled` report for
             # the stop below must find the run already ended.
             done = await jobs.advance(ctx, job_id, _timed_out(now))

@@ -36,14 +36,21 @@ class HandlerSpec:
     timeout_s: float = 60.0
     backoff_s: tuple[float, ...] = (0.5, 2.0, 10.0)
     on_failure: FailureHook | None = None
+    patient: bool = False
 
     @property
     def filter_subject(self) -> str:
         return subjects.kind_filter(self.kind)
 
     @property
-    def max_deliver(self) -> int:
+    def tries(self) -> int:
+        """Tries of a message before it is dead-lettered (unless its error says `until`)."""
         return self.retries + 1
+
+    @property
+    def max_deliver(self) -> int:
+        """JetStream's limit of deliveries: none for a patient handler (the consumer counts)."""
+        return -1 if self.patient else self.tries
 
     def backoff(self, attempt: int) -> float:
         """Delay before try `attempt + 1`, given `attempt` tries so far (1-based)."""
@@ -88,6 +95,7 @@ def handler(
     timeout_s: float = 60.0,
     backoff_s: tuple[float, ...] = (0.5, 2.0, 10.0),
     on_failure: FailureHook | None = None,
+    patient: bool = False,
     registry: Registry | None = None,
 ) -> Callable[[HandlerFn], HandlerFn]:
     """Register `fn` as the handler of events of `kind`.
@@ -102,6 +110,8 @@ def handler(
         backoff_s: delays before the 2nd, 3rd, ... try.
         on_failure: run once when a message fails for good (dead-lettered):
             `hook(ctx, event, error)`, e.g. to publish a `failed` status.
+        patient: a `RetryableError` with `until` is tried past `retries`, until
+            then (with the last backoff between tries); others still get `retries`.
         registry: where to register; the default registry otherwise.
 
     Returns:
@@ -120,6 +130,7 @@ def handler(
             timeout_s=timeout_s,
             backoff_s=backoff_s,
             on_failure=on_failure,
+            patient=patient,
         )
         (registry or default_registry).add(spec)
         fn.spec = spec  # type: ignore[attr-defined]

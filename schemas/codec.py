@@ -1,4 +1,10 @@
-"""msgpack on NATS, JSON at the gateway: one place that encodes and decodes."""
+"""msgpack on NATS, JSON at the gateway: one place that encodes and decodes.
+
+Everything spinyard exchanges is plain data (`schemas.plain`). Decoding
+refuses what the formats would otherwise let in: msgpack extension types
+and JSON's non-standard `NaN`/`Infinity`; `check_plain` (re-exported here)
+refuses what parses but is not plain.
+"""
 
 import json
 from typing import Any, TypeVar
@@ -7,6 +13,7 @@ import msgpack
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from schemas.events import Event
+from schemas.plain import NotPlainError, check_plain
 
 _EVENT = TypeAdapter(Event)
 M = TypeVar("M", bound=BaseModel)
@@ -25,16 +32,24 @@ def encode_json(model: BaseModel) -> bytes:
     return json.dumps(model.model_dump(mode="json"), separators=(",", ":")).encode()
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not accepted")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def loads(data: bytes, content_type: str = "application/msgpack") -> Any:
-    """Parse bytes as msgpack or JSON.
+    """Parse bytes as msgpack or JSON; msgpack extension types and JSON `NaN` are refused.
 
     Raises:
         DecodeError: the bytes do not parse.
     """
     try:
         if "json" in content_type:
-            return json.loads(data)
-        return msgpack.unpackb(data, raw=False)
+            return json.loads(data, parse_constant=_refuse_constant)
+        return msgpack.unpackb(data, raw=False, ext_hook=_refuse_ext)
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
         raise DecodeError(f"body is not valid {content_type}") from exc
 
@@ -67,7 +82,9 @@ def decode_event(data: bytes, content_type: str = "application/msgpack") -> Even
 
 __all__ = [
     "DecodeError",
+    "NotPlainError",
     "ValidationError",
+    "check_plain",
     "decode",
     "decode_event",
     "encode",

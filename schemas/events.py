@@ -2,7 +2,10 @@
 
 Every event has a `type`, an `id` (also the JetStream de-duplication id), a
 `time` and a schema version `v`. App events also name the `app` and the
-viewer's `session`.
+viewer's `session`. Ids and names are checked in full (`schemas.names`),
+numbers must be finite, and a run's `inputs` must be plain data nesting at
+most `INPUTS_MAX_DEPTH` levels, so whatever validates here can be encoded
+again as msgpack and shown to a browser as JSON.
 """
 
 import hashlib
@@ -12,9 +15,26 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.names import check_app, check_session
+from schemas.names import (
+    APP_PATTERN,
+    EVENT_ID_PATTERN,
+    JOB_ID_PATTERN,
+    SESSION_PATTERN,
+    check_app,
+    check_event_id,
+    check_job_id,
+    check_session,
+    json_pattern,
+)
+from schemas.plain import NotPlainError, check_plain
 
 EVENT_VERSION = 1
+INPUTS_MAX_DEPTH = 32  # levels of objects and arrays in `inputs`, itself the first
+
+
+def _pattern(pattern: str) -> dict[str, str]:
+    """The JSON Schema of a field checked by one of `schemas.names`' patterns."""
+    return {"pattern": json_pattern(pattern)}
 
 
 def new_id(prefix: str = "ev") -> str:
@@ -23,16 +43,31 @@ def new_id(prefix: str = "ev") -> str:
 
 
 class BaseEvent(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     v: Literal[1] = EVENT_VERSION
-    id: str = Field(default_factory=new_id, min_length=1, max_length=80)
-    time: float = Field(default_factory=_time.time, description="Unix time, seconds")
+    id: str = Field(
+        default_factory=new_id,
+        description="De-duplication id, also the Nats-Msg-Id header; default: a fresh one",
+        json_schema_extra=_pattern(EVENT_ID_PATTERN),
+    )
+    time: float = Field(
+        default_factory=_time.time,
+        description="Unix time, seconds; the gateway sets it to its own clock",
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_event_id(v)
 
 
 class AppEvent(BaseEvent):
-    app: str
-    session: str
+    app: str = Field(description="owner/title", json_schema_extra=_pattern(APP_PATTERN))
+    session: str = Field(
+        description="The viewer's session, chosen by the page",
+        json_schema_extra=_pattern(SESSION_PATTERN),
+    )
 
     @field_validator("app")
     @classmethod
@@ -64,18 +99,56 @@ class RunRequest(AppEvent):
     """Ask for one run of a job app with these inputs."""
 
     type: Literal["run_request"] = "run_request"
-    inputs: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Plain JSON data, objects and arrays nested at most {INPUTS_MAX_DEPTH} "
+        "levels (inputs itself the first); its msgpack size is limited by the app",
+    )
     idempotency_key: str | None = Field(None, max_length=128)
-    job_id: str | None = Field(None, description="Set by the gateway; else by the handler")
+    job_id: str | None = Field(
+        None,
+        description="Set by the gateway; else by the handler",
+        json_schema_extra=_pattern(JOB_ID_PATTERN),
+    )
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            check_plain(v, max_depth=INPUTS_MAX_DEPTH)
+        except NotPlainError as exc:
+            where = f" (at {exc.where[:120]})" if exc.where else ""
+            raise ValueError(f"{exc.reason}{where}") from None
+        return v
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, v: str | None) -> str | None:
+        return v if v is None else check_job_id(v)
 
 
 class RunCancel(BaseEvent):
     """Cancel a queued or running job."""
 
     type: Literal["run_cancel"] = "run_cancel"
-    job_id: str
-    app: str | None = None
-    session: str | None = None
+    job_id: str = Field(json_schema_extra=_pattern(JOB_ID_PATTERN))
+    app: str | None = Field(None, json_schema_extra=_pattern(APP_PATTERN))
+    session: str | None = Field(None, json_schema_extra=_pattern(SESSION_PATTERN))
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, v: str) -> str:
+        return check_job_id(v)
+
+    @field_validator("app")
+    @classmethod
+    def _app(cls, v: str | None) -> str | None:
+        return v if v is None else check_app(v)
+
+    @field_validator("session")
+    @classmethod
+    def _session(cls, v: str | None) -> str | None:
+        return v if v is None else check_session(v)
 
 
 class ReaperTick(BaseEvent):
@@ -101,10 +174,15 @@ class JobUpdate(BaseEvent):
     """A backend saw a job change state (published by the backend watcher)."""
 
     type: Literal["job_update"] = "job_update"
-    job_id: str
+    job_id: str = Field(json_schema_extra=_pattern(JOB_ID_PATTERN))
     state: Literal["running", "succeeded", "failed", "timed_out", "cancelled"]
     exit_code: int | None = None
     log_tail: str | None = None
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, v: str) -> str:
+        return check_job_id(v)
 
 
 Event = Annotated[

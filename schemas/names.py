@@ -1,17 +1,33 @@
-"""Validation of the names that appear in subjects, KV keys and URLs.
+"""Validation of the names that appear in subjects, KV keys, headers and URLs.
 
-App names (`owner/title`), session ids and job ids become NATS subject
-tokens, KV keys and URL path segments, so they are held to one safe
-alphabet here rather than escaped in every place that uses them.
+App names (`owner/title`), session ids, event ids and job ids become NATS
+subject tokens, KV keys, the `Nats-Msg-Id` header and URL path segments, so
+they are held to one safe alphabet here rather than escaped in every place
+that uses them. Every check matches the whole string: the compiled patterns
+end in `\\Z`, not `$`, which would also let a name end in a newline.
+`json_pattern` gives the same pattern for JSON Schema (ECMA-262, where `$`
+is the end of the string).
 """
 
 import re
 
 _TOKEN = r"[a-z0-9](?:[a-z0-9_-]{0,62})"
-APP_RE = re.compile(rf"^({_TOKEN})/({_TOKEN})$")
-SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-JOB_ID_RE = re.compile(r"^j-[a-z0-9]{8,40}$")
-INSTANCE_ID_RE = re.compile(r"^i-[a-z0-9]{8,40}$")
+APP_PATTERN = rf"{_TOKEN}/{_TOKEN}"
+SESSION_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+EVENT_ID_PATTERN = r"[A-Za-z0-9_.:-]{1,80}"
+JOB_ID_PATTERN = r"j-[a-z0-9]{8,40}"
+INSTANCE_ID_PATTERN = r"i-[a-z0-9]{8,40}"
+
+APP_RE = re.compile(rf"^({_TOKEN})/({_TOKEN})\Z")
+SESSION_RE = re.compile(rf"^{SESSION_PATTERN}\Z")
+EVENT_ID_RE = re.compile(rf"^{EVENT_ID_PATTERN}\Z")
+JOB_ID_RE = re.compile(rf"^{JOB_ID_PATTERN}\Z")
+INSTANCE_ID_RE = re.compile(rf"^{INSTANCE_ID_PATTERN}\Z")
+
+
+def json_pattern(pattern: str) -> str:
+    """One of the `*_PATTERN`s anchored for JSON Schema."""
+    return f"^{pattern}$"
 
 
 def check_app(name: str) -> str:
@@ -37,6 +53,28 @@ def check_session(session: str) -> str:
     if not SESSION_RE.match(session):
         raise ValueError("session must be 1-64 characters of letters, digits, '-' or '_'")
     return session
+
+
+def check_event_id(event_id: str) -> str:
+    """Return `event_id` if it is a valid event id (it becomes the `Nats-Msg-Id` header).
+
+    Raises:
+        ValueError: the id is empty, too long or has characters outside [A-Za-z0-9_.:-].
+    """
+    if not EVENT_ID_RE.match(event_id):
+        raise ValueError("id must be 1-80 characters of letters, digits, '_', '.', ':' or '-'")
+    return event_id
+
+
+def check_job_id(job_id: str) -> str:
+    """Return `job_id` if it looks like one spinyard makes.
+
+    Raises:
+        ValueError: the id is not `j-` and 8-40 of a-z0-9.
+    """
+    if not JOB_ID_RE.match(job_id):
+        raise ValueError("job_id must look like j-<8-40 of a-z0-9>")
+    return job_id
 
 
 def split_app(name: str) -> tuple[str, str]:

@@ -102,7 +102,7 @@ class AppSpec(BaseModel):
     port: int = Field(8000, ge=1, le=65535, description="Port the app listens on in its container.")
     resources: Resources = Field(default_factory=Resources)
     readiness_path: str = Field(
-        "/", description="Probed under the instance's prefix until it answers"
+        "/", description="Probed under the instance's prefix until it answers 200-399"
     )
     entry_path: str = Field("", description="Page opened under the instance's prefix, e.g. 'main'")
     sharing: Literal["shared", "per_session"] = Field(
@@ -121,6 +121,11 @@ class AppSpec(BaseModel):
         64 * 1024, gt=0, le=1024 * 1024, description="Largest run inputs accepted (msgpack bytes)"
     )
     retention_s: float = Field(7 * 24 * 3600, gt=0, description="How long results are kept.")
+    max_log_bytes: int = Field(
+        10 * 2**20,
+        ge=64 * 1024,
+        description="Largest run log kept, bytes; past it the oldest output is dropped",
+    )
     example_inputs: dict = Field(
         default_factory=dict, description="Inputs the demo page's run form starts with (job apps)"
     )

@@ -27,7 +27,7 @@ class AppState(StrEnum):
 class Phases(BaseModel):
     """Unix times (seconds) at which a deployment reached each phase."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     requested: float | None = None
     scheduled: float | None = None
@@ -39,7 +39,7 @@ class Phases(BaseModel):
 class AppStatus(BaseModel):
     """Where an app's deployment is. `session` is set for per-session apps."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     v: Literal[1] = STATUS_VERSION
     app: str
@@ -51,6 +51,9 @@ class AppStatus(BaseModel):
     instance: str | None = None
     reason: str | None = Field(
         None, description="Why it stopped: idle_heartbeat, max_lifetime, ..."
+    )
+    log_tail: str | None = Field(
+        None, description="On a failed start: the last lines of the app's own log"
     )
     time: float = Field(default_factory=_time.time)
 
@@ -80,7 +83,7 @@ class ResultRef(BaseModel):
 class JobPhases(BaseModel):
     """Unix times (seconds) at which a run reached each phase."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     queued: float | None = None
     running: float | None = None
@@ -90,7 +93,7 @@ class JobPhases(BaseModel):
 class JobStatus(BaseModel):
     """Where a run is. `results` is set on success, `log_tail` on failure."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     v: Literal[1] = STATUS_VERSION
     job_id: str

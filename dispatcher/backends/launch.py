@@ -11,6 +11,9 @@ same things. This module is that hand-over, written once:
   (`schemas.spec.PLACEHOLDERS`), so an unfilled one never reaches here.
 - environments: `viz_env` and `job_env`, the spec's `env` filled, then
   spinyard's `SPINYARD_*` variables, which win over the spec's.
+- readiness: an app is ready when `{prefix}` + `readiness_path` answers
+  200-399 (a Kubernetes httpGet probe's rule); a start that times out says
+  so in the same words on every backend (`not_ready_message`).
 - ids: instance and job ids name files, URL path segments and Kubernetes
   objects, so a backend takes only the shapes spinyard makes
   (`schemas.names`).
@@ -30,6 +33,18 @@ if TYPE_CHECKING:
     from schemas.spec import AppSpec
 
 _BRACED = re.compile(r"\{(\w+)\}")
+
+
+# -- readiness --
+
+
+def not_ready_message(timeout_s: float, detail: str) -> str:
+    """What a page reads when an app did not become ready: whole seconds, then `detail`
+    (the probe's last answer, or what the instance still waits for).
+
+    e.g. `the app did not become ready within 90 s: last answer to /healthz: 404 Not Found`
+    """
+    return f"the app did not become ready within {max(1, round(timeout_s))} s: {detail}"
 
 
 # -- placeholders --

@@ -49,8 +49,14 @@ async def _log_error(exc: Exception) -> None:
     log.warning("nats_error", error=repr(exc))  # connection trouble; the client retries
 
 
-async def _log_disconnected() -> None:
-    log.warning("nats_disconnected")
+def _disconnect_logger(nc: Client):
+    """nats-py calls its disconnected callback on a deliberate close too; log only losses."""
+
+    async def disconnected() -> None:
+        if not nc.is_closed:
+            log.warning("nats_disconnected")
+
+    return disconnected
 
 
 async def _log_reconnected() -> None:
@@ -75,7 +81,6 @@ async def connect(settings: NatsSettings, name: str, *, wait_s: float | None = N
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
         "error_cb": _log_error,
-        "disconnected_cb": _log_disconnected,
         "reconnected_cb": _log_reconnected,
     }
     if settings.user:
@@ -88,7 +93,11 @@ async def connect(settings: NatsSettings, name: str, *, wait_s: float | None = N
     budget = max(wait, settings.connect_timeout_s)
     try:
         # nats-py retries a first connection for ever when reconnects are unlimited.
-        return await asyncio.wait_for(nats.connect(**options), budget)
+        nc = Client()
+        await asyncio.wait_for(
+            nc.connect(**options, disconnected_cb=_disconnect_logger(nc)), budget
+        )
+        return nc
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         why = f"no connection within {budget:g} s" if isinstance(exc, TimeoutError) else repr(exc)
         raise NatsUnavailable(

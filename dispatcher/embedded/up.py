@@ -6,6 +6,9 @@ every handler and the gateway; registers the app specs it finds; makes a dev
 signing secret and prints a ready-to-use token. On Ctrl-C or SIGTERM it stops
 the handlers, the gateway, every app instance and run it started, the S3
 server and the nats-server, in that order, leaving no process behind.
+
+While it runs, a supervisor restarts the nats-server (same port, same store)
+if it dies (dispatcher/embedded/supervisor.py), within `embedded.*` bounds.
 """
 
 import asyncio
@@ -21,6 +24,7 @@ from dispatcher.bus.provision import open_state
 from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.embedded.s3server import S3Server
 from dispatcher.embedded.specs import find_specs, register
+from dispatcher.embedded.supervisor import supervise
 from dispatcher.gateway.auth import mint, new_secret
 from dispatcher.metrics import new_registry
 from dispatcher.settings import Settings
@@ -79,6 +83,12 @@ def write_cli_env(
     return path
 
 
+async def _cancelled(task: asyncio.Task) -> None:
+    """Cancel `task` and wait for it (whatever it raised is read later, not here)."""
+    task.cancel()
+    await asyncio.wait([task])
+
+
 class Stack:
     """The embedded stack. `run()` until `stop()`."""
 
@@ -107,6 +117,12 @@ class Stack:
             nats_server.start()
             stack.callback(nats_server.stop)
             settings.nats.url = nats_server.url
+            limits = settings.embedded
+            supervisor = asyncio.create_task(
+                supervise(nats_server, limits.nats_restarts, limits.nats_restart_window_s),
+                name="nats-supervisor",
+            )
+            stack.push_async_callback(_cancelled, supervisor)  # before the server stops
 
             if settings.store.access_key is None:
                 s3 = S3Server().start()
@@ -171,10 +187,12 @@ class Stack:
             self.ready.set()
             stopper = asyncio.create_task(self._stop.wait(), name="stop-waiter")
             died = asyncio.create_task(handlers.stopping.wait(), name="handlers-stopped")
-            await asyncio.wait([died, stopper], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([died, stopper, supervisor], return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
             died.cancel()
         log.info("stack_stopped")
+        if supervisor.done() and not supervisor.cancelled() and supervisor.exception():
+            raise supervisor.exception()  # it gave up restarting the nats-server
 
     def _dev_token(self) -> str:
         """A token for every app, 12 h, from the stack's secret ('' with auth off)."""

@@ -2,8 +2,10 @@
 
 It builds the aiohttp app: events (`events`, `POST /v1/events`), the app
 list, status (`sse`), the app proxy (`proxy`), `embed.js`, the demo page,
-`/healthz` and `/metrics`, with the middleware that gives every error the
-public error body and counts every answer. It uses the NATS connection its
+`/healthz`, `/metrics` and its OpenAPI document (`openapi`), with the
+middleware that gives every error the public error body (routing and
+method errors too) and counts every answer; and it starts it on connections
+held to a read deadline (`protocol`). It uses the NATS connection its
 caller owns and never opens one itself.
 """
 
@@ -22,6 +24,7 @@ from dispatcher import logs
 from dispatcher.gateway import GatewayError, Metrics, error_response
 from dispatcher.gateway.events import Auth, authorize, post_event
 from dispatcher.gateway.keys import (
+    API,
     AUTH,
     BACKEND,
     JS,
@@ -32,6 +35,8 @@ from dispatcher.gateway.keys import (
     STATE,
     STREAMS,
 )
+from dispatcher.gateway.openapi import document
+from dispatcher.gateway.protocol import Server
 from dispatcher.gateway.proxy import Proxy
 from dispatcher.gateway.security import Guard, install
 from dispatcher.gateway.sse import StatusStreams
@@ -40,6 +45,7 @@ from dispatcher.settings import GatewaySettings
 from handlers.ports import Backend
 from handlers.state import State
 from schemas import errors as codes
+from schemas.answers import AppSummary, Health, PoolSize
 
 log = logs.get("spinyard.gateway")
 
@@ -49,19 +55,18 @@ STATIC = Path(__file__).parent / "static"
 
 async def list_apps(request: web.Request) -> web.Response:
     specs = sorted((e.value for e in await request.app[STATE].apps.scan()), key=lambda s: s.name)
-    return web.json_response(
-        [
-            {
-                "name": s.name,
-                "kind": s.kind,
-                "sharing": s.sharing,
-                "pool": {"size": s.pool.size},
-                "description": s.description,
-                **({"example_inputs": s.example_inputs} if s.kind == "job" else {}),
-            }
-            for s in specs
-        ]
-    )
+    apps = [
+        AppSummary(
+            name=s.name,
+            kind=s.kind,
+            sharing=s.sharing,
+            pool=PoolSize(size=s.pool.size),
+            description=s.description,
+            example_inputs=s.example_inputs if s.kind == "job" else None,
+        ).model_dump(mode="json", exclude_none=True)
+        for s in specs
+    ]
+    return web.json_response(apps)
 
 
 # --- service routes -----------------------------------------------------------------------
@@ -69,7 +74,12 @@ async def list_apps(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     connected = request.app[NC].is_connected
-    return web.json_response({"ok": connected, "nats": connected}, status=200 if connected else 503)
+    body = Health(ok=connected, nats=connected).model_dump(mode="json")
+    return web.json_response(body, status=200 if connected else 503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[API], headers={"Cache-Control": "public, max-age=300"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -117,6 +127,29 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+# aiohttp's routing and body errors, as error codes.
+CODE_OF_STATUS = {
+    404: codes.NOT_FOUND,
+    405: codes.METHOD_NOT_ALLOWED,
+    413: codes.TOO_LARGE,
+}
+
+
+def http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """An aiohttp `HTTPException` (no such route, wrong method, ...) with the error body."""
+    code = CODE_OF_STATUS.get(exc.status, codes.BAD_REQUEST)
+    message = exc.reason
+    if exc.status == 404:
+        message = "no such path"
+    elif exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        message = f"{request.method} is not allowed here; allowed: {allowed.replace(',', ', ')}"
+    response = error_response(exc.status, code, message)
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
 @web.middleware
 async def errors_and_metrics(request: web.Request, handler: Any) -> web.StreamResponse:
     """Error bodies for every failure, and one request count per answer."""
@@ -136,10 +169,9 @@ async def errors_and_metrics(request: web.Request, handler: Any) -> web.StreamRe
         raise
     except web.HTTPException as exc:
         status = exc.status
-        if exc.status < 400 or not request.path.startswith("/v1/"):
+        if exc.status < 400:
             raise
-        code = codes.NOT_FOUND if exc.status == 404 else codes.BAD_REQUEST
-        return error_response(exc.status, code, exc.reason)
+        return http_error(request, exc)
     except nats.errors.Error as exc:  # the KV or a stream did not answer
         status = 503
         log.warning("nats_unavailable", route=route_of(request), error=type(exc).__name__)
@@ -229,13 +261,23 @@ def make_app(
     r.add_get("/", root)
     r.add_get("/healthz", healthz)
     r.add_get("/metrics", metrics)
+    r.add_get("/v1/openapi.json", openapi)
     if guard is not None:
         install(app, guard)
+    app[API] = document(app)
     return app
 
 
 class GatewayRunner(web.AppRunner):
-    """An `AppRunner` that knows the port its one site is bound to."""
+    """An `AppRunner` that knows the port its one site is bound to, and whose connections
+    are held to the read deadline."""
+
+    def __init__(self, app: web.Application, *, read_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.read_timeout_s = read_timeout_s
+
+    async def _make_server(self) -> web.Server:
+        return Server.like(await super()._make_server(), self.read_timeout_s)
 
     @property
     def port(self) -> int:
@@ -277,7 +319,12 @@ async def start_gateway(
     # No access log: its request line would carry `?token=`. Handlers are cancelled when
     # their client goes, so an SSE stream unsubscribes at once.
     runner = GatewayRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=shutdown_timeout_s
+        app,
+        read_timeout_s=settings.read_timeout_s,
+        keepalive_timeout=settings.idle_timeout_s,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=shutdown_timeout_s,
     )
     await runner.setup()
     try:

@@ -23,3 +23,4 @@ AUTH = web.AppKey("auth", Callable | None)  # type: ignore[arg-type]
 METRICS = web.AppKey("metrics", Metrics)
 STREAMS = web.AppKey("streams", StatusStreams)
 PROXY = web.AppKey("proxy", Proxy)
+API = web.AppKey("openapi", dict)  # the OpenAPI document, built once the routes are added

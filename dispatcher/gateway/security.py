@@ -27,6 +27,7 @@ from handlers.jobs import Job
 from handlers.state import State
 from schemas import codec
 from schemas import errors as codes
+from schemas.answers import DevToken
 from schemas.names import JOB_ID_RE, check_app, check_session
 from schemas.spec import AppSpec
 
@@ -135,7 +136,7 @@ class Guard:
             )
         except ValueError as exc:
             raise GatewayError(422, codes.BAD_REQUEST, str(exc)) from exc
-        return web.json_response({"token": token, "expires_in": 3600})
+        return web.json_response(DevToken(token=token, expires_in=3600).model_dump(mode="json"))
 
     async def embed_page(self, request: web.Request) -> web.Response:
         """`GET /embed/{owner}/{title}`: a page holding just the app, framable by its origins."""

@@ -43,16 +43,18 @@ Authorize = Callable[[web.Request, str | None, str | None], Awaitable[None]]
 
 
 def wants_sse(request: web.Request) -> bool:
-    return "text/event-stream" in request.headers.get("Accept", "")
+    """A stream for a GET that accepts one; HEAD gets the snapshot's headers."""
+    return request.method == "GET" and "text/event-stream" in request.headers.get("Accept", "")
 
 
 def to_json(data: bytes | None) -> str | None:
-    """A status payload (msgpack of any shape) as one line of JSON, or None if undecodable."""
+    """A status payload (msgpack of any shape) as one line of strict JSON, or None if it has
+    none (undecodable, or holding NaN, which browsers' `JSON.parse` refuses)."""
     try:
         obj = codec.loads(data or b"")
-    except codec.DecodeError:
+        return json.dumps(obj, separators=(",", ":"), default=_jsonable, allow_nan=False)
+    except (codec.DecodeError, TypeError, ValueError):
         return None
-    return json.dumps(obj, separators=(",", ":"), default=_jsonable)
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,6 +9,9 @@ its cwd and the modes of its files. Then, in this order:
     --upload         PUT each output to its URL: the body is `<name> of <job id>`
     --write          write `hello` to $SPINYARD_OUTPUT_DIR/scratch.txt
     --children N     start N child processes that sleep (a process tree)
+    --escape N       start N processes that leave its group with setsid(), ignore SIGTERM
+                     and sleep; their pids go to $SPINYARD_OUTPUT_DIR/escaped (one a line)
+    --flood MB       write MB mebibytes of numbered lines to stdout
     --ignore-term    ignore SIGTERM (so only SIGKILL stops it)
     --spin S         use S seconds of CPU time
     --sleep S        print "job_model: sleeping" and sleep S seconds
@@ -25,6 +28,9 @@ import sys
 import time
 import urllib.request
 
+# A process that tries to outlive its run: its own session, deaf to SIGTERM.
+ESCAPEE = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+
 
 def mode(path: str) -> str:
     return oct(stat.S_IMODE(os.stat(path).st_mode))
@@ -36,6 +42,8 @@ def main() -> int:
     parser.add_argument("--upload", action="store_true")
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--children", type=int, default=0)
+    parser.add_argument("--escape", type=int, default=0)
+    parser.add_argument("--flood", type=int, default=0)
     parser.add_argument("--ignore-term", action="store_true")
     parser.add_argument("--spin", type=float, default=0)
     parser.add_argument("--sleep", type=float, default=0)
@@ -85,6 +93,20 @@ def main() -> int:
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         for _ in range(args.children)
     ]
+    escaped = [
+        subprocess.Popen(
+            [sys.executable, "-c", ESCAPEE], start_new_session=True, stdout=subprocess.DEVNULL
+        )
+        for _ in range(args.escape)
+    ]
+    if escaped:
+        with open(os.path.join(os.environ["SPINYARD_OUTPUT_DIR"], "escaped"), "w") as f:
+            f.write("".join(f"{p.pid}\n" for p in escaped))
+    line = 0
+    for _ in range(args.flood * 1024 * 1024 // 64):
+        line += 1
+        sys.stdout.write(f"job_model: flood line {line:>12} ".ljust(63, ".") + "\n")
+    sys.stdout.flush()
     while time.process_time() < args.spin:
         pass
     if args.sleep:

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 from structlog.testing import capture_logs
@@ -444,3 +445,89 @@ async def test_message_whose_handler_dies_on_its_last_try_is_dead_lettered(setti
     assert dead[0].data == encode(event)
     assert "last try" in dead[0].headers["Spinyard-Reason"]
     assert await _stream_empty(js)
+
+
+async def test_a_retryable_errors_delay_does_not_shorten_the_backoff(settings, nats):
+    """A store's 1 s delay used to replace the handler's backoff, so eleven tries went by
+    in 14 s; the delay is now a floor and the handler's backoff still grows."""
+    registry = Registry()
+    calls = []
+
+    @handler(
+        subjects.PAGE_LOAD, schema=PageLoad, retries=3, backoff_s=(0.3, 0.6), registry=registry
+    )
+    async def flaky(ctx, event):
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) < 3:
+            raise RetryableError("store away", delay=0.01)
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    await _publish(js, PageLoad(app="a/b", session="s1"))
+    await wait_for(lambda: len(calls) == 3, what="third try")
+    await wait_for(lambda: _stream_empty(js), what="ack")
+    service.stop()
+    await task
+    assert calls[1] - calls[0] >= 0.25 and calls[2] - calls[1] >= 0.55
+
+
+@pytest.mark.parametrize("patient", [True, False])
+async def test_an_error_with_until_is_tried_past_the_retries_of_a_patient_handler(
+    settings, nats, patient
+):
+    registry = Registry()
+    calls = []
+    until = time.time() + 60
+
+    @handler(
+        subjects.PAGE_LOAD,
+        schema=PageLoad,
+        retries=1,
+        backoff_s=(0.05,),
+        patient=patient,
+        registry=registry,
+    )
+    async def waiting(ctx, event):
+        calls.append(event.id)
+        if len(calls) < 5:
+            raise RetryableError("store away", delay=0.01, until=until)
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    await _publish(js, PageLoad(app="a/b", session="s1"))
+    if patient:
+        await wait_for(lambda: len(calls) == 5, what="fifth try")
+        await wait_for(lambda: _stream_empty(js), what="ack")
+        assert await _dead_letters(js, subjects.PAGE_LOAD) == []
+    else:  # `until` is no licence for a handler that did not ask for it
+        dead = await wait_for(lambda: _dead_letters(js, subjects.PAGE_LOAD), what="dead letter")
+        assert len(dead) == 1 and len(calls) == 2
+    info = await js.consumer_info(subjects.EVENTS_STREAM, "page_load")
+    assert info.config.max_deliver == (-1 if patient else 2)
+    service.stop()
+    await task
+
+
+async def test_a_patient_handler_gives_up_once_until_has_passed(settings, nats):
+    registry = Registry()
+    calls = []
+
+    @handler(
+        subjects.PAGE_LOAD,
+        schema=PageLoad,
+        retries=1,
+        backoff_s=(0.05,),
+        patient=True,
+        registry=registry,
+    )
+    async def late(ctx, event):
+        calls.append(event.id)
+        raise RetryableError("store away", delay=0.01, until=time.time() - 1)
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    await _publish(js, PageLoad(app="a/b", session="s1"))
+    dead = await wait_for(lambda: _dead_letters(js, subjects.PAGE_LOAD), what="dead letter")
+    service.stop()
+    await task
+    assert len(dead) == 1 and len(calls) == 2  # its own retries, no more

@@ -1,7 +1,8 @@
-"""`spinyard up` as a user runs it: a subprocess, its printed token, the gateway, SIGTERM.
+"""`spinyard up` as a user runs it: a subprocess, its printed token, the gateway, a killed
+nats-server, Ctrl-C and SIGTERM.
 
-One stack serves the module (start-up costs a second or two); each test
-uses its own session or app.
+One stack serves most of the module (start-up costs a second or two); each
+test uses its own session or app. Ctrl-C gets a stack of its own.
 """
 
 import json
@@ -12,103 +13,18 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.helpers import ROOT, free_port, parse_metrics, wait_for
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            continue
-        children.setdefault(int(fields[1]), []).append(int(proc.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.add(pid)
-    return out
+from tests.helpers import ROOT, alive, descendants, parse_metrics, wait_for
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    data = tmp_path_factory.mktemp("up")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")}
-    env |= {
-        "SPINYARD_DATA_DIR": str(data),
-        "SPINYARD_REAPER__INTERVAL_S": "0.5",
-        "SPINYARD_LOG_FORMAT": "json",
-    }
-    argv = [
-        sys.executable,
-        "-m",
-        "dispatcher.cli",
-        "up",
-        "--port",
-        str(port),
-        "--apps",
-        str(ROOT / "examples" / "hello"),
-        "--apps",
-        str(ROOT / "examples" / "epidemic"),
-    ]
-    with open(data / "up.log", "wb") as log:
-        proc = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True
-        )
-    banner = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        banner.append(line)
-        if line.startswith("Press Ctrl-C"):
-            break
-    text = "".join(banner)
-    if "token:" not in text:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        raise AssertionError(
-            f"spinyard up did not start:\n{text}\n{(data / 'up.log').read_text()[-3000:]}"
-        )
-    token = re.search(r"token:\s+(\S+)", text).group(1)
-    yield {
-        "proc": proc,
-        "url": f"http://127.0.0.1:{port}",
-        "token": token,
-        "banner": text,
-        "data": data,
-    }
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
+def stack(launch_up):
+    return launch_up()
 
 
 @pytest.fixture
@@ -266,6 +182,107 @@ def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def nats_server_pid(up_pid: int) -> int | None:
+    for pid in alive(descendants(up_pid)):
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if argv0.endswith(b"nats-server"):
+            return pid
+    return None
+
+
+async def request(http, stack, event: dict) -> dict:
+    async with http.post(f"{stack['url']}/v1/events", headers=auth(stack), json=event) as r:
+        assert r.status == 202, await r.text()
+        return await r.json()
+
+
+async def status_is(http, stack, path: str, states: set[str]) -> dict | None:
+    async with http.get(f"{stack['url']}{path}", headers=auth(stack)) as r:
+        if r.status != 200:
+            return None
+        status = await r.json()
+    assert status["state"] not in ("failed", "timed_out", "cancelled"), status
+    return status if status["state"] in states else None
+
+
+async def nats_connected(http, stack) -> bool:
+    async with http.get(f"{stack['url']}/healthz") as r:
+        return (await r.json())["nats"]
+
+
+async def test_a_killed_nats_server_comes_back_and_nothing_is_lost(stack, http):
+    """SIGKILL the embedded nats-server: `up` starts it again on the same port and store,
+    says so once, and page loads and runs requested before, during and after all succeed.
+
+    "During" is while the gateway's connection is down (its /healthz says so): the
+    client holds those requests until it has reconnected. (A request already on the wire
+    when the server dies gets no answer; the gateway says 503 after the NATS timeout.)
+    """
+    proc = stack["proc"]
+    old = nats_server_pid(proc.pid)
+    assert old is not None
+    run = {"type": "run_request", "app": "demo/epidemic", "inputs": {"days": 30}}
+    jobs, sessions = [], []
+
+    async def both(tag: str) -> None:
+        sessions.append(f"nats-{tag}")
+        jobs.append((await request(http, stack, run | {"session": f"nats-{tag}"}))["job_id"])
+        event = {"type": "page_load", "app": "demo/classroom", "session": f"nats-{tag}"}
+        await request(http, stack, event)
+
+    await both("before")
+    os.kill(old, signal.SIGKILL)
+
+    async def disconnected() -> bool:
+        return not await nats_connected(http, stack)
+
+    await wait_for(disconnected, timeout=10, what="the gateway to lose NATS")
+    await both("during")
+    new = await wait_for(
+        lambda: (pid := nats_server_pid(proc.pid)) != old and pid, timeout=10, what="a new one"
+    )
+    await wait_for(lambda: nats_connected(http, stack), timeout=10, what="NATS back")
+    await both("after")
+    for job_id in jobs:
+        await wait_for(
+            lambda path=f"/v1/jobs/{job_id}/status": status_is(http, stack, path, {"succeeded"}),
+            timeout=60,
+            what=f"run {job_id} succeeded",
+        )
+    for session in sessions:
+        path = f"/v1/apps/demo/classroom/status?session={session}"
+        await wait_for(
+            lambda path=path: status_is(http, stack, path, {"ready"}),
+            timeout=60,
+            what=f"{session} ready",
+        )
+    restarts = [
+        json.loads(line)
+        for line in stack["log"].read_text().splitlines()
+        if '"nats_server_restarted"' in line
+    ]
+    assert len(restarts) == 1, restarts
+    assert restarts[0]["level"] == "warning" and restarts[0]["exit_code"] == -signal.SIGKILL
+    banner_port = int(re.search(r"NATS:\s+nats://\S+:(\d+)", stack["banner"]).group(1))
+    assert restarts[0]["port"] == banner_port
+    assert proc.poll() is None and nats_server_pid(proc.pid) == new
+
+
+def quiet_after(log: Path, offset: int, signalled: float) -> None:
+    """Assert `up` logged nothing of its own stopping: no line from later than a moment
+    after `signalled` (lines already on their way then may land), no warning, no traceback."""
+    text = log.read_bytes()[offset:].decode()
+    assert "Traceback" not in text, text
+    for line in text.splitlines():
+        entry = json.loads(line)
+        assert entry["level"] == "info", line
+        at = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+        assert at < signalled + 0.2, line
+
+
 async def test_sigterm_stops_everything_and_leaves_no_process(stack, http):
     proc = stack["proc"]
     # Make sure app processes exist, so there is something to clean up.
@@ -280,6 +297,32 @@ async def test_sigterm_stops_everything_and_leaves_no_process(stack, http):
         timeout=20,
         what="nats-server and an app running under up",
     )
+    logged, signalled = stack["log"].stat().st_size, time.time()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
+    assert proc.stdout.read() == "spinyard stopped\n"
+    quiet_after(stack["log"], logged, signalled)
+    await wait_for(lambda: not alive(tree), timeout=10, what=f"no process left of {tree}")
+
+
+async def test_ctrl_c_stops_everything_with_one_line(launch_up, http):
+    """A terminal's Ctrl-C signals the whole foreground process group, not just `up`."""
+    stack = launch_up()
+    proc = stack["proc"]
+    async with http.post(
+        f"{stack['url']}/v1/events",
+        headers=auth(stack),
+        json={"type": "page_load", "app": "demo/hello", "session": "ctrl-c"},
+    ) as r:
+        assert r.status == 202
+    tree = await wait_for(
+        lambda: descendants(proc.pid) if len(descendants(proc.pid)) >= 2 else None,
+        timeout=20,
+        what="nats-server and an app running under up",
+    )
+    logged, signalled = stack["log"].stat().st_size, time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(30) == 0
+    assert proc.stdout.read() == "spinyard stopped\n"
+    quiet_after(stack["log"], logged, signalled)
     await wait_for(lambda: not alive(tree), timeout=10, what=f"no process left of {tree}")

@@ -7,6 +7,7 @@ while starting it; S3 down while a run finishes.
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from dispatcher.backends.local.backend import LocalBackend
 from dispatcher.embedded.s3server import S3Server
 from dispatcher.runtime import Handlers
 from dispatcher.store import ObjectStore
-from handlers.registry import default_registry
+from handlers.registry import Registry, default_registry
 from schemas import subjects
 from schemas.codec import encode
 from schemas.events import RunRequest, job_id_for
@@ -80,7 +81,8 @@ class Runs:
 
 
 @contextlib.asynccontextmanager
-async def running(settings, s3_endpoint, handler_ids=None):
+async def running(settings, s3_endpoint, handler_ids=None, registry=None):
+    registry = registry or default_registry
     backend = LocalBackend(settings.backend.local, settings.data_dir, "http://127.0.0.1:9999")
     await backend.setup()
     settings.store = store_settings(s3_endpoint, upload_url_ttl_s=600)
@@ -91,8 +93,10 @@ async def running(settings, s3_endpoint, handler_ids=None):
     state = await bus.ensure_state(js, settings.nats)
     runs = Runs(js, state, backend, store)
     await nc.subscribe(f"{subjects.STATUS}.job.>", cb=runs.on_status)
-    await compose.provision(js, settings, default_registry.select(handler_ids))
-    service = Handlers(settings, handler_ids, nc=nc, state=state, backend=backend, store=store)
+    await compose.provision(js, settings, registry.select(handler_ids))
+    service = Handlers(
+        settings, handler_ids, nc=nc, state=state, backend=backend, store=store, registry=registry
+    )
     task = asyncio.create_task(service.run(), name="handlers-under-test")
     await asyncio.wait_for(service.ready.wait(), 10)
     spec = model_spec()
@@ -221,6 +225,71 @@ async def test_s3_down_while_a_run_finishes_then_back_still_succeeds(runs, s3, t
     finally:
         back.stop()
     assert {r["name"] for r in done["results"]} == set(OUTPUTS)
+
+
+# The issue's 45 s outage, scaled down: longer than job_update's tries would last with
+# the backoff below (0.2 + 0.4 + 0.8 s), and past the run's deadline (1 s).
+OUTAGE_S = 5.0
+
+
+def _impatient_job_update() -> Registry:
+    """The handlers, with job_update's tries and backoff shortened to a test's scale."""
+    registry = Registry()
+    for spec in default_registry.select(None):
+        if spec.id == "job_update":
+            spec = dataclasses.replace(spec, retries=2, backoff_s=(0.2, 0.4, 0.8))
+        registry.add(spec)
+    return registry
+
+
+async def test_store_down_past_the_tries_and_the_deadline_still_succeeds(settings, s3, tmp_path):
+    """The store goes away right after a run's uploads, for longer than job_update's tries
+    and past the run's deadline: the run still ends `succeeded` once the store is back."""
+    registry = _impatient_job_update()
+    spec = registry.get("job_update")
+    assert OUTAGE_S > sum(spec.backoff(n) for n in range(1, spec.tries))
+    async with running(settings, s3.endpoint, registry=registry) as runs:
+        await runs.state.apps.put("demo/quick", model_spec(name="demo/quick", deadline_s=1))
+        go = tmp_path / "go"
+        inputs = {"mode": "wait_for", "wait_for": str(go), "outputs": OUTPUTS}
+        job = await runs.request(app="demo/quick", inputs=inputs)
+        await runs.wait_state(job, "running")
+        await wait_for(lambda: _uploaded(runs, job), what="outputs uploaded")
+        port = s3.port
+        s3.stop()
+        go.touch()  # the model exits 0 while the store is down
+        record = await wait_for(lambda: _exited(runs, job), what="the exit noted")
+        await asyncio.sleep(OUTAGE_S)
+        assert runs.states(job) == ["queued", "running"]
+        assert (await runs.state.jobs.get(job)).exited_at == record.exited_at
+        back = S3Server(port=port).start()
+        try:
+            done = await runs.wait_state(job, "succeeded", timeout=30)
+        finally:
+            back.stop()
+        assert {r["name"] for r in done["results"]} == set(OUTPUTS)
+        info = await runs.js.stream_info(subjects.DEAD_STREAM)
+        assert info.state.messages == 0  # nothing given up on the way
+
+
+async def test_store_away_for_all_of_the_retention_fails_the_run(settings, s3, tmp_path):
+    async with running(settings, s3.endpoint, registry=_impatient_job_update()) as runs:
+        await runs.state.apps.put("demo/brief", model_spec(name="demo/brief", retention_s=1))
+        go = tmp_path / "go"
+        inputs = {"mode": "wait_for", "wait_for": str(go), "outputs": OUTPUTS}
+        job = await runs.request(app="demo/brief", inputs=inputs)
+        await runs.wait_state(job, "running")
+        await wait_for(lambda: _uploaded(runs, job), what="outputs uploaded")
+        s3.stop()
+        go.touch()
+        failed = await runs.wait_state(job, "failed", timeout=30)
+        assert failed["error"]["code"] == "unavailable"
+        assert "storage was unavailable" in failed["error"]["message"]
+
+
+async def _exited(runs, job):
+    record = await runs.state.jobs.get(job)
+    return record if record is not None and record.exited_at is not None else None
 
 
 async def _uploaded(runs, job):

@@ -33,6 +33,7 @@ from schemas.spec import AppSpec, IdleLimits, Pool
 from tests.helpers import ROOT, wait_for
 
 HELLO = ROOT / "examples" / "hello"
+ECHO_APP = ROOT / "tests" / "apps" / "echo_app.py"
 
 
 def hello_spec(name="demo/hello", **overrides) -> AppSpec:
@@ -193,6 +194,26 @@ async def test_failed_start_reports_failed_with_reason(stack):
     await stack.page_load("demo/broken")
     failed = await stack.wait_state(subjects.app_status("demo/broken"), "failed")
     assert failed["error"]["code"] == "start_failed"
+    assert await stack.viz_instances() == []
+
+
+async def test_an_app_that_ignores_its_base_path_fails_with_the_probe_answer(stack):
+    """Started without its prefix flag, the app answers 404 on every page: not ready, so
+    the page reads `failed` with the probe's last answer and the app's log tail."""
+    command = ["{python}", str(ECHO_APP), "--port", "{port}"]  # no --prefix {prefix}
+    await stack.register(hello_spec(name="demo/noprefix", command=command, start_timeout_s=2))
+    subject = subjects.app_status("demo/noprefix")
+    with capture_logs() as logged:
+        await stack.page_load("demo/noprefix")
+        failed = await stack.wait_state(subject, "failed")
+    assert "ready" not in stack.statuses.states(subject)
+    assert failed["error"]["code"] == "start_timeout"
+    assert failed["error"]["message"] == (  # the time left of 2 s, in whole seconds
+        "the app did not become ready within 2 s: last answer to /healthz: 404 Not Found"
+    )
+    assert "GET /apps/demo/noprefix/" in failed["log_tail"]  # the app's own log: the 404s
+    line = next(e for e in logged if e["event"] == "viz_start_failed")
+    assert line["log_tail"] == failed["log_tail"]
     assert await stack.viz_instances() == []
 
 

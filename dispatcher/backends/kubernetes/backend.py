@@ -39,13 +39,15 @@ from dispatcher.backends.kubernetes.resources import (
     SECRETS,
     SERVICES,
 )
-from dispatcher.backends.launch import check_id, check_job_id
+from dispatcher.backends.launch import check_id, check_job_id, not_ready_message
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import PermanentError, RetryableError, StartFailed
 from handlers.ports import JobReport
 from schemas import errors as codes
 from schemas.events import JobUpdate
 from schemas.spec import AppSpec
+
+_TAIL_BYTES = 4096  # of a pod's log tail, at most (its lines may be long)
 
 
 class KubernetesBackend(Backend):
@@ -164,20 +166,19 @@ class KubernetesBackend(Backend):
 
         Raises:
             handlers.errors.StartFailed: `start_failed` if the instance does not exist,
-                its container exited or cannot start (with exit code and log tail), or
-                Kubernetes gave up on it; `start_timeout` after `timeout`.
+                its container exited or cannot start (with its exit code), or
+                Kubernetes gave up on it; `start_timeout` after `timeout` (with what it
+                still waits for); both with the pod's last log lines as `log_tail`.
+                Ready is the kubelet's httpGet probe passing: an answer of 200-399.
             handlers.errors.PermanentError: `forbidden`: the Role does not allow watching.
         """
         deadline = asyncio.get_running_loop().time() + timeout
-        timed_out = StartFailed(
-            f"the app did not answer {spec.readiness_path} within {timeout:g} s",
-            code=codes.START_TIMEOUT,
-        )
         try:
             async with asyncio.timeout(timeout):
                 await informer.synced(self._deployments, self._pods)
         except TimeoutError:
-            raise timed_out from None
+            message = not_ready_message(timeout, "the cluster's watches did not answer")
+            raise StartFailed(message, code=codes.START_TIMEOUT) from None
         if not self._readiness.knows(instance_id):
             found = await self.api.get(DEPLOYMENTS, objects.object_name(instance_id))
             if found is None or not status.ours(found):
@@ -189,10 +190,11 @@ class KubernetesBackend(Backend):
             return
         if verdict == status.GONE:
             raise StartFailed(message, code=codes.START_FAILED)
+        tail = await self._tail(pod)
         if verdict == status.FAILED:
-            raise StartFailed(message + await self._tail(pod), code=codes.START_FAILED)
-        detail = f" ({message})" if message else ""
-        raise StartFailed(timed_out.message + detail, code=codes.START_TIMEOUT)
+            raise StartFailed(message, code=codes.START_FAILED, log_tail=tail)
+        message = not_ready_message(timeout, message or "no pod yet")
+        raise StartFailed(message, code=codes.START_TIMEOUT, log_tail=tail)
 
     def phases(self, instance_id: str) -> dict[str, float]:
         """Unix times at which the instance's pod was scheduled, started and ready, as seen."""
@@ -326,12 +328,10 @@ class KubernetesBackend(Backend):
         pods = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
         pod = pods[-1] if pods else None
         code = status.exit_code(pod, objects.JOB_CONTAINER) if pod else None
-        tail = await self._tail(pod, objects.JOB_CONTAINER, prefix=False)
+        tail = await self._tail(pod, objects.JOB_CONTAINER)
         return JobUpdate(job_id=job_id, state=state, exit_code=code, log_tail=tail or None)
 
-    async def _tail(
-        self, pod: dict | None, container: str = objects.VIZ_CONTAINER, *, prefix: bool = True
-    ) -> str:
+    async def _tail(self, pod: dict | None, container: str = objects.VIZ_CONTAINER) -> str:
         """The end of a pod's log ('' if there is none or it cannot be read)."""
         lines = self._settings.log_tail_lines
         if pod is None or not lines:
@@ -346,8 +346,7 @@ class KubernetesBackend(Backend):
         except (ApiError, RetryableError) as exc:
             self._log.warning("pod_log_unreadable", pod=name, error=str(exc))
             return ""
-        tail = "\n".join(text.splitlines()[-lines:])
-        return f"; last log lines:\n{tail}" if prefix and tail else tail
+        return "\n".join(text.splitlines()[-lines:])[-_TAIL_BYTES:]
 
 
 @contextlib.contextmanager

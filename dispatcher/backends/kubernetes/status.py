@@ -121,6 +121,8 @@ def note_phases(phases: dict[str, float], pod: dict) -> None:
 def viz_verdict(deployment: dict | None, pods: Iterable[dict]) -> tuple[str, str, dict | None]:
     """(ready | failed | gone | pending, why, the pod whose log tells more) of a viz instance.
 
+    Pending names the newest pod, whose log a start that times out shows.
+
     Ready when a pod passes its readiness probe; failed when its container
     exited or cannot start, the pod failed, or Kubernetes gave up (progress
     deadline); gone when the Deployment is not there or is being deleted.
@@ -141,7 +143,7 @@ def viz_verdict(deployment: dict | None, pods: Iterable[dict]) -> tuple[str, str
     progress = condition(deployment, "Progressing")
     if progress.get("status") == "False" and progress.get("reason") == "ProgressDeadlineExceeded":
         return FAILED, f"Kubernetes gave up starting the app: {progress.get('message')}", None
-    return PENDING, _pending(pods), None
+    return PENDING, _pending(pods), pods[-1] if pods else None
 
 
 def _pod_failure(pod: dict) -> str | None:
@@ -176,7 +178,7 @@ def _pending(pods: list[dict]) -> str:
     if "waiting" in state:
         return f"container waiting: {state['waiting'].get('reason')}"
     if "running" in state:
-        return "running, not ready yet"
+        return "it runs, but its readiness probe has not passed (the pod's Events hold its answers)"
     return "pod pending"
 
 

@@ -22,6 +22,7 @@ recycled pid. Linux only: it reads /proc.
 """
 
 import asyncio
+import os
 import shutil
 import signal
 import socket
@@ -39,6 +40,7 @@ from dispatcher.backends.launch import (
     check_job_id,
     job_env,
     job_values,
+    not_ready_message,
     valid_id,
     viz_env,
     viz_values,
@@ -63,7 +65,8 @@ from schemas.events import JobUpdate
 from schemas.spec import AppSpec
 
 _PROBE_TIMEOUT_S = 2.0  # one readiness request, at most
-_TAIL_LINES = 10
+_TAIL_LINES = 10  # of an app's log, in a start failure (at most _TAIL_BYTES)
+_TAIL_BYTES = 2048
 _RUNNER_EXIT_S = 5.0  # how long a runner that wrote its result may take to exit
 _STALE_STAGING_S = 3600.0  # a job being submitted for this long was left by a dead submitter
 
@@ -137,11 +140,15 @@ class LocalBackend(Backend):
         self._log.info("viz_process_started", **state.fields(), pooled=pooled, restarted=bool(old))
 
     async def wait_ready(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
-        """Poll `http://host:port<prefix><readiness_path>` until it answers below 500.
+        """Poll `http://host:port<prefix><readiness_path>` until it answers 200-399.
+
+        Any other answer (a 404 from an app that ignored its prefix, a 500) is not
+        ready, as for a Kubernetes httpGet probe.
 
         Raises:
             handlers.errors.StartFailed: `start_failed` if the process is not running
-                (with its exit code and last log lines), `start_timeout` after `timeout`.
+                (with its exit code), `start_timeout` after `timeout` (with the probe's
+                last answer); both with the app's last log lines as `log_tail`.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -149,21 +156,30 @@ class LocalBackend(Backend):
         # Probe often at first, when most apps come up, then back off to the period:
         # a fixed 50 ms period cost a fast app up to 50 ms of its cold start.
         pause = min(0.005, self._settings.probe_interval_s)
+        answer = "none yet"
         async with aiohttp.ClientSession() as http:
             while True:
                 state = self._instances.load(instance_id)
                 if state is None:
                     raise StartFailed("the app's instance is not running", code=codes.START_FAILED)
                 if not processes.alive(state.process):
-                    raise StartFailed(self._exit_message(state), code=codes.START_FAILED)
+                    raise StartFailed(
+                        self._exit_message(state),
+                        code=codes.START_FAILED,
+                        log_tail=self._log_tail(state.id),
+                    )
                 url = f"http://{http_host(state.host)}:{state.port}{path}"
                 probe_s = max(0.05, min(_PROBE_TIMEOUT_S, deadline - loop.time()))
-                if await _answers(http, url, probe_s) and processes.alive(state.process):
+                ready, answer = await _probe(http, url, probe_s)
+                if ready and processes.alive(state.process):
                     return
                 if loop.time() >= deadline:
                     raise StartFailed(
-                        f"the app did not answer {spec.readiness_path} within {timeout:g} s",
+                        not_ready_message(
+                            timeout, f"last answer to {spec.readiness_path}: {answer}"
+                        ),
                         code=codes.START_TIMEOUT,
+                        log_tail=self._log_tail(state.id),
                     )
                 await asyncio.sleep(min(pause, deadline - loop.time()))
                 pause = min(pause * 1.5, self._settings.probe_interval_s)
@@ -271,6 +287,7 @@ class LocalBackend(Backend):
             "stop_grace_s": self._settings.stop_grace_s,
             "memory_bytes": memory,
             "cpu_seconds": cpu_seconds(cores, launch.deadline_s),
+            "max_log_bytes": spec.max_log_bytes,
             "socket": str(self._socket),
         }
         stage = JobDir.staging(self._jobs, job.id)  # filled here, moved into place by the runner
@@ -339,8 +356,13 @@ class LocalBackend(Backend):
             what = f"the app was killed by {signal.Signals(-code).name}"
         else:
             what = f"the app exited with code {code}"
-        tail = processes.tail(self._logs / f"{state.id}.log", _TAIL_LINES)
-        return f"{what} before it was ready" + (f"; last log lines:\n{tail}" if tail else "")
+        return f"{what} before it was ready"
+
+    def _log_tail(self, instance_id: str) -> str:
+        """The app's last log lines for a start failure, a line repeated shown once: an app
+        that logs each request fills its log with the probe's, and the lines before stay."""
+        text = processes.tail(self._logs / f"{instance_id}.log", 400, 16 * _TAIL_BYTES)
+        return "\n".join(processes.collapse_repeats(text)[-_TAIL_LINES:])[-_TAIL_BYTES:]
 
     def _free_port(self) -> int:
         """A free port on the host, not one another instance was given (it may be slow to bind)."""
@@ -360,11 +382,17 @@ class LocalBackend(Backend):
         self._jobs.chmod(0o700)  # inputs and upload URLs are the runs' own
 
 
-async def _answers(http: aiohttp.ClientSession, url: str, limit_s: float) -> bool:
-    """Whether `url` answers within `limit_s` with a status below 500 (redirects count)."""
+async def _probe(http: aiohttp.ClientSession, url: str, limit_s: float) -> tuple[bool, str]:
+    """Whether `url` answers 200-399 within `limit_s` (redirects not followed), and its
+    answer in words: `404 Not Found`, `no answer within 2 s`, `connection refused`."""
     try:
         timeout = aiohttp.ClientTimeout(total=limit_s)
         async with http.get(url, allow_redirects=False, timeout=timeout) as resp:
-            return resp.status < 500
-    except (aiohttp.ClientError, TimeoutError):
-        return False
+            return 200 <= resp.status < 400, f"{resp.status} {resp.reason or ''}".strip()
+    except TimeoutError:
+        return False, f"no answer within {limit_s:.2g} s"
+    except aiohttp.ClientConnectorError as exc:
+        errno = getattr(exc.os_error, "errno", None)
+        return False, os.strerror(errno).lower() if errno else "no connection"
+    except aiohttp.ClientError as exc:
+        return False, type(exc).__name__

@@ -183,7 +183,7 @@ def prepare(stage: JobDir, job: JobDir, inputs: dict, upload_urls: dict, run: di
     """Write a run's files and its runner's instructions into `stage`, naming paths in `job`.
 
     `run` holds the app, argv, cwd (None: the output dir), env (`launch.job_env`,
-    naming `job`'s paths), deadline_s, stop_grace_s, memory_bytes, cpu_seconds and
+    naming `job`'s paths), deadline_s, stop_grace_s, memory_bytes, cpu_seconds, max_log_bytes and
     the watcher's socket. The run's environment is ours without spinyard's
     settings, then `env`.
     """

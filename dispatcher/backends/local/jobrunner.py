@@ -4,7 +4,7 @@
 starts `python -m dispatcher.backends.local.jobrunner <dir>` in a new
 session (`start_runner`), so a crashed handler process does not take runs
 with it. The runner holds no credentials (its environment has no SPINYARD_*
-variable) and imports nothing of spinyard but `processes` and `jobfiles`,
+variable) and imports nothing of spinyard but `processes`, `jobfiles` and `joblog`,
 so it starts quickly (docs/benchmarks.md). It starts the model, enforces
 the deadline, records the outcome and tells the backend's watcher
 (`jobwatch.py`) when the model starts and when it ends.
@@ -21,18 +21,25 @@ What a run gets (the Kubernetes backend mounts the same files from a Secret):
     argv          the spec's `command`, "{python}" replaced by the configured interpreter
 
 The run uploads each declared output itself with an HTTP PUT to its URL;
-that is its only access to storage. Its stdout and stderr go to job.log.
-Limits, where the OS allows: RLIMIT_AS of `resources.memory` (address space,
-so a runtime that reserves much more than it uses may need a higher value
-than on Kubernetes), and RLIMIT_CPU of `resources.cpu` x `deadline_s`
-CPU-seconds per process, which is all the CPU time a run throttled to `cpu`
-cores could use before its deadline (SIGXCPU, then SIGKILL 5 s later; a run
-stopped so ends `timed_out`). The deadline counts from the submission. A
-run's processes are its own process group: at the deadline or on cancel the
-group gets SIGTERM, then SIGKILL after the grace; when the model exits,
-what is left of its group is killed. Processes that leave the group (setsid)
-are out of reach, as is memory beyond one process's address space: the local
-backend has no cgroups.
+that is its only access to storage. Its stdout and stderr go through a
+pipe to job.log, which the runner keeps under the spec's `max_log_bytes`,
+dropping the oldest output (`joblog.py`). Limits, where the OS allows:
+RLIMIT_AS of `resources.memory` (address space, so a runtime that reserves
+much more than it uses may need a higher value than on Kubernetes), and
+RLIMIT_CPU of `resources.cpu` x `deadline_s` CPU-seconds per process, which
+is all the CPU time a run throttled to `cpu` cores could use before its
+deadline (SIGXCPU, then SIGKILL 5 s later; a run stopped so ends
+`timed_out`). The deadline counts from the submission.
+
+A run's processes are the runner's whole process tree: the runner makes
+itself a child subreaper (prctl PR_SET_CHILD_SUBREAPER), so a process that
+leaves the model's group with setsid() and loses its parent is adopted by
+the runner rather than by init. At the deadline or on cancel the model's
+group and every process below the runner get SIGTERM, then SIGKILL after
+the grace; when the model exits, whatever is left below the runner is
+killed. Out of reach: processes left behind by a runner that was itself
+killed (they go to init), and memory beyond one process's address space
+(the local backend has no cgroups).
 
 Submitting takes no lock: the backend fills a directory of a temporary name,
 starts a runner on it and waits for its answer on the runner's stdout. The
@@ -59,11 +66,14 @@ from pathlib import Path
 
 from dispatcher.backends.local import processes
 from dispatcher.backends.local.jobfiles import JobDir, notify, read_json
+from dispatcher.backends.local.joblog import CappedLog
 
 CPU_KILL_AFTER_S = 5  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL this much later
 _STOP = (signal.SIGTERM, signal.SIGINT)  # what tells the runner to cancel its run
 _CLAIMED, _EXISTS = b"claimed\n", b"exists\n"  # what a runner tells its submitter
 _CODE_ROOT = Path(__file__).resolve().parents[3]  # where `-m dispatcher...` is found
+_CHUNK = 64 * 1024  # bytes of the model's output read at once
+DEFAULT_LOG_BYTES = 10 * 2**20  # a job.json written before the spec had max_log_bytes
 
 
 async def start_runner(staging: JobDir) -> bool:
@@ -103,7 +113,8 @@ async def start_runner(staging: JobDir) -> bool:
 
 
 class _Signals:
-    """Signals as bytes on a pipe, so one select() waits for them, the model and the deadline."""
+    """Signals as bytes on a pipe, so one select() waits for them, the model, its output and the
+    deadline."""
 
     def __init__(self) -> None:
         self._read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -111,11 +122,15 @@ class _Signals:
         for sig in (*_STOP, signal.SIGCHLD):
             signal.signal(sig, lambda *_: None)
 
-    def wait(self, timeout: float) -> set[int]:
-        """The signals received within `timeout` seconds (empty if none)."""
-        ready, _, _ = select.select([self._read], [], [], max(0.0, timeout))
+    def wait(self, timeout: float, output: "_Output | None" = None) -> set[int]:
+        """The signals received within `timeout` seconds (empty if none); meanwhile the model's
+        output, if there is some to read, goes to its log (and the wait ends early)."""
+        fds = [self._read] + ([output.fd] if output is not None and output.open else [])
+        ready, _, _ = select.select(fds, [], [], max(0.0, timeout))
+        if output is not None and output.open and output.fd in ready:
+            output.pump()
         got: set[int] = set()
-        while ready:
+        while self._read in ready:
             try:
                 data = os.read(self._read, 512)
             except BlockingIOError:
@@ -124,9 +139,69 @@ class _Signals:
         return got
 
 
+class _Output:
+    """The model's stdout and stderr: a pipe the runner copies into the run's capped log."""
+
+    def __init__(self, fd: int, log: CappedLog) -> None:
+        self.fd, self.log, self.open = fd, log, True
+        os.set_blocking(fd, False)
+
+    def pump(self) -> None:
+        """Copy what is there to read (up to 1 MiB, so signals are not kept waiting)."""
+        for _ in range(16):
+            try:
+                data = os.read(self.fd, _CHUNK)
+            except BlockingIOError:
+                return
+            if not data:
+                self.close()
+                return
+            self.log.write(data)
+
+    def drain(self, within_s: float) -> None:
+        """Copy the rest, until every writer has closed the pipe or `within_s` has passed."""
+        ends = time.monotonic() + within_s
+        while self.open and (left := ends - time.monotonic()) > 0:
+            if select.select([self.fd], [], [], left)[0]:
+                self.pump()
+        self.close()
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            os.close(self.fd)
+            self.log.close()
+
+
 def _exited(pid: int) -> bool:
     """Whether the child has exited, without reaping it (its pid stays its group's until then)."""
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _reap_adopted(model_pid: int) -> None:
+    """Reap exited processes the runner adopted as subreaper; the model is left to `popen`."""
+    while True:
+        try:
+            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if found is None or found.si_pid == model_pid:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(found.si_pid, 0)
+
+
+def _signal_tree(model: processes.Process, sig: signal.Signals) -> bool:
+    """Signal the model's group and every process below the runner (setsid ones included).
+
+    Returns whether anything was left to signal.
+    """
+    sent = processes.signal_group(model, sig)
+    for pid in processes.descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+            sent = True
+    return sent
 
 
 def _set_limits(memory_bytes: int | None, cpu_s: int | None) -> None:
@@ -140,34 +215,44 @@ def _set_limits(memory_bytes: int | None, cpu_s: int | None) -> None:
         resource.setrlimit(which, (min(soft, cap), min(soft + extra, cap)))
 
 
-def _start(job: JobDir, spec: dict) -> tuple[subprocess.Popen, processes.Process]:
+def _start(job: JobDir, spec: dict) -> tuple[subprocess.Popen, processes.Process, _Output]:
     limits = (spec.get("memory_bytes"), spec.get("cpu_seconds"))
     cwd = spec["cwd"]
     if not Path(cwd).is_dir():
         raise processes.SpawnError(f"the app's working directory {cwd} does not exist")
-    with open(job.inputs, "rb") as stdin, processes.open_log(job.log) as log:
-        try:
+    read, write = os.pipe2(os.O_CLOEXEC)
+    try:
+        with open(job.inputs, "rb") as stdin:
             popen = subprocess.Popen(
                 spec["argv"],
                 cwd=cwd,
                 env=spec["env"],
                 stdin=stdin,
-                stdout=log,
+                stdout=write,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=lambda: _set_limits(*limits),
             )
-        except OSError as exc:
-            raise processes.SpawnError(
-                f"could not run {spec['argv'][0]!r}: {exc.strerror or exc}"
-            ) from exc
-    return popen, processes.current(popen.pid)
+    except OSError as exc:
+        os.close(read)
+        raise processes.SpawnError(
+            f"could not run {spec['argv'][0]!r}: {exc.strerror or exc}"
+        ) from exc
+    finally:
+        os.close(write)  # the model's copies are its own: EOF once they are all closed
+    log = CappedLog(job.log, int(spec.get("max_log_bytes") or DEFAULT_LOG_BYTES))
+    return popen, processes.current(popen.pid), _Output(read, log)
 
 
 def _supervise(
-    popen: subprocess.Popen, model: processes.Process, spec: dict, signals: _Signals
+    popen: subprocess.Popen,
+    model: processes.Process,
+    output: _Output,
+    spec: dict,
+    signals: _Signals,
 ) -> tuple[str | None, int]:
-    """Wait for the model; stop its group at the deadline or when told to.
+    """Wait for the model, copying its output to the log; stop its tree at the deadline or when
+    told to; once it has exited, kill whatever it left running.
 
     The deadline counts from the submission, as a Kubernetes Job's does from its
     start (and the reaper's from the run's `queued`), not from the model's start.
@@ -183,19 +268,26 @@ def _supervise(
         if why is None and now >= deadline:
             why = "timed_out"
         if why is not None and kill_at == math.inf:
-            processes.signal_group(model, signal.SIGTERM)
+            _signal_tree(model, signal.SIGTERM)
             kill_at = now + float(spec["stop_grace_s"])
         elif now >= kill_at:
-            processes.signal_group(model, signal.SIGKILL)
+            _signal_tree(model, signal.SIGKILL)
             kill_at = now + processes.KILL_WAIT_S  # and again, should it not take
-        got = signals.wait(min(deadline if why is None else kill_at, now + 60) - now)
+        got = signals.wait(min(deadline if why is None else kill_at, now + 60) - now, output)
+        if signal.SIGCHLD in got:
+            _reap_adopted(popen.pid)
         if why is None and got & set(_STOP):
             why = "cancelled"
-    processes.signal_group(model, signal.SIGKILL)  # leftovers of its group; the pid is not free yet
+    _signal_tree(model, signal.SIGKILL)  # leftovers; the model's pid is not free yet
     status = popen.wait()
     ends = time.monotonic() + processes.KILL_WAIT_S
-    while processes.group_runs(model.pid) and time.monotonic() < ends:
+    while time.monotonic() < ends:
+        _reap_adopted(popen.pid)
+        if not _signal_tree(model, signal.SIGKILL) and not processes.group_runs(model.pid):
+            break
+        output.pump()  # a process blocked on a full pipe must not outlast its SIGKILL
         time.sleep(processes.POLL_S)
+    output.drain(1.0)
     return why, status
 
 
@@ -256,13 +348,14 @@ def run(staging: Path) -> int:
         job.finish("cancelled", None, None)
         notify(spec["socket"], job.id)
         return 0
+    processes.become_subreaper()  # so setsid children of the model stay within reach
     popen = model = None
     try:
-        popen, model = _start(job, spec)
+        popen, model, output = _start(job, spec)
         started_at = time.time()
         job.write("model.json", model._asdict() | {"started_at": started_at})
         notify(spec["socket"], job.id)
-        why, status = _supervise(popen, model, spec, signals)
+        why, status = _supervise(popen, model, output, spec, signals)
         state, code = _outcome(job, spec, why, status)
         job.finish(state, code, started_at)
     except processes.SpawnError as exc:
@@ -271,7 +364,7 @@ def run(staging: Path) -> int:
     except Exception:
         traceback.print_exc()
         if model is not None:
-            processes.signal_group(model, signal.SIGKILL)
+            _signal_tree(model, signal.SIGKILL)
         job.note("the job runner failed; see runner.log")
         job.finish("failed", None, None)
     notify(spec["socket"], job.id)

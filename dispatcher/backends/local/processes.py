@@ -11,6 +11,7 @@ runner stays small. Linux only: it reads /proc.
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import functools
 import math
@@ -27,6 +28,7 @@ from typing import BinaryIO, NamedTuple
 from dispatcher import waits
 
 DEAD = ("Z", "X", "x")  # /proc states of a process that has exited
+PR_SET_CHILD_SUBREAPER = 36  # prctl option (linux/prctl.h)
 POLL_S = 0.02  # how often a stop checks whether the process group is gone
 KILL_WAIT_S = 5.0  # how long to wait for SIGKILL to take effect
 
@@ -54,14 +56,21 @@ def boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, process group, start time) of `pid` from /proc, or None if there is no such pid."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2 :].split()  # the command name may hold spaces
+    return data[data.rindex(b")") + 2 :].split()  # the command name may hold spaces
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, start time) of `pid` from /proc, or None if there is no such pid."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
     return fields[0].decode(), int(fields[2]), int(fields[19])
 
 
@@ -100,6 +109,34 @@ def group_runs(pgid: int) -> bool:
             if stat[1] == pgid and stat[0] not in DEAD:
                 return True
     return False
+
+
+def become_subreaper() -> bool:
+    """Adopt this process's orphaned descendants (Linux 3.4+); False where the OS does not allow.
+
+    A process that leaves its group with setsid() and whose parent exits is
+    then reparented here instead of to init, so `descendants` still finds it.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below `pid` in the process tree, whatever their group or session."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (fields := _stat_fields(int(name))) is not None:
+            if fields[0].decode() not in DEAD:
+                children.setdefault(int(fields[1]), []).append(int(name))
+    found, todo = [], list(children.get(pid, ()))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, ()))
+    return found
 
 
 def gone(proc: Process) -> bool:
@@ -204,6 +241,22 @@ def tail(path: Path, lines: int, max_bytes: int = 4096) -> str:
     except OSError:
         return ""
     return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
+
+
+def collapse_repeats(text: str) -> list[str]:
+    """The lines of `text`, each run of one repeated line shown once with a count."""
+    lines: list[str] = []
+    repeats = 0
+    for line in [*text.splitlines(), None]:
+        if lines and line == lines[-1]:
+            repeats += 1
+            continue
+        if repeats:
+            lines.append(f"[the line above {repeats} more times]")
+            repeats = 0
+        if line is not None:
+            lines.append(line)
+    return lines
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:

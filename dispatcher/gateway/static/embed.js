@@ -132,10 +132,25 @@
     return this.el.getAttribute("data-token") || globalToken;
   };
 
-  Embed.prototype.say = function (text, action) {
+  /** Whole seconds in a message: "within 89.9937 s" reads "within 90 s". */
+  function roundSeconds(text) {
+    return String(text).replace(/(\d+\.\d+)(\s*s\b)/g, function (_, n, unit) {
+      return Math.round(parseFloat(n)) + unit;
+    });
+  }
+
+  Embed.prototype.say = function (text, action, detail) {
     if (this.frame) { this.frame.remove(); this.frame = null; }
     this.box.style.display = "";
     this.box.textContent = text;
+    if (detail) {
+      // The app's own log lines, as text (never markup), scrollable, below the message.
+      var pre = document.createElement("pre");
+      pre.textContent = detail;
+      pre.style.cssText = "margin:0.5rem 0;max-height:12rem;overflow:auto;white-space:pre-wrap;" +
+        "font:12px ui-monospace,monospace;background:#f0f0f0;padding:0.5rem;border-radius:4px";
+      this.box.appendChild(pre);
+    }
     if (action) {
       var button = document.createElement("button");
       button.type = "button";
@@ -206,10 +221,11 @@
       this.say(this.app + " is stopping…");
     } else if (st.state === "stopped" || st.state === "failed") {
       var message = st.state === "failed"
-        ? this.app + " failed: " + ((st.error && st.error.message) || "unknown error")
+        ? this.app + " failed: " + roundSeconds((st.error && st.error.message) || "unknown error")
         : this.app + " was stopped" + (st.reason ? " (" + st.reason.replace(/_/g, " ") + ")" : "") + ".";
       this.stop();
-      this.say(message, { label: "Start again", run: function () { self.start(); } });
+      this.say(message, { label: "Start again", run: function () { self.start(); } },
+        st.state === "failed" ? st.log_tail : null);
     }
   };
 

@@ -205,8 +205,8 @@ async def test_a_crash_fails_with_exit_code_and_log_tail(backend, cluster):
     with pytest.raises(StartFailed) as failed:
         await backend.wait_ready(iid, spec, WAIT_S)
     assert failed.value.code == codes.START_FAILED
-    assert failed.value.message.startswith("the app exited with code 3 before it was ready")
-    assert "last log lines:\nstarting\nboom: exiting with 3" in failed.value.message
+    assert failed.value.message == "the app exited with code 3 before it was ready"
+    assert failed.value.log_tail == "starting\nboom: exiting with 3"
     log = next(r for r in cluster.server if r.subresource == "log")
     assert log.name.startswith(pod)
     assert log.params == {"container": "app", "tailLines": "5", "previous": "true"}
@@ -226,6 +226,21 @@ async def test_the_timeout_says_what_it_waited_for(backend):
         await backend.wait_ready(iid, spec, 0.3)
     assert failed.value.code == codes.START_TIMEOUT
     assert "not scheduled: 0/3 nodes are available: 3 Insufficient cpu." in failed.value.message
+
+
+async def test_a_running_pod_whose_probe_fails_times_out_with_its_log_tail(backend, cluster):
+    """The kubelet's httpGet probe (200-399 is ready) never passes: the timeout says the
+    pod runs but its probe failed, in whole seconds, and carries the pod's log tail."""
+    spec, iid = sim_spec("hang"), new_id()
+    await backend.start_viz(iid, spec)
+    with pytest.raises(StartFailed) as failed:
+        await backend.wait_ready(iid, spec, 0.6)
+    assert failed.value.code == codes.START_TIMEOUT
+    assert failed.value.message == (
+        "the app did not become ready within 1 s: it runs, but its readiness probe has not"
+        " passed (the pod's Events hold its answers)"
+    )
+    assert failed.value.log_tail.startswith(f"{objects.object_name(iid)}-")  # its pod's log
 
 
 async def test_an_instance_stopped_while_starting_fails_the_wait(backend):

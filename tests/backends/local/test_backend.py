@@ -116,8 +116,8 @@ class TestLocalBackend(BackendContract, JobContract):
         with pytest.raises(StartFailed) as failed:
             await backend.wait_ready(iid, spec, READY_S)
         assert failed.value.code == codes.START_FAILED
-        assert "exited with code 3" in failed.value.message
-        assert "boom at start" in failed.value.message
+        assert failed.value.message == "the app exited with code 3 before it was ready"
+        assert failed.value.log_tail == "boom at start"
 
     async def test_missing_command_or_workdir_fails_at_start(self, backend, tmp_path):
         missing = AppSpec(name="test/missing", command=[str(tmp_path / "no-such-program")])
@@ -128,19 +128,53 @@ class TestLocalBackend(BackendContract, JobContract):
         with pytest.raises(StartFailed, match="working directory"):
             await backend.start_viz(new_id(), nowhere)
 
-    @pytest.mark.parametrize("status", [200, 302, 404])
-    async def test_any_answer_below_500_is_ready(self, backend, status):
+    @pytest.mark.parametrize("status", [200, 204, 302, 399])
+    async def test_an_answer_of_200_to_399_is_ready(self, backend, status):
         spec, iid = echo_spec(readiness_path=f"/status/{status}"), new_id()
         await backend.start_viz(iid, spec)
         await backend.wait_ready(iid, spec, READY_S)
 
-    async def test_a_5xx_answer_is_not_ready(self, backend):
-        spec, iid = echo_spec(readiness_path="/status/503"), new_id()
+    @pytest.mark.parametrize(
+        ("status", "answer"),
+        [(404, "404 Not Found"), (401, "401 Unauthorized"), (503, "503 Service Unavailable")],
+    )
+    async def test_any_other_answer_is_not_ready(self, backend, status, answer):
+        spec, iid = echo_spec(readiness_path=f"/status/{status}"), new_id()
         await backend.start_viz(iid, spec)
         await backend.wait_ready(iid, echo_spec(), READY_S)  # it does listen
         with pytest.raises(StartFailed) as failed:
             await backend.wait_ready(iid, spec, 0.3)
         assert failed.value.code == codes.START_TIMEOUT
+        assert failed.value.message == (
+            f"the app did not become ready within 1 s: last answer to /status/{status}: {answer}"
+        )
+
+    async def test_an_app_without_its_base_path_times_out_with_the_answer_and_log(self, backend):
+        """The app ignores its prefix (a missing base-path flag): every page is a 404,
+        which used to count as ready and showed viewers a blank page."""
+        spec = echo_spec()
+        spec = spec.model_copy(
+            update={"command": [*spec.command, "--prefix", "/"], "start_timeout_s": 1.4}
+        )
+        iid = new_id()
+        await backend.start_viz(iid, spec)
+        with pytest.raises(StartFailed) as failed:
+            await backend.wait_ready(iid, spec, spec.start_timeout_s)
+        assert failed.value.code == codes.START_TIMEOUT
+        assert failed.value.message == (
+            "the app did not become ready within 1 s: last answer to /: 404 Not Found"
+        )
+        tail = failed.value.log_tail  # the app logged each probe: the same line, shown once
+        assert f'"GET /apps/test/echo/{iid}/ HTTP/1.1" 404' in tail
+        assert tail.count(f'"GET /apps/test/echo/{iid}/ HTTP/1.1" 404') < 5
+        assert len(tail.splitlines()) <= 10 and len(tail) <= 2048
+
+    async def test_an_app_that_never_listens_names_the_refused_connection(self, backend):
+        spec, iid = echo_spec("hang"), new_id()
+        await backend.start_viz(iid, spec)
+        with pytest.raises(StartFailed) as failed:
+            await backend.wait_ready(iid, spec, 0.6)
+        assert failed.value.message.endswith(": last answer to /: connection refused")
 
     async def test_ids_must_be_safe_file_names(self, backend):
         for bad in ("../../etc/passwd", "i-UPPER0000000000", ""):

@@ -242,6 +242,50 @@ async def test_the_deadline_kills_a_tree_that_ignores_sigterm(backend, watch, lo
     assert copies(jid) == 0
 
 
+async def test_setsid_children_that_ignore_sigterm_go_at_the_deadline(backend, watch, data_dir):
+    """The model ignores SIGTERM and starts processes in sessions of their own (out of
+    its process group) that ignore it too: after `timed_out` none of them runs."""
+    spec = job_spec("--ignore-term", "--escape", "2", "--sleep", "600", deadline_s=2.0)
+    jid, watcher = new_job_id(), watch()
+    await backend.submit_job(launch(jid, spec), spec)
+    escaped_file = job_dir(data_dir, jid) / "work" / "escaped"
+    await wait_for(lambda: escaped_file.exists() and copies(jid) == 3, what="the escapees")
+    escaped = [int(pid) for pid in escaped_file.read_text().split()]
+    assert all(procs.session_of(pid) == pid for pid in escaped)  # out of the model's group
+    stopped = await watcher.until(jid, "timed_out")
+    assert stopped.exit_code == 128 + signal.SIGKILL
+    assert copies(jid) == 0
+    assert [pid for pid in escaped if procs.alive(pid)] == []
+
+
+async def test_setsid_children_go_when_the_model_exits(backend, watch, data_dir):
+    spec = job_spec("--escape", "1")
+    jid, watcher = new_job_id(), watch()
+    await backend.submit_job(launch(jid, spec), spec)
+    done = await watcher.until(jid, "succeeded")
+    assert done.exit_code == 0
+    escaped = int((job_dir(data_dir, jid) / "work" / "escaped").read_text())
+    assert not procs.alive(escaped) and copies(jid) == 0
+
+
+async def test_a_model_flooding_stdout_leaves_a_log_no_bigger_than_the_cap(
+    backend, watch, data_dir
+):
+    cap = 256 * 1024
+    spec = job_spec("--flood", "20", max_log_bytes=cap)  # 20 MiB of output
+    jid, watcher = new_job_id(), watch()
+    await backend.submit_job(launch(jid, spec), spec)
+    done = await watcher.until(jid, "succeeded")
+    log = job_dir(data_dir, jid) / "job.log"
+    assert log.stat().st_size <= cap
+    text = log.read_text()
+    assert text.startswith("[spinyard] ") and "bytes of earlier output dropped" in text
+    last = 20 * 1024 * 1024 // 64
+    assert f"flood line {last:>12} " in done.log_tail  # the tail is the end of the run
+    assert f"flood line {last - 1000:>12} " in text
+    assert f"flood line {1:>12} " not in text
+
+
 async def test_a_cancel_right_after_submit_cancels(backend, watch):
     spec, jid, watcher = job_spec("--sleep", "600"), new_job_id(), watch()
     await backend.submit_job(launch(jid, spec), spec)
