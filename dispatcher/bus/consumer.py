@@ -130,7 +130,8 @@ class Consumer:
                 except Exception as exc:
                     if not transient(exc):
                         raise
-                    await self._fetch_failed(exc)
+                    if not self.stopping.is_set():  # (stopping: the connection may be draining)
+                        await self._fetch_failed(exc)
                     continue
                 self._fetch_worked()
                 for msg in msgs:
