@@ -5,7 +5,9 @@ embeds; `dispatcher.compose` gives it its NATS connection, KV state (already
 provisioned), backend and store. Everything it opens itself is closed in
 reverse order by one `AsyncExitStack`. On stop it stops fetching, lets in-flight messages finish
 within the grace period, and drains NATS. If any root task dies, the whole
-service stops instead of running on half-alive.
+service stops instead of running on half-alive; the bus going away for a while
+(a reconnect, a lost cluster node) is not that: the consumers wait it out and
+`/healthz` says so meanwhile.
 """
 
 import asyncio
@@ -68,12 +70,26 @@ def job_reporter(js: JetStreamContext):
     return report
 
 
-async def serve_health(service: "Handlers", nc: Client, tasks: list[asyncio.Task]) -> web.AppRunner:
-    """`/healthz` (503 once NATS is gone or a consumer died) and `/metrics`."""
+async def serve_health(
+    service: "Handlers", nc: Client, consumers: list[Consumer], tasks: list[asyncio.Task]
+) -> web.AppRunner:
+    """`/healthz` and `/metrics`.
+
+    `/healthz` answers 503 while NATS is disconnected or a consumer cannot
+    fetch (`failing` names those), and once a root task died or the service
+    stops; 200 again when the bus is back by itself.
+    """
 
     async def healthz(_: web.Request) -> web.Response:
-        ok = nc.is_connected and not any(t.done() for t in tasks) and not service.stopping.is_set()
-        return web.json_response({"ok": ok, "nats": nc.is_connected}, status=200 if ok else 503)
+        failing = [c.spec.id for c in consumers if not c.healthy]
+        ok = (
+            nc.is_connected
+            and not failing
+            and not any(t.done() for t in tasks)
+            and not service.stopping.is_set()
+        )
+        body = {"ok": ok, "nats": nc.is_connected, "failing": failing}
+        return web.json_response(body, status=200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:
         body, content_type = exposition(service.metrics.registry)
@@ -185,7 +201,7 @@ class Handlers:
                 )
             )
             if self.settings.handlers.health_port is not None:
-                runner = await serve_health(self, nc, tasks)
+                runner = await serve_health(self, nc, consumers, tasks)
                 stack.push_async_callback(runner.cleanup)
             if any(spec.kind == subjects.REAPER_TICK for spec in self.specs):
                 tasks.append(

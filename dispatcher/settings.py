@@ -55,6 +55,13 @@ class HandlerSettings(BaseModel):
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="In-flight work may finish for this long"
     )
+    bus_retry_s: float = Field(
+        30.0,
+        ge=0,
+        description="A handler run that fails because NATS is away (a lost cluster node, a "
+        "leader election) is run again on the same delivery for this long before it counts "
+        "as a failed try",
+    )
     health_port: int | None = Field(
         None, ge=0, le=65535, description="Serve /healthz and /metrics on this port; unset: off"
     )

@@ -9,6 +9,7 @@ from dispatcher import logs
 from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.embedded.s3server import S3Server
 from dispatcher.settings import Settings
+from tests.helpers import make_settings
 
 # Everything is logged; pytest shows it only for failing tests, and some tests read it.
 logs.configure("console", "debug")
@@ -33,15 +34,7 @@ def s3_server():
 @pytest.fixture
 def settings(tmp_path, nats_server) -> Settings:
     """Settings pointing at the test's nats-server, with timings in fractions of a second."""
-    s = Settings(data_dir=tmp_path / "data", log_format="console", log_level="warning")
-    s.nats.url = nats_server.url
-    s.handlers.ack_wait_s = 2.0
-    s.handlers.shutdown_grace_s = 2.0
-    s.reaper.interval_s = 0.2
-    s.reaper.reconcile_grace_s = 0.5
-    s.backend.local.stop_grace_s = 1.0
-    s.gateway.port = 0
-    return s
+    return make_settings(tmp_path, nats_server.url)
 
 
 @pytest.fixture(autouse=True)

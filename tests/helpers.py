@@ -1,4 +1,4 @@
-"""Helpers the tests share that are not fixtures: paths, a bounded wait, a metrics parser.
+"""Helpers the tests share that are not fixtures: paths, settings, a bounded wait, a metrics parser.
 
 Fixtures live in the `conftest.py` of the area that uses them; nothing here
 starts a server.
@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from dispatcher import waits
+from dispatcher.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ROOT / "tests" / "apps"  # small apps and models the tests run
@@ -19,6 +20,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def make_settings(tmp_path, nats_url: str) -> Settings:
+    """Settings for a test against `nats_url`, with timings in fractions of a second."""
+    s = Settings(data_dir=tmp_path / "data", log_format="console", log_level="warning")
+    s.nats.url = nats_url
+    s.handlers.ack_wait_s = 2.0
+    s.handlers.shutdown_grace_s = 2.0
+    s.reaper.interval_s = 0.2
+    s.reaper.reconcile_grace_s = 0.5
+    s.backend.local.stop_grace_s = 1.0
+    s.gateway.port = 0
+    return s
 
 
 async def wait_for(

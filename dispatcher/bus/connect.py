@@ -1,9 +1,11 @@
-"""Connecting to NATS: credentials from settings, a bounded first attempt, endless reconnects."""
+"""Connecting to NATS: credentials from settings, a bounded first attempt, endless reconnects;
+and which errors mean "the bus is away for now" (`transient`)."""
 
 import asyncio
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 
 from dispatcher import logs
@@ -14,6 +16,33 @@ log = logs.get("spinyard.bus")
 
 class NatsUnavailable(ConnectionError):
     """NATS could not be reached (or refused the credentials) within the startup wait."""
+
+
+# JetStream API error codes that a cluster gives while it elects leaders or misses a node.
+CLUSTER_NOT_READY = {
+    10005,  # no suitable peers for placement (peers not known yet, or offline)
+    10008,  # JetStream system temporarily unavailable
+    10009,  # JetStream cluster can not handle request (no leader)
+    10023,  # insufficient resources (too few nodes up for the replicas)
+}
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` is the bus being away for now: retry it, do not give up.
+
+    Timeouts, no responders, 503s and the cluster's "not ready" API errors come
+    and go with leader elections, reconnects and a lost node.
+    """
+    if isinstance(
+        exc,
+        TimeoutError  # nats-py's TimeoutError is one too
+        | nats.errors.NoRespondersError
+        | nats.errors.ConnectionReconnectingError
+        | nats.errors.StaleConnectionError
+        | nats.js.errors.ServiceUnavailableError,
+    ):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in CLUSTER_NOT_READY
 
 
 async def _log_error(exc: Exception) -> None:

@@ -12,6 +12,12 @@ failure hook (which publishes the `failed` status) gets the error's own code
 and message only for a `PublicError`, else `internal` / "spinyard could not
 handle this event"; the full error goes to the `handler_failed` log line and
 the dead letter's reason.
+
+The loop outlives the bus going away: a fetch that fails for a transient
+reason (`connect.transient`: a reconnect, a leader election, a lost node)
+is logged, marks the consumer unhealthy (`/healthz` answers 503) and is
+tried again after a short backoff; the first fetch that works again marks
+it healthy. Only an error that is not transient ends the loop.
 """
 
 import asyncio
@@ -26,6 +32,7 @@ from structlog.typing import FilteringBoundLogger
 
 from dispatcher import logs
 from dispatcher.bus import deadletter
+from dispatcher.bus.connect import transient
 from dispatcher.metrics import BUCKETS, new_registry
 from dispatcher.settings import HandlerSettings
 from handlers.context import Context
@@ -37,6 +44,7 @@ from schemas.codec import DecodeError, decode
 
 FETCH_TIMEOUT_S = 1.0  # long-poll length; also bounds how fast a stop is noticed
 DRAIN_TIMEOUT_S = 0.1  # a batch pull taken only while a backlog is known (see `run`)
+FETCH_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses after failed fetches in a row
 
 
 class HandlerMetrics:
@@ -100,6 +108,9 @@ class Consumer:
         self.concurrency = settings.concurrency.get(spec.id, spec.concurrency)
         self.log = logs.get("spinyard.consumer", handler=spec.id)
         self.inflight: set[asyncio.Task] = set()
+        self.healthy = True  # False while fetching fails (the bus is away)
+        self._failures = 0  # failed fetches in a row
+        self._failing_since = 0.0
 
     async def run(self) -> None:
         sub = await self.js.pull_subscribe_bind(durable=self.spec.id, stream=subjects.EVENTS_STREAM)
@@ -123,9 +134,17 @@ class Consumer:
                     msgs = await sub.fetch(
                         batch, timeout=DRAIN_TIMEOUT_S if batch > 1 else FETCH_TIMEOUT_S
                     )
-                except TimeoutError:  # nats-py raises both its own and asyncio's
+                except TimeoutError:  # nats-py raises both its own and asyncio's: no messages
+                    self._fetch_worked()  # (a consumer without a leader answers 503 instead)
                     backlog = False
                     continue
+                except Exception as exc:
+                    if not transient(exc):
+                        raise
+                    if not self.stopping.is_set():  # (stopping: the connection may be draining)
+                        await self._fetch_failed(exc)
+                    continue
+                self._fetch_worked()
                 backlog = bool(msgs) and msgs[-1].metadata.num_pending > 0
                 for msg in msgs:
                     if self.stopping.is_set():
@@ -142,6 +161,29 @@ class Consumer:
                 await sub.unsubscribe()
             self.log.info("consumer_stopped")
 
+    async def _fetch_failed(self, exc: Exception) -> None:
+        """Mark the consumer unhealthy, say so, and pause before the next fetch (or a stop)."""
+        now = asyncio.get_running_loop().time()
+        if self.healthy:
+            self.healthy, self._failing_since = False, now
+        pause = FETCH_BACKOFF_S[min(self._failures, len(FETCH_BACKOFF_S) - 1)]
+        self._failures += 1
+        self.log.warning(
+            "fetch_failed",
+            error=repr(exc),
+            failures=self._failures,
+            failing_s=round(now - self._failing_since, 2),
+            retry_in_s=pause,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), pause)
+
+    def _fetch_worked(self) -> None:
+        if not self.healthy:
+            failing_s = asyncio.get_running_loop().time() - self._failing_since
+            self.log.info("fetch_recovered", failures=self._failures, failing_s=round(failing_s, 2))
+        self.healthy, self._failures = True, 0
+
     async def _finish_inflight(self) -> None:
         if not self.inflight:
             return
@@ -156,7 +198,10 @@ class Consumer:
         period = max(self.settings.ack_wait_s / 3, 0.1)
         while True:
             await asyncio.sleep(period)
-            await msg.in_progress()
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # the bus is away: try again next period
+                self.log.debug("keep_alive_failed", error=repr(exc))
 
     async def _handle(self, msg: Msg) -> None:
         loop = asyncio.get_running_loop()
@@ -179,7 +224,7 @@ class Consumer:
         keep_alive = asyncio.create_task(self._keep_alive(msg), name=f"{self.spec.id}-keepalive")
         outcome = "ok"
         try:
-            await asyncio.wait_for(self.spec.fn(ctx, event), self.spec.timeout_s)
+            await self._call(ctx, event, log)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await msg.nak()
@@ -208,6 +253,36 @@ class Consumer:
                 outcome=outcome,
                 duration_ms=round((loop.time() - started) * 1000, 2),
             )
+
+    async def _call(self, ctx: Context, event: BaseModel, log: FilteringBoundLogger) -> None:
+        """Run the handler on `event` (each run within its timeout).
+
+        A run that fails because the bus is away (`transient`) is run again on
+        the same delivery, its ack deadline kept extended, for up to
+        `handlers.bus_retry_s`: a lost cluster node or a leader election does
+        not use up the event's tries. (Handlers are idempotent: a redelivery
+        runs them again too.)
+        """
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.settings.bus_retry_s
+        runs = 0
+        while True:
+            runs += 1
+            try:
+                async with asyncio.timeout(self.spec.timeout_s) as limit:
+                    await self.spec.fn(ctx, event)
+                return
+            except Exception as exc:
+                if (
+                    limit.expired()
+                    or not transient(exc)
+                    or self.stopping.is_set()
+                    or loop.time() >= give_up_at
+                ):
+                    raise
+                pause = FETCH_BACKOFF_S[min(runs, len(FETCH_BACKOFF_S)) - 1]
+                log.warning("handler_bus_unavailable", error=repr(exc), runs=runs, retry_in_s=pause)
+                await asyncio.sleep(pause)
 
     async def _retry_or_give_up(
         self,

@@ -1,7 +1,15 @@
 """JetStream provisioning: the streams, KV buckets and durable consumers spinyard uses.
 
 `ensure` is idempotent: every process calls it at start, and a changed
-setting updates the stream or consumer in place.
+setting updates the stream, bucket or consumer in place. On a cluster it
+waits (up to `nats.startup_wait_s`) through what a cluster answers while it
+elects leaders or misses a node: timeouts, 503s, "no suitable peers".
+
+KV buckets with more than one replica are read from their stream's leader
+(no direct gets): a direct get may be answered by a follower that has not
+applied the last write yet, and a compare-and-set decided on such a read
+breaks the promises `handlers.state` exists for. One replica keeps direct
+gets, the faster read there.
 """
 
 from nats.js import JetStreamContext
@@ -17,7 +25,7 @@ from nats.js.api import (
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from dispatcher import logs, waits
-from dispatcher.bus.connect import NatsUnavailable
+from dispatcher.bus.connect import NatsUnavailable, transient
 from dispatcher.settings import HandlerSettings, NatsSettings
 from handlers.registry import HandlerSpec
 from handlers.state import State
@@ -96,19 +104,29 @@ def bucket_config(name: str, settings: NatsSettings) -> KeyValueConfig:
         history=1,
         replicas=settings.replicas,
         storage=StorageType.FILE,
-        direct=True,
+        direct=settings.replicas == 1,  # replicated: read from the leader (module docstring)
     )
 
 
 async def ensure_state(js: JetStreamContext, settings: NatsSettings) -> State:
-    """Open (creating if missing) every KV bucket and wrap them."""
+    """Open (creating if missing, updating if its replicas changed) every KV bucket; wrap them."""
     buckets = {}
     for name in subjects.BUCKETS:
+        wanted = bucket_config(name, settings)
         try:
-            buckets[name] = await js.key_value(name)
+            kv = await js.key_value(name)
         except BucketNotFoundError:
-            buckets[name] = await js.create_key_value(bucket_config(name, settings))
+            buckets[name] = await js.create_key_value(wanted)
             log.info("bucket_created", bucket=name)
+            continue
+        config = (await js.stream_info(kv._stream)).config
+        if config.num_replicas != wanted.replicas or bool(config.allow_direct) != wanted.direct:
+            await js.update_stream(
+                config.evolve(num_replicas=wanted.replicas, allow_direct=wanted.direct)
+            )
+            log.info("bucket_updated", bucket=name, replicas=wanted.replicas)
+            kv = await js.key_value(name)  # reads the stream's config again: direct or not
+        buckets[name] = kv
     return State.of(buckets)
 
 
@@ -129,6 +147,11 @@ async def open_state(js: JetStreamContext, wait_s: float = 0.0) -> State:
         try:
             return State.of({b: await js.key_value(b) for b in subjects.GATEWAY_BUCKETS})
         except BucketNotFoundError:
+            return None
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            log.warning("bus_not_ready", step="open buckets", error=repr(exc))
             return None
 
     try:
@@ -153,8 +176,36 @@ async def ensure(
     specs: list[HandlerSpec],
     handler_settings: HandlerSettings,
 ) -> State:
-    """Create or update everything spinyard needs on JetStream; return the KV state."""
-    await ensure_streams(js, nats_settings)
-    state = await ensure_state(js, nats_settings)
-    await ensure_consumers(js, specs, handler_settings)
-    return state
+    """Create or update everything spinyard needs on JetStream; return the KV state.
+
+    While the bus answers with transient errors (`connect.transient`: a cluster
+    electing leaders, a node away), it tries again, for `nats.startup_wait_s`.
+
+    Raises:
+        NotProvisioned: JetStream still did not answer after the wait; the
+            message has the last error.
+    """
+    last: list[BaseException] = []
+
+    async def provisioned() -> State | None:
+        try:
+            await ensure_streams(js, nats_settings)
+            state = await ensure_state(js, nats_settings)
+            await ensure_consumers(js, specs, handler_settings)
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            last[:] = [exc]
+            log.warning("bus_not_ready", step="provision", error=repr(exc))
+            return None
+        return state
+
+    wait_s = nats_settings.startup_wait_s
+    try:
+        return await waits.until(provisioned, wait_s, interval_s=0.25, what="JetStream")
+    except TimeoutError:
+        raise NotProvisioned(
+            f"JetStream did not answer within {wait_s:g} s (last: {last[0]!r}): with "
+            f"replicas={nats_settings.replicas}, more than half of that many NATS servers must "
+            "be up and routed to each other"
+        ) from None

