@@ -1,9 +1,10 @@
 """spinyard on a three-node JetStream cluster, R3 streams and buckets (tests/bus/conftest.py).
 
 Handler processes started before the cluster has leaders come up; concurrent
-page loads make one instance and a repeated idempotency key one run, as on
-one server; losing a node mid-stream loses and doubles nothing and ends no
-handler; a read that follows a write, through another node, sees it.
+page loads make one instance, a repeated idempotency key one run and 200
+viewers' heartbeats no retry, as on one server; losing a node mid-stream
+loses and doubles nothing and ends no handler; a read that follows a write,
+through another node, sees it.
 """
 
 import asyncio
@@ -28,6 +29,7 @@ from schemas.codec import encode
 from schemas.events import PageLoad
 from schemas.spec import AppSpec
 from tests.bus.test_consumer import NoBackend
+from tests.handlers.test_activity import crowd_heartbeats
 from tests.handlers.test_runs import running
 from tests.handlers.test_runs import test_repeated_idempotency_key_runs_once as one_run_per_key
 from tests.handlers.test_viz_lifecycle import running_stack
@@ -104,6 +106,11 @@ async def test_handler_processes_started_with_a_fresh_cluster_all_come_up(tmp_pa
 async def test_twenty_concurrent_page_loads_make_one_instance(r3_settings):
     async with running_stack(r3_settings) as stack:
         await one_instance_for_twenty(stack)
+
+
+async def test_heartbeats_of_200_viewers_on_one_app_dead_letter_nothing(r3_settings):
+    async with running_stack(r3_settings, ["page_load", "heartbeat"]) as stack:
+        await crowd_heartbeats(stack)
 
 
 async def test_repeated_idempotency_key_runs_once(r3_settings, s3_server, tmp_path):
