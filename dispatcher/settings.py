@@ -268,6 +268,13 @@ class EmbeddedSettings(BaseModel):
     nats_restart_window_s: float = Field(
         60.0, gt=0, description="The window `nats_restarts` counts restarts in, seconds"
     )
+    nats_restart_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="Pause between a nats-server's death and its restart, seconds (clients "
+        "hold their requests meanwhile)",
+    )
 
 
 class Settings(BaseSettings):

@@ -42,8 +42,11 @@ class RestartBudget:
         return len(self._times)
 
 
-async def supervise(server: NatsServer, restarts: int, window_s: float) -> None:
-    """Restart `server` (same port, same store) each time it exits, until cancelled.
+async def supervise(
+    server: NatsServer, restarts: int, window_s: float, delay_s: float = 0.0
+) -> None:
+    """Restart `server` (same port, same store) each time it exits, `delay_s` seconds
+    later, until cancelled.
 
     Cancel it before stopping the server on purpose, or that stop counts as a death.
 
@@ -59,6 +62,7 @@ async def supervise(server: NatsServer, restarts: int, window_s: float) -> None:
         # A thread waits on the process: no polling, and it ends when the process does
         # (also when `up` stops the server after cancelling us).
         code = await asyncio.to_thread(server.proc.wait)
+        await asyncio.sleep(delay_s)
         while True:
             if not budget.take(loop.time()):
                 raise NatsServerError(

@@ -119,7 +119,12 @@ class Stack:
             settings.nats.url = nats_server.url
             limits = settings.embedded
             supervisor = asyncio.create_task(
-                supervise(nats_server, limits.nats_restarts, limits.nats_restart_window_s),
+                supervise(
+                    nats_server,
+                    limits.nats_restarts,
+                    limits.nats_restart_window_s,
+                    limits.nats_restart_delay_s,
+                ),
                 name="nats-supervisor",
             )
             stack.push_async_callback(_cancelled, supervisor)  # before the server stops

@@ -58,3 +58,20 @@ async def test_it_gives_up_after_too_many_restarts(tmp_path):
         task.cancel()
         await asyncio.wait([task])
         server.stop()
+
+
+async def test_a_restart_waits_out_its_delay(tmp_path):
+    server = NatsServer(tmp_path / "nats").start()
+    task = asyncio.create_task(
+        supervise(server, restarts=3, window_s=60, delay_s=1.0), name="supervisor"
+    )
+    try:
+        first = server.proc.pid
+        os.kill(first, signal.SIGKILL)
+        killed = asyncio.get_running_loop().time()
+        await wait_for(lambda: server.proc.pid != first, what="a new nats-server process")
+        assert asyncio.get_running_loop().time() - killed >= 1.0
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+        server.stop()

@@ -24,7 +24,9 @@ from tests.helpers import ROOT, alive, descendants, parse_metrics, wait_for
 
 @pytest.fixture(scope="module")
 def stack(launch_up):
-    return launch_up()
+    # A killed nats-server comes back after 1.5 s, long enough to see the outage and to
+    # publish into it (test_a_killed_nats_server_comes_back_and_nothing_is_lost).
+    return launch_up(SPINYARD_EMBEDDED__NATS_RESTART_DELAY_S="1.5")
 
 
 @pytest.fixture
@@ -292,13 +294,15 @@ def quiet_after(log: Path, offset: int, signalled: float) -> None:
         assert at < signalled + 0.2, line
 
 
-async def test_sigterm_stops_everything_and_leaves_no_process(stack, http):
+async def stops_cleanly(stack, http, session: str, send_signal) -> None:
+    """Start an app under `up`, signal it with `send_signal(proc)`: it exits 0 with one
+    line, logs nothing of its stopping and leaves no process behind."""
     proc = stack["proc"]
     # Make sure app processes exist, so there is something to clean up.
     async with http.post(
         f"{stack['url']}/v1/events",
         headers=auth(stack),
-        json={"type": "page_load", "app": "demo/hello", "session": "last"},
+        json={"type": "page_load", "app": "demo/hello", "session": session},
     ) as r:
         assert r.status == 202
     tree = await wait_for(
@@ -307,31 +311,19 @@ async def test_sigterm_stops_everything_and_leaves_no_process(stack, http):
         what="nats-server and an app running under up",
     )
     logged, signalled = stack["log"].stat().st_size, time.time()
-    proc.send_signal(signal.SIGTERM)
+    send_signal(proc)
     assert proc.wait(30) == 0
     assert proc.stdout.read() == "spinyard stopped\n"
     quiet_after(stack["log"], logged, signalled)
     await wait_for(lambda: not alive(tree), timeout=10, what=f"no process left of {tree}")
+
+
+async def test_sigterm_stops_everything_and_leaves_no_process(stack, http):
+    await stops_cleanly(stack, http, "last", lambda proc: proc.send_signal(signal.SIGTERM))
 
 
 async def test_ctrl_c_stops_everything_with_one_line(launch_up, http):
     """A terminal's Ctrl-C signals the whole foreground process group, not just `up`."""
-    stack = launch_up()
-    proc = stack["proc"]
-    async with http.post(
-        f"{stack['url']}/v1/events",
-        headers=auth(stack),
-        json={"type": "page_load", "app": "demo/hello", "session": "ctrl-c"},
-    ) as r:
-        assert r.status == 202
-    tree = await wait_for(
-        lambda: descendants(proc.pid) if len(descendants(proc.pid)) >= 2 else None,
-        timeout=20,
-        what="nats-server and an app running under up",
+    await stops_cleanly(
+        launch_up(), http, "ctrl-c", lambda proc: os.killpg(proc.pid, signal.SIGINT)
     )
-    logged, signalled = stack["log"].stat().st_size, time.time()
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(30) == 0
-    assert proc.stdout.read() == "spinyard stopped\n"
-    quiet_after(stack["log"], logged, signalled)
-    await wait_for(lambda: not alive(tree), timeout=10, what=f"no process left of {tree}")
