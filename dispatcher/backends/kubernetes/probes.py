@@ -19,6 +19,7 @@ answer is left out, a debug log line says why, and the start still fails
 with everything else it knows.
 """
 
+import asyncio
 import re
 
 from dispatcher import logs
@@ -26,7 +27,6 @@ from dispatcher.backends.kubernetes import status
 from dispatcher.backends.kubernetes.api import KubeApi
 from dispatcher.backends.kubernetes.resources import EVENTS
 from dispatcher.backends.launch import no_answer, status_answer
-from handlers.errors import PermanentError, RetryableError
 
 REASON = "Unhealthy"  # kubelet's reason for a failed probe
 _FAILED = "Readiness probe failed: "
@@ -50,13 +50,13 @@ async def last_answer(api: KubeApi, pod: dict, container: str, limit_s: float) -
     if not name or limit_s <= 0:
         return None
     try:
-        events, _ = await api.list(EVENTS, "", fields=field_selector(name), limit_s=limit_s)
-    except (PermanentError, RetryableError) as exc:  # ApiError (403, ...) is a PermanentError
-        logs.get("spinyard.backend.kubernetes").debug(
-            "probe_events_unread", pod=name, error=str(exc)
-        )
+        async with asyncio.timeout(limit_s):  # the request's own timeouts are per read
+            events, _ = await api.list(EVENTS, "", fields=field_selector(name), limit_s=limit_s)
+        return newest_answer(events, container, probe_timeout_s(pod, container))
+    except Exception as exc:  # best effort: a 403 (ApiError), no answer in time, odd Events
+        error = f"{type(exc).__name__}: {exc}"
+        logs.get("spinyard.backend.kubernetes").debug("probe_events_unread", pod=name, error=error)
         return None
-    return newest_answer(events, container, probe_timeout_s(pod, container))
 
 
 def newest_answer(events: list[dict], container: str, timeout_s: float) -> str | None:
