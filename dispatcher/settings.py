@@ -146,6 +146,12 @@ class KubernetesBackendSettings(BaseModel):
     log_tail_lines: int = Field(
         20, ge=0, le=1000, description="Log lines of a failed pod shown in errors (count)"
     )
+    events_timeout_s: float = Field(
+        2.0,
+        ge=0,
+        description="Longest wait for a failed start's pod Events (one list, not retried), "
+        "read for the readiness probe's last answer, seconds; 0: not read",
+    )
     api_timeout_s: float = Field(
         10.0, gt=0, description="Connect and read timeout of one API request, seconds"
     )

@@ -10,6 +10,9 @@ the Kubernetes backend and `bench/k8s_sim.py` run the backend against it.
   official client at it.
 - `controllers`: `Cluster`, the Deployment and Job controllers, the garbage
   collector and the kubelet, simulated over HTTP.
+- `selectors`: label and field selectors, as the API server applies them.
+- `kubelet_events`: the Events a kubelet reports about a failed readiness
+  probe (reason Unhealthy), worded as kubelet's.
 """
 
 from kubesim.apiserver import NAMESPACE, Apiserver, apiserver, configuration, ref

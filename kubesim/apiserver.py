@@ -9,7 +9,8 @@ selectors and timeouts. `Apiserver` adds, as the real API server does:
   object, a fresh resourceVersion on every change (deletions included);
 - label selectors (equality: `a=b`, `a==b`, `a!=b`) on lists and watches;
   a watch sees an object that stops matching as DELETED and one that starts
-  matching as ADDED;
+  matching as ADDED; field selectors on lists (Events' `involvedObject.*`,
+  `reason`, ...; selectors.py), 400 for a field the kind has not;
 - lists with the current resourceVersion and pages (limit / continue);
 - watches that resume from a resourceVersion (replaying what happened since),
   answer 410 Gone for one older than the last `compact()`, end after their
@@ -37,6 +38,7 @@ from kubernetes import client
 
 from dispatcher.backends.kubernetes import resources
 from dispatcher.backends.kubernetes.resources import Resource
+from kubesim.selectors import Selector, fields_selected, parse_fields, parse_selector, selected
 
 NAMESPACE = "spinyard-apps"
 RESOURCES = (
@@ -47,8 +49,8 @@ RESOURCES = (
     resources.JOBS,
     resources.SECRETS,
     resources.PODS,
+    resources.EVENTS,
 )
-Selector = list[tuple[str, bool, str]]  # (label, equal or not, value), all must hold
 
 
 def now_rfc3339() -> str:
@@ -58,31 +60,6 @@ def now_rfc3339() -> str:
 def ref(res: Resource) -> kmock.resource:
     """The kmock resource of one of the backend's resources."""
     return kmock.resource(res.group, res.version, res.plural)
-
-
-def parse_selector(text: str) -> Selector:
-    """A labelSelector's equality requirements (`a=b`, `a==b`, `a!=b`, comma-separated).
-
-    Raises:
-        ValueError: a set-based or malformed requirement (the server answers 400).
-    """
-    found: Selector = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, op, value = next(
-            (part.partition(op) for op in ("!=", "==", "=") if op in part), (part, "", "")
-        )
-        if not op or not key.strip() or any(c in part for c in "() "):
-            raise ValueError(f"unsupported label selector requirement: {part!r}")
-        found.append((key.strip(), op != "!=", value.strip()))
-    return found
-
-
-def selected(obj: dict | None, selector: Selector) -> bool:
-    """Whether `obj`'s labels satisfy every requirement (a missing label is not equal)."""
-    if obj is None:
-        return False
-    labels = (obj.get("metadata") or {}).get("labels") or {}
-    return all((labels.get(key) == value) == equal for key, equal, value in selector)
 
 
 @attrs.mutable(weakref_slot=True)
@@ -173,12 +150,18 @@ class Apiserver(kmock.KubernetesEmulator):
         return self._objects[key].last.raw
 
     async def _serve_list(self, request: kmock.Request) -> Any:
+        kind = next((r.kind for r in RESOURCES if ref(r) == request.resource), "")
         try:
             selector = parse_selector(request.params.get("labelSelector") or "")
+            fields = parse_fields(request.params.get("fieldSelector") or "", kind)
         except ValueError as exc:
             return kmock.Response(status=400, payload=_status(400, "BadRequest", str(exc)))
         answer = await super()._serve_list(request)
-        items = [obj for obj in answer["items"] if selected(obj, selector)]
+        items = [
+            obj
+            for obj in answer["items"]
+            if selected(obj, selector) and fields_selected(obj, fields, kind)
+        ]
         start = int(request.params.get("continue") or 0)
         limit = int(request.params.get("limit") or 0) or len(items)
         answer["items"] = items[start : start + limit]
@@ -209,6 +192,8 @@ class Apiserver(kmock.KubernetesEmulator):
             return
         try:
             selector = parse_selector(request.params.get("labelSelector") or "")
+            if request.params.get("fieldSelector"):
+                raise ValueError("field selectors on watches are not simulated")
         except ValueError as exc:
             yield {"type": "ERROR", "object": _status(400, "BadRequest", str(exc))}
             return
@@ -303,7 +288,7 @@ class Apiserver(kmock.KubernetesEmulator):
 
         The emulator still applies a change it was asked for (a create that
         "failed" with 500 or timed out exists), as a real server may. Lists and
-        watches without a label selector (the simulated controllers') pass.
+        watches without a label or field selector (the simulated controllers') pass.
         """
         action = {
             "create": kmock.action.CREATE,
@@ -319,7 +304,10 @@ class Apiserver(kmock.KubernetesEmulator):
             if (
                 left[0] <= 0
                 or request.subresource != subresource
-                or (verb in ("list", "watch") and "labelSelector" not in request.params)
+                or (
+                    verb in ("list", "watch")
+                    and not {"labelSelector", "fieldSelector"} & set(request.params)
+                )
             ):
                 raise NotImplementedError  # kmock: not for this reaction, serve it as usual
             left[0] -= 1

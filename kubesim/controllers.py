@@ -5,11 +5,12 @@ and the kubelet over HTTP, so what it does reaches the backend's watches
 like real changes: it gives each Deployment a pod that becomes ready,
 crash-loops or never answers (chosen by the echo app's arguments in the
 container command, as the local backend would run it, or by a
-SIM_BEHAVIOUR variable), gives each resumed Job a running pod that a test
-then completes, fails or runs past its deadline (the contract's job model
-ends as its arguments say), deletes what an owner owned when the owner goes,
-and serves pod logs. Its watches send no label selector, so `Apiserver.fail`
-passes them by.
+SIM_BEHAVIOUR variable; with SIM_PROBE, kubelet also reports the readiness
+probe's answer as an Event, see kubelet_events.py), gives each resumed Job
+a running pod that a test then completes, fails or runs past its deadline
+(the contract's job model ends as its arguments say), deletes what an owner
+owned when the owner goes, and serves pod logs. Its watches send no label
+selector, so `Apiserver.fail` passes them by.
 """
 
 import asyncio
@@ -21,6 +22,7 @@ import kmock
 
 from dispatcher.backends.kubernetes.resources import (
     DEPLOYMENTS,
+    EVENTS,
     INGRESSES,
     INGRESSROUTES,
     JOBS,
@@ -29,6 +31,7 @@ from dispatcher.backends.kubernetes.resources import (
     SERVICES,
     Resource,
 )
+from kubesim import kubelet_events
 from kubesim.apiserver import NAMESPACE, Apiserver, now_rfc3339
 
 
@@ -148,6 +151,14 @@ class Cluster:
             await self.patch_status(PODS, pod_name, pod_running("app", ready))
             if ready:
                 await self.patch_status(DEPLOYMENTS, name, deployment_ready())
+        if (answer := kubelet_events.probe_answer(container)) is not None:
+            await self.probe_failed(pod, answer)
+
+    async def probe_failed(self, pod: dict, answer: str, **when) -> None:
+        """The kubelet reports that the app's readiness probe got `answer` (an Event)."""
+        container = pod["spec"]["containers"][0]
+        event = kubelet_events.unhealthy(pod, container, answer, **when)
+        await self.request("POST", EVENTS.path(NAMESPACE), event)
 
     async def _crash(self, pod: str, code: int) -> None:
         self.logs.setdefault(pod, f"starting\nboom: exiting with {code}\n")

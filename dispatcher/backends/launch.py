@@ -13,7 +13,8 @@ same things. This module is that hand-over, written once:
   spinyard's `SPINYARD_*` variables, which win over the spec's.
 - readiness: an app is ready when `{prefix}` + `readiness_path` answers
   200-399 (a Kubernetes httpGet probe's rule); a start that times out says
-  so in the same words on every backend (`not_ready_message`).
+  so in the same words on every backend (`not_ready_message`, with the
+  probe's last answer from `last_answer`, `status_answer`, `no_answer`).
 - ids: instance and job ids name files, URL path segments and Kubernetes
   objects, so a backend takes only the shapes spinyard makes
   (`schemas.names`).
@@ -25,6 +26,7 @@ process started once per run, stays quick to start.
 
 import re
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from schemas.names import INSTANCE_ID_RE, JOB_ID_RE
@@ -45,6 +47,34 @@ def not_ready_message(timeout_s: float, detail: str) -> str:
     e.g. `the app did not become ready within 90 s: last answer to /healthz: 404 Not Found`
     """
     return f"the app did not become ready within {max(1, round(timeout_s))} s: {detail}"
+
+
+def last_answer(path: str, answer: str) -> str:
+    """The probe's last answer as a start failure gives it, on every backend.
+
+    e.g. `last answer to /healthz: 404 Not Found`
+
+    Args:
+        path: the spec's `readiness_path` (the instance's prefix left out).
+        answer: from `status_answer`, `no_answer`, or the connection error's own words
+            (`connection refused`).
+    """
+    return f"last answer to {path}: {answer}"
+
+
+def status_answer(code: int, reason: str | None = None) -> str:
+    """An HTTP answer in words: `404 Not Found` (the standard phrase if `reason` is not given)."""
+    if reason is None:
+        try:
+            reason = HTTPStatus(code).phrase
+        except ValueError:
+            reason = ""
+    return f"{code} {reason}".strip()
+
+
+def no_answer(limit_s: float) -> str:
+    """A probe that timed out, in words: `no answer within 2 s`."""
+    return f"no answer within {limit_s:.2g} s"
 
 
 # -- placeholders --

@@ -192,3 +192,14 @@ def test_the_contract_and_the_job_runner_import_no_pydantic_nor_any_backend_libr
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert json.loads(out.stdout) == []
+
+
+def test_a_probe_answer_is_worded_once_for_both_backends():
+    """The local probe and kubelet's Events (Kubernetes) give the same words."""
+    assert launch.status_answer(404) == "404 Not Found"
+    assert launch.status_answer(404, "Nope") == "404 Nope"  # the app's own reason phrase
+    assert launch.status_answer(599) == "599"  # no standard phrase
+    assert launch.no_answer(2) == "no answer within 2 s"
+    assert launch.not_ready_message(89.6, launch.last_answer("/healthz", "404 Not Found")) == (
+        "the app did not become ready within 90 s: last answer to /healthz: 404 Not Found"
+    )

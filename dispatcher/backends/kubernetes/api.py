@@ -18,7 +18,7 @@ IngressRoute alike, and answers stay plain dicts: deserialising a
 - 404 on get, patch, delete: not there (None / False);
 - 429, 5xx, timeouts, refused connections: retried with exponential backoff
   and jitter (Retry-After honoured), `api_tries` attempts in all, then
-  `handlers.errors.RetryableError`;
+  `handlers.errors.RetryableError` (a best-effort list, a pod's Events, tries once);
 - 403: `ApiError(code="forbidden")` naming the verb and resource the
   service account lacks; 401: `ApiError(code="unauthorized")`;
 - anything else: `ApiError` with the server's message.
@@ -54,8 +54,7 @@ from schemas import errors as codes
 Call = tuple[str, str, str]  # (verb, apiGroup, resource), as in an RBAC rule
 Query = list[tuple[str, Any]]  # (the class below has a method named `list`)
 RETRIED = frozenset({429, 500, 502, 503, 504})
-_METHODS = {"create": "POST", "get": "GET", "list": "GET", "watch": "GET", "patch": "PATCH"}
-_METHODS["delete"] = "DELETE"
+_METHODS = dict(create="POST", get="GET", list="GET", watch="GET", patch="PATCH", delete="DELETE")
 _PATCH_TYPE = "application/merge-patch+json"  # works for custom objects too
 _WATCH_SLACK_S = 15.0  # a watch that sends nothing this long past its timeoutSeconds is dead
 
@@ -83,6 +82,7 @@ class _Request:
     content_type: str = "application/json"
     query: Query | None = None
     sub: str | None = None  # a subresource, e.g. "log"
+    limit_s: float | None = None  # a best-effort request: one try, this timeout each way
 
 
 class _Answer:
@@ -162,20 +162,22 @@ class KubeApi:
         answer = await self._call(request, {404})
         return answer.status != 404
 
-    async def list(self, res: Resource, selector: str) -> tuple[list[dict], str]:
-        """Every object matching `selector`, page by page; and the list's resourceVersion."""
+    async def list(
+        self, res: Resource, selector: str, *, fields: str = "", limit_s: float | None = None
+    ) -> tuple[list[dict], str]:
+        """Every object matching `selector` and the field selector `fields`, page by page, and
+        the list's resourceVersion; with `limit_s`, best effort: the first page, one try."""
         items: list[dict] = []
         token = None
         while True:
-            query = [("labelSelector", selector), ("limit", self.settings.list_page_size)]
-            if token:
-                query.append(("continue", token))
-            request = _Request("list", res, res.path(self.namespace), query=query)
+            query = [("labelSelector", selector), ("fieldSelector", fields), ("continue", token)]
+            query = [(k, v) for k, v in query if v] + [("limit", self.settings.list_page_size)]
+            request = _Request("list", res, res.path(self.namespace), query=query, limit_s=limit_s)
             page = (await self._call(request)).json() or {}
             items += page.get("items") or []
             meta = page.get("metadata") or {}
             token = meta.get("continue")
-            if not token:
+            if not token or limit_s:
                 return items, str(meta.get("resourceVersion") or "")
 
     async def pod_log(self, pod: str, container: str, lines: int, previous: bool = False) -> str:
@@ -191,7 +193,8 @@ class KubeApi:
 
     async def _call(self, request: "_Request", ok: set[int] | None = None) -> _Answer:
         """Send one request, retrying what may pass; statuses in `ok` are the caller's to read."""
-        tries, verb, res, sub = self.settings.api_tries, request.verb, request.res, request.sub
+        verb, res, sub = request.verb, request.res, request.sub
+        tries = 1 if request.limit_s else self.settings.api_tries
         for attempt in range(tries):
             try:
                 answer = await asyncio.to_thread(self._send, request)
@@ -243,7 +246,7 @@ class KubeApi:
             body=api.sanitize_for_serialization(body) if body is not None else None,
             auth_settings=["BearerToken"],
         )
-        limit = self.settings.api_timeout_s
+        limit = request.limit_s or self.settings.api_timeout_s
         wait = timeout or (limit, limit)
         return api.call_api(method, url, headers, data, post, _request_timeout=wait).response
 

@@ -10,7 +10,8 @@ existing object (409) keeps it, a delete that finds nothing (404) is done.
 What happens after a create is learned from one informer per watched kind
 (informer.py: list, then watch, resumed from the last resourceVersion or
 listed again), started on first need: `wait_ready` waits for the Deployment
-and Pod informers to say that a pod is ready or has failed (readiness.py),
+and Pod informers to say that a pod is ready or has failed (readiness.py;
+a failure also reads the probe's last answer from the pod's Events, probes.py),
 and `watch_jobs` turns what the Job and Pod informers see into reports
 (job_reports.py). The API itself is reached only through `KubeApi` (api.py).
 """
@@ -25,7 +26,7 @@ from kubernetes import client
 
 from dispatcher import logs
 from dispatcher.backends.base import Backend, Instance, JobLaunch
-from dispatcher.backends.kubernetes import informer, objects, status
+from dispatcher.backends.kubernetes import informer, objects, probes, status
 from dispatcher.backends.kubernetes.api import ApiError, KubeApi
 from dispatcher.backends.kubernetes.informer import Informer
 from dispatcher.backends.kubernetes.job_reports import JobReports
@@ -39,7 +40,7 @@ from dispatcher.backends.kubernetes.resources import (
     SECRETS,
     SERVICES,
 )
-from dispatcher.backends.launch import check_id, check_job_id, not_ready_message
+from dispatcher.backends.launch import check_id, check_job_id, last_answer, not_ready_message
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import PermanentError, RetryableError, StartFailed
 from handlers.ports import JobReport
@@ -168,8 +169,9 @@ class KubernetesBackend(Backend):
             handlers.errors.StartFailed: `start_failed` if the instance does not exist,
                 its container exited or cannot start (with its exit code), or
                 Kubernetes gave up on it; `start_timeout` after `timeout` (with what it
-                still waits for); both with the pod's last log lines as `log_tail`.
-                Ready is the kubelet's httpGet probe passing: an answer of 200-399.
+                still waits for); both with the pod's last log lines as `log_tail`, and
+                the readiness probe's last answer if the app ran and its pod's Events
+                say it (probes.py). Ready is kubelet's httpGet probe answered 200-399.
             handlers.errors.PermanentError: `forbidden`: the Role does not allow watching.
         """
         deadline = asyncio.get_running_loop().time() + timeout
@@ -190,10 +192,12 @@ class KubernetesBackend(Backend):
             return
         if verdict == status.GONE:
             raise StartFailed(message, code=codes.START_FAILED)
-        tail = await self._tail(pod)
+        tail, answer = await asyncio.gather(self._tail(pod), self._probe_answer(pod))
+        said = last_answer(spec.readiness_path, answer) if answer else None
         if verdict == status.FAILED:
+            message = f"{message}; {said}" if said else message
             raise StartFailed(message, code=codes.START_FAILED, log_tail=tail)
-        message = not_ready_message(timeout, message or "no pod yet")
+        message = not_ready_message(timeout, said or message or "no pod yet")
         raise StartFailed(message, code=codes.START_TIMEOUT, log_tail=tail)
 
     def phases(self, instance_id: str) -> dict[str, float]:
@@ -338,6 +342,13 @@ class KubernetesBackend(Backend):
         code = status.exit_code(pod, objects.JOB_CONTAINER) if pod else None
         tail = await self._tail(pod, objects.JOB_CONTAINER)
         return JobUpdate(job_id=job_id, state=state, exit_code=code, log_tail=tail or None)
+
+    async def _probe_answer(self, pod: dict | None) -> str | None:
+        """The readiness probe's last answer to the app, if it ran; from the pod's Events."""
+        if pod is None or not status.ran(pod, objects.VIZ_CONTAINER):
+            return None
+        limit_s = self._settings.events_timeout_s
+        return await probes.last_answer(self.api, pod, objects.VIZ_CONTAINER, limit_s)
 
     async def _tail(self, pod: dict | None, container: str = objects.VIZ_CONTAINER) -> str:
         """The end of a pod's log ('' if there is none or it cannot be read)."""

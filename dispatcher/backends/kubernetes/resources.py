@@ -36,3 +36,4 @@ INGRESSROUTES = Resource("traefik.io", "v1alpha1", "ingressroutes", "IngressRout
 JOBS = Resource("batch", "v1", "jobs", "Job")
 SECRETS = Resource("", "v1", "secrets", "Secret")
 PODS = Resource("", "v1", "pods", "Pod")
+EVENTS = Resource("", "v1", "events", "Event")

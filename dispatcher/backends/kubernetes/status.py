@@ -92,6 +92,13 @@ def container_status(pod: dict, container: str) -> dict | None:
     return None
 
 
+def ran(pod: dict, container: str) -> bool:
+    """Whether the container has run (runs, ended, or restarted): its probe had a chance."""
+    found = container_status(pod, container) or {}
+    state = found.get("state") or {}
+    return bool(found.get("restartCount")) or "running" in state or "terminated" in state
+
+
 def exit_code(pod: dict, container: str) -> int | None:
     """The exit code of the container's last run, if it has ended."""
     status = container_status(pod, container) or {}

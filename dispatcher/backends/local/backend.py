@@ -39,6 +39,7 @@ from dispatcher.backends.launch import (
     check_job_id,
     job_env,
     job_values,
+    last_answer,
     not_ready_message,
     valid_id,
     viz_env,
@@ -174,9 +175,7 @@ class LocalBackend(Backend):
                     return
                 if loop.time() >= deadline:
                     raise StartFailed(
-                        not_ready_message(
-                            timeout, f"last answer to {spec.readiness_path}: {answer}"
-                        ),
+                        not_ready_message(timeout, last_answer(spec.readiness_path, answer)),
                         code=codes.START_TIMEOUT,
                         log_tail=self._log_tail(state.id),
                     )

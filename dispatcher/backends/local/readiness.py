@@ -10,6 +10,8 @@ import signal
 
 import aiohttp
 
+from dispatcher.backends.launch import no_answer, status_answer
+
 PROBE_TIMEOUT_S = 2.0  # one readiness request, at most
 
 
@@ -19,9 +21,9 @@ async def probe(http: aiohttp.ClientSession, url: str, limit_s: float) -> tuple[
     try:
         timeout = aiohttp.ClientTimeout(total=limit_s)
         async with http.get(url, allow_redirects=False, timeout=timeout) as resp:
-            return 200 <= resp.status < 400, f"{resp.status} {resp.reason or ''}".strip()
+            return 200 <= resp.status < 400, status_answer(resp.status, resp.reason or "")
     except TimeoutError:
-        return False, f"no answer within {limit_s:.2g} s"
+        return False, no_answer(limit_s)
     except aiohttp.ClientConnectorError as exc:
         errno = getattr(exc.os_error, "errno", None)
         return False, os.strerror(errno).lower() if errno else "no connection"
