@@ -315,7 +315,7 @@ async def test_handler_killed_while_starting_a_job_runs_it_once(settings, s3, tm
             "SPINYARD_STORE__BUCKET": settings.store.bucket,
             "SPINYARD_LOG_LEVEL": "warning",
         }
-        argv = [sys.executable, "-m", "dispatcher.cli", "handlers", "run_request"]
+        argv = [sys.executable, "-m", "dispatcher.cli", "handlers", "run_request", "run_start"]
         first = subprocess.Popen(argv, env=env)
         second = None
         try:
