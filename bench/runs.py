@@ -4,7 +4,7 @@ spinyard: this process publishes `RunRequest`s for a job app whose command
 is a trivial Python model (it computes a number and exits 0; no outputs)
 and records when each run's `queued`, `running` and terminal status arrive
 on a core subscription to `spinyard.v1.status.job.>`. The handlers
-(`run_request job_update run_cancel`) run in a subprocess with the local
+(`run_request run_start job_update run_cancel`) run in a subprocess with the local
 backend, which starts one OS process per run, and a moto S3 server (in this
 process, on a loopback thread) as the object store.
 
@@ -41,7 +41,7 @@ from schemas.events import RunRequest
 from schemas.spec import AppSpec
 
 APP = "bench/model"
-KINDS = ["run_request", "job_update", "run_cancel"]
+KINDS = ["run_request", "run_start", "job_update", "run_cancel"]
 MODEL = "import json; json.dumps({'answer': sum(range(1000))})"
 TIMEOUT_S = 120.0
 ENDS = ("succeeded", "failed", "cancelled", "timed_out")

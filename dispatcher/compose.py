@@ -40,6 +40,7 @@ from dispatcher.store import ObjectStore
 from handlers.ports import Backend
 from handlers.registry import HandlerSpec, Registry
 from handlers.state import State
+from schemas import subjects
 
 log = logs.get("spinyard.compose")
 
@@ -193,9 +194,13 @@ async def handlers(
         await task
 
 
+# Handler kinds that use object storage: presigned upload URLs, results.
+STORE_KINDS = (subjects.RUN_START, subjects.JOB_UPDATE)
+
+
 def needs_store(specs: list[HandlerSpec]) -> bool:
-    """Whether any of `specs` handles runs (and so needs object storage)."""
-    return any(spec.kind.startswith(("run_", "job_")) for spec in specs)
+    """Whether any of `specs` starts runs or collects their results (and so needs storage)."""
+    return any(spec.kind in STORE_KINDS for spec in specs)
 
 
 async def serve_handlers(

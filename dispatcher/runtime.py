@@ -125,6 +125,7 @@ def make_knobs(settings: Settings) -> Knobs:
     return Knobs(
         pool_refill_per_tick=settings.reaper.pool_refill_per_tick,
         reconcile_grace_s=settings.reaper.reconcile_grace_s,
+        run_slots=settings.handlers.run_slots,
     )
 
 

@@ -68,6 +68,12 @@ class HandlerSettings(BaseModel):
     health_host: str = Field(
         "127.0.0.1", description="Address of the health server (0.0.0.0 in pods)"
     )
+    run_slots: int = Field(
+        0,
+        ge=0,
+        description="Runs of all apps running at once on the backend; more wait `queued` "
+        "(0: no total limit, only the apps' own)",
+    )
     concurrency: dict[str, int] = Field(
         default_factory=dict,
         description='Per-handler concurrency override, e.g. {"page_load": 128}',

@@ -8,4 +8,5 @@ from handlers import (  # noqa: F401
     reaper_tick,
     run_cancel,
     run_request,
+    run_start,
 )

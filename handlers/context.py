@@ -24,6 +24,7 @@ class Knobs:
 
     pool_refill_per_tick: int = 1
     reconcile_grace_s: float = 30.0
+    run_slots: int = 0  # runs of all apps at once; 0: no total limit
 
 
 @dataclass(frozen=True)

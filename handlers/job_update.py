@@ -68,7 +68,7 @@ async def job_update(ctx: Context, event: JobUpdate) -> None:
         new = await jobs.advance(ctx, job.job_id, lambda j: jobs.finish(j, state, now, **fields))
     if new is not None:
         ctx.log.info("job_state_changed", state=new.state)
-        await jobs.publish(ctx, new)
+        await jobs.moved(ctx, new)
 
 
 async def _collect_or_wait(ctx: Context, job: jobs.Job, now: float) -> dict:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from handlers import runq
 from handlers.errors import Rejected
 from schemas import errors as codes
 from schemas import subjects
@@ -67,6 +68,14 @@ def status_of(job: Job) -> JobStatus:
 async def publish(ctx: Context, job: Job) -> None:
     """Publish `job`'s status on its own subject."""
     await ctx.publish_status(subjects.job_status(job.job_id), status_of(job))
+
+
+async def moved(ctx: Context, job: Job) -> None:
+    """`job` has just changed state: publish its status, and if it ended, free its place
+    in its app's run queue so the next run can start (`handlers.runq`)."""
+    await publish(ctx, job)
+    if job.state.terminal:
+        await runq.release(ctx, job.app, job.job_id)
 
 
 async def load(ctx: Context, job_id: str) -> Job:

@@ -19,7 +19,7 @@ per interval between them.
 
 from collections.abc import Awaitable, Callable
 
-from handlers import activity, deployments, jobs, pools, reconcile
+from handlers import activity, deployments, jobs, pools, reconcile, runq
 from handlers.activity import Activity
 from handlers.context import Context
 from handlers.deployments import LIVE, Deployment
@@ -124,6 +124,15 @@ def _still_idle(
     return still_idle
 
 
+def _past_deadline(job: jobs.Job, now: float, grace: float) -> bool:
+    """Whether `job` has run past its deadline. A run counts from its start: one waiting
+    in its queue has no deadline yet (records from before queues count from creation)."""
+    started = job.phases.started or job.phases.running
+    if started is None and job.state == JobState.QUEUED:
+        return False
+    return now - (started or job.created_at) > job.deadline_s + grace
+
+
 def _timed_out(now: float) -> Callable[[jobs.Job], jobs.Job | None]:
     error = jobs.failure(JobState.TIMED_OUT)
     return lambda job: jobs.finish(job, JobState.TIMED_OUT, now, error=error)
@@ -139,24 +148,23 @@ async def _tend_jobs(
     """Stop runs past their deadline (unless they exited and wait for the store), drop
     results past retention, cancel unknown jobs."""
     grace = ctx.knobs.reconcile_grace_s
-    known: set[str] = set()
-    for entry in await ctx.state.jobs.scan():
-        job_id, job = entry.key, entry.value
-        known.add(job_id)
+    runs = {entry.key: entry.value for entry in await ctx.state.jobs.scan()}
+    known = set(runs)
+    for job_id, job in runs.items():
         if job.exited_at is not None and not job.state.terminal:
             # It exited and waits for the store (job_update retries); past the results'
             # retention that will not come back.
             if now - job.exited_at > job.retention_s + grace:
                 done = await jobs.advance(ctx, job_id, _results_lost(now))
                 if done is not None:
-                    await jobs.publish(ctx, done)
-        elif not job.state.terminal and now - job.created_at > job.deadline_s + grace:
+                    await jobs.moved(ctx, done)
+        elif not job.state.terminal and _past_deadline(job, now, grace):
             # Record the verdict first: the backend's own `cancelled` report for
             # the stop below must find the run already ended.
             done = await jobs.advance(ctx, job_id, _timed_out(now))
             await ctx.backend.cancel_job(job_id)
             if done is not None:
-                await jobs.publish(ctx, done)
+                await jobs.moved(ctx, done)
                 counts["timed_out"] = counts.get("timed_out", 0) + 1
         elif job.state.terminal and now - (job.phases.finished or job.created_at) > job.retention_s:
             if ctx.store is not None:
@@ -173,6 +181,9 @@ async def _tend_jobs(
             await ctx.backend.cancel_job(instance.id)
             ctx.log.info("orphan_job_cancelled", job_id=instance.id)
             counts["orphans"] += 1
+    mended = await runq.heal(ctx, runs, now)
+    if mended:
+        counts["queues_mended"] = mended
 
 
 async def _current_spec(ctx: Context, apps: dict[str, AppSpec | None], name: str) -> AppSpec | None:

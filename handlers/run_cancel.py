@@ -1,4 +1,10 @@
-"""run_cancel: stop a queued or running run and report it `cancelled`."""
+"""run_cancel: stop a queued or running run and report it `cancelled`.
+
+The verdict is written before the backend is told: a start racing with the
+cancel (run_start) reads the record after handing the run to the backend and
+stops it itself, and the backend's own `cancelled` report finds the run ended.
+A redelivery after a crash between the two tells the backend again.
+"""
 
 from handlers import jobs
 from handlers.context import Context
@@ -12,13 +18,15 @@ from schemas.status import JobState
 async def run_cancel(ctx: Context, event: RunCancel) -> None:
     job = await jobs.load(ctx, event.job_id)
     if job.state.terminal:
+        if job.state == JobState.CANCELLED:
+            await ctx.backend.cancel_job(event.job_id)  # in case a crash came between
         ctx.log.info("job_cancel_too_late", state=job.state)
         await jobs.publish(ctx, job)
         return
-    await ctx.backend.cancel_job(event.job_id)
     done = await jobs.advance(
         ctx, event.job_id, lambda j: jobs.finish(j, JobState.CANCELLED, ctx.now())
     )
+    await ctx.backend.cancel_job(event.job_id)
     if done is not None:
         ctx.log.info("job_cancelled")
-        await jobs.publish(ctx, done)
+        await jobs.moved(ctx, done)

@@ -1,21 +1,22 @@
-"""run_request: accept a run of a job app, record it as queued, and submit it.
+"""run_request: accept a run of a job app, record it as queued, and ask for its start.
 
 The job id comes from the request (the gateway sets it) or is derived from
 the app and idempotency key, so a repeated key yields the existing run. The
 record is created with a KV create, so of any number of deliveries of
-requests for one job id only one submits it; a redelivery of that same
-request resumes the submission, which the backend makes idempotent.
+requests for one job id only one is accepted; a redelivery of that same
+request asks for the start again (de-duplicated by the job id). The start
+itself, under the app's limits, is run_start's (`handlers.run_start`), so
+accepting runs as fast as the bus allows whatever the start rate.
 """
 
 from handlers import jobs
 from handlers.context import Context
 from handlers.errors import Rejected
-from handlers.ports import JobLaunch
 from handlers.registry import handler
 from schemas import codec, subjects
 from schemas import errors as codes
 from schemas.errors import ErrorInfo
-from schemas.events import RunRequest, job_id_for
+from schemas.events import RunRequest, RunStart, job_id_for
 from schemas.status import JobPhases, JobState, JobStatus
 
 
@@ -27,7 +28,7 @@ async def _run_request_failed(ctx: Context, event: RunRequest, error: ErrorInfo)
             ctx, job_id, lambda j: jobs.finish(j, JobState.FAILED, ctx.now(), error=error)
         )
         if done is not None:
-            await jobs.publish(ctx, done)
+            await jobs.moved(ctx, done)
         return
     status = JobStatus(
         job_id=job_id, app=event.app, state=JobState.FAILED, error=error, session=event.session
@@ -80,11 +81,7 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
             ctx.log.info("job_request_repeated", job_id=job_id, state=existing.state)
             await jobs.publish(ctx, existing)
             return
-        job = existing
-        ctx.log.info("job_submit_resumed", job_id=job_id)
-    urls = ctx.store.upload_urls(job_id, spec.outputs) if spec.outputs else {}
-    launch = JobLaunch(
-        job_id=job_id, inputs=job.inputs, upload_urls=urls, deadline_s=spec.deadline_s
-    )
-    await ctx.backend.submit_job(launch, spec)
-    ctx.log.info("job_submitted", job_id=job_id)
+        ctx.log.info("job_start_resumed", job_id=job_id)
+    # Its start is run_start's: acceptance does not wait for it (or for a free slot).
+    start = RunStart(app=event.app, job_id=job_id)
+    await ctx.emit(subjects.event(subjects.RUN_START, event.app), start, msg_id=f"start-{job_id}")

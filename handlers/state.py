@@ -12,6 +12,8 @@ too, so it does not change lightly):
 - `state.pools`:       app name -> `pools.PoolIndex`; bucket deployments,
                        key `owner.title.pool`
 - `state.jobs`:        job id -> `jobs.Job`; bucket jobs, key `<job_id>`
+- `state.queues`:      app name -> `runq.RunQueue`; bucket jobs, key `queue.owner.title`
+- `state.slots`:       the one `runq.Slots` (any id); bucket jobs, key `queue-slots`
 - `state.activity`:    activity key -> `activity.Mark`; bucket activity, keys
                        `<slot key>.page_load`, `<slot key>.heartbeat` (handlers
                        only: the gateway does not open it)
@@ -37,6 +39,7 @@ from handlers.deployments import Deployment
 from handlers.errors import RetryableError
 from handlers.jobs import Job
 from handlers.pools import PoolIndex
+from handlers.runq import RunQueue, Slots
 from schemas import codec, subjects
 from schemas.spec import AppSpec
 
@@ -235,7 +238,15 @@ class State:
             id=lambda key: app_name(key.rsplit(".", 1)[0]),
             keep=pools.is_pool_key,
         )
-        self.jobs = Records(jobs, Job)
+        self.jobs = Records(jobs, Job, keep=lambda key: not subjects.is_queue_key(key))
+        self.queues = Records(
+            jobs,
+            RunQueue,
+            key=subjects.run_queue_key,
+            id=lambda key: app_name(key.removeprefix("queue.")),
+            keep=lambda key: key.startswith("queue."),
+        )
+        self.slots = Records(jobs, Slots, key=lambda _: subjects.RUN_SLOTS_KEY)
         # None in the gateway, which neither reads nor writes activity.
         self.activity = Records(activity, Mark) if activity is not None else None
 

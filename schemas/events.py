@@ -131,6 +131,15 @@ class PoolRefill(BaseEvent):
     instance: str
 
 
+class RunStart(BaseEvent):
+    """Queue a accepted run and start what fits (published by run_request, and as a bare
+    nudge, without `job_id`, when a run ends or the reaper finds a queue that can move)."""
+
+    type: Literal["run_start"] = "run_start"
+    app: AppName
+    job_id: JobId | None = None
+
+
 class JobUpdate(BaseEvent):
     """A backend saw a job change state (published by the backend watcher)."""
 
@@ -142,7 +151,7 @@ class JobUpdate(BaseEvent):
 
 
 Event = Annotated[
-    PageLoad | Heartbeat | RunRequest | RunCancel | ReaperTick | PoolRefill | JobUpdate,
+    PageLoad | Heartbeat | RunRequest | RunCancel | ReaperTick | PoolRefill | RunStart | JobUpdate,
     Field(discriminator="type"),
 ]
 

@@ -126,6 +126,26 @@ class AppSpec(BaseModel):
         ge=64 * 1024,
         description="Largest run log kept, bytes; past it the oldest output is dropped",
     )
+    max_concurrent_runs: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Runs of this app running at once; more wait `queued` (job apps; "
+        "default: no limit but the backend's total)",
+    )
+    max_runs_per_session: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Runs of one session running at once; its others wait `queued` (job apps)",
+    )
+    max_queued_runs: int = Field(
+        1000,
+        ge=1,
+        le=10_000,
+        description="Runs that may wait `queued` at once; a request past it fails "
+        "`too_many` (job apps)",
+    )
     example_inputs: dict = Field(
         default_factory=dict, description="Inputs the demo page's run form starts with (job apps)"
     )
@@ -187,6 +207,10 @@ class AppSpec(BaseModel):
     def _kind_rules(self) -> "AppSpec":
         if self.kind == "job" and self.pool.size:
             raise ValueError("a job app cannot have a warm pool")
+        if self.kind == "viz":
+            for name in ("max_concurrent_runs", "max_runs_per_session"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is for job apps; this is a viz app")
         for name in self.outputs:
             if "/" in name or name.startswith(".") or not name:
                 raise ValueError(f"output {name!r} must be a plain file name")

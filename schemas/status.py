@@ -86,6 +86,7 @@ class JobPhases(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     queued: float | None = None
+    started: float | None = None  # its start was handed to the backend
     running: float | None = None
     finished: float | None = None
 
@@ -105,4 +106,7 @@ class JobStatus(BaseModel):
     log_tail: str | None = None
     phases: JobPhases = Field(default_factory=JobPhases)
     session: str | None = None
+    position: int | None = Field(
+        None, description="While queued behind a limit: 1 = the next to start"
+    )
     time: float = Field(default_factory=_time.time)

@@ -37,8 +37,18 @@ REAPER_TICK = "reaper_tick"
 POOL_REFILL = "pool_refill"
 RUN_REQUEST = "run_request"
 RUN_CANCEL = "run_cancel"
+RUN_START = "run_start"
 JOB_UPDATE = "job_update"
-KINDS = (PAGE_LOAD, HEARTBEAT, REAPER_TICK, POOL_REFILL, RUN_REQUEST, RUN_CANCEL, JOB_UPDATE)
+KINDS = (
+    PAGE_LOAD,
+    HEARTBEAT,
+    REAPER_TICK,
+    POOL_REFILL,
+    RUN_REQUEST,
+    RUN_CANCEL,
+    RUN_START,
+    JOB_UPDATE,
+)
 
 
 def kind_filter(kind: str) -> str:
@@ -63,6 +73,20 @@ def app_status(app: str, session: str | None = None) -> str:
     if session is None:
         return f"{STATUS}.app.{owner}.{title}"
     return f"{STATUS}.session.{owner}.{title}.{session}"
+
+
+def run_queue_key(app: str) -> str:
+    """Key of an app's run queue in the jobs bucket (job ids never start with `queue`)."""
+    return f"queue.{app_key(app)}"
+
+
+# Key of the backend-wide run slots record in the jobs bucket.
+RUN_SLOTS_KEY = "queue-slots"
+
+
+def is_queue_key(key: str) -> bool:
+    """Whether a jobs-bucket key is a run queue's or the slots record, not a run's."""
+    return key.startswith("queue")
 
 
 def job_status(job_id: str) -> str:

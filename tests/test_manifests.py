@@ -38,9 +38,9 @@ K8S_VERSION = "1.30"  # the oldest Kubernetes docs/deploy-kubernetes.md supports
 OVERLAYS = ("dev", "prod")
 APPS_NS, CONTROL_NS = "spinyard-apps", "spinyard"
 # Handlers that reach the Kubernetes API through the backend; heartbeat only touches KV.
-API_KINDS = set(subjects.KINDS) - {subjects.HEARTBEAT}
+API_KINDS = set(subjects.KINDS) - {subjects.HEARTBEAT, subjects.RUN_REQUEST}
 # Handlers that call the object store (ctx.store): they alone get MinIO credentials.
-STORE_KINDS = {subjects.RUN_REQUEST, subjects.JOB_UPDATE, subjects.REAPER_TICK}
+STORE_KINDS = {subjects.RUN_START, subjects.JOB_UPDATE, subjects.REAPER_TICK}
 CUSTOM_KINDS = {"ScaledObject"}
 WORKLOADS = {"Deployment", "StatefulSet"}
 SAFE_VOLUMES = {

@@ -301,8 +301,8 @@ async def _uploaded(runs, job):
 
 
 async def test_handler_killed_while_starting_a_job_runs_it_once(settings, s3, tmp_path):
-    """The run_request handler process is frozen right after `queued`, a second one
-    takes over the redelivered request, then the first is killed: one run."""
+    """The process running run_request and run_start is frozen right after `queued`, a
+    second one takes over the redelivered events, then the first is killed: one run."""
     async with running(settings, s3.endpoint, ["job_update", "run_cancel"]) as runs:
         env = os.environ | {
             "SPINYARD_NATS__URL": settings.nats.url,
@@ -315,7 +315,7 @@ async def test_handler_killed_while_starting_a_job_runs_it_once(settings, s3, tm
             "SPINYARD_STORE__BUCKET": settings.store.bucket,
             "SPINYARD_LOG_LEVEL": "warning",
         }
-        argv = [sys.executable, "-m", "dispatcher.cli", "handlers", "run_request"]
+        argv = [sys.executable, "-m", "dispatcher.cli", "handlers", "run_request", "run_start"]
         first = subprocess.Popen(argv, env=env)
         second = None
         try:

@@ -308,9 +308,12 @@
     var url = statusUrl(opts.gateway || BASE, "/v1/jobs/" + encodeURIComponent(jobId) + "/status",
       {}, opts.token || globalToken);
     var source = new EventSource(url);
+    var moved = false; // past queued: a late queue position update is stale
     source.addEventListener("status", function (e) {
       var st;
       try { st = JSON.parse(e.data); } catch (err) { return; }
+      if (st.state === "queued" && moved) return;
+      if (st.state !== "queued") moved = true;
       if (JOB_DONE[st.state]) source.close();
       onStatus(st);
     });

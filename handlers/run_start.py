@@ -1,0 +1,152 @@
+"""run_start: put an accepted run in its app's queue, then start every waiting run that fits.
+
+The queue, its limits and its fair order are in `handlers.runq`. A
+`run_start` names the run run_request accepted; a bare one (no job id) is a
+nudge, sent when a run ends or by the reaper, that only starts what fits.
+The handler claims runs in the queue by compare-and-set (the claim names this
+event), then hands each claimed run to the backend; a redelivery hands this
+event's claims out again, which backends treat as a no-op for a run they have.
+"""
+
+from handlers import jobs, runq
+from handlers.context import Context
+from handlers.errors import PermanentError, RetryableError, public_info
+from handlers.ports import JobLaunch
+from handlers.registry import handler
+from handlers.state import cas_loop
+from schemas import errors as codes
+from schemas import subjects
+from schemas.errors import ErrorInfo
+from schemas.events import RunStart
+from schemas.spec import AppSpec
+from schemas.status import JobState
+
+QUEUE_FULL = "{app} has {n} runs waiting, as many as it queues (max_queued_runs); try later"
+
+
+async def _fail(ctx: Context, job_id: str, error: ErrorInfo) -> None:
+    """End a run that will not start `failed`, tell its page, and free its place."""
+    done = await jobs.advance(
+        ctx, job_id, lambda j: jobs.finish(j, JobState.FAILED, ctx.now(), error=error)
+    )
+    if done is not None:
+        await jobs.moved(ctx, done)
+
+
+async def _start_failed(ctx: Context, event: RunStart, error: ErrorInfo) -> None:
+    """The start of this event's runs failed for good: they end `failed`."""
+    queue = await ctx.state.queues.get(event.app)
+    claimed = [j for j, c in (queue.claimed if queue else {}).items() if c.by == event.id]
+    for job_id in {*claimed, *([event.job_id] if event.job_id else [])}:
+        await _fail(ctx, job_id, error)
+
+
+@handler(
+    subjects.RUN_START,
+    schema=RunStart,
+    concurrency=16,
+    retries=4,
+    timeout_s=120,
+    on_failure=_start_failed,
+)
+async def run_start(ctx: Context, event: RunStart) -> None:
+    spec = await ctx.state.apps.get(event.app)
+    if spec is None or spec.kind != "job":
+        if event.job_id:
+            info = ErrorInfo(code=codes.UNKNOWN_APP, message=f"{event.app} is not registered")
+            await _fail(ctx, event.job_id, info)
+        return
+    job = await ctx.state.jobs.get(event.job_id) if event.job_id else None
+    if job is not None and job.state != JobState.QUEUED:
+        job = None  # cancelled while the start was on its way, or started already
+    before, after, full = await _claim(ctx, spec, job, event.id)
+    if full and job is not None:
+        message = QUEUE_FULL.format(app=spec.name, n=len(before.waiting))
+        await _fail(ctx, job.job_id, ErrorInfo(code=codes.TOO_MANY, message=message))
+    await runq.publish_moves(ctx, spec.name, before, after)
+    for job_id, c in after.claimed.items():
+        if c.by == event.id:
+            await _start(ctx, spec, job_id)
+
+
+async def _claim(
+    ctx: Context, spec: AppSpec, job: jobs.Job | None, by: str
+) -> tuple[runq.RunQueue, runq.RunQueue, bool]:
+    """Add `job` to the queue (unless it is there or the queue is full) and claim what fits.
+
+    Returns:
+        The queue before and after, and whether `job` found the queue full.
+    """
+    now = ctx.now()
+    async for _ in cas_loop():
+        entry = await ctx.state.queues.read(spec.name)
+        queue = entry.value if entry else runq.RunQueue()
+        new, full = queue, False
+        if (
+            job is not None
+            and job.job_id not in queue.claimed
+            and not any(w.job_id == job.job_id for w in queue.waiting)
+        ):
+            if len(queue.waiting) >= spec.max_queued_runs:
+                full = True
+            else:
+                waiting = runq.Waiting(
+                    job_id=job.job_id,
+                    session=job.session,
+                    queued_at=job.phases.queued or job.created_at,
+                )
+                # In the order runs were accepted (their run_starts may come in any order).
+                ordered = sorted([*queue.waiting, waiting], key=lambda w: w.queued_at)
+                new = runq.RunQueue(waiting=ordered, claimed=queue.claimed)
+        chosen = runq.startable(new, spec.max_concurrent_runs, spec.max_runs_per_session)
+        slotted = set(await runq.take_slots(ctx, spec.name, [w.job_id for w in chosen]))
+        chosen = [w for w in chosen if w.job_id in slotted]
+        if chosen:
+            new = runq.claim(new, chosen, by, now)
+        if new is queue:
+            return queue, queue, full
+        if entry is None:
+            written = await ctx.state.queues.create(spec.name, new)
+        else:
+            written = await ctx.state.queues.update(spec.name, new, entry.revision)
+        if written is not None:
+            return queue, new, full
+        await runq.free_slots(ctx, slotted)  # lost the race: the slots were for nothing
+    raise RetryableError(f"the run queue of {spec.name} kept changing under us", delay=0.2)
+
+
+async def _start(ctx: Context, spec: AppSpec, job_id: str) -> None:
+    """Hand one claimed run to the backend (again, on a redelivery: a no-op there)."""
+    job = await ctx.state.jobs.get(job_id)
+    if job is None or job.state != JobState.QUEUED:
+        if job is None or job.state.terminal:  # it ended while claimed: free its place
+            await runq.release(ctx, spec.name, job_id)
+        return
+    now = ctx.now()
+    if job.phases.started is None:
+        phases = job.phases.model_copy(update={"started": now})
+        job = await jobs.advance(
+            ctx,
+            job_id,
+            lambda j: (
+                j.model_copy(update={"phases": phases}) if j.state == JobState.QUEUED else None
+            ),
+        )
+        if job is None:
+            return
+    urls = ctx.store.upload_urls(job_id, spec.outputs) if spec.outputs and ctx.store else {}
+    launch = JobLaunch(
+        job_id=job_id, inputs=job.inputs, upload_urls=urls, deadline_s=spec.deadline_s
+    )
+    try:
+        await ctx.backend.submit_job(launch, spec)
+    except PermanentError as exc:  # this run's start failed; the others still start
+        ctx.log.warning("job_start_failed", job_id=job_id, error=exc.message)
+        await _fail(ctx, job_id, public_info(exc))
+        return
+    now_job = await ctx.state.jobs.get(job_id)
+    if now_job is None or now_job.state.terminal:  # cancelled while it was being started
+        await ctx.backend.cancel_job(job_id)
+        ctx.log.info("job_start_undone", job_id=job_id)
+        return
+    ctx.log.info("job_submitted", job_id=job_id)
