@@ -228,7 +228,9 @@ async def test_s3_down_while_a_run_finishes_then_back_still_succeeds(runs, s3, t
 
 
 # The 45 s outage, scaled down: longer than job_update's tries would last with
-# the backoff below (0.2 + 0.4 + 0.8 s), and past the run's deadline (1 s).
+# the backoff below (0.2 + 0.4 + 0.8 s), and past the run's deadline (2 s, plus the
+# reaper's 0.5 s grace). The deadline leaves the model time to start and upload on a busy
+# machine: at 1 s a loaded run could be stopped before the outage began.
 OUTAGE_S = 5.0
 
 
@@ -249,7 +251,7 @@ async def test_store_down_past_the_tries_and_the_deadline_still_succeeds(setting
     spec = registry.get("job_update")
     assert OUTAGE_S > sum(spec.backoff(n) for n in range(1, spec.tries))
     async with running(settings, s3.endpoint, registry=registry) as runs:
-        await runs.state.apps.put("demo/quick", model_spec(name="demo/quick", deadline_s=1))
+        await runs.state.apps.put("demo/quick", model_spec(name="demo/quick", deadline_s=2))
         go = tmp_path / "go"
         inputs = {"mode": "wait_for", "wait_for": str(go), "outputs": OUTPUTS}
         job = await runs.request(app="demo/quick", inputs=inputs)
