@@ -17,8 +17,10 @@ install:
 up *ARGS: install
     .venv/bin/spinyard up {{ARGS}}
 
-# Run the whole test suite (real nats-server and S3 server, started by the tests)
+# Run the whole test suite (real nats-server, S3 server and Chromium, started by the tests)
 test *ARGS: install
+    # The browser tests drive Debian's Chromium; install it if it is missing (they fail without).
+    [ -x /usr/bin/chromium ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "could not install chromium: the browser tests will fail"
     {{py}} -m pytest {{ARGS}}
 
 # Lint, format check and the import-layer contract

@@ -1,5 +1,6 @@
 """Fixtures every area shares: a real nats-server per test, a moto S3 server per module,
-settings for tests, and a check that no test leaks an asyncio task."""
+settings for tests, `spinyard up` stacks per module, and a check that no test leaks an
+asyncio task."""
 
 import asyncio
 
@@ -10,6 +11,7 @@ from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.embedded.s3server import S3Server
 from dispatcher.settings import Settings
 from tests.helpers import make_settings
+from tests.upstack import EXAMPLES, start_up, stop_up
 
 # Everything is logged; pytest shows it only for failing tests, and some tests read it.
 logs.configure("console", "debug")
@@ -51,3 +53,20 @@ async def no_task_left():
     for task in left:
         task.cancel()
     assert not left, "the test left tasks running: " + ", ".join(t.get_name() for t in left)
+
+
+@pytest.fixture(scope="module")
+def launch_up(tmp_path_factory):
+    """A function that starts `spinyard up` (extra `SPINYARD_*` settings as keywords) and
+    returns its process, URL, token, banner and data dir; whatever still runs at the end
+    of the module is killed, process group and all (tests/upstack.py)."""
+    started = []
+
+    def launch(apps=EXAMPLES, **extra_env: str) -> dict:
+        stack = start_up(tmp_path_factory.mktemp("up"), extra_env, apps)
+        started.append(stack)
+        return stack
+
+    yield launch
+    for stack in started:
+        stop_up(stack)

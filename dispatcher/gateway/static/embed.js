@@ -7,10 +7,12 @@
  * For each such element it sends a page_load event to the gateway this
  * script came from, follows the app's status over Server-Sent Events, shows
  * progress, swaps in the app's <iframe> when it is ready, and sends a
- * heartbeat every 30 s (data-heartbeat-s) saying whether the page is visible
- * and focused and how long the viewer has been idle. No dependencies.
+ * heartbeat every 30 s (data-heartbeat-s) while the page is visible and
+ * focused and the viewer acted within the last 300 s (data-input-window-s,
+ * the app's idle.input_window_s): a beat the app would not count is not sent,
+ * so a forgotten tab costs nothing. No dependencies.
  *
- * Element attributes: data-spinyard-app (required), data-heartbeat-s,
+ * Element attributes: data-spinyard-app (required), data-heartbeat-s, data-input-window-s,
  * data-height (iframe height, default 600px), data-token (bearer token),
  * data-session (the session id, when the token is bound to one),
  * data-gateway (gateway base URL, default: this script's origin).
@@ -113,6 +115,7 @@
     this.app = el.getAttribute("data-spinyard-app");
     this.base = (el.getAttribute("data-gateway") || BASE).replace(/\/+$/, "");
     this.heartbeatS = parseFloat(el.getAttribute("data-heartbeat-s")) || 30;
+    this.inputWindowS = parseFloat(el.getAttribute("data-input-window-s")) || 300;
     this.height = el.getAttribute("data-height") || "600px";
     if (el.getAttribute("data-session")) fixedSession = el.getAttribute("data-session");
     this.source = null;
@@ -261,12 +264,17 @@
   Embed.prototype.heartbeat = function () {
     var inFrame = this.frame && document.activeElement === this.frame && this.pointerOver;
     var idle = inFrame ? 0 : Math.max(0, (Date.now() - lastInput) / 1000);
+    var visible = document.visibilityState === "visible";
+    var focused = document.hasFocus();
+    // The gateway's handler counts a beat only from a visible, focused page whose viewer
+    // acted recently; one that would not count is not sent.
+    if (!visible || !focused || idle > this.inputWindowS) return;
     postEvent(this.base, this.token(), {
       type: "heartbeat",
       app: this.app,
       session: session(),
-      visible: document.visibilityState === "visible",
-      focused: document.hasFocus(),
+      visible: visible,
+      focused: focused,
       idle_s: Math.round(idle * 10) / 10,
     }).catch(function () { /* the next beat tries again */ });
   };

@@ -1,5 +1,8 @@
 """`spinyard up` as a user runs it: a subprocess in a session of its own, as a terminal's
-foreground job is, so a test can signal its whole process group as Ctrl-C does."""
+foreground job is, so a test can signal its whole process group as Ctrl-C does.
+
+Used by tests/embedded and tests/browser through the `launch_up` fixture (tests/conftest.py).
+"""
 
 import os
 import re
@@ -8,12 +11,14 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from tests.helpers import ROOT, free_port
 
+EXAMPLES = (ROOT / "examples" / "hello", ROOT / "examples" / "epidemic")
 
-def _start(data, extra_env: dict[str, str]) -> dict:
+
+def start_up(data, extra_env: dict[str, str], apps=EXAMPLES) -> dict:
+    """Start `spinyard up` with the spec dirs `apps` and settings `extra_env`; wait for
+    its banner. Returns its process, URL, token, banner, data dir and log file."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")}
     env |= {
@@ -28,10 +33,7 @@ def _start(data, extra_env: dict[str, str]) -> dict:
         "up",
         "--port",
         str(port),
-        "--apps",
-        str(ROOT / "examples" / "hello"),
-        "--apps",
-        str(ROOT / "examples" / "epidemic"),
+        *(arg for path in apps for arg in ("--apps", str(path))),
     ]
     with open(data / "up.log", "wb") as log:
         proc = subprocess.Popen(
@@ -70,22 +72,10 @@ def _start(data, extra_env: dict[str, str]) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def launch_up(tmp_path_factory):
-    """A function that starts `spinyard up` (extra `SPINYARD_*` settings as keywords) and
-    returns its process, URL, token, banner and data dir; whatever still runs at the end
-    of the module is killed, process group and all."""
-    started = []
-
-    def launch(**extra_env: str) -> dict:
-        stack = _start(tmp_path_factory.mktemp("up"), extra_env)
-        started.append(stack)
-        return stack
-
-    yield launch
-    for stack in started:
-        proc = stack["proc"]
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
+def stop_up(stack: dict) -> None:
+    """Kill what is left of a stack, process group and all."""
+    proc = stack["proc"]
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proc.stdout.close()
