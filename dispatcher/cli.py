@@ -53,7 +53,10 @@ async def _cmd_up(args, settings: Settings) -> int:
     from dispatcher.embedded.up import Stack
 
     stack = Stack(
-        settings, app_dirs=[Path(d) for d in args.apps] or [Path("examples")], port=args.port
+        settings,
+        app_dirs=[Path(d) for d in args.apps] or [Path("examples")],
+        port=args.port,
+        fresh=args.fresh,
     )
 
     def stop() -> None:
@@ -101,7 +104,7 @@ async def _cmd_apps(args, settings: Settings) -> int:
         state = await ensure_state(nc.jetstream(), settings.nats)
         if args.apps_cmd == "add":
             try:
-                specs = await register(state, [Path(p) for p in args.files])
+                specs = (await register(state, [Path(p) for p in args.files])).specs
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
@@ -266,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="gateway port (default: SPINYARD_GATEWAY__PORT or 8080)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="remove apps registered by earlier runs in this data dir that are not in --apps",
     )
     p.set_defaults(run=_cmd_up)
 

@@ -16,9 +16,10 @@ from tests.helpers import ROOT, free_port
 EXAMPLES = (ROOT / "examples" / "hello", ROOT / "examples" / "epidemic")
 
 
-def start_up(data, extra_env: dict[str, str], apps=EXAMPLES) -> dict:
-    """Start `spinyard up` with the spec dirs `apps` and settings `extra_env`; wait for
-    its banner. Returns its process, URL, token, banner, data dir and log file."""
+def start_up(data, extra_env: dict[str, str], apps=EXAMPLES, args: tuple[str, ...] = ()) -> dict:
+    """Start `spinyard up` with the spec dirs `apps`, settings `extra_env` and more command
+    line `args`; wait for its banner. Returns its process, URL, token, banner, data dir
+    and log file (appended to, so a data dir can serve several runs)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")}
     env |= {
@@ -34,8 +35,9 @@ def start_up(data, extra_env: dict[str, str], apps=EXAMPLES) -> dict:
         "--port",
         str(port),
         *(arg for path in apps for arg in ("--apps", str(path))),
+        *args,
     ]
-    with open(data / "up.log", "wb") as log:
+    with open(data / "up.log", "ab") as log:
         proc = subprocess.Popen(
             argv,
             env=env,

@@ -1,5 +1,6 @@
 """Registering app specs: find spec files and write them to the apps bucket."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from handlers.state import State
@@ -16,8 +17,21 @@ def find_specs(root: Path) -> list[Path]:
     return found
 
 
-async def register(state: State, paths: list[Path]) -> list[AppSpec]:
+@dataclass(frozen=True)
+class Registered:
+    """What `register` did: the specs it wrote, and the apps registered before that it
+    kept (or, with `fresh`, removed)."""
+
+    specs: list[AppSpec]
+    kept: list[str]
+    removed: list[str]
+
+
+async def register(state: State, paths: list[Path], fresh: bool = False) -> Registered:
     """Validate every file first, then register them all (none if any is invalid).
+
+    Apps registered earlier (in this data dir) and not among `paths` stay registered,
+    unless `fresh`: then they are removed.
 
     Raises:
         ValueError: a file is not a valid spec; the message names the file and field.
@@ -28,6 +42,11 @@ async def register(state: State, paths: list[Path]) -> list[AppSpec]:
             specs.append(load_spec(path))
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
+    names = {spec.name for spec in specs}
+    earlier = sorted(e.key for e in await state.apps.scan() if e.key not in names)
     for spec in specs:
         await state.apps.put(spec.name, spec)
-    return specs
+    if fresh:
+        for name in earlier:
+            await state.apps.delete(name)
+    return Registered(specs, [] if fresh else earlier, earlier if fresh else [])

@@ -23,7 +23,7 @@ from dispatcher.bus import permissions
 from dispatcher.bus.provision import open_state
 from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.embedded.s3server import S3Server
-from dispatcher.embedded.specs import find_specs, register
+from dispatcher.embedded.specs import Registered, find_specs, register
 from dispatcher.embedded.supervisor import supervise
 from dispatcher.gateway.auth import mint, new_secret
 from dispatcher.metrics import new_registry
@@ -83,6 +83,15 @@ def write_cli_env(
     return path
 
 
+def _earlier(apps: Registered) -> str:
+    """The banner's line on apps registered by earlier runs: kept, or removed by --fresh."""
+    if apps.kept:
+        return f"  kept:    {', '.join(apps.kept)} (registered earlier; --fresh removes them)\n"
+    if apps.removed:
+        return f"  removed: {', '.join(apps.removed)} (registered earlier; --fresh)\n"
+    return ""
+
+
 async def _cancelled(task: asyncio.Task) -> None:
     """Cancel `task` and wait for it (whatever it raised is read later, not here)."""
     task.cancel()
@@ -92,9 +101,16 @@ async def _cancelled(task: asyncio.Task) -> None:
 class Stack:
     """The embedded stack. `run()` until `stop()`."""
 
-    def __init__(self, settings: Settings, app_dirs: list[Path], port: int | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        app_dirs: list[Path],
+        port: int | None = None,
+        fresh: bool = False,
+    ):
         self.settings = settings
         self.app_dirs = app_dirs
+        self.fresh = fresh
         if port is not None:
             settings.gateway.port = port
         self._stop = asyncio.Event()
@@ -155,7 +171,7 @@ class Stack:
             specs = default_registry.select(None)
             state = await compose.provision(nc.jetstream(), settings, specs)
             paths = [p for d in self.app_dirs for p in find_specs(d)]
-            apps = await register(state, paths)
+            apps = await register(state, paths, fresh=self.fresh)
 
             as_gateway = as_user(settings, permissions.GATEWAY, passwords)
             gateway_nc = await stack.enter_async_context(
@@ -184,7 +200,8 @@ class Stack:
                 f"  NATS:    {nats_server.url} (users admin, gateway, handler)\n"
                 f"  CLI:     set -a; . {cli_env}; set +a   # then: spinyard apps list\n"
                 f"  S3:      {settings.store.endpoint} (bucket {settings.store.bucket})\n"
-                f"  apps:    {', '.join(s.name for s in apps) or 'none'}\n"
+                f"  apps:    {', '.join(s.name for s in apps.specs) or 'none'}\n"
+                f"{_earlier(apps)}"
                 f"  token:   {self.token or '(auth disabled)'}\n"
                 f"           (all apps, 12 h; use as 'Authorization: Bearer <token>')\n"
                 f"Press Ctrl-C to stop."

@@ -22,6 +22,7 @@ import aiohttp
 
 from tests.embedded.test_up import alive, descendants
 from tests.helpers import ROOT, free_port, wait_for
+from tests.upstack import EXAMPLES, start_up, stop_up
 
 
 class Up:
@@ -151,3 +152,29 @@ async def test_a_restarted_up_serves_pooled_apps_and_none_fail(tmp_path):
     finally:
         tree = second.stop()
     await wait_for(lambda: not alive(tree), timeout=15, what="the second run's processes gone")
+
+
+async def test_apps_registered_earlier_are_kept_and_named_or_removed_with_fresh(tmp_path):
+    hello, epidemic = EXAMPLES
+    first = start_up(tmp_path, {}, apps=(hello, epidemic))
+    stop_up(first)
+    assert "kept:" not in first["banner"]
+
+    second = start_up(tmp_path, {}, apps=(hello,))
+    try:
+        assert "demo/epidemic (registered earlier; --fresh removes them)" in second["banner"]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{second['url']}/v1/apps") as r:
+                assert "demo/epidemic" in {app["name"] for app in await r.json()}
+    finally:
+        stop_up(second)
+
+    third = start_up(tmp_path, {}, apps=(hello,), args=("--fresh",))
+    try:
+        assert "removed: demo/epidemic" in third["banner"]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{third['url']}/v1/apps") as r:
+                names = {app["name"] for app in await r.json()}
+        assert "demo/epidemic" not in names and "demo/hello" in names
+    finally:
+        stop_up(third)
