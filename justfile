@@ -7,21 +7,30 @@ py := ".venv/bin/python"
 default:
     @./just --list
 
-# Install spinyard and its dev and demo extras into .venv (quick when already done)
+# (Skipped while pyproject.toml is unchanged since the last install.)
+# Install spinyard and its dev and demo extras into .venv
 install:
     [ -x {{py}} ] || python3 -m venv .venv
-    {{py}} -m pip install -q --disable-pip-version-check -e '.[dev,demo]'
+    [ .venv/.installed-dev -nt pyproject.toml ] || { {{py}} -m pip install -q --disable-pip-version-check -e '.[dev,demo]' && touch .venv/.installed-run .venv/.installed-dev; }
 
+# (Not the dev tools; skipped while pyproject.toml is unchanged since the last install.)
+# Install what `up` needs, spinyard and the demo apps' extra, showing pip's progress
+install-run:
+    [ -x {{py}} ] || python3 -m venv .venv
+    [ .venv/.installed-run -nt pyproject.toml ] || { echo "installing spinyard and the demo apps' packages into .venv ..."; {{py}} -m pip install --disable-pip-version-check --progress-bar on -e '.[demo]' && touch .venv/.installed-run; }
+
+# (`./just up` runs `spinyard up` itself after `install-run`, so Ctrl-C exits 0; see ./just)
 # Start the embedded stack (nats-server, handlers, gateway, local backend) with the examples
-# (`./just up` runs `spinyard up` itself after `install`, so Ctrl-C exits 0; see ./just)
-up *ARGS: install
+up *ARGS: install-run
     .venv/bin/spinyard up {{ARGS}}
 
 # Run the whole test suite (real nats-server, S3 server and Chromium, started by the tests)
 test *ARGS: install
     # The browser tests drive Debian's Chromium; install it if it is missing (they fail without).
     [ -x /usr/bin/chromium ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "could not install chromium: the browser tests will fail"
-    {{py}} -m pytest {{ARGS}}
+    # Only the pytest plugins the suite uses load: another package's plugin in the venv
+    # (Dash's, say, which trips filterwarnings = error) cannot change the run.
+    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {{py}} -m pytest -p pytest_asyncio.plugin -p kmock._internal.pytest -p _hypothesis_pytestplugin {{ARGS}}
 
 # Lint, format check and the import-layer contract
 lint: install
@@ -31,7 +40,8 @@ lint: install
 
 # Benchmarks (see docs/benchmarks.md); installs the bench extra
 bench *ARGS: install
-    {{py}} -m pip install -q --disable-pip-version-check -e '.[bench]'
-    # Celery's broker for the runs bench: Debian's redis-server, if it is missing.
-    command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || echo "no redis-server: the Celery half of the runs bench will say so"
+    # --help only prints: nothing more is installed for it.
+    case " {{ARGS}} " in *" --help "*|*" -h "*) exec {{py}} -m bench {{ARGS}};; esac; \
+    {{py}} -m pip install -q --disable-pip-version-check -e '.[bench]'; \
+    command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || echo "no redis-server: the Celery half of the runs bench will say so"; \
     {{py}} -m bench {{ARGS}}
