@@ -258,6 +258,9 @@ def make_app(
     r.add_route("*", "/apps/{owner}/{title}/{instance_id}/{tail:.*}", proxy.handle)
     r.add_get("/embed.js", static_file("embed.js", "text/javascript"))
     r.add_get("/demo", static_file("demo.html", "text/html"))
+    # Browsers ask for /favicon.ico on every page of the origin; the demo links the SVG.
+    r.add_get("/favicon.ico", static_file("favicon.svg", "image/svg+xml"))
+    r.add_get("/favicon.svg", static_file("favicon.svg", "image/svg+xml"))
     r.add_get("/", root)
     r.add_get("/healthz", healthz)
     r.add_get("/metrics", metrics)

@@ -192,6 +192,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("GET", "/embed.js"): _static("The embed snippet", "text/javascript"),
     ("GET", "/demo"): _static("The demo page", "text/html"),
+    ("GET", "/favicon.ico"): _static("The icon (SVG, whatever the name)", "image/svg+xml"),
+    ("GET", "/favicon.svg"): _static("The icon", "image/svg+xml"),
     ("GET", "/"): {
         "summary": "On to the demo page",
         "responses": {"302": {"description": "to /demo"}, **_errors()},

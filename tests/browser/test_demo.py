@@ -36,9 +36,15 @@ def seen(page) -> list[str]:
 
 def test_the_demo_embeds_an_app_shows_progress_then_swaps_in_its_iframe(stack, page):
     page.add_init_script(RECORD_TEXTS)
+    failed = []
+    page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
     page.goto(f"{stack['url']}/demo#demo/hello")
     frame = page.wait_for_selector("#stage iframe").content_frame()
     frame.wait_for_selector("text=Hello from spinyard")
+    assert failed == []  # the favicon included
+    # The snippet to copy works elsewhere: it carries a token and says what else it needs.
+    snippet = page.text_content("#snippet")
+    assert 'data-token="TOKEN"' in snippet and "embed_origins" in snippet
     # The status box said what was happening before the app took its place.
     assert any(text.startswith("Loading demo/hello") for text in seen(page)), seen(page)
     assert page.locator(".spinyard-status").is_hidden()
