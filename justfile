@@ -8,16 +8,16 @@ default:
     @./just --list
 
 # (Skipped while pyproject.toml is unchanged since the last install.)
-# Install spinyard and its dev and demo extras into .venv
+# Install spinyard and its dev, demo and frameworks extras into .venv
 install:
     [ -x {{py}} ] || python3 -m venv .venv
-    [ .venv/.installed-dev -nt pyproject.toml ] || { {{py}} -m pip install -q --disable-pip-version-check -e '.[dev,demo]' && touch .venv/.installed-run .venv/.installed-dev; }
+    [ .venv/.installed-dev -nt pyproject.toml ] || { {{py}} -m pip install -q --disable-pip-version-check -e '.[dev,demo,frameworks]' && touch .venv/.installed-run .venv/.installed-dev; }
 
 # (Not the dev tools; skipped while pyproject.toml is unchanged since the last install.)
-# Install what `up` needs, spinyard and the demo apps' extra, showing pip's progress
+# Install what `up` needs, spinyard and the example apps' extras, showing pip's progress
 install-run:
     [ -x {{py}} ] || python3 -m venv .venv
-    [ .venv/.installed-run -nt pyproject.toml ] || { echo "installing spinyard and the demo apps' packages into .venv ..."; {{py}} -m pip install --disable-pip-version-check --progress-bar on -e '.[demo]' && touch .venv/.installed-run; }
+    [ .venv/.installed-run -nt pyproject.toml ] || { echo "installing spinyard and the demo apps' packages into .venv ..."; {{py}} -m pip install --disable-pip-version-check --progress-bar on -e '.[demo,frameworks]' && touch .venv/.installed-run; }
 
 # (`./just up` runs `spinyard up` itself after `install-run`, so Ctrl-C exits 0; see ./just)
 # Start the embedded stack (nats-server, handlers, gateway, local backend) with the examples

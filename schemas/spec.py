@@ -11,7 +11,7 @@ reaches a backend; the backends fill them with `dispatcher.backends.launch`.
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from schemas import presets
 from schemas.names import check_app
 
 SPEC_VERSION = 1
@@ -90,9 +91,18 @@ class AppSpec(BaseModel):
         "viz", description="viz: a web app shown in a page; job: a run that ends with results"
     )
     description: str = Field("", description="Shown in the app list")
+    framework: Literal["bokeh", "panel", "dash", "streamlit", "voila"] | None = Field(
+        None,
+        description="Fills in command, readiness_path, entry_path and env for this "
+        "framework (docs/frameworks.md); what the spec states itself wins",
+    )
+    script: str | None = Field(
+        None, description="With `framework`: the file it serves, relative to workdir"
+    )
     command: list[str] = Field(
         min_length=1,
-        description="argv; placeholders such as '{port}' are replaced (docs/app-spec.md)",
+        description="argv; placeholders such as '{port}' are replaced (docs/app-spec.md); "
+        "filled in by `framework`",
     )
     workdir: str | None = Field(None, description="Working directory; relative to the spec file.")
     env: dict[str, str] = Field(
@@ -152,6 +162,11 @@ class AppSpec(BaseModel):
     outputs: list[str] = Field(
         default_factory=list, description="File names a run may upload (job apps)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _framework(cls, data: Any) -> Any:
+        return presets.expand(data) if isinstance(data, dict) else data
 
     @field_validator("name")
     @classmethod

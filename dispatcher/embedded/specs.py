@@ -8,11 +8,12 @@ from schemas.spec import AppSpec, load_spec
 
 
 def find_specs(root: Path) -> list[Path]:
-    """Spec files under `root`: YAML files that declare a `name:` and a `command:`."""
+    """Spec files under `root`: YAML files that declare a `name:` and a `command:` or a
+    `framework:`."""
     found = []
     for path in sorted(root.rglob("*.y*ml")):
-        text = path.read_text(errors="replace")
-        if "\nname:" in f"\n{text}" and "command:" in text:
+        text = f"\n{path.read_text(errors='replace')}"
+        if "\nname:" in text and ("command:" in text or "\nframework:" in text):
             found.append(path)
     return found
 
