@@ -18,6 +18,7 @@ from schemas import errors as codes
 from schemas import subjects
 from schemas.errors import ErrorInfo
 from schemas.events import JobUpdate
+from schemas.spec import AppSpec
 from schemas.status import JobState, ResultRef
 
 # What the page reads when the store's own account of the mismatch is not public.
@@ -107,4 +108,19 @@ async def _collect(ctx: Context, job: jobs.Job) -> dict:
         ctx.log.warning("job_results_rejected", code=exc.code, reason=exc.message)
         message = exc.message if isinstance(exc, PublicError) else RESULTS_MISMATCH
         return {"error": ErrorInfo(code=codes.BAD_RESULTS, message=message)}
-    return {"results": [ResultRef(key=r.key, url=r.url, name=r.name, size=r.size) for r in results]}
+    # How a page may show each result: the app's declared types and charts, read now (an
+    # app removed since the run started still gets types from the file names).
+    spec = await ctx.state.apps.get(job.app) if results else None
+    shown = spec or AppSpec(name=job.app, kind="job", command=["-"], outputs=job.outputs)
+    refs = [
+        ResultRef(
+            key=r.key,
+            url=r.url,
+            name=r.name,
+            size=r.size,
+            type=shown.media_type(r.name),
+            chart=shown.charts.get(r.name),
+        )
+        for r in results
+    ]
+    return {"results": refs}

@@ -9,6 +9,7 @@ a spec that names a value its kind has none of (a job's `{port}`) never
 reaches a backend; the backends fill them with `dispatcher.backends.launch`.
 """
 
+import mimetypes
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from pydantic import (
 
 from schemas import presets
 from schemas.names import check_app
+from schemas.status import Chart
 
 SPEC_VERSION = 1
 
@@ -35,6 +37,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "job": frozenset({"python"}),
 }
 _NAMES = "|".join(sorted(PLACEHOLDERS["viz"]))  # viz has them all
+_MEDIA_TYPE = re.compile(r"[a-z]+/[a-z0-9.+-]+")
 _PLACEHOLDER = re.compile(rf"\{{({_NAMES})\}}")
 
 
@@ -162,6 +165,14 @@ class AppSpec(BaseModel):
     outputs: list[str] = Field(
         default_factory=list, description="File names a run may upload (job apps)."
     )
+    output_types: dict[str, str] = Field(
+        default_factory=dict,
+        description="Media type of an output, where its suffix does not say (job apps)",
+    )
+    charts: dict[str, Chart] = Field(
+        default_factory=dict,
+        description="A line chart to draw of a CSV output: {x: column, y: [columns]} (job apps)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -229,7 +240,21 @@ class AppSpec(BaseModel):
         for name in self.outputs:
             if "/" in name or name.startswith(".") or not name:
                 raise ValueError(f"output {name!r} must be a plain file name")
+        for field in ("output_types", "charts"):
+            for name in getattr(self, field):
+                if name not in self.outputs:
+                    raise ValueError(f"{field}: {name!r} is not one of the app's outputs")
+        for name, kind in self.output_types.items():
+            if not _MEDIA_TYPE.fullmatch(kind):
+                raise ValueError(f"output_types: {kind!r} ({name}) is not a media type")
+        for name in self.charts:
+            if self.media_type(name) != "text/csv":
+                raise ValueError(f"charts: {name!r} is not a CSV output")
         return self
+
+    def media_type(self, output: str) -> str | None:
+        """The media type of an output: declared in `output_types`, else by its suffix."""
+        return self.output_types.get(output) or mimetypes.guess_type(output, strict=False)[0]
 
     @property
     def owner(self) -> str:

@@ -71,13 +71,25 @@ class JobState(StrEnum):
         return self not in (JobState.QUEUED, JobState.RUNNING)
 
 
+class Chart(BaseModel):
+    """A line chart of a CSV output: one column along x, one line per y column."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x: str = Field(min_length=1, description="The column along the x axis")
+    y: list[str] = Field(min_length=1, max_length=8, description="One line per column")
+
+
 class ResultRef(BaseModel):
-    """One result object of a run: its key in the results bucket and a presigned GET URL."""
+    """One result object of a run: its key in the results bucket and a presigned GET URL,
+    and how a page may show it (`type`, and a `chart` for a CSV the app declared one for)."""
 
     key: str
     url: str
     name: str | None = None
     size: int | None = None
+    type: str | None = Field(None, description="Media type, e.g. text/csv or image/png")
+    chart: Chart | None = None
 
 
 class JobPhases(BaseModel):

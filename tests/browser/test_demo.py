@@ -79,6 +79,28 @@ def test_a_run_form_shows_the_runs_states_and_its_results(stack, page):
     assert sorted(links.all_text_contents()) == ["summary.json", "trajectory.csv"]
     summary = page.request.get(links.filter(has_text="summary.json").get_attribute("href"))
     assert summary.ok and json.loads(summary.text())["peak_day"] > 0
+    # The results are shown, not only linked: the JSON pretty-printed, the CSV as a table
+    # of its first rows and, as the app declares, a chart of three columns by day.
+    shown = page.locator(".spinyard-result")
+    pretty = shown.filter(has_text="summary.json").locator("pre")
+    pretty.wait_for()
+    assert json.loads(pretty.text_content()) == json.loads(summary.text())
+    assert '\n  "peak_day"' in pretty.text_content()
+    table = shown.filter(has_text="trajectory.csv").locator("table")
+    table.wait_for()
+    assert table.locator("th").all_text_contents() == [
+        "day",
+        "susceptible",
+        "infected",
+        "recovered",
+    ]
+    assert table.locator("tr").count() == 21 and "first 20 of 161 rows" in table.text_content()
+    lines = shown.locator("svg polyline")
+    assert [lines.nth(i).get_attribute("data-series") for i in range(lines.count())] == [
+        "susceptible",
+        "infected",
+        "recovered",
+    ]
 
 
 # Drive the page's attention: Playwright's headless pages are always visible and

@@ -141,6 +141,23 @@ async def test_run_succeeds_and_results_download_through_presigned_urls(runs):
             assert results[name]["key"] == f"results/{job}/{name}"
             async with http.get(results[name]["url"]) as r:
                 assert r.status == 200 and await r.text() == text
+    # How a page may show them: types from the file names, no chart declared.
+    assert results["summary.json"]["type"] == "application/json"
+    assert results["table.csv"]["type"] == "text/csv" and results["table.csv"]["chart"] is None
+
+
+async def test_results_carry_the_types_and_charts_the_app_declares(runs):
+    spec = model_spec(
+        name="demo/charted",
+        output_types={"summary.json": "application/vnd.demo+json"},
+        charts={"table.csv": {"x": "a", "y": ["b"]}},
+    )
+    await runs.state.apps.put(spec.name, spec)
+    job = await runs.request(app=spec.name, inputs={"outputs": OUTPUTS})
+    done = await runs.wait_state(job, "succeeded")
+    results = {r["name"]: r for r in done["results"]}
+    assert results["summary.json"]["type"] == "application/vnd.demo+json"
+    assert results["table.csv"]["chart"] == {"x": "a", "y": ["b"]}
 
 
 async def test_failing_model_reports_exit_code_and_log_tail(runs):

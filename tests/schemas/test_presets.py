@@ -1,5 +1,6 @@
 """Framework presets: what `framework:` fills in, what the spec's own fields override,
-and what bad presets get. (Each preset's example runs in Chromium: tests/browser.)"""
+and what bad presets get (each preset's example runs in Chromium: tests/browser); and
+how a job app says what its outputs are (`output_types`, `charts`)."""
 
 import pytest
 from pydantic import ValidationError
@@ -88,3 +89,23 @@ def test_a_spec_with_neither_framework_nor_command_is_refused():
 def test_every_preset_has_an_example_that_uses_it():
     found = {load_spec(p).framework for p in (ROOT / "examples").rglob("spinyard.yaml")}
     assert set(FRAMEWORKS) <= found
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"output_types": {"other.png": "image/png"}}, "not one of the app's outputs"),
+        ({"output_types": {"plot.dat": "an image"}}, "is not a media type"),
+        ({"charts": {"plot.dat": {"x": "a", "y": ["b"]}}}, "is not a CSV output"),
+        ({"charts": {"table.csv": {"x": "a", "y": []}}}, "at least 1 item"),
+        ({"charts": {"missing.csv": {"x": "a", "y": ["b"]}}}, "not one of the app's outputs"),
+    ],
+)
+def test_output_types_and_charts_name_declared_outputs(fields, message):
+    base = {"kind": "job", "command": ["run"], "outputs": ["table.csv", "plot.dat"]}
+    with pytest.raises(ValidationError, match=message):
+        spec(**base, **fields)
+    ok = spec(
+        **base, output_types={"plot.dat": "image/png"}, charts={"table.csv": {"x": "a", "y": ["b"]}}
+    )
+    assert ok.media_type("plot.dat") == "image/png" and ok.media_type("table.csv") == "text/csv"

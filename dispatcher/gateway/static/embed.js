@@ -18,7 +18,8 @@
  * data-gateway (gateway base URL, default: this script's origin).
  *
  * window.spinyard: embed(el), run(app, inputs, opts) -> Promise<job_id>,
- * watchJob(job_id, onStatus) -> {close()}, setToken(t), session(), base.
+ * watchJob(job_id, onStatus) -> {close()}, preview(result) -> element,
+ * setToken(t), session(), base.
  * An app inside the iframe may post {spinyard: "activity"} to its parent to
  * say the viewer is active (input inside a cross-origin iframe is invisible
  * to this page).
@@ -328,12 +329,164 @@
     return { close: function () { source.close(); } };
   }
 
+  /*
+   * Result previews: what a run produced, shown rather than linked. Everything is read
+   * through the result's presigned URL (the object store answers CORS for it), and all
+   * of it is put in the page as text or as an <img>, never as markup.
+   */
+  var PREVIEW_ROWS = 20;
+  var PREVIEW_BYTES = 2 * 1024 * 1024;
+
+  function el(tag, css, text) {
+    var node = document.createElement(tag);
+    if (css) node.style.cssText = css;
+    if (text != null) node.textContent = text;
+    return node;
+  }
+
+  /** RFC 4180 CSV: quoted fields, doubled quotes, CRLF or LF. */
+  function parseCsv(text) {
+    var rows = [], row = [], field = "", quoted = false;
+    for (var i = 0; i < text.length; i++) {
+      var c = text[i];
+      if (quoted) {
+        if (c === '"' && text[i + 1] === '"') { field += '"'; i++; }
+        else if (c === '"') quoted = false;
+        else field += c;
+      } else if (c === '"') quoted = true;
+      else if (c === ",") { row.push(field); field = ""; }
+      else if (c === "\n" || c === "\r") {
+        if (c === "\r" && text[i + 1] === "\n") i++;
+        row.push(field); rows.push(row); row = []; field = "";
+      } else field += c;
+    }
+    if (field !== "" || row.length) { row.push(field); rows.push(row); }
+    return rows;
+  }
+
+  function csvTable(rows) {
+    var table = el("table", "border-collapse:collapse;font:12px ui-monospace,monospace;margin:.4rem 0");
+    rows.slice(0, PREVIEW_ROWS + 1).forEach(function (cells, i) {
+      var tr = el("tr");
+      cells.forEach(function (cell) {
+        tr.appendChild(el(i ? "td" : "th", "border:1px solid #ddd;padding:2px 6px;text-align:right", cell));
+      });
+      table.appendChild(tr);
+    });
+    if (rows.length > PREVIEW_ROWS + 1) {
+      var more = el("caption", "caption-side:bottom;color:#667085;text-align:left",
+        "first " + PREVIEW_ROWS + " of " + (rows.length - 1) + " rows");
+      table.appendChild(more);
+    }
+    return table;
+  }
+
+  var COLORS = ["#2f6fed", "#d92d20", "#079455", "#dc6803", "#7a5af8", "#0e9384", "#dd2590", "#475467"];
+
+  /** A line chart (SVG) of columns `chart.y` against `chart.x`, with a legend. */
+  function csvChart(rows, chart) {
+    var head = rows[0] || [], body = rows.slice(1).filter(function (r) { return r.length === head.length; });
+    var xi = head.indexOf(chart.x);
+    var series = chart.y.map(function (name) { return { name: name, i: head.indexOf(name) }; })
+      .filter(function (s) { return s.i >= 0; });
+    if (xi < 0 || !series.length || body.length < 2) return null;
+    var num = function (v) { return parseFloat(v); };
+    var xs = body.map(function (r) { return num(r[xi]); });
+    var all = [];
+    series.forEach(function (s) { body.forEach(function (r) { all.push(num(r[s.i])); }); });
+    var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs);
+    var y0 = Math.min(0, Math.min.apply(null, all)), y1 = Math.max.apply(null, all);
+    if (!isFinite(x0 + x1 + y0 + y1) || x1 === x0 || y1 === y0) return null;
+    var W = 560, H = 220, P = 36, ns = "http://www.w3.org/2000/svg";
+    var svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", chart.y.join(", ") + " by " + chart.x);
+    svg.style.cssText = "width:100%;max-width:" + W + "px;display:block;margin:.4rem 0";
+    var sx = function (v) { return P + (v - x0) / (x1 - x0) * (W - 2 * P); };
+    var sy = function (v) { return H - P + (y0 - v) / (y1 - y0) * (H - 2 * P); };
+    var axis = document.createElementNS(ns, "path");
+    axis.setAttribute("d", "M" + P + " " + (H - P) + "H" + (W - P) + "M" + P + " " + (H - P) + "V" + P);
+    axis.setAttribute("stroke", "#98a2b3");
+    svg.appendChild(axis);
+    [[x0, sx(x0), H - P + 14, "middle"], [x1, sx(x1), H - P + 14, "middle"],
+     [y1, P - 4, sy(y1) + 4, "end"], [y0, P - 4, sy(y0) + 4, "end"]].forEach(function (t) {
+      var label = document.createElementNS(ns, "text");
+      label.setAttribute("x", t[1]); label.setAttribute("y", t[2]);
+      label.setAttribute("text-anchor", t[3]); label.setAttribute("font-size", "10");
+      label.textContent = String(t[0]);
+      svg.appendChild(label);
+    });
+    series.forEach(function (s, k) {
+      var line = document.createElementNS(ns, "polyline");
+      line.setAttribute("points", body.map(function (r, j) {
+        return sx(xs[j]).toFixed(1) + "," + sy(num(r[s.i])).toFixed(1);
+      }).join(" "));
+      line.setAttribute("fill", "none");
+      line.setAttribute("stroke", COLORS[k % COLORS.length]);
+      line.setAttribute("stroke-width", "2");
+      line.setAttribute("data-series", s.name);
+      svg.appendChild(line);
+      var key = document.createElementNS(ns, "text");
+      key.setAttribute("x", W - P); key.setAttribute("y", P + 12 * k);
+      key.setAttribute("text-anchor", "end"); key.setAttribute("font-size", "11");
+      key.setAttribute("fill", COLORS[k % COLORS.length]);
+      key.textContent = s.name;
+      svg.appendChild(key);
+    });
+    return svg;
+  }
+
+  /** An element showing one result of a run: its link, and below it what it holds. */
+  function preview(result) {
+    var box = el("div", "margin:.6rem 0");
+    box.className = "spinyard-result";
+    var link = el("a", "", result.name || result.key);
+    link.href = result.url;
+    link.target = "_blank";
+    link.rel = "noopener";
+    box.append(link, result.size != null ? " (" + result.size + " bytes)" : "");
+    var type = (result.type || "").split(";")[0];
+    var body = el("div");
+    box.appendChild(body);
+    if (type.indexOf("image/") === 0) {
+      var img = el("img", "max-width:100%;display:block;margin:.4rem 0");
+      img.alt = result.name || "";
+      img.src = result.url;
+      body.appendChild(img);
+      return box;
+    }
+    var text = type === "text/csv" || type === "application/json" || type.indexOf("text/") === 0;
+    if (!text || (result.size != null && result.size > PREVIEW_BYTES)) return box;
+    fetch(result.url).then(function (r) {
+      if (!r.ok) throw new Error(String(r.status));
+      return r.text();
+    }).then(function (content) {
+      if (type === "text/csv") {
+        var rows = parseCsv(content);
+        var drawn = result.chart ? csvChart(rows, result.chart) : null;
+        if (drawn) body.appendChild(drawn);
+        body.appendChild(csvTable(rows));
+      } else {
+        if (type === "application/json") {
+          try { content = JSON.stringify(JSON.parse(content), null, 2); } catch (e) { /* as sent */ }
+        }
+        body.appendChild(el("pre", "background:#f3f4f6;padding:.5rem;border-radius:6px;" +
+          "overflow:auto;max-height:16rem;font:12px ui-monospace,monospace", content));
+      }
+    }).catch(function (err) {
+      body.appendChild(el("span", "color:#667085", " (no preview: " + err.message + ")"));
+    });
+    return box;
+  }
+
   window.spinyard = {
     version: 1,
     base: BASE,
     embed: embed,
     run: run,
     watchJob: watchJob,
+    preview: preview,
     session: session,
     setToken: function (t) { globalToken = t || null; },
   };
