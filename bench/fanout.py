@@ -108,6 +108,8 @@ class Worker:
                 line = await self.lines.get()
                 if key in line:
                     return line
+                if "error" in line:
+                    raise BenchError(f"a client process failed: {line['error']}")
                 if "exited" in line:
                     raise BenchError(f"a client process ended while waiting for {key!r}")
 
@@ -154,6 +156,7 @@ async def measure(
 ) -> dict:
     """Open `sizes.streams` streams on `url + path`, then time `sizes.changes` changes;
     `probe()` (awaited once all are open) adds what it returns to the figures."""
+    print(f"{name}: opening {sizes.streams} streams", flush=True)
     async with AsyncExitStack() as stack:
         workers = await start_workers(url, path, sizes, token, stack)
         rss_before = vmrss_kb(pid)
@@ -165,6 +168,7 @@ async def measure(
         await asyncio.sleep(0.5)  # let the server settle before reading its memory
         rss_after = vmrss_kb(pid)
         probed = await probe() if probe else {}
+        print(f"{name}: {sizes.streams} open in {open_all:.2f} s; timing changes", flush=True)
         fanout = []
         for k in range(1, sizes.changes + 1):
             t0 = time.monotonic()
@@ -280,9 +284,19 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
         info = await js.stream_info(subjects.STATUS_STREAM)
         return {"status_consumers_while_open": info.state.consumer_count}
 
-    spinyard = await measure(
-        "spinyard gateway", url, path, gateway.proc.pid, publish_gateway, sizes, token, consumers
-    )
+    try:
+        spinyard = await measure(
+            "spinyard gateway",
+            url,
+            path,
+            gateway.proc.pid,
+            publish_gateway,
+            sizes,
+            token,
+            consumers,
+        )
+    except BenchError as exc:
+        raise BenchError(f"{exc}\nthe gateway's last log lines:\n{gateway.tail()}") from None
     gateway.check()
     consumers = (await js.stream_info(subjects.STATUS_STREAM)).state.consumer_count
     return summarize(sizes, baseline, spinyard) | {"status_consumers_after": consumers}

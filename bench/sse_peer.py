@@ -161,11 +161,15 @@ async def run_clients(host: str, port: int, path: str, n: int, token: str | None
     await loop.run_in_executor(None, sys.stdin.readline)  # "go"
     took = []
     t0 = time.monotonic()
-    for _ in range(n):
-        start = time.monotonic()
-        _, stream = await loop.create_connection(lambda: Stream(clients, request), host, port)
-        streams.append(stream)
-        took.append(await asyncio.wait_for(stream.first, OPEN_TIMEOUT_S) - start)
+    try:
+        for _ in range(n):
+            start = time.monotonic()
+            _, stream = await loop.create_connection(lambda: Stream(clients, request), host, port)
+            streams.append(stream)
+            took.append(await asyncio.wait_for(stream.first, OPEN_TIMEOUT_S) - start)
+    except (OSError, TimeoutError) as exc:
+        emit({"error": f"stream {len(took) + 1} of {n} did not open: {exc!r}"})
+        return
     emit({"opened": n, "open_s": took, "t0": t0, "t1": time.monotonic()})
     await loop.run_in_executor(None, sys.stdin.read)  # EOF: done
     for stream in streams:
