@@ -40,7 +40,6 @@ server but stored just after the get would be lost.
 import asyncio
 import contextlib
 import json
-from collections import deque
 from typing import Any
 
 import nats.errors
@@ -55,7 +54,8 @@ log = logs.get("spinyard.gateway")
 
 # Status is last-value: a client that falls this far behind only misses stale states.
 QUEUE_SIZE = 64
-END = object()  # what `Client.next` returns once the client is ended
+END = object()  # what `Client.take` returns once the client is ended
+KEEPALIVE = b": keepalive\n\n"
 
 
 def to_json(data: bytes | None) -> str | None:
@@ -75,21 +75,35 @@ def _jsonable(value: Any) -> Any:
 
 
 class Client:
-    """One SSE stream's side of a topic: the statuses not yet written, newest `QUEUE_SIZE`."""
+    """One SSE stream's side of a topic: the statuses not yet written, newest `QUEUE_SIZE`,
+    and whether a keep-alive comment is due."""
 
-    __slots__ = ("ended", "pending", "waiter")
+    __slots__ = ("ended", "pending", "ping", "waiter")
 
     def __init__(self) -> None:
-        self.pending: deque[bytes] | None = None  # made on the first status: most wait long
+        # A list, made when needed: a client mostly has nothing or one status waiting, and a
+        # deque's first block alone is 600 bytes, a lot next to an SSE stream's ~10 KB.
+        self.pending: list[bytes] | None = None
         self.waiter: asyncio.Future | None = None
         self.ended = False
+        self.ping = False
 
     def offer(self, chunk: bytes) -> None:
         """Queue `chunk`, dropping the oldest when `QUEUE_SIZE` are waiting."""
-        if self.pending is None:
-            self.pending = deque(maxlen=QUEUE_SIZE)
-        self.pending.append(chunk)
+        pending = self.pending
+        if pending is None:
+            self.pending = [chunk]
+        else:
+            if len(pending) >= QUEUE_SIZE:
+                del pending[0]
+            pending.append(chunk)
         self._wake()
+
+    def keepalive(self) -> None:
+        """Ask for a keep-alive comment, unless a status is about to be written anyway."""
+        if not self.pending:
+            self.ping = True
+            self._wake()
 
     def end(self) -> None:
         self.ended = True
@@ -97,24 +111,31 @@ class Client:
 
     def _wake(self) -> None:
         waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
-    async def next(self, idle_s: float) -> bytes | object | None:
-        """The next chunk to write; None after `idle_s` seconds without one; `END` once ended."""
-        while not self.ended and not self.pending:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(idle_s):
-                    await self.waiter
-            except TimeoutError:
-                return None
-            finally:
-                self.waiter = None
+    def take(self) -> bytes | object | None:
+        """What to write next: a status, `KEEPALIVE`, `END` once ended, or None: `wait()`."""
         if self.ended:
             return END
-        assert self.pending is not None
-        return self.pending.popleft()
+        pending = self.pending
+        if pending:
+            chunk = pending.pop(0)
+            if not pending:
+                self.pending = None
+            return chunk
+        if self.ping:
+            self.ping = False
+            return KEEPALIVE
+        return None
+
+    def wait(self) -> asyncio.Future:
+        """A future done when there is something to `take()` (awaited as is: no coroutine
+        frame per waiting stream)."""
+        self.waiter = waiter = asyncio.get_running_loop().create_future()
+        return waiter
 
 
 class Topic:
@@ -153,23 +174,32 @@ class Fanout:
     """The topics of one gateway, by subject; each made by its first client, dropped after
     its last one has been gone for `linger_s`."""
 
-    def __init__(self, js: JetStreamContext, *, linger_s: float, heartbeat_s: float) -> None:
+    def __init__(
+        self, js: JetStreamContext, *, keepalive_s: float, linger_s: float, heartbeat_s: float
+    ) -> None:
         """
         Args:
             js: the JetStream context the subscriptions are made with.
+            keepalive_s: every client is sent a comment line this often (one timer for all
+                clients, not one per client: 10,000 streams would keep 10,000 timers, each
+                moved at every status).
             linger_s: how long a subject's subscription outlives its last client.
             heartbeat_s: the NATS server's idle heartbeat on each subscription; nats-py
                 re-creates a consumer after two missed ones (a NATS restart).
         """
         self.js = js
+        self.keepalive_s = keepalive_s
         self.linger_s = linger_s
         self.heartbeat_s = heartbeat_s
         self.topics: dict[str, Topic] = {}
         self.clients = 0
         self._drops: set[asyncio.Task] = set()
+        self._ticker: asyncio.Task | None = None
 
     def join(self, subject: str, client: Client) -> Topic:
         """Add `client` to `subject`'s topic, making it (and starting its subscription) if new."""
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._keepalives(), name="sse keep-alives")
         topic = self.topics.get(subject)
         if topic is None:
             topic = self.topics[subject] = Topic(subject)
@@ -209,12 +239,23 @@ class Fanout:
 
     async def close(self) -> None:
         """Drop every topic now and wait until their consumers are gone."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         for topic in list(self.topics.values()):
             if topic.linger is not None:
                 topic.linger.cancel()
             self._drop(topic)
         while self._drops:
             await asyncio.gather(*self._drops, return_exceptions=True)
+
+    async def _keepalives(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive_s)
+            for topic in self.topics.values():
+                for client in topic.clients:
+                    client.keepalive()
 
     async def _subscribe(self, topic: Topic):
         try:

@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 
 from dispatcher import logs
 from dispatcher.gateway import SESSION, GatewayError, error_response
-from dispatcher.gateway.fanout import END, Client, Fanout, to_json
+from dispatcher.gateway.fanout import END, KEEPALIVE, Client, Fanout, to_json
 from handlers.state import State
 from schemas import errors as codes
 from schemas import subjects
@@ -34,7 +34,6 @@ from schemas.names import JOB_ID_RE, check_app, check_session
 log = logs.get("spinyard.gateway")
 
 RETRY_MS = 2000
-KEEPALIVE = b": keepalive\n\n"
 HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache, no-transform",
@@ -79,7 +78,9 @@ class StatusStreams:
         self.state = state
         self.keepalive_s = keepalive_s
         self.authorize = authorize
-        self.fanout = Fanout(js, linger_s=linger_s, heartbeat_s=heartbeat_s)
+        self.fanout = Fanout(
+            js, keepalive_s=keepalive_s, linger_s=linger_s, heartbeat_s=heartbeat_s
+        )
         self._closing = False
 
     @property
@@ -98,6 +99,16 @@ class StatusStreams:
     async def app_status(self, request: web.Request) -> web.StreamResponse:
         """`GET /v1/apps/{owner}/{title}/status`; `?session=` is for per-session apps only."""
         name = f"{request.match_info['owner']}/{request.match_info['title']}"
+        subject = await self._app_subject(request, name)
+        if wants_sse(request):
+            return await self.stream(request, subject)
+        return await self.snapshot(subject, name)
+
+    async def _app_subject(self, request: web.Request, name: str) -> str:
+        """The status subject of app `name` (and `?session=`), once the caller may see it.
+
+        Its own function so that no stream holds the app's spec while it is open.
+        """
         try:
             check_app(name)
         except ValueError as exc:
@@ -107,20 +118,17 @@ class StatusStreams:
         spec = await self.state.apps.get(name)
         if spec is None:
             raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}")
-        session = None
-        if spec.sharing == "per_session":
-            session = request.query.get("session")
-            if not session:
-                message = f"{name!r} gives each viewer an instance: add ?session="
-                raise GatewayError(400, codes.BAD_REQUEST, message)
-            try:
-                check_session(session)
-            except ValueError as exc:
-                raise GatewayError(400, codes.BAD_REQUEST, f"session: {exc}") from exc
-        subject = subjects.app_status(name, session)
-        if wants_sse(request):
-            return await self.stream(request, subject)
-        return await self.snapshot(subject, name)
+        if spec.sharing != "per_session":
+            return subjects.app_status(name)
+        session = request.query.get("session")
+        if not session:
+            message = f"{name!r} gives each viewer an instance: add ?session="
+            raise GatewayError(400, codes.BAD_REQUEST, message)
+        try:
+            check_session(session)
+        except ValueError as exc:
+            raise GatewayError(400, codes.BAD_REQUEST, f"session: {exc}") from exc
+        return subjects.app_status(name, session)
 
     async def job_status(self, request: web.Request) -> web.StreamResponse:
         """`GET /v1/jobs/{job_id}/status` (JSON or SSE) and `GET /v1/jobs/{job_id}` (JSON)."""
@@ -164,25 +172,19 @@ class StatusStreams:
             response = web.StreamResponse(headers=HEADERS)
             await response.prepare(request)
             await response.write(f"retry: {RETRY_MS}\n\n".encode())
-            await self._pump(request, response, client)
+            # One loop, no helper coroutines: each frame would be kept by every open stream.
+            while (chunk := client.take()) is not END:
+                if chunk is None:
+                    await client.wait()
+                    continue
+                if chunk is KEEPALIVE and _gone(request):
+                    break
+                try:
+                    await response.write(chunk)  # type: ignore[arg-type]
+                except ConnectionError:
+                    break
             with contextlib.suppress(ConnectionError):
                 await response.write_eof()
             return response
         finally:
             self.fanout.leave(topic, client)
-
-    async def _pump(
-        self, request: web.Request, response: web.StreamResponse, client: Client
-    ) -> None:
-        while True:
-            chunk = await client.next(self.keepalive_s)
-            if chunk is END:
-                return
-            if chunk is None:
-                if _gone(request):
-                    return
-                chunk = KEEPALIVE
-            try:
-                await response.write(chunk)  # type: ignore[arg-type]
-            except ConnectionError:
-                return
