@@ -11,7 +11,9 @@ are in flight at a time. Every stream watches the one shared app's status.
 Per server, in the same run (the raw one first, then the gateway):
 
 - open all: seconds from the first connect to the last stream's first status;
-- per open: connect -> the stream's first status (its snapshot), p50/p99;
+- per open: connect -> the stream's first status (its snapshot), p50/p99,
+  while `workers` opens are in flight; and `single` more opened one at a time
+  once all N are open (the cost of one open; the goal's figure);
 - RSS per stream: growth of the server's VmRSS (/proc/<pid>/status) from
   before the first open to after the last, over the number of streams;
 - change -> all: a status published (JetStream for the gateway, core NATS
@@ -57,17 +59,19 @@ class Sizes:
     streams: int = 1000
     changes: int = 10  # status changes timed to reach every stream
     workers: int = 4  # client processes; as many opens in flight
+    single: int = 200  # then opened one at a time, with all the others open (and closed again)
 
 
 FULL = Sizes()
-QUICK = Sizes(streams=100, changes=3, workers=2)
+QUICK = Sizes(streams=100, changes=3, workers=2, single=20)
 
 
 def sizes_for(streams: int | None, quick: bool) -> Sizes:
     base = QUICK if quick else FULL
     if streams is None:
         return base
-    return Sizes(streams=streams, changes=base.changes, workers=min(8, max(2, streams // 1000)))
+    workers = min(8, max(2, streams // 1000))
+    return Sizes(streams=streams, changes=base.changes, workers=workers, single=base.single)
 
 
 def raise_fd_limit(streams: int) -> int:
@@ -124,11 +128,10 @@ class Worker:
 
 
 async def start_workers(
-    url: str, path: str, sizes: Sizes, token: str | None, stack: AsyncExitStack
+    url: str, path: str, shares: list[int], token: str | None, stack: AsyncExitStack
 ) -> list[Worker]:
+    """One client process per share (how many streams it opens), each ready for `go`."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    shares = [sizes.streams // sizes.workers] * sizes.workers
-    shares[0] += sizes.streams - sum(shares)
     workers = []
     for n in shares:
         proc = await asyncio.create_subprocess_exec(
@@ -158,17 +161,20 @@ async def measure(
     `probe()` (awaited once all are open) adds what it returns to the figures."""
     print(f"{name}: opening {sizes.streams} streams", flush=True)
     async with AsyncExitStack() as stack:
-        workers = await start_workers(url, path, sizes, token, stack)
+        shares = [sizes.streams // sizes.workers] * sizes.workers
+        shares[0] += sizes.streams - sum(shares)
+        workers = await start_workers(url, path, shares, token, stack)
         rss_before = vmrss_kb(pid)
-        for worker in workers:
-            assert worker.proc.stdin is not None
-            worker.proc.stdin.write(b"go\n")
-        opened = [await worker.expect("opened") for worker in workers]
+        opened = await go(workers)
         open_all = max(o["t1"] for o in opened) - min(o["t0"] for o in opened)
         await asyncio.sleep(0.5)  # let the server settle before reading its memory
         rss_after = vmrss_kb(pid)
         probed = await probe() if probe else {}
-        print(f"{name}: {sizes.streams} open in {open_all:.2f} s; timing changes", flush=True)
+        print(f"{name}: {sizes.streams} open in {open_all:.2f} s", flush=True)
+        single = (await start_workers(url, path, [sizes.single], token, stack))[0]
+        one_by_one = (await go([single]))[0]["open_s"]
+        await single.close()
+        print(f"{name}: timing changes", flush=True)
         fanout = []
         for k in range(1, sizes.changes + 1):
             t0 = time.monotonic()
@@ -183,6 +189,9 @@ async def measure(
         "open": stats.latency(
             f"{name}: open -> first status", [t for o in opened for t in o["open_s"]]
         ),
+        "open_single": stats.latency(
+            f"{name}: open -> first status, one at a time, {sizes.streams} open", one_by_one
+        ),
         "rss_kb_before": rss_before,
         "rss_kb_after": rss_after,
         "rss_per_stream_kb": (rss_after - rss_before) / sizes.streams,
@@ -190,6 +199,14 @@ async def measure(
         "closed_streams": lost,
         **probed,
     }
+
+
+async def go(workers: list[Worker]) -> list[dict]:
+    """Let `workers` open their streams; what each reports once they are open."""
+    for worker in workers:
+        assert worker.proc.stdin is not None
+        worker.proc.stdin.write(b"go\n")
+    return [await worker.expect("opened") for worker in workers]
 
 
 def payload(k: int) -> bytes:
@@ -298,19 +315,28 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
     except BenchError as exc:
         raise BenchError(f"{exc}\nthe gateway's last log lines:\n{gateway.tail()}") from None
     gateway.check()
-    consumers = (await js.stream_info(subjects.STATUS_STREAM)).state.consumer_count
-    return summarize(sizes, baseline, spinyard) | {"status_consumers_after": consumers}
+    closed = time.monotonic()
+
+    async def no_consumer() -> bool:
+        return (await js.stream_info(subjects.STATUS_STREAM)).state.consumer_count == 0
+
+    await wait_until(no_consumer, 30.0, "the status consumer to be deleted", interval=0.05)
+    gone_s = time.monotonic() - closed
+    return summarize(sizes, baseline, spinyard) | {"consumer_gone_s": gone_s}
 
 
 def summarize(sizes: Sizes, baseline: dict, spinyard: dict) -> dict:
     opens = stats.add_ratios([baseline["open"], spinyard["open"]], baseline["open"])
+    opens += stats.add_ratios(
+        [baseline["open_single"], spinyard["open_single"]], baseline["open_single"]
+    )
     changes = stats.add_ratios(
         [baseline["change_to_all"], spinyard["change_to_all"]], baseline["change_to_all"]
     )
     measured = {
         "rss_per_stream_kb": spinyard["rss_per_stream_kb"],
         "change_to_all_p50_ms": spinyard["change_to_all"]["p50_ms"],
-        "open_p50_ms": spinyard["open"]["p50_ms"],
+        "open_p50_ms": spinyard["open_single"]["p50_ms"],
     }
     return {
         "bench": "fanout",
@@ -355,8 +381,8 @@ def format_result(result: dict) -> str:
         stats.table(result["rows"], stats.LATENCY_COLUMNS),
         f"ratios are to the raw aiohttp server. goals: {goals}",
         f"JetStream consumers on the status stream with all {n} open: "
-        f"{s['status_consumers_while_open']}, after they closed: "
-        f"{result['status_consumers_after']}",
+        f"{s['status_consumers_while_open']}; none {result['consumer_gone_s']:.1f} s after "
+        "the last stream closed (the gateway's sse_linger_s: 3 s)",
         f"load average (1 min): {result['machine']['loadavg_1m']:.2f} at start, "
         f"{result['loadavg_1m_end']:.2f} at end",
     ]
