@@ -32,6 +32,8 @@ import msgpack
 import nats
 from aiohttp import web
 
+from dispatcher import waits
+
 K_RE = re.compile(rb'"k":(\d+)')
 OPEN_TIMEOUT_S = 30.0
 
@@ -175,6 +177,8 @@ async def run_clients(host: str, port: int, path: str, n: int, token: str | None
     for stream in streams:
         if stream.transport is not None:
             stream.transport.close()
+    with contextlib.suppress(TimeoutError):  # transports report their end on later loop turns
+        await waits.until(lambda: clients.lost >= len(streams), 5.0, interval_s=0.01)
     emit({"lost": clients.lost})
 
 
