@@ -171,7 +171,9 @@ class StatusStreams:
                 return error_response(503, codes.UNAVAILABLE, "the event bus is not reachable")
             response = web.StreamResponse(headers=HEADERS)
             await response.prepare(request)
-            await response.write(f"retry: {RETRY_MS}\n\n".encode())
+            await response.write(f"retry: {RETRY_MS}\n\n".encode())  # sends the headers too
+            chunked = response.headers.get("Transfer-Encoding") == "chunked"  # HTTP/1.1
+            client.attach(request.transport, chunked)
             # One loop, no helper coroutines: each frame would be kept by every open stream.
             while (chunk := client.take()) is not END:
                 if chunk is None:
@@ -183,6 +185,7 @@ class StatusStreams:
                     await response.write(chunk)  # type: ignore[arg-type]
                 except ConnectionError:
                     break
+            client.attach(None, False)  # nothing may follow the last chunk
             with contextlib.suppress(ConnectionError):
                 await response.write_eof()
             return response
