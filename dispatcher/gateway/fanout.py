@@ -273,7 +273,7 @@ class Fanout:
         for topic in list(self.topics.values()):
             if topic.linger is not None:
                 topic.linger.cancel()
-            self._drop(topic)
+            self._drop(topic, force=True)
         while self._drops:
             await asyncio.gather(*self._drops, return_exceptions=True)
 
@@ -303,9 +303,11 @@ class Fanout:
                 )
             raise
 
-    def _drop(self, topic: Topic) -> None:
+    def _drop(self, topic: Topic, *, force: bool = False) -> None:
+        """Forget `topic` and delete its consumer, unless a client came back (`force`: even
+        then, at cleanup)."""
         topic.linger = None
-        if topic.clients or self.topics.get(topic.subject) is not topic:
+        if (topic.clients and not force) or self.topics.get(topic.subject) is not topic:
             return
         del self.topics[topic.subject]
         task = asyncio.create_task(self._unsubscribe(topic), name=f"unsubscribe {topic.subject}")
