@@ -4,9 +4,10 @@
     python -m bench viz --quick          # one bench, small sizes
     python -m bench viz runs             # several
     python -m bench sporadic --loads 60  # page loads at random gaps, p99 against p50
+    python -m bench fanout --streams 10000  # SSE fan-out: 10,000 streams on one gateway
     python -m bench all --json out.json
 
-`all` runs viz, sporadic, runs and, when bench/k8s_sim.py exists, the Kubernetes
+`all` runs viz, sporadic, runs, fanout and, when bench/k8s_sim.py exists, the Kubernetes
 simulation (`k8s`, through its `main(argv)`). Each bench is a function
 `(quick: bool) -> dict` that prints its own tables. A bench that cannot run
 prints why (an exception, or `errors` in the dict it returns); the exit
@@ -43,9 +44,9 @@ def k8s_bench(quick: bool) -> dict:
 
 
 def benches() -> dict[str, Callable]:
-    from bench import runs, sporadic, viz
+    from bench import fanout, runs, sporadic, viz
 
-    found = {"viz": viz.main, "sporadic": sporadic.main, "runs": runs.main}
+    found = {"viz": viz.main, "sporadic": sporadic.main, "runs": runs.main, "fanout": fanout.main}
     if importlib.util.find_spec(K8S_MODULE) is not None:  # written separately; optional
         found["k8s"] = k8s_bench
     return found
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="sporadic: timed page loads (default 40, --quick 15; about 1.5 s each)",
     )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        metavar="N",
+        help="fanout: SSE streams opened on one gateway (default 1000, --quick 100)",
+    )
     args = parser.parse_args(argv)
     logs.configure("console", "warning")
 
@@ -81,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"== {name}{' (quick)' if args.quick else ''}", flush=True)
         try:
-            options = {"loads": args.loads} if name == "sporadic" and args.loads else {}
+            options = {}
+            if name == "sporadic" and args.loads:
+                options["loads"] = args.loads
+            if name == "fanout" and args.streams:
+                options["streams"] = args.streams
             result = results[name] = available[name](quick=args.quick, **options)
             if isinstance(result, dict) and result.get("errors"):
                 print(f"{name}: FAILED: {'; '.join(result['errors'])}", file=sys.stderr)

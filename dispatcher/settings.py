@@ -193,6 +193,18 @@ class GatewaySettings(BaseModel):
     public_url: str | None = Field(None, description="Base URL pages use; default http://host:port")
     max_body_bytes: int = Field(64 * 1024, gt=0, description="Largest event body accepted")
     sse_keepalive_s: float = Field(15.0, gt=0, description="Comment line sent this often on SSE")
+    sse_linger_s: float = Field(
+        3.0,
+        ge=0,
+        description="Seconds a status subject's shared subscription outlives its last SSE "
+        "client, so a page that reloads or reconnects finds it (0: dropped at once)",
+    )
+    sse_heartbeat_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between NATS's idle heartbeats on a status subscription; after "
+        "two missed ones (a NATS restart) the gateway makes it again",
+    )
     read_timeout_s: float = Field(
         30.0,
         gt=0,

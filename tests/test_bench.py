@@ -8,7 +8,7 @@ of the runs bench is exercised by the bench itself (it needs redis-server).
 
 import math
 
-from bench import runs, sporadic, stats, viz
+from bench import fanout, runs, sporadic, stats, viz
 
 
 def _check_latency_rows(rows: list[dict]) -> None:
@@ -73,3 +73,19 @@ async def test_sporadic_bench_runs_and_reports_its_rows():
     )
     assert isinstance(result["met"], bool)
     assert "follow-on load 10 ms after another" in sporadic.format_result(result)
+
+
+async def test_fanout_bench_runs_and_reports_against_raw_aiohttp():
+    result = await fanout.run(fanout.Sizes(streams=40, changes=2, workers=2, single=5))
+
+    assert result["spinyard"]["status_consumers_while_open"] == 1  # shared by all 40
+    rows = {row["name"]: row for row in result["rows"]}
+    assert len(rows) == 6
+    assert rows["spinyard gateway: open -> first status"]["n"] == 40
+    assert rows["raw aiohttp: one change -> all streams"]["n"] == 2
+    _check_latency_rows(result["rows"])
+    for side in ("baseline", "spinyard"):
+        assert result[side]["open_all_s"] > 0 and result[side]["rss_kb_after"] > 0
+        assert result[side]["closed_streams"] == 40
+    assert set(result["goals"]) == {"rss_per_stream_kb", "change_to_all_p50_ms", "open_p50_ms"}
+    assert "one change -> all streams" in fanout.format_result(result)

@@ -223,7 +223,12 @@ def make_app(
     app[BACKEND] = backend
     app[AUTH] = auth
     app[STREAMS] = streams = StatusStreams(
-        js, state, keepalive_s=settings.sse_keepalive_s, authorize=authorize
+        js,
+        state,
+        keepalive_s=settings.sse_keepalive_s,
+        authorize=authorize,
+        linger_s=settings.sse_linger_s,
+        heartbeat_s=settings.sse_heartbeat_s,
     )
     app[METRICS] = Metrics(lambda: streams.clients, metrics_registry)
     app[PROXY] = proxy = Proxy(
@@ -242,8 +247,12 @@ def make_app(
         app[STREAMS].close()
         await app[PROXY].close_websockets()
 
+    async def drop_subscriptions(app: web.Application) -> None:
+        await app[STREAMS].aclose()
+
     app.cleanup_ctx.append(proxy_session)
     app.on_shutdown.append(end_streams)
+    app.on_cleanup.append(drop_subscriptions)
     app.on_response_prepare.append(cors)
 
     r = app.router

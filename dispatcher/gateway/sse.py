@@ -4,40 +4,41 @@
 `GET /v1/jobs/{id}` read the JetStream status stream, which keeps the last
 message per subject; payloads (msgpack of any shape) go out as JSON.
 
-Each SSE client gets
-its own ordered push consumer on its one subject with deliver policy
-LAST_PER_SUBJECT: the server sends the current status, then every change,
-in order, with nothing lost between the two. The consumer is unsubscribed
-(then deleted) the moment the client goes, and every stream is ended when
-the gateway shuts down.
+An SSE client joins its subject's topic (`fanout`): one ordered JetStream
+consumer per subject on this gateway, shared by all of that subject's
+clients, whose last status is kept in memory. A new client is sent that
+status at once (the first client of a subject, the stream's last message
+for the subject, from the consumer), then every change, in order, with
+nothing lost between the two; `fanout` says why. Headers are sent once the
+subscription exists, so a client that got them misses no change. Every
+stream is ended when the gateway shuts down, and a comment line keeps an
+idle stream open through proxies.
 """
 
-import asyncio
 import contextlib
-import json
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import nats.errors
 from aiohttp import web
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from dispatcher import logs
 from dispatcher.gateway import SESSION, GatewayError, error_response
+from dispatcher.gateway.fanout import END, KEEPALIVE, Client, Fanout, to_json
 from handlers.state import State
-from schemas import codec, subjects
 from schemas import errors as codes
+from schemas import subjects
 from schemas.names import JOB_ID_RE, check_app, check_session
 
 log = logs.get("spinyard.gateway")
 
-# Status is last-value: a client that falls this far behind only misses stale states.
-QUEUE_SIZE = 64
 RETRY_MS = 2000
-_END = object()
+HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+}
 
 Authorize = Callable[[web.Request, str | None, str | None], Awaitable[None]]
 
@@ -45,32 +46,6 @@ Authorize = Callable[[web.Request, str | None, str | None], Awaitable[None]]
 def wants_sse(request: web.Request) -> bool:
     """A stream for a GET that accepts one; HEAD gets the snapshot's headers."""
     return request.method == "GET" and "text/event-stream" in request.headers.get("Accept", "")
-
-
-def to_json(data: bytes | None) -> str | None:
-    """A status payload (msgpack of any shape) as one line of strict JSON, or None if it has
-    none (undecodable, or holding NaN, which browsers' `JSON.parse` refuses)."""
-    try:
-        obj = codec.loads(data or b"")
-        return json.dumps(obj, separators=(",", ":"), default=_jsonable, allow_nan=False)
-    except (codec.DecodeError, TypeError, ValueError):
-        return None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    raise TypeError(f"cannot encode {type(value).__name__}")
-
-
-def _offer(queue: asyncio.Queue, item: Any) -> None:
-    """Queue `item`, dropping the oldest status if the client is far behind."""
-    while True:
-        try:
-            queue.put_nowait(item)
-            return
-        except asyncio.QueueFull:
-            queue.get_nowait()
 
 
 def _gone(request: web.Request) -> bool:
@@ -81,28 +56,59 @@ class StatusStreams:
     """The status routes, and the open SSE streams: counted for metrics, ended at shutdown."""
 
     def __init__(
-        self, js: JetStreamContext, state: State, *, keepalive_s: float, authorize: Authorize
+        self,
+        js: JetStreamContext,
+        state: State,
+        *,
+        keepalive_s: float,
+        authorize: Authorize,
+        linger_s: float = 3.0,
+        heartbeat_s: float = 5.0,
     ) -> None:
+        """
+        Args:
+            js: where status is read and subscribed to.
+            state: the KV buckets (app specs).
+            keepalive_s: an idle stream gets a comment line this often.
+            authorize: the auth hook's runner, `(request, app, job_id)`.
+            linger_s: a subject's subscription outlives its last client this long.
+            heartbeat_s: the NATS server's idle heartbeat on each subscription.
+        """
         self.js = js
         self.state = state
         self.keepalive_s = keepalive_s
         self.authorize = authorize
-        self._queues: set[asyncio.Queue] = set()
+        self.fanout = Fanout(
+            js, keepalive_s=keepalive_s, linger_s=linger_s, heartbeat_s=heartbeat_s
+        )
         self._closing = False
 
     @property
     def clients(self) -> int:
-        return len(self._queues)
+        return self.fanout.clients
 
     def close(self) -> None:
         """End every open stream (on gateway shutdown)."""
         self._closing = True
-        for queue in self._queues:
-            _offer(queue, _END)
+        self.fanout.end_all()
+
+    async def aclose(self) -> None:
+        """Delete every subscription (on gateway cleanup, after the streams ended)."""
+        await self.fanout.close()
 
     async def app_status(self, request: web.Request) -> web.StreamResponse:
         """`GET /v1/apps/{owner}/{title}/status`; `?session=` is for per-session apps only."""
         name = f"{request.match_info['owner']}/{request.match_info['title']}"
+        subject = await self._app_subject(request, name)
+        if wants_sse(request):
+            return await self.stream(request, subject)
+        return await self.snapshot(subject, name)
+
+    async def _app_subject(self, request: web.Request, name: str) -> str:
+        """The status subject of app `name` (and `?session=`), once the caller may see it.
+
+        Its own function so that no stream holds the app's spec while it is open.
+        """
         try:
             check_app(name)
         except ValueError as exc:
@@ -112,20 +118,17 @@ class StatusStreams:
         spec = await self.state.apps.get(name)
         if spec is None:
             raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}")
-        session = None
-        if spec.sharing == "per_session":
-            session = request.query.get("session")
-            if not session:
-                message = f"{name!r} gives each viewer an instance: add ?session="
-                raise GatewayError(400, codes.BAD_REQUEST, message)
-            try:
-                check_session(session)
-            except ValueError as exc:
-                raise GatewayError(400, codes.BAD_REQUEST, f"session: {exc}") from exc
-        subject = subjects.app_status(name, session)
-        if wants_sse(request):
-            return await self.stream(request, subject)
-        return await self.snapshot(subject, name)
+        if spec.sharing != "per_session":
+            return subjects.app_status(name)
+        session = request.query.get("session")
+        if not session:
+            message = f"{name!r} gives each viewer an instance: add ?session="
+            raise GatewayError(400, codes.BAD_REQUEST, message)
+        try:
+            check_session(session)
+        except ValueError as exc:
+            raise GatewayError(400, codes.BAD_REQUEST, f"session: {exc}") from exc
+        return subjects.app_status(name, session)
 
     async def job_status(self, request: web.Request) -> web.StreamResponse:
         """`GET /v1/jobs/{job_id}/status` (JSON or SSE) and `GET /v1/jobs/{job_id}` (JSON)."""
@@ -159,84 +162,32 @@ class StatusStreams:
         """Answer with the current status on `subject`, then each change, until the client goes."""
         if self._closing:
             return error_response(503, codes.UNAVAILABLE, "the gateway is shutting down")
-        queue: asyncio.Queue = asyncio.Queue(QUEUE_SIZE)
-
-        async def deliver(msg: Msg) -> None:
-            _offer(queue, msg)
-
+        client = Client()
+        topic = self.fanout.join(subject, client)
         try:
-            sub = await self.js.subscribe(
-                subject,
-                stream=subjects.STATUS_STREAM,
-                cb=deliver,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            )
-        except (nats.errors.Error, ConnectionError) as exc:
-            log.warning("status_subscribe_failed", subject=subject, error=type(exc).__name__)
-            return error_response(503, codes.UNAVAILABLE, "the event bus is not reachable")
-
-        self._queues.add(queue)
-        log.debug("status_stream_opened", subject=subject)
-        try:
-            response = web.StreamResponse(
-                headers={
-                    "Content-Type": "text/event-stream",
-                    "Cache-Control": "no-cache, no-transform",
-                    "X-Accel-Buffering": "no",
-                }
-            )
+            try:
+                await self.fanout.ready(topic)
+            except (nats.errors.Error, ConnectionError):
+                return error_response(503, codes.UNAVAILABLE, "the event bus is not reachable")
+            response = web.StreamResponse(headers=HEADERS)
             await response.prepare(request)
-            await response.write(f"retry: {RETRY_MS}\n\n".encode())
-            await self._pump(request, response, queue, subject)
+            await response.write(f"retry: {RETRY_MS}\n\n".encode())  # sends the headers too
+            chunked = response.headers.get("Transfer-Encoding") == "chunked"  # HTTP/1.1
+            client.attach(request.transport, chunked)
+            # One loop, no helper coroutines: each frame would be kept by every open stream.
+            while (chunk := client.take()) is not END:
+                if chunk is None:
+                    await client.wait()
+                    continue
+                if chunk is KEEPALIVE and _gone(request):
+                    break
+                try:
+                    await response.write(chunk)  # type: ignore[arg-type]
+                except ConnectionError:
+                    break
+            client.attach(None, False)  # nothing may follow the last chunk
             with contextlib.suppress(ConnectionError):
                 await response.write_eof()
             return response
         finally:
-            # Unsubscribe first: nothing else may run while the consumer still pushes to us.
-            self._queues.discard(queue)
-            await _unsubscribe(self.js, sub, subject)
-
-    async def _pump(
-        self, request: web.Request, response: web.StreamResponse, queue: asyncio.Queue, subject: str
-    ) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(self.keepalive_s):
-                    item = await queue.get()
-            except TimeoutError:
-                if _gone(request):
-                    return
-                item = None
-            if item is _END:
-                return
-            if item is None:
-                chunk = b": keepalive\n\n"
-            else:
-                data = to_json(item.data)
-                if data is None:
-                    log.warning("status_undecodable", subject=subject)
-                    continue
-                seq = item.metadata.sequence.stream
-                chunk = f"id: {seq}\nevent: status\ndata: {data}\n\n".encode()
-            try:
-                await response.write(chunk)
-            except ConnectionError:
-                return
-
-
-async def _unsubscribe(js: JetStreamContext, sub: Any, subject: str) -> None:
-    """Stop the push consumer and delete it, so it stops costing the server at once."""
-    try:
-        await sub.unsubscribe()
-    except nats.errors.Error as exc:
-        log.debug("status_unsubscribe_failed", subject=subject, error=type(exc).__name__)
-        return
-    consumer = getattr(sub, "_consumer", None)  # nats-py keeps the name here, and nowhere public
-    if consumer:
-        try:
-            await js.delete_consumer(subjects.STATUS_STREAM, consumer)
-        except (nats.errors.Error, ConnectionError) as exc:
-            # The server deletes an ephemeral consumer with no interest after a few seconds anyway.
-            log.debug("status_consumer_delete_failed", subject=subject, error=type(exc).__name__)
-    log.debug("status_stream_closed", subject=subject)
+            self.fanout.leave(topic, client)
