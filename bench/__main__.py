@@ -4,9 +4,10 @@
     python -m bench viz --quick          # one bench, small sizes
     python -m bench viz runs             # several
     python -m bench sporadic --loads 60  # page loads at random gaps, p99 against p50
+    python -m bench handlers             # one handler process's events/s, against raw pull + ack
     python -m bench all --json out.json
 
-`all` runs viz, sporadic, runs and, when bench/k8s_sim.py exists, the Kubernetes
+`all` runs viz, sporadic, runs, handlers and, when bench/k8s_sim.py exists, the Kubernetes
 simulation (`k8s`, through its `main(argv)`). Each bench is a function
 `(quick: bool) -> dict` that prints its own tables. A bench that cannot run
 prints why (an exception, or `errors` in the dict it returns); the exit
@@ -43,9 +44,14 @@ def k8s_bench(quick: bool) -> dict:
 
 
 def benches() -> dict[str, Callable]:
-    from bench import runs, sporadic, viz
+    from bench import handlers, runs, sporadic, viz
 
-    found = {"viz": viz.main, "sporadic": sporadic.main, "runs": runs.main}
+    found = {
+        "viz": viz.main,
+        "sporadic": sporadic.main,
+        "runs": runs.main,
+        "handlers": handlers.main,
+    }
     if importlib.util.find_spec(K8S_MODULE) is not None:  # written separately; optional
         found["k8s"] = k8s_bench
     return found
