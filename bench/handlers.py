@@ -356,8 +356,6 @@ async def raw_consumer(url: str) -> None:
         await nc.drain()
 
 
-
-
 LIBRARIES = (  # a sample's library: its innermost frame's file, first match
     ("nats-py", ("nats/",)),
     ("pydantic", ("pydantic/", "pydantic_core/")),
@@ -397,11 +395,20 @@ def summarize(path: Path, pid: str) -> str:
         for name, key in STEPS:
             if key in stack:
                 steps[name] = steps.get(name, 0) + n
-    lines = [f"{total} busy samples of process {pid}", "by library (innermost frame):"]
-    lines += [f"  {k}: {100 * v / total:.1f}%" for k, v in sorted(libs.items(), key=lambda i: -i[1])]
-    lines.append("by step (inclusive):")
-    lines += [f"  {k}: {100 * v / total:.1f}%" for k, v in sorted(steps.items(), key=lambda i: -i[1])]
-    return "\n".join(lines)
+
+    def shares(counts: dict[str, int]) -> list[str]:
+        ordered = sorted(counts.items(), key=lambda item: -item[1])
+        return [f"  {name}: {100 * n / total:.1f}%" for name, n in ordered]
+
+    return "\n".join(
+        [
+            f"{total} busy samples of process {pid}",
+            "by library (innermost frame):",
+            *shares(libs),
+            "by step (inclusive):",
+            *shares(steps),
+        ]
+    )
 
 
 if __name__ == "__main__":

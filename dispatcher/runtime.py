@@ -28,6 +28,7 @@ from dispatcher.metrics import exposition
 from dispatcher.settings import Settings
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
 from handlers.context import Context, Knobs
+from handlers.memo import Memo
 from handlers.ports import Backend, ObjectStore
 from handlers.registry import HandlerSpec, Registry, default_registry
 from handlers.state import State
@@ -183,6 +184,10 @@ class Handlers:
                 log=logs.get("spinyard.handler"),
                 knobs=make_knobs(self.settings),
                 store=self.store,
+                memo=Memo(
+                    spec_ttl_s=self.settings.handlers.spec_cache_s,
+                    activity_every_s=self.settings.handlers.activity_write_s,
+                ),
             )
             await run_start_hooks(ctx, self.specs)
             consumers = [

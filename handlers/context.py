@@ -1,7 +1,9 @@
 """The `ctx` every handler receives: KV state, backend, store, publisher, logger.
 
 It is built once per handler process by the runtime and re-bound per message
-with that message's log context. Nothing in it holds per-message state.
+with that message's log context. Nothing in it holds per-message state; its
+`memo` is the process's bounded memory of app specs and activity writes
+(`handlers.memo`), off unless the runtime turns it on.
 """
 
 import time
@@ -13,6 +15,7 @@ from nats.js import JetStreamContext
 from pydantic import BaseModel
 from structlog.typing import FilteringBoundLogger
 
+from handlers.memo import Memo
 from handlers.ports import Backend, ObjectStore
 from handlers.state import State
 from schemas.codec import encode
@@ -37,6 +40,7 @@ class Context:
     knobs: Knobs = field(default_factory=Knobs)
     store: ObjectStore | None = None  # None where no handler that runs needs results
     now: Callable[[], float] = time.time
+    memo: Memo = field(default_factory=Memo)
 
     def bind(self, **values: Any) -> "Context":
         """A copy whose logger carries `values`."""
