@@ -68,6 +68,7 @@ class Sizes:
     events: int = 20_000  # per kind, and as many raw pulls
     poll_s: float = 0.005  # consumer info polls while a backlog drains
     timeout_s: float = 120.0  # a drain that takes longer fails the bench
+    event_loop: str = "auto"  # the handler process's (setting `event_loop`)
 
 
 FULL = Sizes()
@@ -226,6 +227,7 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
             tmp,
             log_level="info",  # as in production; its lines go to a file
             handlers__health_port=str(port),
+            event_loop=sizes.event_loop,
         ).start()
         stack.callback(proc.stop)
         return proc

@@ -295,6 +295,11 @@ class Settings(BaseSettings):
         "auto", description="auto: console on a tty"
     )
     log_level: str = Field("info", description="debug, info, warning, error")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto",
+        description="Event loop of `spinyard handlers` and `spinyard up`: auto is uvloop when "
+        "it is installed (it is a dependency), else asyncio's own",
+    )
     nats: NatsSettings = Field(default_factory=NatsSettings)
     handlers: HandlerSettings = Field(default_factory=HandlerSettings)
     reaper: ReaperSettings = Field(default_factory=ReaperSettings)
