@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -69,6 +69,7 @@ class Sizes:
     poll_s: float = 0.005  # consumer info polls while a backlog drains
     timeout_s: float = 120.0  # a drain that takes longer fails the bench
     event_loop: str = "auto"  # the handler process's (setting `event_loop`)
+    settings: dict[str, str] = field(default_factory=dict)  # more, as `handlers__fetch_batch`
 
 
 FULL = Sizes()
@@ -228,6 +229,7 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
             log_level="info",  # as in production; its lines go to a file
             handlers__health_port=str(port),
             event_loop=sizes.event_loop,
+            **sizes.settings,
         ).start()
         stack.callback(proc.stop)
         return proc
@@ -364,7 +366,8 @@ LIBRARIES = (  # a sample's library: its innermost frame's file, first match
     ("logging (structlog, json)", ("structlog/", "json/", "logging/")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("msgpack", ("msgpack/",)),
-    ("asyncio event loop", ("asyncio/", "uvloop/", "selectors.py", "socket.py")),
+    # (on uvloop the loop's own work is C: samples end in `Runner.run`)
+    ("event loop (asyncio, uvloop)", ("asyncio/", "uvloop/", "selectors.py", "socket.py")),
     ("spinyard", ("handlers/", "dispatcher/", "schemas/")),
 )
 STEPS = (  # samples under these frames, inclusive
@@ -387,8 +390,8 @@ def summarize(path: Path, pid: str) -> str:
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if f"process {pid}:" not in stack or "importlib" in stack or "_run_once" not in stack:
-            continue  # another process, or start-up
+        if f"process {pid}:" not in stack or "importlib" in stack or "Runner.run (" not in stack:
+            continue  # another process, or start-up (imports, or before the loop runs)
         frames, n = stack.split(";"), int(count)
         total += n
         leaf = frames[-1]

@@ -3,14 +3,19 @@
 A handler process writes one `message_handled` line per message, thousands
 a second under load, so a line is made cheaply: the time stamp reuses its
 formatted second (`_stamp`), and JSON lines come from one encoder built
-once (`_dumps`) instead of one `json.dumps` builds per call. Lines below the
-configured level cost a no-op method call: nothing is formatted.
+once (`_dumps`) instead of one `json.dumps` builds per call, and the lines
+of one event loop turn go out in one write (`Lines`), not one write and
+flush each. Lines below the configured level cost a no-op method call:
+nothing is formatted.
 """
 
+import asyncio
+import atexit
 import json
 import logging
 import sys
 import time
+import weakref
 
 import structlog
 
@@ -53,10 +58,64 @@ def _dumps(event_dict: dict, **_) -> str:
     return _ENCODER.encode(event_dict)
 
 
+_OUTPUTS: "weakref.WeakSet[Lines]" = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:
+    for output in list(_OUTPUTS):
+        output.flush()
+
+
+class Lines:
+    """structlog's output: lines written to `file` at the end of the event loop turn that
+    logged them, all in one write; at once where no loop runs (start-up, other threads).
+
+    A process killed outright (SIGKILL) loses the lines of its last turn at most;
+    one that exits writes what is left (`atexit`).
+    """
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self._pending: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        _OUTPUTS.add(self)
+
+    def msg(self, message: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: write it now
+            self.flush()
+            self._write(message + "\n")
+            return
+        if self._pending and loop is not self._loop:
+            self.flush()  # left by a loop that closed before it wrote them
+        self._pending.append(message)
+        if len(self._pending) == 1:
+            self._loop = loop
+            loop.call_soon(self.flush)
+
+    log = debug = info = warn = warning = err = error = critical = exception = failure = msg
+    fatal = msg
+
+    def flush(self) -> None:
+        lines, self._pending = self._pending, []
+        if lines:
+            self._write("\n".join(lines) + "\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except ValueError:  # the file was closed (a test's captured stderr)
+            pass
+
+
 def configure(fmt: str = "auto", level: str = "info") -> None:
     """Configure structlog once for the process."""
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
+    output = Lines(sys.stderr)
     renderer = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if fmt == "console"
@@ -72,7 +131,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: output,
         cache_logger_on_first_use=False,
     )
 

@@ -21,6 +21,21 @@ from handlers.state import State
 from schemas.codec import encode
 
 
+class LazyLog:
+    """A logger bound to `values` when first used: most messages' handlers log nothing,
+    and binding costs more than this wrapper (a warm page load, a heartbeat)."""
+
+    __slots__ = ("_base", "_bound", "_values")
+
+    def __init__(self, base: FilteringBoundLogger, values: dict[str, Any]) -> None:
+        self._base, self._values, self._bound = base, values, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._bound is None:
+            self._bound = self._base.bind(**self._values)
+        return getattr(self._bound, name)
+
+
 @dataclass(frozen=True)
 class Knobs:
     """Handler behaviour that operators tune (from `dispatcher.settings`)."""
@@ -43,8 +58,8 @@ class Context:
     memo: Memo = field(default_factory=Memo)
 
     def bind(self, **values: Any) -> "Context":
-        """A copy whose logger carries `values`."""
-        return replace(self, log=self.log.bind(**values))
+        """A copy whose logger carries `values` (bound when it first logs)."""
+        return replace(self, log=LazyLog(self.log, values))
 
     async def publish_status(self, subject: str, status: BaseModel) -> None:
         """Publish a status message; the status stream keeps the last one per subject."""

@@ -1,5 +1,6 @@
 """Log lines as production writes them: JSON, stamped, redacted, nothing made below the level."""
 
+import asyncio
 import io
 import json
 import re
@@ -60,3 +61,15 @@ def test_lines_below_the_level_are_not_made(json_lines):
     log.info("shown")
     assert [line["event"] for line in json_lines()] == ["shown"]
     assert value.rendered == 0
+
+
+async def test_the_lines_of_one_loop_turn_go_out_together_at_its_end(json_lines):
+    log = logs.get("spinyard.test")
+    for i in range(3):
+        log.info("handled", n=i)
+    assert json_lines() == []  # not yet: this turn is still running
+    await asyncio.sleep(0)  # the turn ends
+    assert [line["n"] for line in json_lines()] == [0, 1, 2]
+    log.warning("later")
+    await asyncio.sleep(0)
+    assert [line["event"] for line in json_lines()] == ["handled"] * 3 + ["later"]
