@@ -4,7 +4,7 @@ With a live deployment for the page's slot (the app's shared slot, or the
 session's own), it answers with the current status, then records the load in
 the slot's activity key (a plain put, see `handlers.activity`; skipped if
 this process wrote it a moment ago) and reads the deployment once more, in
-case the reaper was stopping it meanwhile.
+case it was being stopped meanwhile (then it starts one in its place).
 Otherwise it wins the slot with a KV create (only one of any number of
 concurrent page loads can), then claims a warm instance or starts a new one,
 publishing `starting` and then `ready` or `failed`.
@@ -113,13 +113,13 @@ async def _serve(
     await ctx.publish_status(subject, status_of(dep))
     # Recorded after the answer, off the page's path. The reaper may have begun to
     # stop the deployment as idle just before: it then sees this load and calls the
-    # stop off, or it goes on and the read after the write sees it, and the next
-    # round here starts one in its place. A write skipped because this process
-    # finished one a moment ago (`activity.record`) needs no read: the load that made
-    # that write read after it, and takes the next round for both (same slot, same
-    # status subject).
-    if not await activity.record(ctx, key, activity.PAGE_LOAD):
-        return True
+    # stop off, or it goes on and the read below sees it, and the next round here
+    # starts one in its place. (A write skipped because this process finished one a
+    # moment ago, `activity.record`, is covered by that write's own load.) The read
+    # is made whether or not the write was: a deployment stopped for any reason
+    # between the first read and the answer would otherwise be left with this
+    # stale answer as its last status.
+    await activity.record(ctx, key, activity.PAGE_LOAD)
     again = await ctx.state.deployments.read(key)
     return not (again and again.value.instance == dep.instance and again.value.state not in LIVE)
 
