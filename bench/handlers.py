@@ -233,10 +233,10 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
             server.url,
             data_dir,
             tmp,
-            log_level="info",  # as in production; its lines go to a file
+            # info, as in production (its lines go to a file), unless `settings` say
+            **({"log_level": "info"} | sizes.settings),
             handlers__health_port=str(port),
             event_loop=sizes.event_loop,
-            **sizes.settings,
         ).start()
         stack.callback(proc.stop)
         return proc
