@@ -5,9 +5,10 @@
     python -m bench viz runs             # several
     python -m bench sporadic --loads 60  # page loads at random gaps, p99 against p50
     python -m bench fanout --streams 10000  # SSE fan-out: 10,000 streams on one gateway
+    python -m bench handlers             # one handler process's events/s, against raw pull + ack
     python -m bench all --json out.json
 
-`all` runs viz, sporadic, runs, fanout and, when bench/k8s_sim.py exists, the Kubernetes
+`all` runs viz, sporadic, runs, fanout, handlers and, when bench/k8s_sim.py exists, the Kubernetes
 simulation (`k8s`, through its `main(argv)`). Each bench is a function
 `(quick: bool) -> dict` that prints its own tables. A bench that cannot run
 prints why (an exception, or `errors` in the dict it returns); the exit
@@ -44,9 +45,15 @@ def k8s_bench(quick: bool) -> dict:
 
 
 def benches() -> dict[str, Callable]:
-    from bench import fanout, runs, sporadic, viz
+    from bench import fanout, handlers, runs, sporadic, viz
 
-    found = {"viz": viz.main, "sporadic": sporadic.main, "runs": runs.main, "fanout": fanout.main}
+    found = {
+        "viz": viz.main,
+        "sporadic": sporadic.main,
+        "runs": runs.main,
+        "fanout": fanout.main,
+        "handlers": handlers.main,
+    }
     if importlib.util.find_spec(K8S_MODULE) is not None:  # written separately; optional
         found["k8s"] = k8s_bench
     return found

@@ -364,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("publish needs an event TYPE or --json")
     try:
         settings = _settings(args)
+        if args.cmd in ("handlers", "up"):  # services: on uvloop when it is there
+            from dispatcher.runtime import run_service
+
+            return run_service(args.run(args, settings), settings.event_loop)
         return asyncio.run(args.run(args, settings))
     except (SettingsError, NatsUnavailable, NatsServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)

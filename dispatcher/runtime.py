@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
+from typing import Any
 
 from aiohttp import web
 from nats.aio.client import Client
@@ -25,9 +27,10 @@ from dispatcher import logs
 from dispatcher.bus.consumer import Consumer, HandlerMetrics
 from dispatcher.bus.deadletter import dead_letter_exhausted
 from dispatcher.metrics import exposition
-from dispatcher.settings import Settings
+from dispatcher.settings import Settings, SettingsError
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
 from handlers.context import Context, Knobs
+from handlers.memo import Memo
 from handlers.ports import Backend, ObjectStore
 from handlers.registry import HandlerSpec, Registry, default_registry
 from handlers.state import State
@@ -121,6 +124,32 @@ async def run_start_hooks(ctx: Context, specs: list[HandlerSpec]) -> None:
             log.warning("start_hook_failed", handler=handler_id, error=repr(exc))
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop a handler process runs on (setting `event_loop`); None: asyncio's own.
+
+    uvloop spends less time per message in the loop and its socket writes
+    (docs/benchmarks.md, "handlers"); "auto" takes it when it is installed.
+
+    Raises:
+        SettingsError: "uvloop" is chosen and not installed.
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SettingsError("SPINYARD_EVENT_LOOP=uvloop, but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def run_service(main: Coroutine[Any, Any, int], choice: str) -> int:
+    """Run a service's main coroutine to its end on the chosen event loop."""
+    with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
+        return runner.run(main)
+
+
 def make_knobs(settings: Settings) -> Knobs:
     return Knobs(
         pool_refill_per_tick=settings.reaper.pool_refill_per_tick,
@@ -184,6 +213,10 @@ class Handlers:
                 log=logs.get("spinyard.handler"),
                 knobs=make_knobs(self.settings),
                 store=self.store,
+                memo=Memo(
+                    spec_ttl_s=self.settings.handlers.spec_cache_s,
+                    activity_every_s=self.settings.handlers.activity_write_s,
+                ),
             )
             await run_start_hooks(ctx, self.specs)
             consumers = [

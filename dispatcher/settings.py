@@ -78,6 +78,19 @@ class HandlerSettings(BaseModel):
         default_factory=dict,
         description='Per-handler concurrency override, e.g. {"page_load": 128}',
     )
+    spec_cache_s: float = Field(
+        1.0,
+        ge=0,
+        description="page_load and heartbeat use an app spec read this long ago again instead "
+        "of reading it per event; a changed spec reaches them this much later (0: read each time)",
+    )
+    activity_write_s: float = Field(
+        0.1,
+        ge=0,
+        description="A handler process does not write an app's activity key (its last page load "
+        "or heartbeat) again within this long of its last write of it; the reaper sees activity "
+        "this much late at most (0: write for every event)",
+    )
 
 
 class ReaperSettings(BaseModel):
@@ -313,6 +326,11 @@ class Settings(BaseSettings):
         "auto", description="auto: console on a tty"
     )
     log_level: str = Field("info", description="debug, info, warning, error")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto",
+        description="Event loop of `spinyard handlers` and `spinyard up`: auto is uvloop when "
+        "it is installed (it is a dependency), else asyncio's own",
+    )
     nats: NatsSettings = Field(default_factory=NatsSettings)
     handlers: HandlerSettings = Field(default_factory=HandlerSettings)
     reaper: ReaperSettings = Field(default_factory=ReaperSettings)

@@ -11,7 +11,11 @@ put: one KV write, never a conflict, however many viewers write at once.
 
 Puts are last-writer-wins, not a maximum: two viewers' heartbeats handled a
 few milliseconds apart may land in either order, so a key can go back by
-those milliseconds. No idle limit (seconds to hours) can tell.
+those milliseconds. No idle limit (seconds to hours) can tell. For the same
+reason a handler process does not write a key again that it finished
+writing less than `handlers.activity_write_s` (100 ms) ago: a crowd's
+thousands of heartbeats a second become ten writes a second per key and
+process, and the key lags by at most that long.
 
 The reaper folds the keys into its view of each deployment (`of`) and
 removes the keys of slots that no live deployment has (`prune`). A key
@@ -67,9 +71,22 @@ def split(activity_key: str) -> tuple[str, str]:
     return slot_key, kind
 
 
-async def record(ctx: Context, slot_key: str, kind: str) -> None:
-    """Note a page load or a counted heartbeat of the deployment at `slot_key`, now."""
-    await ctx.state.activity.put(key(slot_key, kind), Mark(at=ctx.now()))
+async def record(ctx: Context, slot_key: str, kind: str) -> bool:
+    """Note a page load or a counted heartbeat of the deployment at `slot_key`, now.
+
+    Not written if this process finished writing the same key less than
+    `handlers.activity_write_s` ago (`handlers.memo`): the key would move by
+    less than that.
+
+    Returns:
+        Whether the key was written.
+    """
+    activity_key, now = key(slot_key, kind), ctx.now()
+    if ctx.memo.written_recently(activity_key, now):
+        return False
+    await ctx.state.activity.put(activity_key, Mark(at=now))
+    ctx.memo.wrote(activity_key, now)
+    return True
 
 
 async def read(ctx: Context, slot_key: str) -> dict[str, Entry[Mark]]:

@@ -1,7 +1,9 @@
 """The `ctx` every handler receives: KV state, backend, store, publisher, logger.
 
 It is built once per handler process by the runtime and re-bound per message
-with that message's log context. Nothing in it holds per-message state.
+with that message's log context. Nothing in it holds per-message state; its
+`memo` is the process's bounded memory of app specs and activity writes
+(`handlers.memo`), off unless the runtime turns it on.
 """
 
 import time
@@ -13,9 +15,25 @@ from nats.js import JetStreamContext
 from pydantic import BaseModel
 from structlog.typing import FilteringBoundLogger
 
+from handlers.memo import Memo
 from handlers.ports import Backend, ObjectStore
 from handlers.state import State
 from schemas.codec import encode
+
+
+class LazyLog:
+    """A logger bound to `values` when first used: most messages' handlers log nothing,
+    and binding costs more than this wrapper (a warm page load, a heartbeat)."""
+
+    __slots__ = ("_base", "_bound", "_values")
+
+    def __init__(self, base: FilteringBoundLogger, values: dict[str, Any]) -> None:
+        self._base, self._values, self._bound = base, values, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._bound is None:
+            self._bound = self._base.bind(**self._values)
+        return getattr(self._bound, name)
 
 
 @dataclass(frozen=True)
@@ -38,10 +56,11 @@ class Context:
     knobs: Knobs = field(default_factory=Knobs)
     store: ObjectStore | None = None  # None where no handler that runs needs results
     now: Callable[[], float] = time.time
+    memo: Memo = field(default_factory=Memo)
 
     def bind(self, **values: Any) -> "Context":
-        """A copy whose logger carries `values`."""
-        return replace(self, log=self.log.bind(**values))
+        """A copy whose logger carries `values` (bound when it first logs)."""
+        return replace(self, log=LazyLog(self.log, values))
 
     async def publish_status(self, subject: str, status: BaseModel) -> None:
         """Publish a status message; the status stream keeps the last one per subject."""

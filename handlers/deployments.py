@@ -66,12 +66,12 @@ def new_instance_id() -> str:
 
 
 async def load_viz_app(ctx: Context, name: str) -> AppSpec:
-    """The app's spec.
+    """The app's spec (read through the process's short-lived spec memory, `handlers.memo`).
 
     Raises:
         Rejected: no such app, or it is not a viz app.
     """
-    spec = await ctx.state.apps.get(name)
+    spec = await ctx.memo.spec(name, ctx.state.apps.get)
     if spec is None:
         raise Rejected(f"no app named {name!r} is registered", code=codes.UNKNOWN_APP)
     if spec.kind != "viz":

@@ -2,7 +2,9 @@
 
 With a live deployment for the page's slot (the app's shared slot, or the
 session's own), it answers with the current status, then records the load in
-the slot's activity key (a plain put, see `handlers.activity`).
+the slot's activity key (a plain put, see `handlers.activity`; skipped if
+this process wrote it a moment ago) and reads the deployment once more, in
+case it was being stopped meanwhile (then it starts one in its place).
 Otherwise it wins the slot with a KV create (only one of any number of
 concurrent page loads can), then claims a warm instance or starts a new one,
 publishing `starting` and then `ready` or `failed`.
@@ -13,6 +15,8 @@ a page_load consumer fetches its first event, ready deployments and warm
 pool members whose instance is gone (after a restart) are taken out of
 service (`reconcile.at_start`).
 """
+
+from contextlib import aclosing
 
 from handlers import activity, pools, reconcile
 from handlers.context import Context
@@ -61,45 +65,63 @@ async def page_load(ctx: Context, event: PageLoad) -> None:
     key = slot_key(event.app, slot)
     subject = subjects.app_status(event.app, session)
 
-    async for _ in cas_loop():
-        entry = await ctx.state.deployments.read(key)
-        now = ctx.now()
-        if entry is None or entry.value.state not in LIVE:
-            dep = Deployment(
-                app=event.app,
-                slot=slot,
-                instance=new_instance_id(),
-                state=AppState.PENDING,
-                event_id=event.id,
-                created_at=now,
-                last_page_load=now,
-                phases=Phases(requested=event.time),
-                session=session,
-            )
-            if entry is None:
-                rev = await ctx.state.deployments.create(key, dep)
-            else:
-                rev = await ctx.state.deployments.update(key, dep, entry.revision)
-            if rev is None:
-                continue  # another page load won the slot: go round and report theirs
-            ctx.log.info("viz_deployment_created", instance=dep.instance)
-            await _bring_up(ctx, spec, key, dep, subject)
-            return
+    async with aclosing(cas_loop()) as tries:  # closed here, not by a task the loop schedules
+        async for _ in tries:
+            if await _serve(ctx, spec, event, session, slot, key, subject):
+                return
 
-        dep = entry.value
-        if dep.event_id == event.id and dep.state != AppState.READY:
-            ctx.log.info("viz_start_resumed", instance=dep.instance)
-            await _bring_up(ctx, spec, key, dep, subject)
-            return
-        await ctx.publish_status(subject, status_of(dep))
-        # Recorded after the answer, off the page's path. The reaper may have begun to
-        # stop the deployment as idle just before: it then sees this load and calls the
-        # stop off, or it goes on and the next round here starts one in its place.
-        await activity.record(ctx, key, activity.PAGE_LOAD)
-        again = await ctx.state.deployments.read(key)
-        if again and again.value.instance == dep.instance and again.value.state not in LIVE:
-            continue
-        return
+
+async def _serve(
+    ctx: Context,
+    spec: AppSpec,
+    event: PageLoad,
+    session: str | None,
+    slot: str,
+    key: str,
+    subject: str,
+) -> bool:
+    """One try at serving the load; False when the slot changed under us (try again)."""
+    entry = await ctx.state.deployments.read(key)
+    now = ctx.now()
+    if entry is None or entry.value.state not in LIVE:
+        dep = Deployment(
+            app=event.app,
+            slot=slot,
+            instance=new_instance_id(),
+            state=AppState.PENDING,
+            event_id=event.id,
+            created_at=now,
+            last_page_load=now,
+            phases=Phases(requested=event.time),
+            session=session,
+        )
+        if entry is None:
+            rev = await ctx.state.deployments.create(key, dep)
+        else:
+            rev = await ctx.state.deployments.update(key, dep, entry.revision)
+        if rev is None:
+            return False  # another page load won the slot: go round and report theirs
+        ctx.log.info("viz_deployment_created", instance=dep.instance)
+        await _bring_up(ctx, spec, key, dep, subject)
+        return True
+
+    dep = entry.value
+    if dep.event_id == event.id and dep.state != AppState.READY:
+        ctx.log.info("viz_start_resumed", instance=dep.instance)
+        await _bring_up(ctx, spec, key, dep, subject)
+        return True
+    await ctx.publish_status(subject, status_of(dep))
+    # Recorded after the answer, off the page's path. The reaper may have begun to
+    # stop the deployment as idle just before: it then sees this load and calls the
+    # stop off, or it goes on and the read below sees it, and the next round here
+    # starts one in its place. (A write skipped because this process finished one a
+    # moment ago, `activity.record`, is covered by that write's own load.) The read
+    # is made whether or not the write was: a deployment stopped for any reason
+    # between the first read and the answer would otherwise be left with this
+    # stale answer as its last status.
+    await activity.record(ctx, key, activity.PAGE_LOAD)
+    again = await ctx.state.deployments.read(key)
+    return not (again and again.value.instance == dep.instance and again.value.state not in LIVE)
 
 
 async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subject: str) -> None:

@@ -8,7 +8,7 @@ of the runs bench is exercised by the bench itself (it needs redis-server).
 
 import math
 
-from bench import fanout, runs, sporadic, stats, viz
+from bench import fanout, handlers, runs, sporadic, stats, viz
 
 
 def _check_latency_rows(rows: list[dict]) -> None:
@@ -89,3 +89,17 @@ async def test_fanout_bench_runs_and_reports_against_raw_aiohttp():
         assert result[side]["closed_streams"] == 40
     assert set(result["goals"]) == {"rss_per_stream_kb", "change_to_all_p50_ms", "open_p50_ms"}
     assert "one change -> all streams" in fanout.format_result(result)
+
+
+async def test_handlers_bench_drains_both_backlogs_and_reports_against_raw_pull():
+    result = await handlers.run(handlers.Sizes(events=50))
+
+    assert result["errors"] == [] and result["dead_letters"] == 0
+    assert [row["name"] for row in result["rows"]] == ["page_load", "heartbeat"]
+    for row in result["rows"]:
+        assert row["n"] == row["delivered"] == 50 and row["redelivered"] == 0
+        assert row["outcomes"] == {f"{row['name']}/ok": 50.0}
+        for key in ("per_s", "raw_per_s", "ratio", "cpu_ms_per_event"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["raw"]["delivered"] == 50
+    assert "raw pull+ack /s" in handlers.format_result(result)

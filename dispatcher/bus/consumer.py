@@ -76,10 +76,18 @@ class HandlerMetrics:
             ["handler"],
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     def observe(self, handler: str, outcome: str, seconds: float) -> None:
-        self.handled.labels(handler=handler, outcome=outcome).inc()
-        self.duration.labels(handler=handler).observe(seconds)
+        key = (handler, outcome)
+        children = self._children.get(key)
+        if children is None:  # looked up once per handler and outcome, not per message
+            children = self._children[key] = (
+                self.handled.labels(handler=handler, outcome=outcome),
+                self.duration.labels(handler=handler),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch(self, consumer: "Consumer") -> None:
         """Report `consumer`'s in-flight messages, read at each scrape."""
@@ -108,6 +116,7 @@ class Consumer:
         self.concurrency = settings.concurrency.get(spec.id, spec.concurrency)
         self.log = logs.get("spinyard.consumer", handler=spec.id)
         self.inflight: set[asyncio.Task] = set()
+        self._working: dict[int, tuple[Msg, float]] = {}  # id(msg): (msg, when it was fetched)
         self.healthy = True  # False while fetching fails (the bus is away)
         self._failures = 0  # failed fetches in a row
         self._failing_since = 0.0
@@ -123,6 +132,7 @@ class Consumer:
         # one-message pull ends with its message; a batch pull that meets an emptied
         # backlog (another replica took it) expires after DRAIN_TIMEOUT_S at most.
         backlog = False
+        keep_alive = asyncio.create_task(self._keep_alive(), name=f"{self.spec.id}-keepalive")
         try:
             while not self.stopping.is_set():
                 free = self.concurrency - len(self.inflight)
@@ -156,6 +166,7 @@ class Consumer:
                     task.add_done_callback(self.inflight.discard)
         finally:
             await self._finish_inflight()
+            keep_alive.cancel()
             # Unsubscribe before the connection drains, or drain waits on the pull.
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -194,34 +205,46 @@ class Consumer:
             await asyncio.wait(pending)
             self.log.warning("inflight_cancelled", count=len(pending))
 
-    async def _keep_alive(self, msg: Msg) -> None:
+    async def _keep_alive(self) -> None:
+        """Extend the ack deadline of every message handled for longer than a third of it.
+
+        One task for all the consumer's messages, waking every sixth of the ack
+        wait: a message's deadline is first extended within half of it.
+        """
         period = max(self.settings.ack_wait_s / 3, 0.1)
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(period)
-            try:
-                await msg.in_progress()
-            except Exception as exc:  # the bus is away: try again next period
-                self.log.debug("keep_alive_failed", error=repr(exc))
+            await asyncio.sleep(period / 2)
+            due = loop.time() - period
+            for msg, fetched in list(self._working.values()):
+                if fetched > due:
+                    continue
+                try:
+                    await msg.in_progress()
+                except Exception as exc:  # the bus is away: try again next period
+                    self.log.debug("keep_alive_failed", error=repr(exc))
 
     async def _handle(self, msg: Msg) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         attempt = msg.metadata.num_delivered
-        log = self.log.bind(subject=msg.subject, attempt=attempt)
         try:
             event = decode(self.spec.schema, msg.data)
         except (DecodeError, ValidationError) as exc:
             await self._dead_letter(msg, codes.INVALID_EVENT, f"undecodable: {exc}"[:1000], attempt)
             await msg.term()
-            log.warning("message_dead_lettered", reason="undecodable")
+            self.log.warning(
+                "message_dead_lettered", subject=msg.subject, attempt=attempt, reason="undecodable"
+            )
             return
         bound = {"event_id": event.id}
         for field in ("app", "job_id", "session"):
-            if getattr(event, field, None):
-                bound[field] = getattr(event, field)
-        log = log.bind(**bound)
+            value = getattr(event, field, None)
+            if value:
+                bound[field] = value
+        log = self.log.bind(subject=msg.subject, attempt=attempt, **bound)
         ctx = self.ctx.bind(handler=self.spec.id, **bound)
-        keep_alive = asyncio.create_task(self._keep_alive(msg), name=f"{self.spec.id}-keepalive")
+        self._working[id(msg)] = (msg, started)  # its ack deadline is extended meanwhile
         outcome = "ok"
         try:
             await self._call(ctx, event, log)
@@ -243,16 +266,15 @@ class Consumer:
                 ctx, log, msg, event, exc, self.spec.backoff(attempt), attempt
             )
         else:
+            # A plain publish (no round trip): if it is lost, the message is redelivered
+            # after ack_wait and handled again, which every handler allows (idempotent).
             await msg.ack()
         finally:
-            keep_alive.cancel()
+            del self._working[id(msg)]
+            seconds = loop.time() - started
             if self.metrics is not None:
-                self.metrics.observe(self.spec.id, outcome, loop.time() - started)
-            log.info(
-                "message_handled",
-                outcome=outcome,
-                duration_ms=round((loop.time() - started) * 1000, 2),
-            )
+                self.metrics.observe(self.spec.id, outcome, seconds)
+            log.info("message_handled", outcome=outcome, duration_ms=round(seconds * 1000, 2))
 
     async def _call(self, ctx: Context, event: BaseModel, log: FilteringBoundLogger) -> None:
         """Run the handler on `event` (each run within its timeout).

@@ -309,6 +309,31 @@ async def test_shutdown_finishes_inflight_message(settings, nats):
     assert await _stream_empty(js)
 
 
+async def test_a_handler_slower_than_the_ack_wait_is_run_once(settings, nats):
+    """While handlers run, one keep-alive task extends the deadline of each message in
+    flight: messages that take three ack waits are not handed out again meanwhile."""
+    settings.handlers.ack_wait_s = 0.5
+    registry = Registry()
+    runs = []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, registry=registry)
+    async def slow(ctx, event):
+        runs.append(event.session)
+        await asyncio.sleep(1.5)
+
+    service, task = await _run(settings, registry, nats)
+    js = nats.jetstream()
+    for i in range(3):
+        await _publish(js, PageLoad(app="a/b", session=f"s{i}"))
+        await asyncio.sleep(0.2)  # fetched at different points of the keep-alive period
+    await wait_for(lambda: _stream_empty(js), timeout=15, what="all three settled")
+    service.stop()
+    await task
+    assert sorted(runs) == ["s0", "s1", "s2"]  # each once: none redelivered
+    info = await js.consumer_info(subjects.EVENTS_STREAM, "page_load")
+    assert info.num_redelivered == 0
+
+
 async def test_handler_concurrency_is_bounded(settings, nats):
     registry = Registry()
     running, peak, done = [0], [0], []

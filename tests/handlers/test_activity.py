@@ -91,3 +91,55 @@ async def test_per_session_heartbeats_write_their_own_slots_key(settings):
         mark = await wait_for(written, what="alice's heartbeat key")
         assert mark.at >= before
         assert await _keys(stack) == {"demo.class.session.alice.heartbeat"}
+
+
+async def _activity_writes(stack) -> int:
+    """Writes to the activity bucket so far (its stream's last sequence)."""
+    info = await stack.js.stream_info(f"KV_{subjects.ACTIVITY_BUCKET}")
+    return info.state.last_seq
+
+
+async def _crowd_once(stack, rounds: int) -> tuple[int, float]:
+    """`rounds` x 50 heartbeats of one shared app; the writes they made and the seconds taken."""
+    before, started = await _activity_writes(stack), time.monotonic()
+    done = stack.handled("heartbeat", "ok")
+    for _ in range(rounds):
+        await asyncio.gather(*(stack.heartbeat("demo/hello", session=f"v-{i}") for i in range(50)))
+    total = done + rounds * 50
+    await wait_for(lambda: stack.handled("heartbeat", "ok") >= total, what="heartbeats handled")
+    return await _activity_writes(stack) - before, time.monotonic() - started
+
+
+async def test_a_crowds_heartbeats_write_the_key_once_per_write_interval(settings):
+    settings.handlers.activity_write_s = 0.5
+    async with running_stack(settings, ["page_load", "heartbeat"]) as stack:
+        await stack.register(hello_spec())
+        await stack.page_load("demo/hello")
+        await stack.wait_state(subjects.app_status("demo/hello"), "ready")
+        writes, seconds = await _crowd_once(stack, rounds=4)
+        # Concurrent heartbeats before the first write finished each write; after it,
+        # one write per 0.5 s at most.
+        assert 1 <= writes < 200
+        assert writes <= 64 + seconds / 0.5 + 1  # 64: the handler's concurrency
+        [mark] = await stack.state.activity.scan()
+        assert mark.key == "demo.hello.shared.heartbeat"
+        assert time.time() - mark.value.at < seconds + 0.5 + 1.0
+        await asyncio.sleep(0.6)  # past the interval: the next heartbeat writes again
+        before = mark.value.at
+        await stack.heartbeat("demo/hello", session="late")
+        await wait_for(lambda: _mark_after(stack, before), what="a write after the interval")
+
+
+async def _mark_after(stack, at: float) -> bool:
+    [mark] = await stack.state.activity.scan()
+    return mark.value.at > at
+
+
+async def test_with_no_write_interval_every_heartbeat_writes(settings):
+    settings.handlers.activity_write_s = 0
+    async with running_stack(settings, ["page_load", "heartbeat"]) as stack:
+        await stack.register(hello_spec())
+        await stack.page_load("demo/hello")
+        await stack.wait_state(subjects.app_status("demo/hello"), "ready")
+        writes, _ = await _crowd_once(stack, rounds=2)
+        assert writes == 100

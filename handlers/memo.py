@@ -1,0 +1,88 @@
+"""What one handler process remembers between messages, to spare the bus reads and writes.
+
+Two things, both bounded (the oldest entry goes first) and both off unless
+the runtime turns them on (`handlers.spec_cache_s`, `handlers.activity_write_s`):
+
+- App specs, for `spec_ttl_s` after they were read. page_load and
+  heartbeat read the app's spec for every event; a warm crowd of one app
+  then reads the same spec thousands of times a second. A changed spec
+  reaches page loads and heartbeats that much later; an app not found is
+  not remembered (it may be registered a moment later). Nothing decides a
+  compare-and-set on a remembered spec: every record that is
+  compare-and-set (deployments, pools, jobs) is read from KV each time
+  (issue 8's stale-read lesson, docs/deploy-kubernetes.md).
+- When this process last wrote each activity key. A key written less than
+  `activity_every_s` ago is not written again: its value would move by less
+  than that, which no idle limit can tell (`handlers.activity`). The write
+  that is skipped is always one that came after a write that had finished.
+"""
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+SIZE = 4096  # entries each part keeps at most
+
+
+class Bounded(Generic[V]):
+    """A dict of at most `size` entries; setting a key makes it the newest, the oldest goes."""
+
+    def __init__(self, size: int = SIZE) -> None:
+        self.size = size
+        self._entries: dict[str, V] = {}
+
+    def get(self, key: str) -> V | None:
+        return self._entries.get(key)
+
+    def set(self, key: str, value: V) -> None:
+        entries = self._entries
+        entries.pop(key, None)
+        if len(entries) >= self.size:
+            del entries[next(iter(entries))]
+        entries[key] = value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Memo:
+    """A handler process's memory of app specs and of its own activity writes."""
+
+    def __init__(
+        self, spec_ttl_s: float = 0.0, activity_every_s: float = 0.0, size: int = SIZE
+    ) -> None:
+        """
+        Args:
+            spec_ttl_s: how long a spec read is used again; 0: read every time.
+            activity_every_s: an activity key this process wrote less than this long
+                ago is not written again; 0: write every time.
+            size: entries each part keeps at most.
+        """
+        self.spec_ttl_s = spec_ttl_s
+        self.activity_every_s = activity_every_s
+        self._specs: Bounded[tuple[float, object]] = Bounded(size)
+        self._written: Bounded[float] = Bounded(size)
+
+    async def spec(self, name: str, read: Callable[[str], Awaitable[V | None]]) -> V | None:
+        """`name`'s spec: remembered if read less than `spec_ttl_s` ago, else `read(name)`."""
+        if self.spec_ttl_s <= 0:
+            return await read(name)
+        now = time.monotonic()
+        hit = self._specs.get(name)
+        if hit is not None and now - hit[0] < self.spec_ttl_s:
+            return hit[1]  # type: ignore[return-value]
+        value = await read(name)
+        if value is not None:
+            self._specs.set(name, (now, value))
+        return value
+
+    def written_recently(self, key: str, now: float) -> bool:
+        """Whether this process finished writing activity key `key` less than the limit ago."""
+        last = self._written.get(key)
+        return last is not None and 0 <= now - last < self.activity_every_s
+
+    def wrote(self, key: str, at: float) -> None:
+        """Note that a write of activity key `key`, stamped `at`, has finished."""
+        if self.activity_every_s > 0:
+            self._written.set(key, at)
