@@ -6,7 +6,7 @@
     python -m bench sporadic --loads 60  # page loads at random gaps, p99 against p50
     python -m bench all --json out.json
 
-`all` runs viz, sporadic, runs and, when bench/k8s_sim.py exists, the Kubernetes
+`all` runs viz, sporadic, runs, gateway and, when bench/k8s_sim.py exists, the Kubernetes
 simulation (`k8s`, through its `main(argv)`). Each bench is a function
 `(quick: bool) -> dict` that prints its own tables. A bench that cannot run
 prints why (an exception, or `errors` in the dict it returns); the exit
@@ -43,9 +43,10 @@ def k8s_bench(quick: bool) -> dict:
 
 
 def benches() -> dict[str, Callable]:
-    from bench import runs, sporadic, viz
+    from bench import gateway, runs, sporadic, viz
 
     found = {"viz": viz.main, "sporadic": sporadic.main, "runs": runs.main}
+    found["gateway"] = gateway.main
     if importlib.util.find_spec(K8S_MODULE) is not None:  # written separately; optional
         found["k8s"] = k8s_bench
     return found
