@@ -22,6 +22,7 @@ Figures, all measured in this one run, latencies interleaved in blocks:
 
 import asyncio
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 import aiohttp
 import nats
 
-from bench import stats
+from bench import gateway_peer, stats
 from bench.stack import (
     ROOT,
     BenchError,
@@ -254,12 +255,16 @@ async def start(tmp: Path, stack: AsyncExitStack) -> dict:
         auth__hs256_secret=SECRET,
     )
     argv = [sys.executable, "-m", "dispatcher.cli", "gateway"]
+    if os.environ.get("BENCH_GATEWAY_UVLOOP"):  # experiment: the gateway on uvloop
+        code = "import uvloop; uvloop.install(); from dispatcher.cli import main; main(['gateway'])"
+        argv = [sys.executable, "-c", code]
     gateway = Process("spinyard gateway", argv, env, tmp / "gateway.log").start()
     stack.callback(gateway.stop)
     peer_port = free_port()
+    await gateway_peer.setup(js)
     peer = Process(
         "raw aiohttp peer",
-        [sys.executable, "-m", "bench.gateway_peer", str(peer_port)],
+        [sys.executable, "-m", "bench.gateway_peer", str(peer_port), server.url],
         clean_env({}),
         tmp / "peer.log",
     ).start()
@@ -305,6 +310,9 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
     async def raw_post() -> float:
         return await post(http, f"{peer}/events", event("heartbeat", "s-bench"), {})
 
+    async def raw_stored() -> float:
+        return await post(http, f"{peer}/stored", event("heartbeat", "s-bench"), {})
+
     async def raw_line() -> float:
         raw_sse.clear()
         t0 = time.perf_counter()
@@ -329,7 +337,13 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
         finally:
             await stream.close()
 
-    measures = {"raw_post": raw_post, "raw_line": raw_line, "post": gw_post, "ready": gw_ready}
+    measures = {
+        "raw_post": raw_post,
+        "raw_stored": raw_stored,
+        "raw_line": raw_line,
+        "post": gw_post,
+        "ready": gw_ready,
+    }
     await interleaved(measures, sizes.warmup, sizes.warmup)
     samples = await interleaved(measures, sizes.samples, sizes.block)
     opens = await interleaved(
@@ -345,7 +359,11 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
     rows = [
         raw_post_row,
         *stats.add_ratios(
-            [stats.latency("spinyard POST /v1/events -> 202", samples["post"])], raw_post_row
+            [
+                stats.latency("raw aiohttp + JetStream publish -> 202", samples["raw_stored"]),
+                stats.latency("spinyard POST /v1/events -> 202", samples["post"]),
+            ],
+            raw_post_row,
         ),
         raw_line_row,
         *stats.add_ratios(
