@@ -22,7 +22,6 @@ Figures, all measured in this one run, latencies interleaved in blocks:
 
 import asyncio
 import contextlib
-import os
 import sys
 import tempfile
 import time
@@ -255,9 +254,6 @@ async def start(tmp: Path, stack: AsyncExitStack) -> dict:
         auth__hs256_secret=SECRET,
     )
     argv = [sys.executable, "-m", "dispatcher.cli", "gateway"]
-    if os.environ.get("BENCH_GATEWAY_UVLOOP"):  # experiment: the gateway on uvloop
-        code = "import uvloop; uvloop.install(); from dispatcher.cli import main; main(['gateway'])"
-        argv = [sys.executable, "-c", code]
     gateway = Process("spinyard gateway", argv, env, tmp / "gateway.log").start()
     stack.callback(gateway.stop)
     peer_port = free_port()
