@@ -45,7 +45,7 @@ from bench.stack import (
     wait_consumers,
     wait_until,
 )
-from bench.viewers import SseStream, outcomes, post, viewers
+from bench.viewers import SseStream, answers, outcomes, post, viewers
 from bench.viz import interleaved
 from dispatcher.bus import provision
 from dispatcher.embedded.natsserver import NatsServer
@@ -175,49 +175,13 @@ async def backlog_zero(js) -> bool:
     return await backlog(js) == 0
 
 
-async def up_load(tmp: Path, sizes: Sizes) -> dict:
-    """`spinyard up` (nats-server, S3, handlers and gateway in one process tree) under
-    `sizes.up_viewers` viewers, with the raw aiohttp peer as its baseline."""
-    async with AsyncExitStack() as stack:
-        port, peer_port = free_port(), free_port()
-        url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer_port}"
-        env = clean_env({
-            "SPINYARD_DATA_DIR": str(tmp / "up-data"), "SPINYARD_AUTH__HS256_SECRET": SECRET,
-            "SPINYARD_LOG_LEVEL": "warning", "SPINYARD_LOG_FORMAT": "json",
-        })  # fmt: skip
-        argv = [sys.executable, "-m", "dispatcher.cli", "up", "--apps", str(HELLO_SPEC.parent)]
-        up = Process("spinyard up", [*argv, "--port", str(port)], env, tmp / "up.log", group=True)
-        stack.callback(up.start().stop)
-        peer = Process(
-            "raw aiohttp peer",
-            [sys.executable, "-m", "bench.gateway_peer", str(peer_port)],
-            clean_env({}),
-            tmp / "up-peer.log",
-        ).start()
-        stack.callback(peer.stop)
-        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        stack.push_async_callback(http.close)
-        for proc, health_url in ((up, f"{url}/healthz"), (peer, f"{peer_url}/status")):
-            await wait_until(lambda p=proc, u=health_url: answers(http, p, u), 60.0, proc.name)
-        token = mint(SECRET, [UP_APP], session="s-bench", ttl_s=3600)
-        auth = {"Authorization": f"Bearer {token}", "Origin": url}
-        sse = SseStream()
-        stack.push_async_callback(sse.close)
-        await post(http, f"{url}/v1/events", event("page_load", "s-bench", UP_APP), auth)
-        await sse.open(http, f"{url}/v1/apps/{UP_APP}/status", auth)
-        await sse.next(lambda s: s.get("state") == "ready")  # warm before the load
-        level = await load_level(
-            http, None, url, f"{url}/metrics", peer_url, sizes.up_viewers, sizes
-        )
-        up.check()
-        return level
-
-
 async def run(sizes: Sizes = FULL) -> dict:
     with tempfile.TemporaryDirectory(prefix="spinyard-bench-gateway-") as tmp:
         async with AsyncExitStack() as stack:
             result = await _run(Path(tmp), sizes, stack)
         if sizes.up:
+            from bench.gateway_up import up_load  # it reuses this module's pieces
+
             result["up"] = await up_load(Path(tmp), sizes)
         return result
 
@@ -274,15 +238,6 @@ async def start(tmp: Path, stack: AsyncExitStack) -> dict:
         "js": js, "http": http, "gw": url, "peer": peer_url, "handlers": handlers,
         "gateway": gateway, "metrics": f"http://127.0.0.1:{health}/metrics",
     }  # fmt: skip
-
-
-async def answers(http: aiohttp.ClientSession, proc: Process, url: str) -> bool:
-    proc.check()
-    try:
-        async with http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-            return resp.status == 200
-    except (aiohttp.ClientError, TimeoutError):
-        return False
 
 
 async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
@@ -421,7 +376,7 @@ def format_result(result: dict) -> str:
         "each spinyard row's ratios are to the raw row above it.",
         "",
         "load: viewers posting page loads and heartbeats back to back "
-        f"({result['sizes']['load_s']:.0f} s per level; raw: the aiohttp peer, same clients)",
+        f"({result['sizes']['load_s']:g} s per level; raw: the aiohttp peer, same clients)",
         stats.table(result["load"], LOAD_COLUMNS),
         f"dead letters: {result['dead_letters']}",
     ]

@@ -4,9 +4,10 @@
     python -m bench.profile gateway.raw
 
 "Self" attributes each sample to the library of its innermost frame (where
-the CPU was); "in" counts the samples with a given function anywhere on the
-stack (a step's whole cost, its callees included). Percentages are of the
-samples py-spy kept (it drops idle ones).
+the CPU was; socket sends and epoll waits apart: on a busy machine they
+include time the process sat preempted in the kernel); "in" counts the
+samples with a given function anywhere on the stack (a step's whole cost,
+its callees included). Percentages are of the samples py-spy kept.
 """
 
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 
 # Innermost-frame file paths, by the library they belong to (first match wins).
 LIBRARIES = (
+    ("waiting in epoll", ("EpollSelector.select",)),
+    ("socket sends (the syscall)", ("_SelectorSocketTransport.write ",)),
     ("nats-py", ("nats/",)),
     ("aiohttp", ("aiohttp/", "multidict/", "yarl/")),
     ("token checks", ("jwt/", "cryptography/", "hmac", "gateway/auth.py")),

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from bench.stack import BenchError
+from bench.stack import BenchError, Process
 
 TIMEOUT_S = 30.0  # any one answer; far above any expected figure
 
@@ -133,3 +133,13 @@ async def outcomes(http: aiohttp.ClientSession, url: str, handlers: tuple[str, .
             if outcome != "retried":
                 counts["settled"] += n
     return counts
+
+
+async def answers(http: aiohttp.ClientSession, proc: Process, url: str) -> bool:
+    """Whether `url` answers 200 (BenchError if `proc` has exited)."""
+    proc.check()
+    try:
+        async with http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
