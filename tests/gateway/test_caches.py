@@ -81,6 +81,21 @@ async def test_the_cache_is_bounded_and_drops_the_least_recently_used(env):
     assert specs.reads == 4
 
 
+async def test_a_reconnect_empties_the_cache(env):
+    specs = SpecCache(env.state.apps, size=10, max_age_s=60)
+    await specs.start()
+    try:
+        await specs.get(VIZ.name)
+        await specs.get(VIZ.name)
+        assert specs.reads == 1
+        env.nc.stats["reconnects"] += 1  # as nats-py counts one: changes may have been missed
+        await specs.get(VIZ.name)
+        await specs.get(VIZ.name)
+        assert specs.reads == 2
+    finally:
+        await specs.stop()
+
+
 async def test_an_older_revision_never_replaces_a_newer_one(env):
     specs = SpecCache(env.state.apps, size=10, max_age_s=60)
     newer = VIZ.model_copy(update={"description": "newer"})
