@@ -6,10 +6,11 @@
     python -m bench sporadic --loads 60  # page loads at random gaps, p99 against p50
     python -m bench fanout --streams 10000  # SSE fan-out: 10,000 streams on one gateway
     python -m bench handlers             # one handler process's events/s, against raw pull + ack
+    python -m bench gateway              # HTTP + SSE through the gateway, against raw aiohttp
     python -m bench all --json out.json
 
-`all` runs viz, sporadic, runs, fanout, handlers and, when bench/k8s_sim.py exists, the Kubernetes
-simulation (`k8s`, through its `main(argv)`). Each bench is a function
+`all` runs viz, sporadic, runs, fanout, handlers, gateway and, when bench/k8s_sim.py
+exists, the Kubernetes simulation (`k8s`, through its `main(argv)`). Each bench is a function
 `(quick: bool) -> dict` that prints its own tables. A bench that cannot run
 prints why (an exception, or `errors` in the dict it returns); the exit
 status is then 1.
@@ -45,7 +46,7 @@ def k8s_bench(quick: bool) -> dict:
 
 
 def benches() -> dict[str, Callable]:
-    from bench import fanout, handlers, runs, sporadic, viz
+    from bench import fanout, gateway, handlers, runs, sporadic, viz
 
     found = {
         "viz": viz.main,
@@ -53,6 +54,7 @@ def benches() -> dict[str, Callable]:
         "runs": runs.main,
         "fanout": fanout.main,
         "handlers": handlers.main,
+        "gateway": gateway.main,
     }
     if importlib.util.find_spec(K8S_MODULE) is not None:  # written separately; optional
         found["k8s"] = k8s_bench

@@ -231,6 +231,18 @@ class GatewaySettings(BaseModel):
         description="An idle keep-alive connection is closed after this long; keep it above "
         "the idle timeout of any reverse proxy in front (nginx's upstream default: 60 s)",
     )
+    spec_cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="App specs the gateway keeps in memory (least recently used dropped "
+        "first), kept fresh by a watch on the apps bucket. 0: read the bucket every request",
+    )
+    spec_cache_max_age_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a kept app spec is used without reading it again, should its "
+        "watch miss a change (changes normally apply within milliseconds)",
+    )
 
     @property
     def base_url(self) -> str:
@@ -292,6 +304,13 @@ class AuthSettings(BaseModel):
     )
     dev_token_endpoint: bool = Field(
         False, description="Serve GET /v1/dev/token (mints tokens for anyone): `spinyard up` only"
+    )
+    token_cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="Verified tokens the gateway keeps (least recently used dropped first), "
+        "so a page's repeated token skips the signature check; each is still refused once "
+        "expired. 0: check every request",
     )
 
 

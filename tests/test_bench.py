@@ -8,7 +8,7 @@ of the runs bench is exercised by the bench itself (it needs redis-server).
 
 import math
 
-from bench import fanout, handlers, runs, sporadic, stats, viz
+from bench import fanout, gateway, handlers, runs, sporadic, stats, viz
 
 
 def _check_latency_rows(rows: list[dict]) -> None:
@@ -103,3 +103,27 @@ async def test_handlers_bench_drains_both_backlogs_and_reports_against_raw_pull(
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["raw"]["delivered"] == 50
     assert "raw pull+ack /s" in handlers.format_result(result)
+
+
+async def test_gateway_bench_runs_and_reports_its_rows_and_load_levels():
+    sizes = gateway.Sizes(
+        samples=10, warmup=2, block=10, opens=3, viewers=(1, 4), load_s=0.5, up=False
+    )
+    result = await gateway.run(sizes)
+
+    rows = {row["name"]: row for row in result["rows"]}
+    assert len(rows) == 7
+    assert rows["spinyard POST /v1/events -> 202"]["n"] == 10
+    assert rows["spinyard page load -> ready on open SSE"]["n"] == 10
+    assert rows["spinyard open SSE -> first status"]["n"] == 3
+    _check_latency_rows(result["rows"])
+    for row in result["rows"]:
+        assert math.isfinite(row["ratio_p50"]) and row["ratio_p50"] > 0
+    assert [level["viewers"] for level in result["load"]] == [1, 4]
+    for level in result["load"]:
+        assert level["accepted"] > 0 and level["raw_accepted_per_s"] > 0, level
+        assert level["settled"] == level["accepted"] and level["refused"] == 0, level
+        assert level["drain_s"] is not None and level["backlog_at_stop"] >= 0
+    assert result["dead_letters"] == 0
+    text = gateway.format_result(result)
+    assert "spinyard POST /v1/events -> 202" in text and "accepted/s" in text

@@ -32,6 +32,7 @@ from dispatcher.gateway.keys import (
     NC,
     PROXY,
     SETTINGS,
+    SPECS,
     STATE,
     STREAMS,
 )
@@ -39,6 +40,7 @@ from dispatcher.gateway.openapi import document
 from dispatcher.gateway.protocol import Server
 from dispatcher.gateway.proxy import Proxy
 from dispatcher.gateway.security import Guard, install
+from dispatcher.gateway.specs import SpecCache
 from dispatcher.gateway.sse import StatusStreams
 from dispatcher.metrics import exposition
 from dispatcher.settings import GatewaySettings
@@ -213,9 +215,13 @@ def make_app(
         metrics_registry: the Prometheus registry its metrics go on (one per process,
             shared with a handler service in it); a new one if None.
     """
+    app = web.Application(middlewares=[errors_and_metrics])
+    app[SPECS] = specs = SpecCache(
+        state.apps, size=settings.spec_cache_size, max_age_s=settings.spec_cache_max_age_s
+    )
     if guard is not None:
         auth = guard.hook
-    app = web.Application(middlewares=[errors_and_metrics])
+        guard.use_specs(specs)
     app[SETTINGS] = settings
     app[JS] = js
     app[NC] = nc if nc is not None else js._nc  # the client the context was made from
@@ -243,6 +249,11 @@ def make_app(
         yield
         await app[PROXY].close()
 
+    async def watch_specs(app: web.Application):
+        await app[SPECS].start()
+        yield
+        await app[SPECS].stop()
+
     async def end_streams(app: web.Application) -> None:
         app[STREAMS].close()
         await app[PROXY].close_websockets()
@@ -251,6 +262,7 @@ def make_app(
         await app[STREAMS].aclose()
 
     app.cleanup_ctx.append(proxy_session)
+    app.cleanup_ctx.append(watch_specs)
     app.on_shutdown.append(end_streams)
     app.on_cleanup.append(drop_subscriptions)
     app.on_response_prepare.append(cors)

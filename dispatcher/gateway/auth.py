@@ -13,11 +13,21 @@ the private key, spinyard gets the public key). Claims spinyard reads:
 
 A platform's backend mints a token per page view (see docs/auth.md);
 `spinyard token` does the same from the configured secret.
+
+A page sends its token with every event and stream, so verified tokens are
+kept (`auth.token_cache_size`, least recently used dropped first), keyed by
+the token's exact text: a token seen again costs a dictionary lookup, not a
+signature check. A kept token is still refused the moment it expires (its
+`exp`, with the same leeway as a fresh check); the claims it grants are the
+ones its signature covered. Tokens that fail are not kept. Keys, audience
+and issuer come from the settings, read once: changing any of them means a
+restart, which empties the cache.
 """
 
 import fnmatch
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +77,7 @@ class Authenticator:
     def __init__(self, settings: AuthSettings):
         self.settings = settings
         self._keys: list[tuple[str, object]] = []
+        self._verified: OrderedDict[str, Claims] = OrderedDict()
         if settings.hs256_secret is not None:
             secret = settings.hs256_secret.get_secret_value()
             if len(secret) < 32:
@@ -93,6 +104,22 @@ class Authenticator:
         """
         if not token:
             raise _unauthorized("a bearer token is required (Authorization header or ?token=)")
+        claims = self._verified.get(token)
+        if claims is not None:
+            if time.time() < claims.expires + self.settings.leeway_s:
+                self._verified.move_to_end(token)
+                return claims
+            del self._verified[token]
+            raise _unauthorized("the token has expired")
+        claims = self._check(token)
+        if self.settings.token_cache_size:
+            self._verified[token] = claims
+            if len(self._verified) > self.settings.token_cache_size:
+                self._verified.popitem(last=False)
+        return claims
+
+    def _check(self, token: str) -> Claims:
+        """Verify `token`'s signature and claims (no cache)."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:

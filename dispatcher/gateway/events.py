@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from dispatcher import logs
 from dispatcher.gateway import EVENT, SESSION, GatewayError
-from dispatcher.gateway.keys import AUTH, JS, METRICS, SETTINGS, STATE
+from dispatcher.gateway.keys import AUTH, JS, METRICS, SETTINGS, SPECS
 from handlers.errors import PublicError
 from schemas import codec, subjects
 from schemas import errors as codes
@@ -150,7 +150,7 @@ async def post_event(request: web.Request) -> web.Response:
             subject = subjects.event_for(kind, event.job_id)
         else:
             await authorize(request, event.app, None)
-            spec = await request.app[STATE].apps.get(event.app)
+            spec = await request.app[SPECS].get(event.app)
             if spec is None:
                 raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {event.app!r}")
             if spec.kind != NEEDS_KIND[kind]:

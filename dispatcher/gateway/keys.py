@@ -9,6 +9,7 @@ from nats.js import JetStreamContext
 
 from dispatcher.gateway import Metrics
 from dispatcher.gateway.proxy import Proxy
+from dispatcher.gateway.specs import SpecCache
 from dispatcher.gateway.sse import StatusStreams
 from dispatcher.settings import GatewaySettings
 from handlers.ports import Backend
@@ -18,6 +19,7 @@ SETTINGS = web.AppKey("settings", GatewaySettings)
 JS = web.AppKey("js", JetStreamContext)
 NC = web.AppKey("nc", Client)
 STATE = web.AppKey("state", State)
+SPECS = web.AppKey("specs", SpecCache)  # app specs, watched (see `specs`)
 BACKEND = web.AppKey("backend", Backend | None)  # type: ignore[arg-type]
 AUTH = web.AppKey("auth", Callable | None)  # type: ignore[arg-type]
 METRICS = web.AppKey("metrics", Metrics)

@@ -15,13 +15,13 @@
 
 import asyncio
 import html
-import time
 
 from aiohttp import web
 from yarl import URL
 
 from dispatcher.gateway import SESSION, GatewayError
 from dispatcher.gateway.auth import Authenticator, AuthError, mint
+from dispatcher.gateway.specs import SpecCache
 from dispatcher.settings import AuthSettings
 from handlers.jobs import Job
 from handlers.state import State
@@ -31,7 +31,6 @@ from schemas.answers import DevToken
 from schemas.names import JOB_ID_RE, check_app, check_session
 from schemas.spec import AppSpec
 
-SPEC_TTL_S = 2.0  # spec changes reach the origin and CSP checks within this
 JOB_RECORD_WAIT_S = 3.0  # how long a just-requested run may take to be recorded
 
 
@@ -51,16 +50,15 @@ class Guard:
         self.authenticator = Authenticator(settings)
         self.state = state
         self.own_origin = str(URL(public_url).origin())
-        self._specs: dict[str, tuple[float, AppSpec | None]] = {}
+        # Until the gateway gives it its watched cache (`use_specs`), specs are read each time.
+        self.specs = SpecCache(state.apps, size=0, max_age_s=1.0)
+
+    def use_specs(self, specs: SpecCache) -> None:
+        """Read app specs from the gateway's cache (see `specs`)."""
+        self.specs = specs
 
     async def spec(self, app: str) -> AppSpec | None:
-        now = time.monotonic()
-        cached = self._specs.get(app)
-        if cached and now - cached[0] < SPEC_TTL_S:
-            return cached[1]
-        spec = await self.state.apps.get(app)
-        self._specs[app] = (now, spec)
-        return spec
+        return await self.specs.get(app)
 
     def allowed_origins(self, spec: AppSpec | None) -> list[str]:
         origins = spec.embed_origins if spec and spec.embed_origins else ["'self'"]
