@@ -55,8 +55,9 @@ from dispatcher.backends.local.jobfiles import (
     prepare,
     remove_stale_staging,
 )
-from dispatcher.backends.local.jobrunner import start_runner
+from dispatcher.backends.local.jobrunner import CLAIMED, start_runner
 from dispatcher.backends.local.jobwatch import JobWatcher
+from dispatcher.backends.local.warm import WarmRunners
 from dispatcher.settings import LocalBackendSettings
 from handlers.errors import StartFailed
 from handlers.ports import JobReport
@@ -75,6 +76,7 @@ class LocalBackend(Backend):
     """Viz instances and jobs as local processes, with their state in files under `data_dir`."""
 
     name = "local"
+    warm_runners = True
     takeover_s = 2.0  # how often a waiting job watcher tries to take over the socket
 
     def __init__(self, settings: LocalBackendSettings, data_dir: Path, public_url: str) -> None:
@@ -86,6 +88,9 @@ class LocalBackend(Backend):
         self._python = settings.python or sys.executable
         self._log = logs.get("spinyard.backend.local")
         self._instances = InstanceFiles(Path(data_dir) / "local" / "instances", self._log)
+        self._warm = WarmRunners(
+            Path(data_dir) / "local" / "warm", self._jobs, self._instances, self._python, self._log
+        )
 
     async def setup(self) -> None:
         """Create the state, log and job directories.
@@ -213,9 +218,10 @@ class LocalBackend(Backend):
                 self._log.error("viz_process_survived_kill", instance=instance_id, pid=state.pid)
                 return
             self._instances.remove(instance_id)
+            self._warm.remove_dir(instance_id)
             lock_path.unlink(missing_ok=True)  # under the lock: waiters notice and retry
         if state is not None:
-            self._log.info("viz_process_stopped", **state.fields(), how=outcome)
+            self._log.info(f"{state.kind}_process_stopped", **state.fields(), how=outcome)
 
     async def claim(self, instance_id: str) -> bool:
         """Mark a warm pool instance as in use, if its process runs and its port accepts.
@@ -233,6 +239,8 @@ class LocalBackend(Backend):
             if state is None:
                 self._log.warning("viz_claim_missed", instance=instance_id)
                 return False
+            if state.kind == "warm":
+                return await self._warm.claim(state)
             if not processes.alive(state.process) or not await processes.accepts(
                 state.host, state.port, _CONNECT_TIMEOUT_S
             ):
@@ -272,6 +280,52 @@ class LocalBackend(Backend):
                 the runner could not be started.
         """
         job = self._job(launch.job_id)
+        stage = self._stage(job, launch, spec)
+        if stage is None:
+            return
+        try:
+            claimed = await start_runner(stage)
+        except processes.SpawnError as exc:
+            raise StartFailed(str(exc), code=codes.START_FAILED) from exc
+        if claimed:
+            notify(self._socket, job.id)  # so the watcher watches the runner from now on
+            self._log.info("job_runner_started", job_id=job.id, app=spec.name)
+
+    async def start_warm(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
+        """Start a warm runner for the job app (see `warm.py`); return once it waits."""
+        self._mkdirs()
+        await self._warm.start(instance_id, spec, timeout)
+
+    async def submit_warm(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> bool:
+        """Hand the job to the claimed warm runner `instance_id`, prepared as `submit_job`
+        prepares it; returns once the runner has taken it on (a few ms).
+
+        Returns:
+            False if the runner could not take it (it died, say); the runner is
+            stopped either way once this returns, and the job is not started.
+        """
+        job = self._job(launch.job_id)
+        stage = self._stage(job, launch, spec)
+        if stage is None:  # the job exists: the runner is not needed
+            await self.stop_viz(instance_id)
+            return True
+        answer = await self._warm.hand(instance_id, stage.path)
+        if answer is None:
+            shutil.rmtree(stage.path, ignore_errors=True)
+            self._log.warning("warm_runner_lost", instance=instance_id, job_id=job.id)
+            return False
+        if answer == CLAIMED:
+            notify(self._socket, job.id)
+            self._log.info("job_runner_warm", job_id=job.id, app=spec.name, instance=instance_id)
+        return True
+
+    def _stage(self, job: JobDir, launch: JobLaunch, spec: AppSpec) -> JobDir | None:
+        """The job's files prepared in a staging directory for its runner; None if the job
+        exists already.
+
+        Raises:
+            handlers.errors.StartFailed: the spec's resources are not quantities.
+        """
         self._mkdirs()
         try:
             memory = processes.memory_bytes(spec.resources.memory)
@@ -279,7 +333,7 @@ class LocalBackend(Backend):
         except ValueError as exc:
             raise StartFailed(f"the app's resources: {exc}", code=codes.START_FAILED) from exc
         if job.path.exists():
-            return
+            return None
         values = job_values(python=self._python)
         paths = {
             "inputs": str(job.inputs),
@@ -304,13 +358,7 @@ class LocalBackend(Backend):
         except BaseException:
             shutil.rmtree(stage.path, ignore_errors=True)
             raise
-        try:
-            claimed = await start_runner(stage)
-        except processes.SpawnError as exc:
-            raise StartFailed(str(exc), code=codes.START_FAILED) from exc
-        if claimed:
-            notify(self._socket, job.id)  # so the watcher watches the runner from now on
-            self._log.info("job_runner_started", job_id=job.id, app=spec.name)
+        return stage
 
     async def cancel_job(self, job_id: str) -> None:
         """Stop a running job (it ends `cancelled`), or remove the files of a finished one.
