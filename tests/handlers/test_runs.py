@@ -109,6 +109,8 @@ async def running(settings, s3_endpoint, handler_ids=None, registry=None):
         for instance in await backend.list_instances():
             if instance.kind == "job":
                 await backend.cancel_job(instance.id)
+            else:  # warm runners of pooled job apps
+                await backend.stop_viz(instance.id)
         await backend.cleanup()
         await store.close()
         await nc.close()
