@@ -49,7 +49,6 @@ removes its copy and exits. So any number of submissions start one run,
 and a submitter that hangs keeps no other waiting.
 """
 
-import asyncio
 import contextlib
 import errno
 import math
@@ -88,6 +87,8 @@ async def start_runner(staging: JobDir) -> bool:
     Raises:
         processes.SpawnError: the runner could not be started, or exited at once.
     """
+    import asyncio  # not at import: the runner itself never needs it
+
     argv = [sys.executable, "-m", "dispatcher.backends.local.jobrunner", str(staging.path)]
     env = processes.child_env({})
     try:
