@@ -17,8 +17,8 @@ process, on a loopback thread) as the object store.
 Warm runners (issue 10): the same again for job apps with a warm pool
 (`pool.size`, the model's `json` preloaded), in the same handler process
 once the cold figures are taken, with `pool_refill` and `reaper_tick` also
-running (reaper every 0.5 s, up to 100 refills per pass): the sequential
-runs take a pool of `Sizes.seq_pool` (2), the burst a pool of `Sizes.pool`
+running (reaper every 0.5 s, up to 20 refills per app per pass): the sequential
+runs take a pool of `Sizes.seq_pool` (4), the burst a pool of `Sizes.pool`
 (100, the most a spec allows, filled before the burst; runs past it start
 cold or on refills). Each figure says how many runs started warm
 (`phases.warm`). The model is a script (`{python} model.py`) for both apps,
@@ -67,7 +67,7 @@ class Sizes:
     runs: int = 200  # sequential runs for the latencies
     burst: int = 200  # requests published at once for the rates
     warmup: int = 5
-    seq_pool: int = 2  # warm runners of the app the sequential warm runs use
+    seq_pool: int = 4  # warm runners of the app the sequential warm runs use
     pool: int = 100  # warm runners of the app the warm burst uses (at most 100)
 
 
@@ -153,17 +153,16 @@ def _request(i: int, app: str = APP) -> tuple[str, bytes, dict]:
 
 async def _sequential(
     js, jobs: Jobs, n: int, app: str = APP
-) -> tuple[dict[str, list[float]], int, list[str]]:
+) -> tuple[dict[str, list[float]], int, dict[str, float]]:
     """Seconds from publish to each state, per state (and per phase, from the status's
-    `phases`); runs whose `running` was not seen; the job ids."""
+    `phases`); runs whose `running` was not seen; each job id's publish time."""
     took: dict[str, list[float]] = {"queued": [], "running": [], "succeeded": []}
     took |= {"queued->started": [], "started->running": []}
-    missed, ids = 0, []
+    missed, ids = 0, {}
     subject = subjects.event(subjects.RUN_REQUEST, app)
     for i in range(n):
         job_id, data, headers = _request(i, app)
-        ids.append(job_id)
-        t0 = time.perf_counter()
+        ids[job_id] = t0 = time.perf_counter()
         await js.publish(subject, data, headers=headers)
         await jobs.wait([job_id], "succeeded")
         for state in ("queued", "running", "succeeded"):
@@ -255,7 +254,7 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
                 **{f"store__{k}": v for k, v in store.items()},
                 store__bucket="bench-results",
                 reaper__interval_s="0.5",
-                reaper__pool_refill_per_tick="100",
+                reaper__pool_refill_per_tick="20",
             ).start()
             stack.push_async_callback(stop_instances, data_dir)
             stack.callback(handlers.stop)
@@ -283,15 +282,23 @@ async def _warm_half(state, js, jobs: Jobs, workdir: Path, sizes: Sizes) -> dict
     await _pool_filled(state, seq.name, sizes.seq_pool)
     await _sequential(js, jobs, sizes.warmup, seq.name)
     took, missed, seq_ids = await _sequential(js, jobs, sizes.runs, seq.name)
+    warm_only = [
+        jobs.seen[j]["running"] - t0
+        for j, t0 in seq_ids.items()
+        if (jobs.last[j].get("phases") or {}).get("warm") and "running" in jobs.seen[j]
+    ]
     burst = job_spec(workdir, BURST_APP, pool=min(sizes.pool, 100))
     await state.apps.put(burst.name, burst)
     fill_s = await _pool_filled(state, burst.name, burst.pool.size)
     rates, burst_ids = await _burst(js, jobs, sizes.burst, burst.name)
     return {
-        "latency": _latencies(took, missed, " (warm pool)"),
+        "latency": [
+            *_latencies(took, missed, " (warm pool)"),
+            stats.latency("run request -> running (warm runs only)", warm_only),
+        ],
         "rates": [{**r, "name": f"{r['name']} (warm pool)"} for r in rates],
         "running_not_seen": missed,
-        "sequential_warm": f"{_warm_count(jobs, seq_ids)} of {len(seq_ids)}",
+        "sequential_warm": f"{_warm_count(jobs, list(seq_ids))} of {len(seq_ids)}",
         "burst_warm": f"{_warm_count(jobs, burst_ids)} of {len(burst_ids)}",
         "pool": burst.pool.size,
         "pool_fill_s": fill_s,

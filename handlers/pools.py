@@ -125,8 +125,15 @@ async def claim(ctx: Context, app: str, used_at: float | None = None) -> PoolMem
         await ctx.backend.stop_viz(member.instance)
 
 
-async def request_refill(ctx: Context, spec: AppSpec, limit: int) -> int:
+async def request_refill(
+    ctx: Context, spec: AppSpec, limit: int, *, unless_starting: bool = False
+) -> int:
     """Reserve up to `limit` pool places and publish a `pool_refill` event for each.
+
+    With `unless_starting`, nothing is reserved while one of the pool's places
+    is still starting: a burst of runs that takes a job pool's warm runners
+    asks for one refill at a time, so refills (each a runner's start) do not
+    compete with the burst's own runs; the reaper tops the pool up later.
 
     Returns:
         How many refills were requested.
@@ -138,6 +145,8 @@ async def request_refill(ctx: Context, spec: AppSpec, limit: int) -> int:
         new.clear()
         if spec.kind == "job" and index.used_at is None:
             index.used_at = now  # a new job pool counts as used when it begins
+        if unless_starting and index.starting:
+            return False
         missing = min(target_size(ctx, spec, index, now) - index.size(), limit)
         if missing <= 0:
             return False

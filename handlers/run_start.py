@@ -149,7 +149,7 @@ async def _start(ctx: Context, spec: AppSpec, job_id: str) -> None:
         return
     finally:
         if spec.pool.size and ctx.backend.warm_runners:
-            await pools.request_refill(ctx, spec, limit=1)
+            await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
     now_job = await ctx.state.jobs.get(job_id)
     if now_job is None or now_job.state.terminal:  # cancelled while it was being started
         await ctx.backend.cancel_job(job_id)
