@@ -192,7 +192,11 @@ async def _pool_filled(state, app: str, n: int) -> float:
     raise BenchError(f"the pool of {app} did not fill to {n} within {TIMEOUT_S:g} s")
 
 
-async def _burst(js, jobs: Jobs, n: int, app: str = APP) -> tuple[list[dict], list[str]]:
+async def _burst(
+    js, jobs: Jobs, n: int, app: str = APP, first: int = 0
+) -> tuple[list[dict], list[str]]:
+    """The burst's rates; with `first`, also the rate at which its first `first` runs were
+    running (as many as a warm pool holds)."""
     subject = subjects.event(subjects.RUN_REQUEST, app)
     requests = [_request(i, app) for i in range(n)]
     ids = [job_id for job_id, _, _ in requests]
@@ -210,6 +214,11 @@ async def _burst(js, jobs: Jobs, n: int, app: str = APP) -> tuple[list[dict], li
         stats.rate("running (or already ended)", n, last("running", *ENDS)),
         stats.rate("ended (succeeded)", n, last(*ENDS)),
     ]
+    if 0 < first < n:
+        began = sorted(
+            min(jobs.seen[j][s] for s in ("running", *ENDS) if s in jobs.seen[j]) for j in ids
+        )
+        rows.insert(3, stats.rate(f"first {first} running", first, began[first - 1] - t0))
     return rows, ids
 
 
@@ -264,7 +273,7 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
 
             await _sequential(js, jobs, sizes.warmup)
             took, missed, _ = await _sequential(js, jobs, sizes.runs)
-            rates, _ = await _burst(js, jobs, sizes.burst)
+            rates, _ = await _burst(js, jobs, sizes.burst, first=min(sizes.pool, 100))
             warm = await _warm_half(state, js, jobs, tmp_path, sizes)
             handlers.check()
     return {
@@ -290,7 +299,7 @@ async def _warm_half(state, js, jobs: Jobs, workdir: Path, sizes: Sizes) -> dict
     burst = job_spec(workdir, BURST_APP, pool=min(sizes.pool, 100))
     await state.apps.put(burst.name, burst)
     fill_s = await _pool_filled(state, burst.name, burst.pool.size)
-    rates, burst_ids = await _burst(js, jobs, sizes.burst, burst.name)
+    rates, burst_ids = await _burst(js, jobs, sizes.burst, burst.name, first=burst.pool.size)
     return {
         "latency": [
             *_latencies(took, missed, " (warm pool)"),
@@ -325,8 +334,11 @@ def _pairs(sp: dict, ce: dict) -> list[dict]:
         ("running (or already ended)", "started (task body began)"),
         ("ended (succeeded)", "completed (results received)"),
         ("running (or already ended) (warm pool)", "started (task body began)"),
+        ("first 100 running (warm pool)", "started (task body began)"),
         ("ended (succeeded) (warm pool)", "completed (results received)"),
     ]:
+        if mine not in rate:  # a quick run's pool is smaller than 100
+            continue
         a, b = rate[mine]["per_s"], rate[theirs]["per_s"]
         pairs.append({"name": f"{mine} / {theirs} (per s)", "spinyard": a, "celery": b})
     for p in pairs:
