@@ -64,9 +64,12 @@ async def run_start(ctx: Context, event: RunStart) -> None:
         message = QUEUE_FULL.format(app=spec.name, n=len(before.waiting))
         await _fail(ctx, job.job_id, ErrorInfo(code=codes.TOO_MANY, message=message))
     await runq.publish_moves(ctx, spec.name, before, after)
+    took_warm = False
     for job_id, c in after.claimed.items():
         if c.by == event.id:
-            await _start(ctx, spec, job_id)
+            took_warm |= await _start(ctx, spec, job_id)
+    if took_warm:  # once per event, after its starts: a burst's starts come first
+        await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
 
 
 async def _claim(
@@ -115,13 +118,16 @@ async def _claim(
     raise RetryableError(f"the run queue of {spec.name} kept changing under us", delay=0.2)
 
 
-async def _start(ctx: Context, spec: AppSpec, job_id: str) -> None:
-    """Hand one claimed run to the backend (again, on a redelivery: a no-op there)."""
+async def _start(ctx: Context, spec: AppSpec, job_id: str) -> bool:
+    """Hand one claimed run to the backend (again, on a redelivery: a no-op there).
+
+    Returns whether it took a warm runner from the app's pool.
+    """
     job = await ctx.state.jobs.get(job_id)
     if job is None or job.state != JobState.QUEUED:
         if job is None or job.state.terminal:  # it ended while claimed: free its place
             await runq.release(ctx, spec.name, job_id)
-        return
+        return False
     now = ctx.now()
     member = None
     if job.phases.started is None:
@@ -131,7 +137,7 @@ async def _start(ctx: Context, spec: AppSpec, job_id: str) -> None:
         if job is None:
             if member is not None:
                 await ctx.backend.stop_viz(member.instance)
-            return
+            return member is not None
     urls = ctx.store.upload_urls(job_id, spec.outputs) if spec.outputs and ctx.store else {}
     launch = JobLaunch(
         job_id=job_id, inputs=job.inputs, upload_urls=urls, deadline_s=spec.deadline_s
@@ -146,16 +152,14 @@ async def _start(ctx: Context, spec: AppSpec, job_id: str) -> None:
     except PermanentError as exc:  # this run's start failed; the others still start
         ctx.log.warning("job_start_failed", job_id=job_id, error=exc.message)
         await _fail(ctx, job_id, public_info(exc))
-        return
-    finally:
-        if spec.pool.size and ctx.backend.warm_runners:
-            await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
+        return member is not None
     now_job = await ctx.state.jobs.get(job_id)
     if now_job is None or now_job.state.terminal:  # cancelled while it was being started
         await ctx.backend.cancel_job(job_id)
         ctx.log.info("job_start_undone", job_id=job_id)
-        return
+        return member is not None
     ctx.log.info("job_submitted", job_id=job_id, warm=member is not None)
+    return member is not None
 
 
 async def _mark_started(ctx: Context, job_id: str, now: float, warm: bool) -> jobs.Job | None:
