@@ -81,9 +81,10 @@ class Runs:
 
 
 @contextlib.asynccontextmanager
-async def running(settings, s3_endpoint, handler_ids=None, registry=None):
+async def running(settings, s3_endpoint, handler_ids=None, registry=None, backend_class=None):
     registry = registry or default_registry
-    backend = LocalBackend(settings.backend.local, settings.data_dir, "http://127.0.0.1:9999")
+    backend_class = backend_class or LocalBackend
+    backend = backend_class(settings.backend.local, settings.data_dir, "http://127.0.0.1:9999")
     await backend.setup()
     settings.store = store_settings(s3_endpoint, upload_url_ttl_s=600)
     store = ObjectStore(settings.store)

@@ -7,12 +7,15 @@ deadline work on a warm run; a dead runner is not used (the run starts cold);
 an idle pool is reaped and fills again with the next run.
 """
 
+import asyncio
 import json
 import os
 import signal
 
 import pytest
 
+from dispatcher.backends.local.backend import LocalBackend
+from handlers.ports import Backend
 from schemas import subjects
 from schemas.codec import encode
 from schemas.events import RunCancel
@@ -136,3 +139,26 @@ async def test_an_idle_pool_is_reaped_and_the_next_run_fills_it_again(runs):
     done = await runs.wait_state(job, "succeeded")
     assert done["phases"]["warm"] is False  # the pool was empty: a cold start
     await warm_members(runs, spec.name, 1)  # and it fills again
+
+
+class ColdOnly(LocalBackend):
+    """A backend that keeps no warm runners, as the Kubernetes backend does for now."""
+
+    warm_runners = False
+    start_warm = Backend.start_warm
+    submit_warm = Backend.submit_warm
+
+
+async def test_on_a_backend_without_warm_runners_a_pool_is_ignored_and_runs_start_cold(
+    settings, s3_server
+):
+    async with running(settings, s3_server, backend_class=ColdOnly) as runs:
+        spec = model_spec(name="demo/coldpool", pool={"size": 2}, outputs=[])
+        await runs.state.apps.put(spec.name, spec)
+        job = await runs.request(app=spec.name)
+        done = await runs.wait_state(job, "succeeded")
+        assert done["phases"]["warm"] is False
+        await asyncio.sleep(1.0)  # five reaper passes: none may reserve a warm runner
+        assert await runs.state.pools.get(spec.name) is None  # nothing was ever reserved
+        kinds = {i.kind for i in await runs.backend.list_instances()}
+        assert "warm" not in kinds
