@@ -37,8 +37,6 @@ from dispatcher.backends.launch import (
     argv,
     check_id,
     check_job_id,
-    job_env,
-    job_values,
     last_answer,
     not_ready_message,
     valid_id,
@@ -49,14 +47,13 @@ from dispatcher.backends.local import processes, readiness
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
 from dispatcher.backends.local.jobfiles import (
     JobDir,
-    cpu_seconds,
     job_ids,
     notify,
-    prepare,
     remove_stale_staging,
 )
 from dispatcher.backends.local.jobrunner import CLAIMED, start_runner
 from dispatcher.backends.local.jobwatch import JobWatcher
+from dispatcher.backends.local.staging import stage_job
 from dispatcher.backends.local.warm import WarmRunners
 from dispatcher.settings import LocalBackendSettings
 from handlers.errors import StartFailed
@@ -320,45 +317,16 @@ class LocalBackend(Backend):
         return True
 
     def _stage(self, job: JobDir, launch: JobLaunch, spec: AppSpec) -> JobDir | None:
-        """The job's files prepared in a staging directory for its runner; None if the job
-        exists already.
-
-        Raises:
-            handlers.errors.StartFailed: the spec's resources are not quantities.
-        """
+        """`staging.stage` with this backend's interpreter, grace and watcher socket."""
         self._mkdirs()
-        try:
-            memory = processes.memory_bytes(spec.resources.memory)
-            cores = processes.quantity(spec.resources.cpu)
-        except ValueError as exc:
-            raise StartFailed(f"the app's resources: {exc}", code=codes.START_FAILED) from exc
-        if job.path.exists():
-            return None
-        values = job_values(python=self._python)
-        paths = {
-            "inputs": str(job.inputs),
-            "uploads": str(job.uploads),
-            "output_dir": str(job.work),
-        }
-        run = {
-            "app": spec.name,
-            "argv": argv(spec, values),
-            "cwd": spec.workdir,
-            "env": job_env(spec, job.id, values, **paths, deadline_s=launch.deadline_s),
-            "deadline_s": launch.deadline_s,
-            "stop_grace_s": self._settings.stop_grace_s,
-            "memory_bytes": memory,
-            "cpu_seconds": cpu_seconds(cores, launch.deadline_s),
-            "max_log_bytes": spec.max_log_bytes,
-            "socket": str(self._socket),
-        }
-        stage = JobDir.staging(self._jobs, job.id)  # filled here, moved into place by the runner
-        try:
-            prepare(stage, job, launch.inputs, launch.upload_urls, run)
-        except BaseException:
-            shutil.rmtree(stage.path, ignore_errors=True)
-            raise
-        return stage
+        return stage_job(
+            job,
+            launch,
+            spec,
+            python=self._python,
+            stop_grace_s=self._settings.stop_grace_s,
+            socket=self._socket,
+        )
 
     async def cancel_job(self, job_id: str) -> None:
         """Stop a running job (it ends `cancelled`), or remove the files of a finished one.
