@@ -14,6 +14,20 @@ process, on a loopback thread) as the object store.
   `queued` (accepted by the run_request handler: recorded and answered),
   `running` and an end state, each counted from the first publish.
 
+Warm runners (issue 10): the same again for job apps with a warm pool
+(`pool.size`, the model's `json` preloaded), in the same handler process
+once the cold figures are taken, with `pool_refill` and `reaper_tick` also
+running (reaper every 0.5 s, up to 20 refills per app per pass): the sequential
+runs take a pool of `Sizes.seq_pool` (4), the burst a pool of `Sizes.pool`
+(100, the most a spec allows, filled before the burst; runs past it start
+cold or on refills). Each figure says how many runs started warm
+(`phases.warm`). The model is a script (`{python} model.py`) for both apps,
+so the warm one is forked from its runner; the cold one is exec'd as ever.
+
+Phases: from each sequential run's last status, `queued -> started` (the
+run_start handler: queue, slots, the claim of a warm runner) and `started ->
+running` (the backend's start and the watcher's report), in ms.
+
 Celery (`bench.celery_peer`) does the same with a trivial task; the ratios
 are spinyard / Celery.
 """
@@ -41,8 +55,9 @@ from schemas.events import RunRequest
 from schemas.spec import AppSpec
 
 APP = "bench/model"
-KINDS = ["run_request", "run_start", "job_update", "run_cancel"]
-MODEL = "import json; json.dumps({'answer': sum(range(1000))})"
+WARM_APP, BURST_APP = "bench/warm", "bench/warmburst"
+KINDS = ["run_request", "run_start", "job_update", "run_cancel", "pool_refill", "reaper_tick"]
+MODEL = "import json\njson.dumps({'answer': sum(range(1000))})\n"
 TIMEOUT_S = 120.0
 ENDS = ("succeeded", "failed", "cancelled", "timed_out")
 
@@ -52,15 +67,25 @@ class Sizes:
     runs: int = 200  # sequential runs for the latencies
     burst: int = 200  # requests published at once for the rates
     warmup: int = 5
+    seq_pool: int = 4  # warm runners of the app the sequential warm runs use
+    pool: int = 100  # warm runners of the app the warm burst uses (at most 100)
 
 
 FULL = Sizes()
-QUICK = Sizes(runs=30, burst=50, warmup=3)
+QUICK = Sizes(runs=30, burst=50, warmup=3, pool=50)
 
 
-def job_spec() -> AppSpec:
+def job_spec(workdir: Path, name: str = APP, pool: int = 0) -> AppSpec:
+    """The trivial model, `{python} model.py` in `workdir`; with `pool` warm runners."""
+    extra = {"pool": {"size": pool}, "preload": ["json"]} if pool else {}
     return AppSpec(
-        name=APP, kind="job", command=["{python}", "-c", MODEL], outputs=[], deadline_s=60
+        name=name,
+        kind="job",
+        command=["{python}", "model.py"],
+        workdir=str(workdir),
+        outputs=[],
+        deadline_s=60,
+        **extra,
     )
 
 
@@ -119,33 +144,61 @@ class Jobs:
             raise BenchError(f"{len(failed)} run(s) did not succeed, e.g. {failed[0]}")
 
 
-def _request(i: int) -> tuple[str, bytes, dict]:
+def _request(i: int, app: str = APP) -> tuple[str, bytes, dict]:
     """A run request with its job id set, as the gateway sets it."""
     job_id = f"j-{uuid.uuid4().hex[:24]}"
-    event = RunRequest(app=APP, session="s-bench", inputs={"i": i}, job_id=job_id)
+    event = RunRequest(app=app, session="s-bench", inputs={"i": i}, job_id=job_id)
     return job_id, encode(event), {"Nats-Msg-Id": event.id}
 
 
-async def _sequential(js, jobs: Jobs, n: int) -> tuple[dict[str, list[float]], int]:
-    """Seconds from publish to each state, per state; and runs whose `running` was not seen."""
+async def _sequential(
+    js, jobs: Jobs, n: int, app: str = APP
+) -> tuple[dict[str, list[float]], int, dict[str, float]]:
+    """Seconds from publish to each state, per state (and per phase, from the status's
+    `phases`); runs whose `running` was not seen; each job id's publish time."""
     took: dict[str, list[float]] = {"queued": [], "running": [], "succeeded": []}
-    missed = 0
-    subject = subjects.event(subjects.RUN_REQUEST, APP)
+    took |= {"queued->started": [], "started->running": []}
+    missed, ids = 0, {}
+    subject = subjects.event(subjects.RUN_REQUEST, app)
     for i in range(n):
-        job_id, data, headers = _request(i)
-        t0 = time.perf_counter()
+        job_id, data, headers = _request(i, app)
+        ids[job_id] = t0 = time.perf_counter()
         await js.publish(subject, data, headers=headers)
         await jobs.wait([job_id], "succeeded")
-        for state, samples in took.items():
+        for state in ("queued", "running", "succeeded"):
             if state in jobs.seen[job_id]:
-                samples.append(jobs.seen[job_id][state] - t0)
+                took[state].append(jobs.seen[job_id][state] - t0)
+        phases = jobs.last[job_id].get("phases") or {}
+        for a, b in (("queued", "started"), ("started", "running")):
+            if phases.get(a) and phases.get(b):
+                took[f"{a}->{b}"].append(phases[b] - phases[a])
         missed += "running" not in jobs.seen[job_id]
-    return took, missed
+    return took, missed, ids
 
 
-async def _burst(js, jobs: Jobs, n: int) -> list[dict]:
-    subject = subjects.event(subjects.RUN_REQUEST, APP)
-    requests = [_request(i) for i in range(n)]
+def _warm_count(jobs: Jobs, ids: list[str]) -> int:
+    """How many of the runs started on a warm runner (their last status's `phases.warm`)."""
+    return sum(bool((jobs.last[j].get("phases") or {}).get("warm")) for j in ids)
+
+
+async def _pool_filled(state, app: str, n: int) -> float:
+    """Seconds until `app`'s pool lists `n` warm runners; BenchError after TIMEOUT_S."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < TIMEOUT_S:
+        index = await state.pools.get(app)
+        if index is not None and len(index.warm) >= n:
+            return time.perf_counter() - t0
+        await asyncio.sleep(0.05)
+    raise BenchError(f"the pool of {app} did not fill to {n} within {TIMEOUT_S:g} s")
+
+
+async def _burst(
+    js, jobs: Jobs, n: int, app: str = APP, first: int = 0
+) -> tuple[list[dict], list[str]]:
+    """The burst's rates; with `first`, also the rate at which its first `first` runs were
+    running (as many as a warm pool holds)."""
+    subject = subjects.event(subjects.RUN_REQUEST, app)
+    requests = [_request(i, app) for i in range(n)]
     ids = [job_id for job_id, _, _ in requests]
     t0 = time.perf_counter()
     await asyncio.gather(*(js.publish(subject, d, headers=h) for _, d, h in requests))
@@ -155,11 +208,27 @@ async def _burst(js, jobs: Jobs, n: int) -> list[dict]:
     def last(*states: str) -> float:
         return max(min(jobs.seen[j][s] for s in states if s in jobs.seen[j]) for j in ids) - t0
 
-    return [
+    rows = [
         stats.rate("published (JetStream acks)", n, published),
         stats.rate("queued (run_request handled)", n, last("queued")),
         stats.rate("running (or already ended)", n, last("running", *ENDS)),
         stats.rate("ended (succeeded)", n, last(*ENDS)),
+    ]
+    if 0 < first < n:
+        began = sorted(
+            min(jobs.seen[j][s] for s in ("running", *ENDS) if s in jobs.seen[j]) for j in ids
+        )
+        rows.insert(3, stats.rate(f"first {first} running", first, began[first - 1] - t0))
+    return rows, ids
+
+
+def _latencies(took: dict[str, list[float]], missed: int, note: str = "") -> list[dict]:
+    return [
+        stats.latency(f"run request -> queued{note}", took["queued"]),
+        stats.latency(f"run request -> running{note}", took["running"], missed=missed),
+        stats.latency(f"run request -> succeeded{note}", took["succeeded"]),
+        stats.latency(f"  phase queued -> started{note}", took["queued->started"]),
+        stats.latency(f"  phase started -> running{note}", took["started->running"]),
     ]
 
 
@@ -181,7 +250,8 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
             nsettings = NatsSettings(url=server.url)
             await provision.ensure_streams(js, nsettings)
             state = await provision.ensure_state(js, nsettings)
-            spec = job_spec()
+            (tmp_path / "model.py").write_text(MODEL)
+            spec = job_spec(tmp_path)
             await state.apps.put(spec.name, spec)
             data_dir = tmp_path / "data"
             store = {"endpoint": s3.endpoint, "access_key": "bench", "secret_key": "bench-secret"}
@@ -192,6 +262,8 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
                 tmp_path,
                 **{f"store__{k}": v for k, v in store.items()},
                 store__bucket="bench-results",
+                reaper__interval_s="0.5",
+                reaper__pool_refill_per_tick="20",
             ).start()
             stack.push_async_callback(stop_instances, data_dir)
             stack.callback(handlers.stop)
@@ -200,37 +272,73 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
             await nc.subscribe(subjects.job_status("*"), cb=jobs.on_msg)
 
             await _sequential(js, jobs, sizes.warmup)
-            took, missed = await _sequential(js, jobs, sizes.runs)
-            rates = await _burst(js, jobs, sizes.burst)
+            took, missed, _ = await _sequential(js, jobs, sizes.runs)
+            rates, _ = await _burst(js, jobs, sizes.burst, first=min(sizes.pool, 100))
+            warm = await _warm_half(state, js, jobs, tmp_path, sizes)
             handlers.check()
     return {
-        "latency": [
-            stats.latency("run request -> queued", took["queued"]),
-            stats.latency("run request -> running", took["running"], missed=missed),
-            stats.latency("run request -> succeeded", took["succeeded"]),
-        ],
+        "latency": _latencies(took, missed),
         "rates": rates,
         "running_not_seen": missed,
+        "warm": warm,
+    }
+
+
+async def _warm_half(state, js, jobs: Jobs, workdir: Path, sizes: Sizes) -> dict:
+    """The sequential runs and the burst again, from warm pools (same handlers, same run)."""
+    seq = job_spec(workdir, WARM_APP, pool=sizes.seq_pool)
+    await state.apps.put(seq.name, seq)
+    await _pool_filled(state, seq.name, sizes.seq_pool)
+    await _sequential(js, jobs, sizes.warmup, seq.name)
+    took, missed, seq_ids = await _sequential(js, jobs, sizes.runs, seq.name)
+    warm_only = [
+        jobs.seen[j]["running"] - t0
+        for j, t0 in seq_ids.items()
+        if (jobs.last[j].get("phases") or {}).get("warm") and "running" in jobs.seen[j]
+    ]
+    burst = job_spec(workdir, BURST_APP, pool=min(sizes.pool, 100))
+    await state.apps.put(burst.name, burst)
+    fill_s = await _pool_filled(state, burst.name, burst.pool.size)
+    rates, burst_ids = await _burst(js, jobs, sizes.burst, burst.name, first=burst.pool.size)
+    return {
+        "latency": [
+            *_latencies(took, missed, " (warm pool)"),
+            stats.latency("run request -> running (warm runs only)", warm_only),
+        ],
+        "rates": [{**r, "name": f"{r['name']} (warm pool)"} for r in rates],
+        "running_not_seen": missed,
+        "sequential_warm": f"{_warm_count(jobs, list(seq_ids))} of {len(seq_ids)}",
+        "burst_warm": f"{_warm_count(jobs, burst_ids)} of {len(burst_ids)}",
+        "pool": burst.pool.size,
+        "pool_fill_s": fill_s,
     }
 
 
 def _pairs(sp: dict, ce: dict) -> list[dict]:
     """spinyard / Celery for the like-for-like figures."""
-    lat = {r["name"]: r for r in sp["latency"] + ce["latency"]}
-    rate = {r["name"]: r for r in sp["rates"] + ce["rates"]}
+    warm = sp.get("warm", {})
+    lat = {r["name"]: r for r in sp["latency"] + warm.get("latency", []) + ce["latency"]}
+    rate = {r["name"]: r for r in sp["rates"] + warm.get("rates", []) + ce["rates"]}
     pairs = []
     for mine, theirs in [
         ("run request -> running", "submit -> task start"),
         ("run request -> succeeded", "submit -> result received"),
+        ("run request -> running (warm pool)", "submit -> task start"),
     ]:
         for q in ("p50_ms", "p99_ms"):
             a, b = lat[mine][q], lat[theirs][q]
             pairs.append({"name": f"{mine} / {theirs} ({q})", "spinyard": a, "celery": b})
     for mine, theirs in [
         ("published (JetStream acks)", "submitted (apply_async returned)"),
+        ("queued (run_request handled)", "submitted (apply_async returned)"),
         ("running (or already ended)", "started (task body began)"),
         ("ended (succeeded)", "completed (results received)"),
+        ("running (or already ended) (warm pool)", "started (task body began)"),
+        ("first 100 running (warm pool)", "started (task body began)"),
+        ("ended (succeeded) (warm pool)", "completed (results received)"),
     ]:
+        if mine not in rate:  # a quick run's pool is smaller than 100
+            continue
         a, b = rate[mine]["per_s"], rate[theirs]["per_s"]
         pairs.append({"name": f"{mine} / {theirs} (per s)", "spinyard": a, "celery": b})
     for p in pairs:
@@ -271,6 +379,14 @@ def format_result(result: dict) -> str:
             continue
         lines.append(stats.table(figures["latency"], stats.LATENCY_COLUMNS[:4]))
         lines.append(stats.table(figures["rates"], stats.RATE_COLUMNS))
+        if warm := figures.get("warm"):
+            lines.append(
+                f"-- {part}, warm pools: sequential runs warm {warm['sequential_warm']}; "
+                f"burst runs warm {warm['burst_warm']} (pool {warm['pool']}, "
+                f"filled in {warm['pool_fill_s']:.1f} s)"
+            )
+            lines.append(stats.table(warm["latency"], stats.LATENCY_COLUMNS[:4]))
+            lines.append(stats.table(warm["rates"], stats.RATE_COLUMNS))
     if "ratios" in result:
         lines.append("-- spinyard / celery")
         columns = (("figure", "name"), ("spinyard", "spinyard"), ("celery", "celery"))

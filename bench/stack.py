@@ -170,7 +170,7 @@ async def stop_instances(data_dir: Path) -> int:
     await backend.setup()
     instances = await backend.list_instances()
     for instance in instances:
-        if instance.kind == "viz":
+        if instance.kind in ("viz", "warm"):  # warm: a job app's warm runner
             await backend.stop_viz(instance.id)
         else:
             with contextlib.suppress(NotImplementedError):

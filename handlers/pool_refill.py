@@ -2,7 +2,9 @@
 
 `pools.request_refill` (on a claim, and on each reaper tick) reserves a
 place in an app's pool and publishes one `pool_refill` event per place; this
-handler starts that instance. A reservation that expired or an app that went
+handler starts that instance: a viz app's instance, until it answers its
+readiness probe, or a job app's warm runner, until it waits for a run
+(`Backend.start_warm`). A reservation that expired or an app that went
 away leaves nothing running.
 """
 
@@ -25,10 +27,13 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
         await ctx.backend.stop_viz(event.instance)
         await pools.forget(ctx, event.app, event.instance)
         return
-    await ctx.backend.start_viz(event.instance, spec, pooled=True)
     remaining = max(1.0, spec.start_timeout_s - (ctx.now() - reserved_at))
     try:
-        await ctx.backend.wait_ready(event.instance, spec, remaining)
+        if spec.kind == "job":
+            await ctx.backend.start_warm(event.instance, spec, remaining)
+        else:
+            await ctx.backend.start_viz(event.instance, spec, pooled=True)
+            await ctx.backend.wait_ready(event.instance, spec, remaining)
     except StartFailed as exc:
         ctx.log.warning(
             "pool_instance_failed",
@@ -41,7 +46,7 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
         return
     member = pools.PoolMember(
         instance=event.instance,
-        url=ctx.backend.url(event.instance, spec),
+        url=ctx.backend.url(event.instance, spec) if spec.kind == "viz" else "",
         created_at=reserved_at,
         ready_at=ctx.now(),
     )

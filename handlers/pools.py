@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the context holds the state, which holds these records
     from handlers.context import Context
 
 POOL = "pool"
+_TOUCH_S = 1.0  # an empty pool's last use is written at most this often
 
 
 class PoolMember(BaseModel):
@@ -41,6 +42,9 @@ class PoolIndex(BaseModel):
 
     warm: list[PoolMember] = Field(default_factory=list)
     starting: dict[str, float] = Field(default_factory=dict, description="instance -> start time")
+    used_at: float | None = Field(
+        None, description="A job app's: when a run last asked for a warm runner (or the pool began)"
+    )
 
     def size(self) -> int:
         return len(self.warm) + len(self.starting)
@@ -70,24 +74,48 @@ async def change(ctx: Context, app: str, edit: Callable[[PoolIndex], bool]) -> P
     return entry.value if entry else None
 
 
-async def claim(ctx: Context, app: str) -> PoolMember | None:
+def target_size(ctx: Context, spec: AppSpec, index: PoolIndex | None, now: float) -> int:
+    """How many warm members `spec`'s pool should have now.
+
+    A viz app's pool is always `pool.size`. A job app's is `pool.size` while
+    runs come, and 0 once no run has asked for a warm runner for
+    `idle.since_heartbeat_s` (its runners are reaped like an idle deployment;
+    the next run starts cold and the pool fills again); 0 on a backend that
+    keeps no warm runners.
+    """
+    if spec.kind != "job":
+        return spec.pool.size
+    if not ctx.backend.warm_runners:
+        return 0
+    used_at = index.used_at if index is not None else None
+    if used_at is not None and now - used_at > spec.idle.since_heartbeat_s:
+        return 0
+    return spec.pool.size
+
+
+async def claim(ctx: Context, app: str, used_at: float | None = None) -> PoolMember | None:
     """Take the oldest warm instance of `app`'s pool that is alive, or None if none is.
 
     Each one taken is claimed from the backend, which says whether it still
     serves; one that does not (its process died, say with a restarted `spinyard
     up`) is out of the pool already and is stopped, and the next is taken.
+    `used_at` (a run's start) is recorded as the pool's last use, also when
+    it is empty (so an idle job pool fills again).
     """
     taken: list[PoolMember] = []
 
     def take(index: PoolIndex) -> bool:
         taken.clear()
+        touch = used_at is not None and used_at - (index.used_at or 0.0) > _TOUCH_S
+        if touch:
+            index.used_at = used_at
         if not index.warm:
-            return False
+            return touch
         taken.append(index.warm.pop(0))
         return True
 
     while True:
-        if await change(ctx, app, take) is None:
+        if await change(ctx, app, take) is None or not taken:
             return None
         member = taken[0]
         if await ctx.backend.claim(member.instance):
@@ -97,8 +125,15 @@ async def claim(ctx: Context, app: str) -> PoolMember | None:
         await ctx.backend.stop_viz(member.instance)
 
 
-async def request_refill(ctx: Context, spec: AppSpec, limit: int) -> int:
+async def request_refill(
+    ctx: Context, spec: AppSpec, limit: int, *, unless_starting: bool = False
+) -> int:
     """Reserve up to `limit` pool places and publish a `pool_refill` event for each.
+
+    With `unless_starting`, nothing is reserved while one of the pool's places
+    is still starting: a burst of runs that takes a job pool's warm runners
+    asks for one refill at a time, so refills (each a runner's start) do not
+    compete with the burst's own runs; the reaper tops the pool up later.
 
     Returns:
         How many refills were requested.
@@ -108,7 +143,11 @@ async def request_refill(ctx: Context, spec: AppSpec, limit: int) -> int:
 
     def reserve(index: PoolIndex) -> bool:
         new.clear()
-        missing = min(spec.pool.size - index.size(), limit)
+        if spec.kind == "job" and index.used_at is None:
+            index.used_at = now  # a new job pool counts as used when it begins
+        if unless_starting and index.starting:
+            return False
+        missing = min(target_size(ctx, spec, index, now) - index.size(), limit)
         if missing <= 0:
             return False
         for _ in range(missing):

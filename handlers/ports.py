@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from handlers.errors import StartFailed
+from schemas.errors import START_FAILED
 from schemas.events import JobUpdate
 from schemas.spec import AppSpec
 
@@ -19,11 +21,11 @@ JobReport = Callable[[JobUpdate], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Instance:
-    """One thing a backend runs for spinyard: a viz instance or a job."""
+    """One thing a backend runs for spinyard: a viz instance, a job, or a warm job runner."""
 
     id: str
     app: str
-    kind: Literal["viz", "job"]
+    kind: Literal["viz", "job", "warm"]
     created_at: float
     pooled: bool = False
     alive: bool = True
@@ -44,6 +46,7 @@ class Backend(abc.ABC):
     """Runs viz instances and jobs. Every method is idempotent."""
 
     name: str = "abstract"
+    warm_runners: bool = False  # whether `start_warm` and `submit_warm` work
 
     async def setup(self) -> None:  # noqa: B027 - optional hook
         """Load configuration and connect. Called once before use."""
@@ -69,15 +72,31 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def stop_viz(self, instance_id: str) -> None:
-        """Stop an instance: gracefully, then by force. Stopping one that is gone does nothing."""
+        """Stop an instance (or a warm runner): gracefully, then by force. Stopping one that is
+        gone does nothing."""
 
     @abc.abstractmethod
     async def claim(self, instance_id: str) -> bool:
-        """Mark a warm pool instance as in use (relabel), if it still serves.
+        """Mark a warm pool instance (or warm runner) as in use (relabel), if it still serves.
 
-        A quick check, on the path of a page load: True if the instance is
-        there and alive (and now marked in use); False if it is gone or dead.
+        A quick check, on the path of a page load or a run's start: True if the
+        instance is there and alive (and now marked in use); False if it is gone or dead.
         """
+
+    async def start_warm(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
+        """Start a warm runner for a job app's pool; return once it waits for a run.
+        Starting one that runs does nothing.
+
+        Raises:
+            handlers.errors.StartFailed: it could not start (this backend keeps no warm
+                runners, unless `warm_runners`).
+        """
+        raise StartFailed(f"the {self.name} backend keeps no warm runners", code=START_FAILED)
+
+    async def submit_warm(self, launch: "JobLaunch", spec: AppSpec, instance_id: str) -> bool:
+        """Start a job on a claimed warm runner; False if it could not take the run (then
+        the runner is stopped and the caller starts the job cold with `submit_job`)."""
+        return False
 
     def phases(self, instance_id: str) -> dict[str, float]:
         """Unix times the backend itself saw for the instance (e.g. a pod's scheduled,

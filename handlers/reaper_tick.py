@@ -1,7 +1,8 @@
 """reaper_tick: one pass over every deployment, pool and run on each tick.
 
 A pass (1) stops deployments past an idle limit, (2) fails starts that
-overran their timeout, (3) keeps warm pools at size, a few refills per app
+overran their timeout, (3) keeps warm pools at size (a job app's warm
+runners too, until it is idle: `pools.target_size`), a few refills per app
 per tick, and (4) reconciles: backend instances that no record names are
 stopped, records whose instance is gone are failed and removed, and warm
 pool members whose instance is gone are dropped (`handlers.reconcile`).
@@ -96,13 +97,13 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
         counts["activity_pruned"] += await activity.prune(ctx, slot_marks, now - grace)
 
     for spec in apps.values():
-        if spec is not None and spec.kind == "viz" and spec.pool.size:
+        if spec is not None and spec.pool.size:
             counts["refills"] += await pools.request_refill(
                 ctx, spec, ctx.knobs.pool_refill_per_tick
             )
 
     for instance in instances.values():
-        if instance.kind != "viz" or instance.id in known:
+        if instance.kind not in ("viz", "warm") or instance.id in known:
             continue
         if now - instance.created_at > ctx.knobs.reconcile_grace_s:
             await ctx.backend.stop_viz(instance.id)
@@ -212,7 +213,7 @@ async def _tend_pool(
     expired = {i for i, t in index.starting.items() if spec is None or now - t > timeout}
     dead = reconcile.dead_members(index, instances)
     alive = [m.instance for m in index.warm if m.instance not in dead]
-    excess = set(alive[spec.pool.size :] if spec else alive)
+    excess = set(alive[pools.target_size(ctx, spec, index, now) :] if spec else alive)
     if expired | excess:
         await reconcile.drop_members(ctx, app, expired | excess, "expired_or_extra")
     if dead:

@@ -8,7 +8,7 @@ event), then hands each claimed run to the backend; a redelivery hands this
 event's claims out again, which backends treat as a no-op for a run they have.
 """
 
-from handlers import jobs, runq
+from handlers import jobs, pools, runq
 from handlers.context import Context
 from handlers.errors import PermanentError, RetryableError, public_info
 from handlers.ports import JobLaunch
@@ -64,9 +64,12 @@ async def run_start(ctx: Context, event: RunStart) -> None:
         message = QUEUE_FULL.format(app=spec.name, n=len(before.waiting))
         await _fail(ctx, job.job_id, ErrorInfo(code=codes.TOO_MANY, message=message))
     await runq.publish_moves(ctx, spec.name, before, after)
+    took_warm = False
     for job_id, c in after.claimed.items():
         if c.by == event.id:
-            await _start(ctx, spec, job_id)
+            took_warm |= await _start(ctx, spec, job_id)
+    if took_warm:  # once per event, after its starts: a burst's starts come first
+        await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
 
 
 async def _claim(
@@ -115,38 +118,59 @@ async def _claim(
     raise RetryableError(f"the run queue of {spec.name} kept changing under us", delay=0.2)
 
 
-async def _start(ctx: Context, spec: AppSpec, job_id: str) -> None:
-    """Hand one claimed run to the backend (again, on a redelivery: a no-op there)."""
+async def _start(ctx: Context, spec: AppSpec, job_id: str) -> bool:
+    """Hand one claimed run to the backend (again, on a redelivery: a no-op there).
+
+    Returns whether it took a warm runner from the app's pool.
+    """
     job = await ctx.state.jobs.get(job_id)
     if job is None or job.state != JobState.QUEUED:
         if job is None or job.state.terminal:  # it ended while claimed: free its place
             await runq.release(ctx, spec.name, job_id)
-        return
+        return False
     now = ctx.now()
+    member = None
     if job.phases.started is None:
-        phases = job.phases.model_copy(update={"started": now})
-        job = await jobs.advance(
-            ctx,
-            job_id,
-            lambda j: (
-                j.model_copy(update={"phases": phases}) if j.state == JobState.QUEUED else None
-            ),
-        )
+        if spec.pool.size and ctx.backend.warm_runners:
+            member = await pools.claim(ctx, spec.name, used_at=now)
+        job = await _mark_started(ctx, job_id, now, warm=member is not None)
         if job is None:
-            return
+            if member is not None:
+                await ctx.backend.stop_viz(member.instance)
+            return member is not None
     urls = ctx.store.upload_urls(job_id, spec.outputs) if spec.outputs and ctx.store else {}
     launch = JobLaunch(
         job_id=job_id, inputs=job.inputs, upload_urls=urls, deadline_s=spec.deadline_s
     )
     try:
-        await ctx.backend.submit_job(launch, spec)
+        warm = member is not None and await ctx.backend.submit_warm(launch, spec, member.instance)
+        if member is not None and not warm:  # it died since the claim: start cold
+            ctx.log.warning("warm_runner_lost", job_id=job_id, instance=member.instance)
+            await _mark_started(ctx, job_id, now, warm=False)
+        if not warm:
+            await ctx.backend.submit_job(launch, spec)
     except PermanentError as exc:  # this run's start failed; the others still start
         ctx.log.warning("job_start_failed", job_id=job_id, error=exc.message)
         await _fail(ctx, job_id, public_info(exc))
-        return
+        return member is not None
     now_job = await ctx.state.jobs.get(job_id)
     if now_job is None or now_job.state.terminal:  # cancelled while it was being started
         await ctx.backend.cancel_job(job_id)
         ctx.log.info("job_start_undone", job_id=job_id)
-        return
-    ctx.log.info("job_submitted", job_id=job_id)
+        return member is not None
+    ctx.log.info("job_submitted", job_id=job_id, warm=member is not None)
+    return member is not None
+
+
+async def _mark_started(ctx: Context, job_id: str, now: float, warm: bool) -> jobs.Job | None:
+    """Record that the run's start is handed to the backend (and whether warm), while it is
+    queued; None if it is not queued any more."""
+
+    def mark(job: jobs.Job) -> jobs.Job | None:
+        if job.state != JobState.QUEUED:
+            return None
+        started = job.phases.started or now
+        phases = job.phases.model_copy(update={"started": started, "warm": warm})
+        return job.model_copy(update={"phases": phases})
+
+    return await jobs.advance(ctx, job_id, mark)

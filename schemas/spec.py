@@ -39,6 +39,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
 _NAMES = "|".join(sorted(PLACEHOLDERS["viz"]))  # viz has them all
 _MEDIA_TYPE = re.compile(r"[a-z]+/[a-z0-9.+-]+")
 _PLACEHOLDER = re.compile(rf"\{{({_NAMES})\}}")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 class IdleLimits(BaseModel):
@@ -67,11 +68,13 @@ class IdleLimits(BaseModel):
 
 
 class Pool(BaseModel):
-    """Warm instances kept started ahead of page loads."""
+    """Warm instances (viz) or warm runners (job) kept started ahead of use."""
 
     model_config = ConfigDict(extra="forbid")
 
-    size: int = Field(0, ge=0, le=100, description="Warm instances to keep ready.")
+    size: int = Field(
+        0, ge=0, le=100, description="Warm instances (viz) or warm runners (job) to keep ready."
+    )
 
 
 class Resources(BaseModel):
@@ -173,6 +176,12 @@ class AppSpec(BaseModel):
         default_factory=dict,
         description="A line chart to draw of a CSV output: {x: column, y: [columns]} (job apps)",
     )
+    preload: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Modules a warm runner of a Python model imports ahead of its run "
+        "(job apps with a pool; dotted names, e.g. 'numpy')",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -203,6 +212,14 @@ class AppSpec(BaseModel):
                     )
         return v
 
+    @field_validator("preload")
+    @classmethod
+    def _preload(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _MODULE.match(name):
+                raise ValueError(f"preload {name!r} is not a module name (dotted identifiers)")
+        return v
+
     @field_validator("readiness_path")
     @classmethod
     def _path(cls, v: str) -> str:
@@ -231,11 +248,9 @@ class AppSpec(BaseModel):
 
     @model_validator(mode="after")
     def _kind_rules(self) -> "AppSpec":
-        if self.kind == "job" and self.pool.size:
-            raise ValueError("a job app cannot have a warm pool")
         if self.kind == "viz":
-            for name in ("max_concurrent_runs", "max_runs_per_session"):
-                if getattr(self, name) is not None:
+            for name in ("max_concurrent_runs", "max_runs_per_session", "preload"):
+                if getattr(self, name) not in (None, []):
                     raise ValueError(f"{name} is for job apps; this is a viz app")
         for name in self.outputs:
             if "/" in name or name.startswith(".") or not name:

@@ -101,6 +101,7 @@ class JobPhases(BaseModel):
     started: float | None = None  # its start was handed to the backend
     running: float | None = None
     finished: float | None = None
+    warm: bool = Field(False, description="True when the run started on a warm runner")
 
 
 class JobStatus(BaseModel):

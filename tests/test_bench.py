@@ -39,7 +39,7 @@ async def test_viz_bench_runs_and_reports_every_figure():
 
 
 async def test_runs_bench_spinyard_half_runs_and_reports_rates():
-    sizes = runs.Sizes(runs=3, burst=5, warmup=1)
+    sizes = runs.Sizes(runs=3, burst=5, warmup=1, seq_pool=2, pool=5)
     result = await runs.run(sizes, celery=False)
 
     figures = result["spinyard"]
@@ -48,14 +48,22 @@ async def test_runs_bench_spinyard_half_runs_and_reports_rates():
         "run request -> queued",
         "run request -> running",
         "run request -> succeeded",
+        "  phase queued -> started",
+        "  phase started -> running",
     ]
     assert figures["latency"][0]["n"] == 3 and figures["latency"][2]["n"] == 3
     _check_latency_rows(figures["latency"])
-    for row in figures["rates"]:
+    warm = figures["warm"]
+    assert warm["burst_warm"] == "5 of 5"  # the pool of 5 was full before the burst
+    assert warm["latency"][-1]["name"] == "run request -> running (warm runs only)"
+    assert warm["latency"][-1]["n"] >= 1  # at least the first sequential run found it full
+    _check_latency_rows([row for row in warm["latency"] if row["n"]])
+    for row in figures["rates"] + warm["rates"]:
         assert row["n"] == 5
         assert math.isfinite(row["per_s"]) and row["per_s"] > 0, row
     assert runs.failed(result) == []
-    assert "run request -> running" in runs.format_result(result)
+    text = runs.format_result(result)
+    assert "run request -> running" in text and "warm pools" in text
     assert stats.percentile([1.0, 2.0, 3.0], 50) == 2.0
 
 

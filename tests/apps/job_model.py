@@ -3,7 +3,9 @@
 Only the standard library. It prints one line `job_model: <JSON>` with what it
 got: the inputs read from stdin and from the SPINYARD_INPUTS file, the upload
 URLs from SPINYARD_UPLOADS, every SPINYARD_* variable and JOB_* variable,
-its cwd and the modes of its files. Then, in this order:
+its cwd, the modes of its files, its /proc/self/cmdline (a model forked from a
+warm runner has the runner's), and which of the modules named in
+JOB_SEE_MODULES (comma-separated) were imported before it ran. Then, in this order:
 
     --allocate MB    allocate (and touch) MB mebibytes; prints "job_model: allocated"
     --upload         PUT each output to its URL: the body is `<name> of <job id>`
@@ -37,6 +39,8 @@ def mode(path: str) -> str:
 
 
 def main() -> int:
+    wanted = [m for m in os.environ.get("JOB_SEE_MODULES", "").split(",") if m]
+    preloaded = [m for m in wanted if m in sys.modules]
     parser = argparse.ArgumentParser()
     parser.add_argument("--allocate", type=int, default=0)
     parser.add_argument("--upload", action="store_true")
@@ -63,6 +67,8 @@ def main() -> int:
         "env": env,
         "cwd": os.getcwd(),
         "argv": sys.argv[1:],
+        "preloaded": preloaded,
+        "cmdline": open("/proc/self/cmdline", "rb").read().decode().split("\0")[:-1],
         "modes": {
             "inputs": mode(os.environ["SPINYARD_INPUTS"]),
             "uploads": mode(os.environ["SPINYARD_UPLOADS"]),

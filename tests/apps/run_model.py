@@ -1,8 +1,11 @@
 """A test model for runs: behaviour chosen by its inputs.
 
 inputs: {"mode": "ok"|"fail"|"sleep"|"wait_for"|"greedy",
-         "outputs": {"name": "text"}, "marker_dir": path, "wait_for": path, "seconds": n}
-It appends its job id to <marker_dir>/runs (so tests can count runs), uploads
+         "outputs": {"name": "text"}, "marker_dir": path, "wait_for": path, "seconds": n,
+         "see_modules": [module names]}
+It appends its job id to <marker_dir>/runs (so tests can count runs), writes
+which of `see_modules` were imported before it ran to <marker_dir>/modules-<job id>
+(a JSON list: a warm runner's preloads), uploads
 each output with a PUT to its presigned URL, then acts by mode.
 """
 
@@ -17,6 +20,9 @@ import urllib.request
 def main() -> int:
     inputs = json.load(sys.stdin)
     job = os.environ["SPINYARD_JOB_ID"]
+    if inputs.get("marker_dir") and "see_modules" in inputs:
+        found = [m for m in inputs["see_modules"] if m in sys.modules]
+        (pathlib.Path(inputs["marker_dir"]) / f"modules-{job}").write_text(json.dumps(found))
     if inputs.get("marker_dir"):
         with open(pathlib.Path(inputs["marker_dir"]) / "runs", "a") as f:
             f.write(job + "\n")

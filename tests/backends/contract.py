@@ -85,7 +85,7 @@ async def stop_all(backend: Backend) -> None:
     """
     for _ in range(2):
         for instance in await backend.list_instances():
-            if instance.kind == "viz":
+            if instance.kind in ("viz", "warm"):
                 await backend.stop_viz(instance.id)
             else:
                 await backend.cancel_job(instance.id)
@@ -416,3 +416,65 @@ class JobContract:
         await wait_for(ended, JOB_S, what="the job to end")
         failed = await watch().until(jid, "failed")
         assert failed.exit_code == 4
+
+
+class WarmJobContract:
+    """What every backend with warm runners (`warm_runners`) must do. Mix into a class that
+    has the `JobContract`'s fixtures."""
+
+    async def _warm(self, backend: Backend, spec: AppSpec) -> str:
+        instance_id = new_id()
+        await backend.start_warm(instance_id, spec, READY_S)
+        return instance_id
+
+    async def test_a_warm_runner_is_listed_claimed_and_runs_one_job(
+        self, backend, watch, make_job_spec, running_job_copies
+    ):
+        spec, jid, watcher = make_job_spec(pool={"size": 1}), new_job_id(), watch()
+        warm = await self._warm(backend, spec)
+        await backend.start_warm(warm, spec, READY_S)  # again: still one
+        listed = await find(backend, warm)
+        assert (listed.kind, listed.app, listed.pooled, listed.alive) == (
+            "warm",
+            spec.name,
+            True,
+            True,
+        )
+        assert await backend.claim(warm)
+        assert await backend.submit_warm(launch(jid, spec), spec, warm)
+        done = await watcher.until(jid, "succeeded")
+        assert done.exit_code == 0
+        assert await running_job_copies(jid) == 0
+        assert await find(backend, warm) is None  # used up
+        assert not await backend.claim(warm)
+
+    async def test_a_warm_run_past_its_deadline_or_cancelled_is_stopped(
+        self, backend, watch, make_job_spec, running_job_copies
+    ):
+        watcher = watch()
+        late = make_job_spec("--sleep", "600", deadline_s=1.0, pool={"size": 1})
+        slow = make_job_spec("--sleep", "600", pool={"size": 1})
+        late_id, slow_id = new_job_id(), new_job_id()
+        for jid, spec in ((late_id, late), (slow_id, slow)):
+            warm = await self._warm(backend, spec)
+            assert await backend.claim(warm)
+            assert await backend.submit_warm(launch(jid, spec), spec, warm)
+            await watcher.until(jid, "running")
+        await backend.cancel_job(slow_id)
+        await watcher.until(slow_id, "cancelled")
+        await watcher.until(late_id, "timed_out")
+        assert await running_job_copies(late_id) == await running_job_copies(slow_id) == 0
+
+    async def test_a_stopped_or_unknown_warm_runner_takes_no_run(
+        self, backend, watch, make_job_spec
+    ):
+        spec = make_job_spec(pool={"size": 1})
+        warm = await self._warm(backend, spec)
+        await backend.stop_viz(warm)
+        await backend.stop_viz(warm)
+        assert await find(backend, warm) is None
+        assert not await backend.claim(warm)
+        jid = new_job_id()
+        assert not await backend.submit_warm(launch(jid, spec), spec, warm)
+        assert not await backend.submit_warm(launch(jid, spec), spec, new_id())
+        assert await find(backend, jid) is None  # not started: the caller starts it cold

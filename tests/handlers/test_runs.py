@@ -81,9 +81,10 @@ class Runs:
 
 
 @contextlib.asynccontextmanager
-async def running(settings, s3_endpoint, handler_ids=None, registry=None):
+async def running(settings, s3_endpoint, handler_ids=None, registry=None, backend_class=None):
     registry = registry or default_registry
-    backend = LocalBackend(settings.backend.local, settings.data_dir, "http://127.0.0.1:9999")
+    backend_class = backend_class or LocalBackend
+    backend = backend_class(settings.backend.local, settings.data_dir, "http://127.0.0.1:9999")
     await backend.setup()
     settings.store = store_settings(s3_endpoint, upload_url_ttl_s=600)
     store = ObjectStore(settings.store)
@@ -109,6 +110,8 @@ async def running(settings, s3_endpoint, handler_ids=None, registry=None):
         for instance in await backend.list_instances():
             if instance.kind == "job":
                 await backend.cancel_job(instance.id)
+            else:  # warm runners of pooled job apps
+                await backend.stop_viz(instance.id)
         await backend.cleanup()
         await store.close()
         await nc.close()

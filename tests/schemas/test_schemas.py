@@ -180,7 +180,9 @@ def test_job_ids_are_stable_per_idempotency_key_and_valid():
         ({"pool": {"size": -1}}, "pool.size"),
         ({"idle": {"since_heartbeat_s": 0}}, "idle.since_heartbeat_s"),
         ({"embed_origins": ["evil.example"]}, "embed_origins"),
-        ({"kind": "job", "pool": {"size": 1}}, ""),
+        ({"kind": "job", "preload": ["numpy", "not a module"]}, "preload"),
+        ({"kind": "job", "preload": ["os..path"]}, "preload"),
+        ({"preload": ["numpy"]}, "preload is for job apps"),
         ({"outputs": ["../escape"]}, ""),
         ({"kind": "job", "command": ["x", "--port={port}"]}, "command[1]: {port} has no value"),
         ({"kind": "job", "env": {"AT": "{prefix}"}}, "env['AT']: {prefix} has no value"),
@@ -216,3 +218,15 @@ def test_every_example_spec_is_valid():
 def test_embed_origins_must_be_exact_origins(origin):
     with pytest.raises(ValidationError):
         AppSpec(name="demo/x", command=["x"], embed_origins=[origin])
+
+
+def test_a_job_app_may_keep_warm_runners_with_preloaded_modules():
+    spec = AppSpec(
+        name="demo/j",
+        kind="job",
+        command=["{python}", "model.py"],
+        pool={"size": 2},
+        preload=["json", "email.mime.text", "_private"],
+    )
+    assert spec.pool.size == 2
+    assert spec.preload == ["json", "email.mime.text", "_private"]

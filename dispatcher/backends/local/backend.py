@@ -37,8 +37,6 @@ from dispatcher.backends.launch import (
     argv,
     check_id,
     check_job_id,
-    job_env,
-    job_values,
     last_answer,
     not_ready_message,
     valid_id,
@@ -49,14 +47,14 @@ from dispatcher.backends.local import processes, readiness
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
 from dispatcher.backends.local.jobfiles import (
     JobDir,
-    cpu_seconds,
     job_ids,
     notify,
-    prepare,
     remove_stale_staging,
 )
-from dispatcher.backends.local.jobrunner import start_runner
+from dispatcher.backends.local.jobrunner import CLAIMED, start_runner
 from dispatcher.backends.local.jobwatch import JobWatcher
+from dispatcher.backends.local.staging import stage_job
+from dispatcher.backends.local.warm import WarmRunners
 from dispatcher.settings import LocalBackendSettings
 from handlers.errors import StartFailed
 from handlers.ports import JobReport
@@ -75,6 +73,7 @@ class LocalBackend(Backend):
     """Viz instances and jobs as local processes, with their state in files under `data_dir`."""
 
     name = "local"
+    warm_runners = True
     takeover_s = 2.0  # how often a waiting job watcher tries to take over the socket
 
     def __init__(self, settings: LocalBackendSettings, data_dir: Path, public_url: str) -> None:
@@ -86,6 +85,9 @@ class LocalBackend(Backend):
         self._python = settings.python or sys.executable
         self._log = logs.get("spinyard.backend.local")
         self._instances = InstanceFiles(Path(data_dir) / "local" / "instances", self._log)
+        self._warm = WarmRunners(
+            Path(data_dir) / "local" / "warm", self._jobs, self._instances, self._python, self._log
+        )
 
     async def setup(self) -> None:
         """Create the state, log and job directories.
@@ -213,9 +215,10 @@ class LocalBackend(Backend):
                 self._log.error("viz_process_survived_kill", instance=instance_id, pid=state.pid)
                 return
             self._instances.remove(instance_id)
+            self._warm.remove_dir(instance_id)
             lock_path.unlink(missing_ok=True)  # under the lock: waiters notice and retry
         if state is not None:
-            self._log.info("viz_process_stopped", **state.fields(), how=outcome)
+            self._log.info(f"{state.kind}_process_stopped", **state.fields(), how=outcome)
 
     async def claim(self, instance_id: str) -> bool:
         """Mark a warm pool instance as in use, if its process runs and its port accepts.
@@ -233,6 +236,8 @@ class LocalBackend(Backend):
             if state is None:
                 self._log.warning("viz_claim_missed", instance=instance_id)
                 return False
+            if state.kind == "warm":
+                return await self._warm.claim(state)
             if not processes.alive(state.process) or not await processes.accepts(
                 state.host, state.port, _CONNECT_TIMEOUT_S
             ):
@@ -272,38 +277,9 @@ class LocalBackend(Backend):
                 the runner could not be started.
         """
         job = self._job(launch.job_id)
-        self._mkdirs()
-        try:
-            memory = processes.memory_bytes(spec.resources.memory)
-            cores = processes.quantity(spec.resources.cpu)
-        except ValueError as exc:
-            raise StartFailed(f"the app's resources: {exc}", code=codes.START_FAILED) from exc
-        if job.path.exists():
+        stage = self._stage(job, launch, spec)
+        if stage is None:
             return
-        values = job_values(python=self._python)
-        paths = {
-            "inputs": str(job.inputs),
-            "uploads": str(job.uploads),
-            "output_dir": str(job.work),
-        }
-        run = {
-            "app": spec.name,
-            "argv": argv(spec, values),
-            "cwd": spec.workdir,
-            "env": job_env(spec, job.id, values, **paths, deadline_s=launch.deadline_s),
-            "deadline_s": launch.deadline_s,
-            "stop_grace_s": self._settings.stop_grace_s,
-            "memory_bytes": memory,
-            "cpu_seconds": cpu_seconds(cores, launch.deadline_s),
-            "max_log_bytes": spec.max_log_bytes,
-            "socket": str(self._socket),
-        }
-        stage = JobDir.staging(self._jobs, job.id)  # filled here, moved into place by the runner
-        try:
-            prepare(stage, job, launch.inputs, launch.upload_urls, run)
-        except BaseException:
-            shutil.rmtree(stage.path, ignore_errors=True)
-            raise
         try:
             claimed = await start_runner(stage)
         except processes.SpawnError as exc:
@@ -311,6 +287,46 @@ class LocalBackend(Backend):
         if claimed:
             notify(self._socket, job.id)  # so the watcher watches the runner from now on
             self._log.info("job_runner_started", job_id=job.id, app=spec.name)
+
+    async def start_warm(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
+        """Start a warm runner for the job app (see `warm.py`); return once it waits."""
+        self._mkdirs()
+        await self._warm.start(instance_id, spec, timeout)
+
+    async def submit_warm(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> bool:
+        """Hand the job to the claimed warm runner `instance_id`, prepared as `submit_job`
+        prepares it; returns once the runner has taken it on (a few ms).
+
+        Returns:
+            False if the runner could not take it (it died, say); the runner is
+            stopped either way once this returns, and the job is not started.
+        """
+        job = self._job(launch.job_id)
+        stage = self._stage(job, launch, spec)
+        if stage is None:  # the job exists: the runner is not needed
+            await self.stop_viz(instance_id)
+            return True
+        answer = await self._warm.hand(instance_id, stage.path)
+        if answer is None:
+            shutil.rmtree(stage.path, ignore_errors=True)
+            self._log.warning("warm_runner_lost", instance=instance_id, job_id=job.id)
+            return False
+        if answer == CLAIMED:
+            notify(self._socket, job.id)
+            self._log.info("job_runner_warm", job_id=job.id, app=spec.name, instance=instance_id)
+        return True
+
+    def _stage(self, job: JobDir, launch: JobLaunch, spec: AppSpec) -> JobDir | None:
+        """`staging.stage` with this backend's interpreter, grace and watcher socket."""
+        self._mkdirs()
+        return stage_job(
+            job,
+            launch,
+            spec,
+            python=self._python,
+            stop_grace_s=self._settings.stop_grace_s,
+            socket=self._socket,
+        )
 
     async def cancel_job(self, job_id: str) -> None:
         """Stop a running job (it ends `cancelled`), or remove the files of a finished one.

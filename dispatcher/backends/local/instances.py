@@ -34,7 +34,7 @@ class InstanceState(BaseModel):
 
     id: str
     app: str
-    kind: Literal["viz", "job"]
+    kind: Literal["viz", "job", "warm"]  # warm: a warm job runner (warm.py)
     pid: int
     start_time: int  # clock ticks after boot: field 22 of /proc/<pid>/stat
     boot_id: str

@@ -49,7 +49,6 @@ removes its copy and exits. So any number of submissions start one run,
 and a submitter that hangs keeps no other waiting.
 """
 
-import asyncio
 import contextlib
 import errno
 import math
@@ -62,6 +61,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from dispatcher.backends.local import processes
@@ -69,9 +69,9 @@ from dispatcher.backends.local.jobfiles import JobDir, notify, read_json
 from dispatcher.backends.local.joblog import CappedLog
 
 CPU_KILL_AFTER_S = 5  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL this much later
-_STOP = (signal.SIGTERM, signal.SIGINT)  # what tells the runner to cancel its run
-_CLAIMED, _EXISTS = b"claimed\n", b"exists\n"  # what a runner tells its submitter
-_CODE_ROOT = Path(__file__).resolve().parents[3]  # where `-m dispatcher...` is found
+STOP = (signal.SIGTERM, signal.SIGINT)  # what tells the runner to cancel its run
+CLAIMED, EXISTS = b"claimed\n", b"exists\n"  # what a runner tells its submitter
+CODE_ROOT = Path(__file__).resolve().parents[3]  # where `-m dispatcher...` is found
 _CHUNK = 64 * 1024  # bytes of the model's output read at once
 DEFAULT_LOG_BYTES = 10 * 2**20  # a job.json written before the spec had max_log_bytes
 
@@ -87,11 +87,13 @@ async def start_runner(staging: JobDir) -> bool:
     Raises:
         processes.SpawnError: the runner could not be started, or exited at once.
     """
+    import asyncio  # not at import: the runner itself never needs it
+
     argv = [sys.executable, "-m", "dispatcher.backends.local.jobrunner", str(staging.path)]
     env = processes.child_env({})
     try:
         popen, runner = processes.spawn(
-            argv, env, _CODE_ROOT, staging.runner_log, stdout=subprocess.PIPE
+            argv, env, CODE_ROOT, staging.runner_log, stdout=subprocess.PIPE
         )
     except processes.SpawnError:
         shutil.rmtree(staging.path, ignore_errors=True)
@@ -99,9 +101,9 @@ async def start_runner(staging: JobDir) -> bool:
     reading = asyncio.ensure_future(asyncio.to_thread(popen.stdout.readline))
     reading.add_done_callback(lambda _: popen.stdout.close())  # also if we are cancelled
     answer = await asyncio.shield(reading)
-    if answer == _CLAIMED:
+    if answer == CLAIMED:
         return True
-    if answer == _EXISTS:
+    if answer == EXISTS:
         await processes.wait_gone(runner, processes.KILL_WAIT_S)  # it is exiting: leave nothing
         return False
     tail = processes.tail(staging.runner_log, 10)
@@ -112,20 +114,28 @@ async def start_runner(staging: JobDir) -> bool:
 # -- the runner process --
 
 
-class _Signals:
+class Signals:
     """Signals as bytes on a pipe, so one select() waits for them, the model, its output and the
     deadline."""
 
     def __init__(self) -> None:
-        self._read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-        for sig in (*_STOP, signal.SIGCHLD):
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for sig in (*STOP, signal.SIGCHLD):
             signal.signal(sig, lambda *_: None)
 
-    def wait(self, timeout: float, output: "_Output | None" = None) -> set[int]:
+    @property
+    def fds(self) -> tuple[int, int]:
+        """The pipe's two ends (a forked model closes them)."""
+        return self._read, self._write
+
+    def wait(
+        self, timeout: float, output: "Output | None" = None, also: tuple[int, ...] = ()
+    ) -> set[int]:
         """The signals received within `timeout` seconds (empty if none); meanwhile the model's
-        output, if there is some to read, goes to its log (and the wait ends early)."""
-        fds = [self._read] + ([output.fd] if output is not None and output.open else [])
+        output, if there is some to read, goes to its log (and the wait ends early, as it does
+        when one of the `also` fds is readable)."""
+        fds = [self._read, *also] + ([output.fd] if output is not None and output.open else [])
         ready, _, _ = select.select(fds, [], [], max(0.0, timeout))
         if output is not None and output.open and output.fd in ready:
             output.pump()
@@ -139,7 +149,7 @@ class _Signals:
         return got
 
 
-class _Output:
+class Output:
     """The model's stdout and stderr: a pipe the runner copies into the run's capped log."""
 
     def __init__(self, fd: int, log: CappedLog) -> None:
@@ -204,7 +214,7 @@ def _signal_tree(model: processes.Process, sig: signal.Signals) -> bool:
     return sent
 
 
-def _set_limits(memory_bytes: int | None, cpu_s: int | None) -> None:
+def set_limits(memory_bytes: int | None, cpu_s: int | None) -> None:
     """In the model's process, before exec: lower (never raise) its resource limits."""
     wanted = [(resource.RLIMIT_AS, memory_bytes, 0), (resource.RLIMIT_CPU, cpu_s, CPU_KILL_AFTER_S)]
     for which, soft, extra in wanted:
@@ -215,7 +225,8 @@ def _set_limits(memory_bytes: int | None, cpu_s: int | None) -> None:
         resource.setrlimit(which, (min(soft, cap), min(soft + extra, cap)))
 
 
-def _start(job: JobDir, spec: dict) -> tuple[subprocess.Popen, processes.Process, _Output]:
+def start_exec(job: JobDir, spec: dict) -> tuple[subprocess.Popen, processes.Process, Output]:
+    """Start the model by exec'ing its command in a new session: its handle, record and output."""
     limits = (spec.get("memory_bytes"), spec.get("cpu_seconds"))
     cwd = spec["cwd"]
     if not Path(cwd).is_dir():
@@ -231,7 +242,7 @@ def _start(job: JobDir, spec: dict) -> tuple[subprocess.Popen, processes.Process
                 stdout=write,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=lambda: _set_limits(*limits),
+                preexec_fn=lambda: set_limits(*limits),
             )
     except OSError as exc:
         os.close(read)
@@ -241,15 +252,15 @@ def _start(job: JobDir, spec: dict) -> tuple[subprocess.Popen, processes.Process
     finally:
         os.close(write)  # the model's copies are its own: EOF once they are all closed
     log = CappedLog(job.log, int(spec.get("max_log_bytes") or DEFAULT_LOG_BYTES))
-    return popen, processes.current(popen.pid), _Output(read, log)
+    return popen, processes.current(popen.pid), Output(read, log)
 
 
 def _supervise(
-    popen: subprocess.Popen,
+    popen: "subprocess.Popen | Forked",
     model: processes.Process,
-    output: _Output,
+    output: Output,
     spec: dict,
-    signals: _Signals,
+    signals: Signals,
 ) -> tuple[str | None, int]:
     """Wait for the model, copying its output to the log; stop its tree at the deadline or when
     told to; once it has exited, kill whatever it left running.
@@ -276,7 +287,7 @@ def _supervise(
         got = signals.wait(min(deadline if why is None else kill_at, now + 60) - now, output)
         if signal.SIGCHLD in got:
             _reap_adopted(popen.pid)
-        if why is None and got & set(_STOP):
+        if why is None and got & set(STOP):
             why = "cancelled"
     _signal_tree(model, signal.SIGKILL)  # leftovers; the model's pid is not free yet
     status = popen.wait()
@@ -289,6 +300,18 @@ def _supervise(
         time.sleep(processes.POLL_S)
     output.drain(1.0)
     return why, status
+
+
+class Forked:
+    """A model forked by a warm runner, waited for as `subprocess.Popen` would be."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def wait(self) -> int:
+        """Its exit status: the exit code, or minus the signal that ended it."""
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
 
 
 def _outcome(job: JobDir, spec: dict, why: str | None, status: int) -> tuple[str, int]:
@@ -306,7 +329,7 @@ def _outcome(job: JobDir, spec: dict, why: str | None, status: int) -> tuple[str
     return why or ("succeeded" if status == 0 else "failed"), code
 
 
-def _claim(staging: Path, job: JobDir, spec: dict) -> bool:
+def _claim(staging: Path, job: JobDir, spec: dict, answer: Callable[[bytes], None]) -> bool:
     """Move `staging` into place as the job's directory, unless the job exists; tell the submitter.
 
     runner.json goes in first, so whoever finds the job's directory finds its runner.
@@ -320,9 +343,9 @@ def _claim(staging: Path, job: JobDir, spec: dict) -> bool:
         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise  # the submitter sees us exit, and why in runner.log
         shutil.rmtree(staging, ignore_errors=True)  # another runner has the job
-        _tell(_EXISTS)
+        answer(EXISTS)
         return False
-    _tell(_CLAIMED)
+    answer(CLAIMED)
     return True
 
 
@@ -333,17 +356,26 @@ def _tell(answer: bytes) -> None:
     os.dup2(2, 1)
 
 
-def run(staging: Path) -> int:
-    """Claim the job prepared in `staging`, then run it to its end; the runner's exit code."""
-    signals = _Signals()  # first: a cancel that comes early must not be lost
+def run(
+    staging: Path,
+    signals: Signals | None = None,
+    answer: Callable[[bytes], None] = _tell,
+    start: Callable[[JobDir, dict], tuple] = start_exec,
+) -> int:
+    """Claim the job prepared in `staging`, then run it to its end; the runner's exit code.
+
+    A warm runner (`warmrunner.py`) passes the signals it set up when it started, answers
+    its submitter on its socket, and may fork the model rather than exec it (`start`).
+    """
+    signals = signals or Signals()  # first: a cancel that comes early must not be lost
     spec = read_json(staging / "job.json")
     if spec is None:
         sys.stderr.write(f"jobrunner: {staging}/job.json is missing or unreadable\n")
         return 1
     job = JobDir.at(Path(spec["job_dir"]))
-    if not _claim(staging, job, spec):
+    if not _claim(staging, job, spec, answer):
         return 0
-    if signals.wait(0) & set(_STOP):
+    if signals.wait(0) & set(STOP):
         job.note("the run was cancelled before it started")
         job.finish("cancelled", None, None)
         notify(spec["socket"], job.id)
@@ -351,7 +383,7 @@ def run(staging: Path) -> int:
     processes.become_subreaper()  # so setsid children of the model stay within reach
     popen = model = None
     try:
-        popen, model, output = _start(job, spec)
+        popen, model, output = start(job, spec)
         started_at = time.time()
         job.write("model.json", model._asdict() | {"started_at": started_at})
         notify(spec["socket"], job.id)

@@ -6,10 +6,11 @@ recycled pid (by its start time in /proc/<pid>/stat and the boot id), signal
 and stop a whole process group, hold a per-instance lock file across
 processes, write files atomically, and turn Kubernetes resource quantities
 into the numbers `setrlimit` takes. Only the standard library, so the job
-runner stays small. Linux only: it reads /proc.
+runner stays small; asyncio is imported only by the async helpers, which the
+runners never call (importing it was a third of a runner's start). Linux only:
+it reads /proc.
 """
 
-import asyncio
 import contextlib
 import ctypes
 import fcntl
@@ -24,8 +25,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
-
-from dispatcher import waits
 
 DEAD = ("Z", "X", "x")  # /proc states of a process that has exited
 PR_SET_CHILD_SUBREAPER = 36  # prctl option (linux/prctl.h)
@@ -150,6 +149,8 @@ def gone(proc: Process) -> bool:
 
 async def wait_gone(proc: Process, within_s: float) -> bool:
     """Poll until the process group has gone; False if it has not after `within_s`."""
+    from dispatcher import waits  # asyncio: not at import (see the module's docstring)
+
     try:
         await waits.until(lambda: gone(proc), within_s, interval_s=POLL_S, what="the exit")
     except TimeoutError:
@@ -169,6 +170,8 @@ async def terminate(proc: Process, grace_s: float) -> str:
 
 async def accepts(host: str, port: int, within_s: float) -> bool:
     """Whether `host:port` accepts a TCP connection within `within_s` (then closed)."""
+    import asyncio
+
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), within_s)
     except (OSError, TimeoutError):
@@ -309,6 +312,8 @@ def lock(path: Path, wait: bool) -> int | None:
 @contextlib.asynccontextmanager
 async def locked(path: Path) -> AsyncIterator[Path]:
     """Hold the lock file `path` (shared by every process on the data dir); wait in a thread."""
+    import asyncio
+
     fd = lock(path, wait=False)
     if fd is None:
         task = asyncio.ensure_future(asyncio.to_thread(lock, path, True))
@@ -323,7 +328,7 @@ async def locked(path: Path) -> AsyncIterator[Path]:
         os.close(fd)
 
 
-def _release_later(task: asyncio.Future) -> None:
+def _release_later(task: "asyncio.Future") -> None:  # noqa: F821
     """Close a lock whose waiter was cancelled before the lock came."""
     if not task.cancelled() and task.exception() is None:
         os.close(task.result())

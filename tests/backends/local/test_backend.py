@@ -25,6 +25,7 @@ from tests.backends.contract import (
     READY_S,
     BackendContract,
     JobContract,
+    WarmJobContract,
     echo_spec,
     find,
     new_id,
@@ -46,7 +47,7 @@ async def _info(backend: LocalBackend, instance_id: str, spec: AppSpec) -> dict:
     return json.loads(body)
 
 
-class TestLocalBackend(BackendContract, JobContract):
+class TestLocalBackend(BackendContract, JobContract, WarmJobContract):
     @pytest.fixture
     def new_backend(self, local_settings, data_dir):
         return lambda: LocalBackend(local_settings, data_dir, PUBLIC_URL)

@@ -1,0 +1,62 @@
+"""A run's files, prepared for its runner: the same for a cold start and a warm runner.
+
+`LocalBackend.submit_job` hands the prepared directory to a new runner
+(`jobrunner.start_runner`), `LocalBackend.submit_warm` to a waiting warm
+runner (`warm.py`); either claims it by renaming it into place (`jobrunner.py`).
+"""
+
+import shutil
+from pathlib import Path
+
+from dispatcher.backends.launch import argv, job_env, job_values
+from dispatcher.backends.local import processes
+from dispatcher.backends.local.jobfiles import JobDir, cpu_seconds, prepare
+from handlers.errors import StartFailed
+from handlers.ports import JobLaunch
+from schemas import errors as codes
+from schemas.spec import AppSpec
+
+
+def stage_job(
+    job: JobDir,
+    launch: JobLaunch,
+    spec: AppSpec,
+    *,
+    python: str,
+    stop_grace_s: float,
+    socket: Path,
+) -> JobDir | None:
+    """The job's files and its runner's instructions in a new staging directory beside
+    `job`'s; None if the job exists already (it is running or has run).
+
+    Raises:
+        handlers.errors.StartFailed: the spec's resources are not quantities.
+    """
+    try:
+        memory = processes.memory_bytes(spec.resources.memory)
+        cores = processes.quantity(spec.resources.cpu)
+    except ValueError as exc:
+        raise StartFailed(f"the app's resources: {exc}", code=codes.START_FAILED) from exc
+    if job.path.exists():
+        return None
+    values = job_values(python=python)
+    paths = {"inputs": str(job.inputs), "uploads": str(job.uploads), "output_dir": str(job.work)}
+    run = {
+        "app": spec.name,
+        "argv": argv(spec, values),
+        "cwd": spec.workdir,
+        "env": job_env(spec, job.id, values, **paths, deadline_s=launch.deadline_s),
+        "deadline_s": launch.deadline_s,
+        "stop_grace_s": stop_grace_s,
+        "memory_bytes": memory,
+        "cpu_seconds": cpu_seconds(cores, launch.deadline_s),
+        "max_log_bytes": spec.max_log_bytes,
+        "socket": str(socket),
+    }
+    stage = JobDir.staging(job.path.parent, job.id)  # filled here, moved into place by a runner
+    try:
+        prepare(stage, job, launch.inputs, launch.upload_urls, run)
+    except BaseException:
+        shutil.rmtree(stage.path, ignore_errors=True)
+        raise
+    return stage

@@ -1,0 +1,179 @@
+"""The backend's side of warm runners: start one for an app's pool, hand it a run, stop it.
+
+A warm runner (`warmrunner.py` says what it does) is an instance of kind
+`warm` in the instance state files (`instances.py`), so the reaper lists,
+claims and stops it as it does a viz pool member; its own files are under
+`<data_dir>/local/warm/<instance>/` (0700). `LocalBackend.submit_warm`
+prepares a run's directory as a cold start does and hands its path to the
+runner over its socket (`hand`); from then on the run is an ordinary job
+and the runner is no pool member any more (its state file and directory go).
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from structlog.typing import FilteringBoundLogger
+
+from dispatcher.backends.launch import argv, check_id, fill, job_values
+from dispatcher.backends.local import processes
+from dispatcher.backends.local.instances import InstanceFiles, InstanceState
+from dispatcher.backends.local.jobrunner import CLAIMED, CODE_ROOT, EXISTS
+from dispatcher.backends.local.warmrunner import READY, SOCKET, forks
+from handlers.errors import StartFailed
+from schemas import errors as codes
+from schemas.spec import AppSpec
+
+_CONNECT_S = 1.0  # to connect to a waiting runner's socket (loopback: well under 1 ms)
+_ANSWER_S = 5.0  # for its answer: it reads job.json, renames a directory, writes one file
+_TAIL_LINES = 10
+
+
+class WarmRunners:
+    """Warm runners under one data dir."""
+
+    def __init__(
+        self,
+        root: Path,
+        jobs: Path,
+        instances: InstanceFiles,
+        python: str,
+        log: FilteringBoundLogger,
+    ) -> None:
+        self.root, self._jobs, self._instances = root, jobs, instances
+        self._python, self._log = python, log
+
+    def dir(self, instance_id: str) -> Path:
+        return self.root / instance_id
+
+    def waiting(self, state: InstanceState) -> bool:
+        """Whether the runner is alive and still waits for its run (its socket is there)."""
+        return processes.alive(state.process) and (self.dir(state.id) / SOCKET).exists()
+
+    async def start(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
+        """Start a warm runner for `spec` unless it runs; return once it waits for a run.
+
+        Raises:
+            ValueError: `instance_id` is not an instance id.
+            handlers.errors.StartFailed: the resources are not quantities, the runner
+                exited (a preload failed to import, say; its log's tail is given), or
+                it did not wait for a run within `timeout`.
+        """
+        check_id(instance_id)
+        processes.reap()
+        try:
+            memory = processes.memory_bytes(spec.resources.memory)
+        except ValueError as exc:
+            raise StartFailed(f"the app's resources: {exc}", code=codes.START_FAILED) from exc
+        directory = self.dir(instance_id)
+        async with self._instances.locked(instance_id):
+            old = self._instances.load(instance_id)
+            if old is not None and processes.alive(old.process):
+                return
+            if old is not None:
+                processes.signal_group(old.process, signal.SIGKILL)
+            popen, proc = self._spawn(directory, spec, memory)
+            state = InstanceState(
+                id=instance_id, app=spec.name, kind="warm", pid=proc.pid, port=0, host="",
+                start_time=proc.start_time, boot_id=proc.boot_id, pooled=True,
+                created_at=time.time(),
+            )  # fmt: skip
+            self._instances.write(state)
+        reading = asyncio.ensure_future(asyncio.to_thread(popen.stdout.readline))
+        reading.add_done_callback(lambda _: popen.stdout.close())
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(reading), timeout)
+        except TimeoutError:
+            answer = None
+        if answer == READY:
+            self._log.info("warm_runner_started", **state.fields())
+            return
+        tail = processes.tail(directory / "warm.log", _TAIL_LINES)
+        async with self._instances.locked(instance_id) as lock_path:
+            await processes.terminate(proc, 0)
+            self._forget(instance_id, lock_path)
+        if answer is None:
+            message = f"the warm runner was not ready within {max(1, round(timeout))} s"
+            raise StartFailed(message, code=codes.START_TIMEOUT, log_tail=tail)
+        raise StartFailed("the warm runner exited at start", code=codes.START_FAILED, log_tail=tail)
+
+    def _spawn(
+        self, directory: Path, spec: AppSpec, memory: int
+    ) -> tuple[subprocess.Popen, processes.Process]:
+        shutil.rmtree(directory, ignore_errors=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700)
+        values = job_values(python=self._python)
+        fork = forks(spec.command)
+        config = {
+            "app": spec.name,
+            "argv": argv(spec, values),
+            "cwd": spec.workdir or str(directory),
+            "preload": spec.preload if fork else [],
+            "fork": fork,
+            "memory_bytes": memory,
+            "jobs": str(self._jobs),
+        }
+        processes.write_atomic(directory / "warm.json", json.dumps(config).encode())
+        env = processes.child_env({k: fill(v, values) for k, v in spec.env.items()})
+        interpreter = self._python if fork else sys.executable
+        command = [interpreter, "-m", "dispatcher.backends.local.warmrunner", str(directory)]
+        try:
+            return processes.spawn(
+                command, env, CODE_ROOT, directory / "warm.log", stdout=subprocess.PIPE
+            )
+        except processes.SpawnError as exc:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise StartFailed(str(exc), code=codes.START_FAILED) from exc
+
+    async def claim(self, state: InstanceState) -> bool:
+        """Mark a waiting runner as taken (not a pool member); False if it no longer waits."""
+        if not self.waiting(state):
+            return False
+        if state.pooled:
+            self._instances.write(state.model_copy(update={"pooled": False}))
+        return True
+
+    async def hand(self, instance_id: str, stage: Path) -> bytes | None:
+        """Hand the job prepared in `stage` to the runner: its answer (`CLAIMED`, `EXISTS`),
+        or None if it could not take it (gone, dead, or it did not answer; then it is
+        stopped). Either way the runner is no longer a warm runner."""
+        check_id(instance_id)
+        async with self._instances.locked(instance_id) as lock_path:
+            state = self._instances.load(instance_id)
+            answer = None
+            if state is not None and state.kind == "warm" and processes.alive(state.process):
+                with contextlib.suppress(OSError, TimeoutError):
+                    answer = await self._send(instance_id, stage)
+                if answer not in (CLAIMED, EXISTS):
+                    answer = None
+                    await processes.terminate(state.process, 0)
+            self._forget(instance_id, lock_path)
+        return answer
+
+    async def _send(self, instance_id: str, stage: Path) -> bytes:
+        with processes.unix_address(self.dir(instance_id) / SOCKET) as address:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(address), _CONNECT_S
+            )
+        try:
+            writer.write(os.fsencode(stage) + b"\n")
+            return await asyncio.wait_for(reader.readline(), _ANSWER_S)
+        finally:
+            writer.close()
+
+    def _forget(self, instance_id: str, lock_path: Path) -> None:
+        """Remove a runner's state file, directory and lock file (the caller holds the lock)."""
+        self._instances.remove(instance_id)
+        self.remove_dir(instance_id)
+        lock_path.unlink(missing_ok=True)  # under the lock: waiters notice and retry
+
+    def remove_dir(self, instance_id: str) -> None:
+        shutil.rmtree(self.dir(instance_id), ignore_errors=True)

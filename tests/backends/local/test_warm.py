@@ -1,0 +1,205 @@
+"""Warm runners on the local backend: what only it does, against real processes.
+
+The shared warm-runner contract runs in test_backend.py; these check the
+fork of a Python model with its preloads, the exec of any other command,
+the hand-over's hygiene, the log cap, and runners that die or fail to start.
+"""
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+
+from dispatcher.backends.local.backend import LocalBackend
+from handlers.errors import StartFailed
+from schemas import errors as codes
+from tests.backends.contract import (
+    JOB_MODEL,
+    READY_S,
+    JobWatch,
+    find,
+    job_spec,
+    launch,
+    new_id,
+    new_job_id,
+    stop_all,
+)
+from tests.backends.local import procs
+from tests.backends.local.procs import PUBLIC_URL
+from tests.backends.local.test_jobs import job_dir, seen_by_model
+from tests.helpers import wait_for
+
+
+@pytest.fixture
+async def backend(local_settings, data_dir):
+    backend = LocalBackend(local_settings, data_dir, PUBLIC_URL)
+    backend.takeover_s = 0.05
+    await backend.setup()
+    yield backend
+    await stop_all(backend)
+    assert await backend.list_instances() == []
+    await backend.cleanup()
+
+
+@pytest.fixture
+async def watcher(backend):
+    watch = JobWatch(backend)
+    yield watch
+    await watch.stop()
+
+
+def model_spec(*args: str, **fields):
+    """The job model run as `{python} job_model.py ...` from its directory, with a pool."""
+    spec = job_spec(*args, workdir=str(JOB_MODEL.parent), pool={"size": 1}, **fields)
+    return spec.model_copy(update={"command": ["{python}", JOB_MODEL.name, *args]})
+
+
+async def warm_run(backend, spec, jid: str, inputs: dict | None = None) -> str:
+    """Start a warm runner, claim it and hand it the job; the runner's id."""
+    warm = new_id()
+    await backend.start_warm(warm, spec, READY_S)
+    assert await backend.claim(warm)
+    assert await backend.submit_warm(launch(jid, spec, inputs), spec, warm)
+    return warm
+
+
+async def test_a_python_model_is_forked_with_its_preloads_and_gets_what_a_cold_run_gets(
+    backend, watcher, data_dir, monkeypatch
+):
+    monkeypatch.setenv("SPINYARD_NATS__PASSWORD", "must-not-leak")
+    spec = model_spec(
+        "--write",
+        preload=["xml.dom.minidom", "colorsys"],
+        env={"JOB_SEE_MODULES": "xml.dom.minidom,colorsys,wave", "JOB_WHERE": "{python}"},
+        deadline_s=30,
+    )
+    jid, inputs = new_job_id(), {"n": 7, "text": "é ✓"}
+    warm = await warm_run(backend, spec, jid, inputs)
+    assert (await watcher.until(jid, "succeeded")).exit_code == 0
+
+    seen = await seen_by_model(data_dir, jid)
+    here = job_dir(data_dir, jid)
+    assert seen["preloaded"] == ["xml.dom.minidom", "colorsys"]  # imported before it ran
+    assert "dispatcher.backends.local.warmrunner" in seen["cmdline"]  # forked, not exec'd
+    assert seen["argv"] == ["--write"]
+    assert seen["stdin"] == seen["inputs"] == inputs
+    assert seen["cwd"] == str(JOB_MODEL.parent)
+    assert seen["env"] == {
+        "SPINYARD_JOB_ID": jid,
+        "SPINYARD_APP": spec.name,
+        "SPINYARD_INPUTS": str(here / "inputs.json"),
+        "SPINYARD_UPLOADS": str(here / "uploads.json"),
+        "SPINYARD_OUTPUT_DIR": str(here / "work"),
+        "SPINYARD_DEADLINE_S": "30",
+        "JOB_SEE_MODULES": "xml.dom.minidom,colorsys,wave",
+        "JOB_WHERE": sys.executable,
+    }
+    assert (here / "work" / "scratch.txt").read_text() == "hello"
+    model = json.loads((here / "model.json").read_text())
+    runner = json.loads((here / "runner.json").read_text())
+    assert runner["pid"] != model["pid"]
+    assert "must-not-leak" not in (here / "job.log").read_text()
+    assert not (data_dir / "local" / "warm" / warm).exists()  # used up, its files gone
+
+
+async def test_a_cold_run_of_the_same_spec_is_execd_and_sees_no_preloads(
+    backend, watcher, data_dir
+):
+    spec = model_spec(preload=["colorsys"], env={"JOB_SEE_MODULES": "colorsys"})
+    jid = new_job_id()
+    await backend.submit_job(launch(jid, spec), spec)
+    await watcher.until(jid, "succeeded")
+    seen = await seen_by_model(data_dir, jid)
+    assert seen["preloaded"] == []
+    assert "dispatcher.backends.local.warmrunner" not in seen["cmdline"]
+
+
+async def test_a_forked_model_runs_in_its_own_session_and_its_exit_code_counts(
+    backend, watcher, data_dir
+):
+    jid = new_job_id()
+    await warm_run(backend, model_spec("--sleep", "600"), jid)
+    await watcher.until(jid, "running")
+    model = json.loads((job_dir(data_dir, jid) / "model.json").read_text())
+    runner = json.loads((job_dir(data_dir, jid) / "runner.json").read_text())
+    assert procs.session_of(model["pid"]) == model["pid"] != runner["pid"]
+    await backend.cancel_job(jid)
+    await watcher.until(jid, "cancelled")
+
+    failing = new_job_id()
+    await warm_run(backend, model_spec("--exit", "3"), failing)
+    failed = await watcher.until(failing, "failed")
+    assert failed.exit_code == 3
+    assert "job_model: failing with 3" in failed.log_tail
+
+
+async def test_the_log_cap_holds_on_a_warm_run(backend, watcher, data_dir):
+    cap = 256 * 1024
+    jid = new_job_id()
+    await warm_run(backend, model_spec("--flood", "8", max_log_bytes=cap), jid)
+    done = await watcher.until(jid, "succeeded")
+    log = job_dir(data_dir, jid) / "job.log"
+    assert log.stat().st_size <= cap
+    assert "bytes of earlier output dropped" in log.read_text()
+    last = 8 * 1024 * 1024 // 64
+    assert f"flood line {last:>12} " in done.log_tail
+
+
+async def test_a_non_python_command_is_execd(backend, watcher, data_dir):
+    spec = job_spec(pool={"size": 1}).model_copy(
+        update={"command": ["/bin/sh", "-c", 'echo "sh ran $SPINYARD_JOB_ID"; exit 4']}
+    )
+    warm = new_id()
+    await backend.start_warm(warm, spec, READY_S)
+    config = json.loads((data_dir / "local" / "warm" / warm / "warm.json").read_text())
+    assert config["fork"] is False
+    jid = new_job_id()
+    assert await backend.claim(warm)
+    assert await backend.submit_warm(launch(jid, spec), spec, warm)
+    failed = await watcher.until(jid, "failed")
+    assert failed.exit_code == 4
+    assert f"sh ran {jid}" in failed.log_tail
+
+
+async def test_a_warm_runner_killed_while_waiting_is_not_claimed(backend, watcher):
+    spec = model_spec()
+    warm = new_id()
+    await backend.start_warm(warm, spec, READY_S)
+    pid = int((await find(backend, warm)).labels["pid"])
+    os.kill(pid, signal.SIGKILL)
+    await wait_for(lambda: not procs.alive(pid), what="the runner to die")
+    assert (await find(backend, warm)).alive is False
+    assert not await backend.claim(warm)
+    jid = new_job_id()
+    assert not await backend.submit_warm(launch(jid, spec), spec, warm)
+    assert await find(backend, warm) is None  # forgotten
+    assert await find(backend, jid) is None  # and the job is left to a cold start
+    await backend.submit_job(launch(jid, spec), spec)
+    await watcher.until(jid, "succeeded")
+
+
+async def test_a_preload_that_fails_to_import_fails_the_start_with_its_log(backend, data_dir):
+    spec = model_spec(preload=["colorsys", "no_such_module_here"])
+    warm = new_id()
+    with pytest.raises(StartFailed) as err:
+        await backend.start_warm(warm, spec, READY_S)
+    assert err.value.code == codes.START_FAILED
+    assert "No module named 'no_such_module_here'" in err.value.log_tail
+    assert await find(backend, warm) is None
+    assert not (data_dir / "local" / "warm" / warm).exists()
+
+
+async def test_a_warm_runner_holds_no_credentials(backend, data_dir, monkeypatch):
+    monkeypatch.setenv("SPINYARD_STORE__SECRET_KEY", "must-not-leak")
+    warm = new_id()
+    await backend.start_warm(warm, model_spec(env={"JOB_X": "1"}), READY_S)
+    pid = int((await find(backend, warm)).labels["pid"])
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        environ = f.read().split(b"\0")
+    assert not [v for v in environ if v.startswith(b"SPINYARD_")]
+    assert b"JOB_X=1" in environ
+    files = data_dir / "local" / "warm" / warm
+    modes = [os.stat(path).st_mode & 0o777 for path in (files, files / "sock", files / "warm.json")]
+    assert modes == [0o700, 0o600, 0o600]  # its own, owner only
