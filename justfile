@@ -1,5 +1,7 @@
 # spinyard tasks. Run through ./just on a fresh machine; it bootstraps the venv.
 set shell := ["bash", "-euo", "pipefail", "-c"]
+# Recipe arguments reach commands as "$@", each one word (`./just test -k "a or b"`).
+set positional-arguments
 
 py := ".venv/bin/python"
 
@@ -22,7 +24,7 @@ install-run:
 # (`./just up` runs `spinyard up` itself after `install-run`, so Ctrl-C exits 0; see ./just)
 # Start the embedded stack (nats-server, handlers, gateway, local backend) with the examples
 up *ARGS: install-run
-    .venv/bin/spinyard up {{ARGS}}
+    .venv/bin/spinyard up "$@"
 
 # Run the whole test suite (real nats-server, S3 server and Chromium, started by the tests)
 test *ARGS: install
@@ -30,7 +32,7 @@ test *ARGS: install
     [ -x /usr/bin/chromium ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "could not install chromium: the browser tests will fail"
     # Only the pytest plugins the suite uses load: another package's plugin in the venv
     # (Dash's, say, which trips filterwarnings = error) cannot change the run.
-    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {{py}} -m pytest -p pytest_asyncio.plugin -p kmock._internal.pytest -p _hypothesis_pytestplugin {{ARGS}}
+    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {{py}} -m pytest -p pytest_asyncio.plugin -p kmock._internal.pytest -p _hypothesis_pytestplugin "$@"
 
 # Lint, format check and the import-layer contract
 lint: install
@@ -41,7 +43,7 @@ lint: install
 # Benchmarks (see docs/benchmarks.md); installs the bench extra
 bench *ARGS: install
     # --help only prints: nothing more is installed for it.
-    case " {{ARGS}} " in *" --help "*|*" -h "*) exec {{py}} -m bench {{ARGS}};; esac; \
+    case " $* " in *" --help "*|*" -h "*) exec {{py}} -m bench "$@";; esac; \
     {{py}} -m pip install -q --disable-pip-version-check -e '.[bench]'; \
     command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || echo "no redis-server: the Celery half of the runs bench will say so"; \
-    {{py}} -m bench {{ARGS}}
+    {{py}} -m bench "$@"

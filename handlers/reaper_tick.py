@@ -51,7 +51,9 @@ def idle_reason(dep: Deployment, seen: Activity, spec: AppSpec, now: float) -> s
     return None
 
 
-@handler(subjects.REAPER_TICK, schema=ReaperTick, concurrency=1, retries=1, timeout_s=300)
+@handler(
+    subjects.REAPER_TICK, schema=ReaperTick, concurrency=1, retries=1, timeout_s=300, routine=True
+)
 async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
     now = ctx.now()
     apps: dict[str, AppSpec | None] = {e.key: e.value for e in await ctx.state.apps.scan()}
@@ -110,7 +112,11 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
             ctx.log.info("orphan_instance_stopped", instance=instance.id, app=instance.app)
             counts["orphans"] += 1
     await _tend_jobs(ctx, instances, now, counts)
-    ctx.log.info("reaper_pass_finished", deployments=len(known), **counts)
+    # A pass that changed nothing is logged at debug: an idle stack's log stays quiet.
+    changed = any(counts.values())
+    (ctx.log.info if changed else ctx.log.debug)(
+        "reaper_pass_finished", deployments=len(known), **counts
+    )
 
 
 def _still_idle(

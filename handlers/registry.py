@@ -41,6 +41,7 @@ class HandlerSpec:
     on_failure: FailureHook | None = None
     on_start: StartHook | None = None
     patient: bool = False
+    routine: bool = False
 
     @property
     def filter_subject(self) -> str:
@@ -101,6 +102,7 @@ def handler(
     on_failure: FailureHook | None = None,
     on_start: StartHook | None = None,
     patient: bool = False,
+    routine: bool = False,
     registry: Registry | None = None,
 ) -> Callable[[HandlerFn], HandlerFn]:
     """Register `fn` as the handler of events of `kind`.
@@ -119,6 +121,8 @@ def handler(
             e.g. to reconcile records with what the backend runs.
         patient: a `RetryableError` with `until` is tried past `retries`, until
             then (with the last backoff between tries); others still get `retries`.
+        routine: a periodic handler (the reaper's tick): its messages that end `ok`
+            are logged at debug, so an idle stack's log stays quiet.
         registry: where to register; the default registry otherwise.
 
     Returns:
@@ -139,6 +143,7 @@ def handler(
             on_failure=on_failure,
             on_start=on_start,
             patient=patient,
+            routine=routine,
         )
         (registry or default_registry).add(spec)
         fn.spec = spec  # type: ignore[attr-defined]

@@ -274,7 +274,10 @@ class Consumer:
             seconds = loop.time() - started
             if self.metrics is not None:
                 self.metrics.observe(self.spec.id, outcome, seconds)
-            log.info("message_handled", outcome=outcome, duration_ms=round(seconds * 1000, 2))
+            quiet = self.spec.routine and outcome == "ok"
+            (log.debug if quiet else log.info)(
+                "message_handled", outcome=outcome, duration_ms=round(seconds * 1000, 2)
+            )
 
     async def _call(self, ctx: Context, event: BaseModel, log: FilteringBoundLogger) -> None:
         """Run the handler on `event` (each run within its timeout).
