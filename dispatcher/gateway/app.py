@@ -230,7 +230,7 @@ def make_app(
     app[AUTH] = auth
     app[STREAMS] = streams = StatusStreams(
         js,
-        state,
+        specs.get,
         keepalive_s=settings.sse_keepalive_s,
         authorize=authorize,
         linger_s=settings.sse_linger_s,

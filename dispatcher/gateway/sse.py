@@ -26,10 +26,10 @@ from nats.js.errors import NotFoundError
 from dispatcher import logs
 from dispatcher.gateway import SESSION, GatewayError, error_response
 from dispatcher.gateway.fanout import END, KEEPALIVE, Client, Fanout, to_json
-from handlers.state import State
 from schemas import errors as codes
 from schemas import subjects
 from schemas.names import JOB_ID_RE, check_app, check_session
+from schemas.spec import AppSpec
 
 log = logs.get("spinyard.gateway")
 
@@ -58,7 +58,7 @@ class StatusStreams:
     def __init__(
         self,
         js: JetStreamContext,
-        state: State,
+        app_spec: Callable[[str], Awaitable[AppSpec | None]],
         *,
         keepalive_s: float,
         authorize: Authorize,
@@ -68,14 +68,14 @@ class StatusStreams:
         """
         Args:
             js: where status is read and subscribed to.
-            state: the KV buckets (app specs).
+            app_spec: an app's spec by name, or None (the gateway's watched cache).
             keepalive_s: an idle stream gets a comment line this often.
             authorize: the auth hook's runner, `(request, app, job_id)`.
             linger_s: a subject's subscription outlives its last client this long.
             heartbeat_s: the NATS server's idle heartbeat on each subscription.
         """
         self.js = js
-        self.state = state
+        self.app_spec = app_spec
         self.keepalive_s = keepalive_s
         self.authorize = authorize
         self.fanout = Fanout(
@@ -115,7 +115,7 @@ class StatusStreams:
             raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}") from exc
         request[SESSION] = request.query.get("session")
         await self.authorize(request, name, None)
-        spec = await self.state.apps.get(name)
+        spec = await self.app_spec(name)
         if spec is None:
             raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}")
         if spec.sharing != "per_session":
