@@ -385,8 +385,7 @@ def format_result(result: dict) -> str:
         f"JetStream consumers on the status stream with all {n} open: "
         f"{s['status_consumers_while_open']}; none {result['consumer_gone_s']:.1f} s after "
         f"the last stream closed (the gateway's sse_linger_s: {LINGER_S} s)",
-        f"load average (1 min): {result['machine']['loadavg_1m']:.2f} at start, "
-        f"{result['loadavg_1m_end']:.2f} at end",
+        stats.load_line(result),
     ]
     return "\n".join(lines)
 

@@ -382,10 +382,7 @@ def format_result(result: dict) -> str:
     ]
     if "up" in result:
         lines += ["", "spinyard up (one process tree):", stats.table([result["up"]], LOAD_COLUMNS)]
-    lines.append(
-        f"load average (1 min): {result['machine']['loadavg_1m']:.2f} at start, "
-        f"{result['loadavg_1m_end']:.2f} at end"
-    )
+    lines.append(stats.load_line(result))
     return "\n".join(lines)
 
 

@@ -340,8 +340,7 @@ def format_result(result: dict) -> str:
         "events/s from the first delivery to the last settlement; CPU of that process only;",
         "events/CPU-s = 1000 / CPU ms per event; CPU ratio = raw CPU ms / handler CPU ms.",
         f"dead letters: {result['dead_letters']}; problems: {result['errors'] or 'none'}",
-        f"load average (1 min): {result['machine']['loadavg_1m']:.2f} at start, "
-        f"{result['loadavg_1m_end']:.2f} at end",
+        stats.load_line(result),
     ]
     return "\n".join(lines)
 

@@ -391,8 +391,7 @@ def format_result(result: dict) -> str:
         lines.append("-- spinyard / celery")
         columns = (("figure", "name"), ("spinyard", "spinyard"), ("celery", "celery"))
         lines.append(stats.table(result["ratios"], (*columns, ("ratio", "ratio"))))
-    start, end = result["machine"]["loadavg_1m"], result["loadavg_1m_end"]
-    lines.append(f"load average (1 min): {start:.2f} at start, {end:.2f} at end")
+    lines.append(stats.load_line(result))
     return "\n".join(lines)
 
 

@@ -161,8 +161,7 @@ def format_result(result: dict) -> str:
         f"goal: page load p99 within {result['goal_p99_over_p50']:g}x p50: "
         f"{'met' if result['met'] else 'NOT met'}; {result['seconds']:.0f} s, "
         f"mean gap {result['mean_gap_s']:.2f} s",
-        f"load average (1 min): {result['machine']['loadavg_1m']:.2f} at start, "
-        f"{result['loadavg_1m_end']:.2f} at end",
+        stats.load_line(result),
     ]
     return "\n".join(lines)
 

@@ -80,6 +80,12 @@ def machine() -> dict:
     }
 
 
+def load_line(result: dict) -> str:
+    """The closing line every bench prints: the 1-minute load average at its start and end."""
+    start, end = result["machine"]["loadavg_1m"], result["loadavg_1m_end"]
+    return f"load average (1 min): {start:.2f} at start, {end:.2f} at end"
+
+
 def _cell(value) -> str:
     if value is None:
         return "-"

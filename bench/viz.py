@@ -298,8 +298,7 @@ def format_result(result: dict) -> str:
         f"warm pool claim p50 / cold start p50 = {result['pool_vs_cold_p50']:.3f}; "
         f"pool misses (not served warm): {result['pool_misses']}",
         "note: page_load records each load (one KV put) after it answers; measured as is.",
-        f"load average (1 min): {result['machine']['loadavg_1m']:.2f} at start, "
-        f"{result['loadavg_1m_end']:.2f} at end",
+        stats.load_line(result),
     ]
     return "\n".join(lines)
 

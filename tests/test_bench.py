@@ -107,8 +107,10 @@ async def test_handlers_bench_drains_both_backlogs_and_reports_against_raw_pull(
     for row in result["rows"]:
         assert row["n"] == row["delivered"] == 50 and row["redelivered"] == 0
         assert row["outcomes"] == {f"{row['name']}/ok": 50.0}
-        for key in ("per_s", "raw_per_s", "ratio", "cpu_ms_per_event"):
+        for key in ("per_s", "raw_per_s", "ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        # CPU time is counted in clock ticks (10 ms): 50 events may take less than one.
+        assert math.isfinite(row["cpu_ms_per_event"]) and row["cpu_ms_per_event"] >= 0, row
         assert row["raw"]["delivered"] == 50
     assert "raw pull+ack /s" in handlers.format_result(result)
 
