@@ -51,9 +51,9 @@ from dispatcher.backends.local.jobfiles import (
     notify,
     remove_stale_staging,
 )
-from dispatcher.backends.local.jobrunner import CLAIMED, start_runner
+from dispatcher.backends.local.jobrunner import CLAIMED
 from dispatcher.backends.local.jobwatch import JobWatcher
-from dispatcher.backends.local.staging import stage_job
+from dispatcher.backends.local.staging import stage_job, start_runner
 from dispatcher.backends.local.warm import WarmRunners
 from dispatcher.settings import LocalBackendSettings
 from handlers.errors import StartFailed

@@ -2,7 +2,7 @@
 
 `LocalBackend.submit_job` prepares a job's directory (`jobfiles.py`) and
 starts `python -m dispatcher.backends.local.jobrunner <dir>` in a new
-session (`start_runner`), so a crashed handler process does not take runs
+session (`staging.start_runner`), so a crashed handler process does not take runs
 with it. The runner holds no credentials (its environment has no SPINYARD_*
 variable) and imports nothing of spinyard but `processes`, `jobfiles` and `joblog`,
 so it starts quickly (docs/benchmarks.md). It starts the model, enforces
@@ -74,41 +74,6 @@ CLAIMED, EXISTS = b"claimed\n", b"exists\n"  # what a runner tells its submitter
 CODE_ROOT = Path(__file__).resolve().parents[3]  # where `-m dispatcher...` is found
 _CHUNK = 64 * 1024  # bytes of the model's output read at once
 DEFAULT_LOG_BYTES = 10 * 2**20  # a job.json written before the spec had max_log_bytes
-
-
-async def start_runner(staging: JobDir) -> bool:
-    """Start a runner for the job prepared in `staging`: True if it took the job on.
-
-    The runner claims the job by renaming `staging` to the job's directory, with
-    its runner.json in it; if the job's directory exists, it removes `staging`
-    and exits (False). No lock is held meanwhile, so a submitter that hangs
-    keeps nobody waiting, and one that dies after this started leaves a run.
-
-    Raises:
-        processes.SpawnError: the runner could not be started, or exited at once.
-    """
-    import asyncio  # not at import: the runner itself never needs it
-
-    argv = [sys.executable, "-m", "dispatcher.backends.local.jobrunner", str(staging.path)]
-    env = processes.child_env({})
-    try:
-        popen, runner = processes.spawn(
-            argv, env, CODE_ROOT, staging.runner_log, stdout=subprocess.PIPE
-        )
-    except processes.SpawnError:
-        shutil.rmtree(staging.path, ignore_errors=True)
-        raise
-    reading = asyncio.ensure_future(asyncio.to_thread(popen.stdout.readline))
-    reading.add_done_callback(lambda _: popen.stdout.close())  # also if we are cancelled
-    answer = await asyncio.shield(reading)
-    if answer == CLAIMED:
-        return True
-    if answer == EXISTS:
-        await processes.wait_gone(runner, processes.KILL_WAIT_S)  # it is exiting: leave nothing
-        return False
-    tail = processes.tail(staging.runner_log, 10)
-    shutil.rmtree(staging.path, ignore_errors=True)
-    raise processes.SpawnError("the job runner exited at start" + (f": {tail}" if tail else ""))
 
 
 # -- the runner process --

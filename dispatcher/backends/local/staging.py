@@ -1,16 +1,19 @@
 """A run's files, prepared for its runner: the same for a cold start and a warm runner.
 
 `LocalBackend.submit_job` hands the prepared directory to a new runner
-(`jobrunner.start_runner`), `LocalBackend.submit_warm` to a waiting warm
+(`start_runner`), `LocalBackend.submit_warm` to a waiting warm
 runner (`warm.py`); either claims it by renaming it into place (`jobrunner.py`).
 """
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from dispatcher.backends.launch import argv, job_env, job_values
 from dispatcher.backends.local import processes
 from dispatcher.backends.local.jobfiles import JobDir, cpu_seconds, prepare
+from dispatcher.backends.local.jobrunner import CLAIMED, CODE_ROOT, EXISTS
 from handlers.errors import StartFailed
 from handlers.ports import JobLaunch
 from schemas import errors as codes
@@ -60,3 +63,38 @@ def stage_job(
         shutil.rmtree(stage.path, ignore_errors=True)
         raise
     return stage
+
+
+async def start_runner(staging: JobDir) -> bool:
+    """Start a runner for the job prepared in `staging`: True if it took the job on.
+
+    The runner claims the job by renaming `staging` to the job's directory, with
+    its runner.json in it; if the job's directory exists, it removes `staging`
+    and exits (False). No lock is held meanwhile, so a submitter that hangs
+    keeps nobody waiting, and one that dies after this started leaves a run.
+
+    Raises:
+        processes.SpawnError: the runner could not be started, or exited at once.
+    """
+    import asyncio  # not at import: the runner itself never needs it
+
+    argv = [sys.executable, "-m", "dispatcher.backends.local.jobrunner", str(staging.path)]
+    env = processes.child_env({})
+    try:
+        popen, runner = processes.spawn(
+            argv, env, CODE_ROOT, staging.runner_log, stdout=subprocess.PIPE
+        )
+    except processes.SpawnError:
+        shutil.rmtree(staging.path, ignore_errors=True)
+        raise
+    reading = asyncio.ensure_future(asyncio.to_thread(popen.stdout.readline))
+    reading.add_done_callback(lambda _: popen.stdout.close())  # also if we are cancelled
+    answer = await asyncio.shield(reading)
+    if answer == CLAIMED:
+        return True
+    if answer == EXISTS:
+        await processes.wait_gone(runner, processes.KILL_WAIT_S)  # it is exiting: leave nothing
+        return False
+    tail = processes.tail(staging.runner_log, 10)
+    shutil.rmtree(staging.path, ignore_errors=True)
+    raise processes.SpawnError("the job runner exited at start" + (f": {tail}" if tail else ""))
