@@ -250,7 +250,11 @@ class Handlers:
                         self.backend.watch_jobs(job_reporter(js), self.stopping), name="job-watcher"
                     )
                 )
-            log.info("handlers_started", handlers=[s.id for s in self.specs])
+            log.info(
+                "handlers_started",
+                handlers=[s.id for s in self.specs],
+                concurrency={c.spec.id: c.concurrency for c in consumers},
+            )
             self.ready.set()
             stop_waiter = asyncio.create_task(self.stopping.wait(), name="stop-waiter")
             done, _ = await asyncio.wait([*tasks, stop_waiter], return_when=asyncio.FIRST_COMPLETED)

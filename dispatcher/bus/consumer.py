@@ -123,7 +123,7 @@ class Consumer:
 
     async def run(self) -> None:
         sub = await self.js.pull_subscribe_bind(durable=self.spec.id, stream=subjects.EVENTS_STREAM)
-        self.log.info("consumer_started", concurrency=self.concurrency)
+        self.log.debug("consumer_started", concurrency=self.concurrency)  # (handlers_started)
         # Idle, the loop long-polls for ONE message; it asks for a batch only while the
         # last message said more were waiting (`num_pending`). A batch pull that finds
         # the stream empty waits on the server, and a message that then arrives is
