@@ -284,14 +284,15 @@ async def test_a_killed_nats_server_comes_back_and_nothing_is_lost(stack, http):
 
 def quiet_after(log: Path, offset: int, signalled: float) -> None:
     """Assert `up` logged nothing of its own stopping: after `signalled`, only info lines
-    already on their way when the signal came (within 0.2 s); no warning, no traceback."""
+    already on their way when the signal came (up to 1 s: the loop may be busy, on a
+    loaded machine, before it runs the signal handler); no warning, no traceback."""
     for line in log.read_bytes()[offset:].decode().splitlines():
         entry = json.loads(line)
         at = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
         if at < signalled:
             continue  # before the stop: what the stack was doing anyway
         assert entry["level"] == "info" and "exception" not in entry, line
-        assert at < signalled + 0.2, line
+        assert at < signalled + 1.0, line
 
 
 async def stops_cleanly(stack, http, session: str, send_signal) -> None:
