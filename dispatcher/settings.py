@@ -237,6 +237,12 @@ class GatewaySettings(BaseModel):
         description="App specs the gateway keeps in memory (least recently used dropped "
         "first), kept fresh by a watch on the apps bucket. 0: read the bucket every request",
     )
+    revisions_kept: int = Field(
+        50,
+        ge=1,
+        description="Published revisions kept per app (oldest dropped first); only kept ones "
+        "can be rolled back to (docs/publishing.md)",
+    )
     spec_cache_max_age_s: float = Field(
         10.0,
         gt=0,
