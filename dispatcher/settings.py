@@ -356,6 +356,14 @@ class Settings(BaseSettings):
         description="Event loop of `spinyard handlers` and `spinyard up`: auto is uvloop when "
         "it is installed (it is a dependency), else asyncio's own",
     )
+    gateway_url: str | None = Field(
+        None,
+        description="The CLI's `apps` commands publish through this gateway (HTTP, with "
+        "`token`; docs/publishing.md); unset: they write the apps bucket over NATS",
+    )
+    token: SecretStr | None = Field(
+        None, description="The publisher token the CLI sends to `gateway_url`"
+    )
     nats: NatsSettings = Field(default_factory=NatsSettings)
     handlers: HandlerSettings = Field(default_factory=HandlerSettings)
     reaper: ReaperSettings = Field(default_factory=ReaperSettings)

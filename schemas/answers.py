@@ -53,6 +53,7 @@ class Published(BaseModel):
     app: str = Field(description="owner/title")
     revision: int = Field(description="The app's current revision (only ever grows)")
     digest: str = Field(description="sha256 of the submitted spec's canonical JSON")
+    changed: bool = Field(description="False if the spec was already current: nothing written")
 
 
 class AppRevision(BaseModel):

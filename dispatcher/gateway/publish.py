@@ -127,15 +127,18 @@ async def _publish(
     if written is None:  # the same spec is current: nothing to write
         current = (await records.get(name) or History()).current_revision()
         assert current is not None  # `publish` declines only when one is current
-        return _answer(name, current.revision, current.digest, 200)
+        return _answer(name, current.revision, current.digest, 200, changed=False)
     await state.apps.put(name, spec)
     new = written.value.current_revision()
     assert new is not None
     return _answer(name, new.revision, new.digest, 200 if existed else 201)
 
 
-def _answer(name: str, revision: int, digest: str, status: int) -> web.Response:
-    body = Published(app=name, revision=revision, digest=digest).model_dump(mode="json")
+def _answer(
+    name: str, revision: int, digest: str, status: int, *, changed: bool = True
+) -> web.Response:
+    answer = Published(app=name, revision=revision, digest=digest, changed=changed)
+    body = answer.model_dump(mode="json")
     return web.json_response(body, status=status)
 
 

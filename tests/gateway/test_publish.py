@@ -9,12 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dispatcher.gateway.auth import mint
-from dispatcher.gateway.security import Guard
-from dispatcher.settings import AuthSettings
 from handlers import revisions
 from handlers.revisions import History
+from tests.gateway.support import PUBLISH_SECRET as SECRET
 
-SECRET = "p" * 40
 APP = "alice/model"
 URL = f"/v1/apps/{APP}"
 SPEC = {"kind": "job", "command": ["python", "run.py"], "description": "v1"}
@@ -23,14 +21,6 @@ SPEC = {"kind": "job", "command": ["python", "run.py"], "description": "v1"}
 def publisher(*owners: str, ttl_s: float = 300, subject: str = "ci") -> dict:
     token = mint(SECRET, [], publish=list(owners), subject=subject, ttl_s=ttl_s)
     return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-async def gw(env):
-    """The env with a second gateway whose guard checks tokens; `gw.url` is that one."""
-    runner = await env.start(guard=Guard(AuthSettings(hs256_secret=SECRET), env.state, "http://gw"))
-    env.url = runner.url
-    return env
 
 
 async def call(env, method: str, path: str, headers: dict | None = None, **kwargs):
@@ -48,7 +38,7 @@ async def test_publish_update_unchanged_history_rollback_and_remove(gw):
     auth = publisher("alice")
     status, body = await call(gw, "PUT", URL, auth, json=SPEC)
     assert status == 201, body
-    assert body["app"] == APP and body["revision"] == 1
+    assert body["app"] == APP and body["revision"] == 1 and body["changed"]
     first_digest = body["digest"]
     assert first_digest == revisions.digest({**SPEC, "name": APP})
     assert (await gw.state.apps.get(APP)).command == ["python", "run.py"]
@@ -63,7 +53,7 @@ async def test_publish_update_unchanged_history_rollback_and_remove(gw):
     status, body = await call(
         gw, "PUT", URL, auth, data=json.dumps(dict(reversed(changed.items())))
     )
-    assert (status, body["revision"]) == (200, 2)
+    assert (status, body["revision"], body["changed"]) == (200, 2, False)
     assert (await gw.state.apps.read(APP)).revision == kv_rev
 
     status, body = await call(gw, "GET", URL, auth)
