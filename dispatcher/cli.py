@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dispatcher import logs
+from dispatcher import logs, publishing
 from dispatcher.bus import NatsUnavailable
 from dispatcher.embedded.natsserver import NatsServerError
 from dispatcher.settings import Settings, SettingsError
@@ -97,7 +97,6 @@ async def _cmd_gateway(args, settings: Settings) -> int:
 
 
 async def _cmd_apps(args, settings: Settings) -> int:
-    from dispatcher import publishing
     from dispatcher.bus.provision import ensure_state
     from dispatcher.embedded.specs import register
     from handlers import revisions
@@ -312,26 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_cmd_gateway)
 
-    p = sub.add_parser(
-        "apps",
-        help="publish, list, remove or roll back apps",
-        description="Manage the registered apps: through a gateway's publish API with "
-        "--gateway (or SPINYARD_GATEWAY_URL) and a publisher token in SPINYARD_TOKEN, "
-        "else in the apps KV bucket over NATS with admin credentials.",
-    )
-    p.add_argument("--gateway", metavar="URL", help="the gateway to publish through")
-    apps = p.add_subparsers(dest="apps_cmd", required=True, metavar="ACTION")
-    a = apps.add_parser("add", help="register (or update) apps from spec files")
-    a.add_argument("files", nargs="+", metavar="SPEC.yaml")
-    apps.add_parser("list", help="list registered apps")
-    a = apps.add_parser("rm", help="remove an app (its deployments are reaped on the next pass)")
-    a.add_argument("name", metavar="OWNER/TITLE")
-    a = apps.add_parser("history", help="an app's published revisions (* marks the current)")
-    a.add_argument("name", metavar="OWNER/TITLE")
-    a = apps.add_parser("rollback", help="make an earlier revision current again (gateway only)")
-    a.add_argument("name", metavar="OWNER/TITLE")
-    a.add_argument("revision", type=int, metavar="REVISION")
-    p.set_defaults(run=_cmd_apps)
+    publishing.add_apps_parser(sub).set_defaults(run=_cmd_apps)
 
     p = sub.add_parser(
         "publish",

@@ -8,6 +8,7 @@ file always has the same digest; a relative `workdir` is then the backend's
 concern (it is not resolved against the file, as it is over NATS).
 """
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,27 @@ def print_history(history: dict, out: Any) -> None:
         when = dt.datetime.fromtimestamp(r["published_at"], dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         by = r["published_by"] or "-"
         print(f"{mark} {r['revision']:<4} {when}  {by:20} {r['digest']}", file=out)
+
+
+def add_apps_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """`spinyard apps ...`: its actions and options (the CLI's `_cmd_apps` runs them)."""
+    p = sub.add_parser(
+        "apps",
+        help="publish, list, remove or roll back apps",
+        description="Manage the registered apps: through a gateway's publish API with "
+        "--gateway (or SPINYARD_GATEWAY_URL) and a publisher token in SPINYARD_TOKEN, "
+        "else in the apps KV bucket over NATS with admin credentials.",
+    )
+    p.add_argument("--gateway", metavar="URL", help="the gateway to publish through")
+    apps = p.add_subparsers(dest="apps_cmd", required=True, metavar="ACTION")
+    a = apps.add_parser("add", help="register (or update) apps from spec files")
+    a.add_argument("files", nargs="+", metavar="SPEC.yaml")
+    apps.add_parser("list", help="list registered apps")
+    a = apps.add_parser("rm", help="remove an app (its deployments are reaped on the next pass)")
+    a.add_argument("name", metavar="OWNER/TITLE")
+    a = apps.add_parser("history", help="an app's published revisions (* marks the current)")
+    a.add_argument("name", metavar="OWNER/TITLE")
+    a = apps.add_parser("rollback", help="make an earlier revision current again (gateway only)")
+    a.add_argument("name", metavar="OWNER/TITLE")
+    a.add_argument("revision", type=int, metavar="REVISION")
+    return p

@@ -24,7 +24,8 @@ submitted (with `name` filled in), and its digest is over that, so the same
 file always gives the same digest; the apps bucket holds the validated spec
 with `framework` presets expanded, which is what handlers run. The history
 is written first (compare-and-set, so concurrent publishes each get their own
-number), then the current spec.
+number), then the current spec. Each change is logged (`app_published`,
+`app_removed`: app, revision, digest, the token's subject; never the spec).
 """
 
 import json
@@ -35,6 +36,7 @@ import yaml
 from aiohttp import web
 from pydantic import ValidationError
 
+from dispatcher import logs
 from dispatcher.gateway import GatewayError
 from dispatcher.gateway.auth import AuthError
 from dispatcher.gateway.events import describe, read_body
@@ -46,6 +48,8 @@ from schemas import errors as codes
 from schemas.answers import AppRevision, Published, PublishedSpec, RevisionList, Rollback
 from schemas.names import check_app
 from schemas.spec import AppSpec
+
+log = logs.get("spinyard.gateway")
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
@@ -131,6 +135,8 @@ async def _publish(
     await state.apps.put(name, spec)
     new = written.value.current_revision()
     assert new is not None
+    # Who changed what: never the spec itself (it may hold environment values).
+    log.info("app_published", app=name, revision=new.revision, digest=new.digest, by=by)
     return _answer(name, new.revision, new.digest, 200 if existed else 201)
 
 
@@ -201,12 +207,13 @@ async def rollback(request: web.Request) -> web.Response:
 
 async def delete_app(request: web.Request) -> web.Response:
     name, owner = _app(request)
-    _publisher(request, owner)
+    by = _publisher(request, owner)
     state = request.app[STATE]
     if await state.apps.get(name) is None:
         raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}")
     await state.apps.delete(name)
     await _history_records(request).change(name, revisions.removed)
+    log.info("app_removed", app=name, by=by)
     return web.Response(status=204)
 
 

@@ -7,6 +7,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from dispatcher.gateway.auth import mint
 from handlers import revisions
@@ -198,3 +199,13 @@ def test_revision_numbers_only_grow_and_unchanged_specs_add_none(specs):
         assert new is not None and new.last == history.last + 1
         assert new.current_revision().spec == spec and len(new.revisions) <= 5
         history, last = new, spec
+
+
+async def test_each_change_is_logged_with_who_but_never_the_spec(gw):
+    spec = {**SPEC, "env": {"DB_PASSWORD": "hunter2-secret"}}
+    with capture_logs() as logged:
+        assert (await call(gw, "PUT", URL, publisher("alice"), json=spec))[0] == 201
+        assert (await call(gw, "DELETE", URL, publisher("alice")))[0] == 204
+    events = [(e["event"], e.get("app"), e.get("by")) for e in logged]
+    assert ("app_published", APP, "ci") in events and ("app_removed", APP, "ci") in events
+    assert "hunter2" not in repr(logged)
