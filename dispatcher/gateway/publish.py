@@ -24,7 +24,8 @@ submitted (with `name` filled in), and its digest is over that, so the same
 file always gives the same digest; the apps bucket holds the validated spec
 with `framework` presets expanded, which is what handlers run. The history
 is written first (compare-and-set, so concurrent publishes each get their own
-number), then the current spec. Each change is logged (`app_published`,
+number), then the current spec, until the apps bucket holds the spec the
+history says is current (`converge`). Each change is logged (`app_published`,
 `app_removed`: app, revision, digest, the token's subject; never the spec).
 """
 
@@ -43,7 +44,7 @@ from dispatcher.gateway.events import describe, read_body
 from dispatcher.gateway.keys import AUTH, GUARD, SETTINGS, STATE
 from handlers import revisions
 from handlers.revisions import History
-from handlers.state import Records
+from handlers.state import Records, State
 from schemas import errors as codes
 from schemas.answers import AppRevision, Published, PublishedSpec, RevisionList, Rollback
 from schemas.names import check_app
@@ -51,6 +52,7 @@ from schemas.spec import AppSpec
 
 log = logs.get("spinyard.gateway")
 
+CONVERGE_TRIES = 20  # writes of the apps bucket before a change that keeps racing gives up
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 
@@ -113,6 +115,31 @@ def parse_spec(body: bytes, content_type: str, name: str) -> tuple[dict[str, Any
     return raw, spec
 
 
+async def converge(
+    state: State, records: Records[History], name: str, spec: AppSpec | None, revision: int
+) -> None:
+    """Write `spec` (None: remove the app) as current, then make sure it is the history's.
+
+    Concurrent changes of one app each take their revision in the history
+    (compare-and-set), then write the apps bucket, and the write that lands last
+    may be an older revision's. So after each write the history is read again,
+    and while another revision is current its spec is written instead: the apps
+    bucket ends as the history says, whoever finishes last.
+    """
+    for _ in range(CONVERGE_TRIES):
+        if spec is None:
+            await state.apps.delete(name)
+        else:
+            await state.apps.put(name, spec)
+        history = await records.get(name)
+        current = history.current_revision() if history else None
+        if (current.revision if current else 0) == revision:
+            return
+        revision = current.revision if current else 0
+        spec = AppSpec.model_validate(current.spec) if current else None
+    raise GatewayError(503, codes.UNAVAILABLE, f"{name} kept changing; try again")
+
+
 async def _publish(
     request: web.Request, name: str, raw: dict[str, Any], spec: AppSpec, by: str | None
 ) -> web.Response:
@@ -132,9 +159,9 @@ async def _publish(
         current = (await records.get(name) or History()).current_revision()
         assert current is not None  # `publish` declines only when one is current
         return _answer(name, current.revision, current.digest, 200, changed=False)
-    await state.apps.put(name, spec)
     new = written.value.current_revision()
     assert new is not None
+    await converge(state, records, name, spec, new.revision)
     # Who changed what: never the spec itself (it may hold environment values).
     log.info("app_published", app=name, revision=new.revision, digest=new.digest, by=by)
     return _answer(name, new.revision, new.digest, 200 if existed else 201)
@@ -208,11 +235,11 @@ async def rollback(request: web.Request) -> web.Response:
 async def delete_app(request: web.Request) -> web.Response:
     name, owner = _app(request)
     by = _publisher(request, owner)
-    state = request.app[STATE]
-    if await state.apps.get(name) is None:
+    if await request.app[STATE].apps.get(name) is None:
         raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}")
-    await state.apps.delete(name)
-    await _history_records(request).change(name, revisions.removed)
+    records = _history_records(request)
+    await records.change(name, revisions.removed)
+    await converge(request.app[STATE], records, name, None, 0)
     log.info("app_removed", app=name, by=by)
     return web.Response(status=204)
 

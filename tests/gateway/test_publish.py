@@ -1,6 +1,7 @@
 """Publishing apps over HTTP: create, update, unchanged, read, history, rollback, remove; bad
 specs and wrong tokens change nothing. A real nats-server holds the apps and revisions."""
 
+import asyncio
 import json
 
 import pytest
@@ -10,8 +11,10 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from dispatcher.gateway.auth import mint
+from dispatcher.gateway.publish import converge
 from handlers import revisions
 from handlers.revisions import History
+from schemas.spec import AppSpec
 from tests.gateway.support import PUBLISH_SECRET as SECRET
 
 APP = "alice/model"
@@ -209,3 +212,29 @@ async def test_each_change_is_logged_with_who_but_never_the_spec(gw):
     events = [(e["event"], e.get("app"), e.get("by")) for e in logged]
     assert ("app_published", APP, "ci") in events and ("app_removed", APP, "ci") in events
     assert "hunter2" not in repr(logged)
+
+
+async def test_concurrent_publishes_each_get_a_revision_and_the_current_spec_is_historys(gw):
+    auth = publisher("alice")
+    specs = [{**SPEC, "description": f"v{i}"} for i in range(12)]
+    answers = await asyncio.gather(*(call(gw, "PUT", URL, auth, json=s) for s in specs))
+    assert sorted(body["revision"] for _, body in answers) == list(range(1, 13))
+    history = await gw.state.revisions.get(APP)
+    current = history.current_revision()
+    assert current.revision == 12
+    assert (await gw.state.apps.get(APP)).description == current.spec["description"]
+
+
+async def test_a_publisher_that_writes_last_with_an_older_revision_is_corrected(gw):
+    """The race `converge` closes: revision 1's writer reaches the apps bucket after
+    revision 2's; the apps bucket must end with revision 2's spec (or none, if removed)."""
+    auth = publisher("alice")
+    assert (await call(gw, "PUT", URL, auth, json=SPEC))[0] == 201
+    assert (await call(gw, "PUT", URL, auth, json={**SPEC, "description": "v2"}))[0] == 200
+    stale = AppSpec.model_validate({**SPEC, "name": APP})
+    await converge(gw.state, gw.state.revisions, APP, stale, 1)
+    assert (await gw.state.apps.get(APP)).description == "v2"
+
+    await gw.state.revisions.change(APP, revisions.removed)  # a delete, mid-flight
+    await converge(gw.state, gw.state.revisions, APP, stale, 2)
+    assert await gw.state.apps.get(APP) is None
