@@ -215,7 +215,7 @@ async def list_revisions(request: web.Request) -> web.Response:
 async def rollback(request: web.Request) -> web.Response:
     name, owner = _app(request)
     by = _publisher(request, owner)
-    body = await read_body(request, request.app[SETTINGS].max_body_bytes)
+    body = await read_body(request, request.app[SETTINGS].max_body_bytes, what="a rollback body")
     try:
         wanted = Rollback.model_validate_json(body).revision
     except ValidationError as exc:
