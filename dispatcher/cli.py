@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dispatcher import logs
+from dispatcher import logs, publishing
 from dispatcher.bus import NatsUnavailable
 from dispatcher.embedded.natsserver import NatsServerError
 from dispatcher.settings import Settings, SettingsError
@@ -99,7 +99,15 @@ async def _cmd_gateway(args, settings: Settings) -> int:
 async def _cmd_apps(args, settings: Settings) -> int:
     from dispatcher.bus.provision import ensure_state
     from dispatcher.embedded.specs import register
+    from handlers import revisions
 
+    url = args.gateway or settings.gateway_url
+    if url:
+        token = settings.token.get_secret_value() if settings.token else None
+        return await publishing.run(args, url, token)
+    if args.apps_cmd == "rollback":
+        print("error: rollback goes through a gateway: give --gateway URL", file=sys.stderr)
+        return 2
     async with _cli_nats(settings) as nc:
         state = await ensure_state(nc.jetstream(), settings.nats)
         if args.apps_cmd == "add":
@@ -120,7 +128,14 @@ async def _cmd_apps(args, settings: Settings) -> int:
                 print(f"error: no app named {args.name!r}", file=sys.stderr)
                 return 1
             await state.apps.delete(args.name)
+            await state.revisions.change(args.name, revisions.removed)  # history kept
             print(f"removed {args.name}")
+        elif args.apps_cmd == "history":
+            history = await state.revisions.get(args.name)
+            if history is None:
+                print(f"error: {args.name!r} was never published over HTTP", file=sys.stderr)
+                return 1
+            publishing.print_history(history.model_dump(mode="json"), sys.stdout)
     return 0
 
 
@@ -216,6 +231,7 @@ async def _cmd_token(args, settings: Settings) -> int:
         token = mint(
             secret.get_secret_value(),
             args.app,
+            publish=args.publish,
             session=args.session,
             subject=args.subject,
             ttl_s=ttl,
@@ -295,18 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_cmd_gateway)
 
-    p = sub.add_parser(
-        "apps",
-        help="register, list or remove apps",
-        description="Manage the registered apps in the apps KV bucket.",
-    )
-    apps = p.add_subparsers(dest="apps_cmd", required=True, metavar="ACTION")
-    a = apps.add_parser("add", help="register (or update) apps from spec files")
-    a.add_argument("files", nargs="+", metavar="SPEC.yaml")
-    apps.add_parser("list", help="list registered apps")
-    a = apps.add_parser("rm", help="remove an app (its deployments are reaped on the next pass)")
-    a.add_argument("name", metavar="OWNER/TITLE")
-    p.set_defaults(run=_cmd_apps)
+    publishing.add_apps_parser(sub).set_defaults(run=_cmd_apps)
 
     p = sub.add_parser(
         "publish",
@@ -342,14 +347,22 @@ def build_parser() -> argparse.ArgumentParser:
         "token",
         help="mint a bearer token from the configured HS256 secret",
         description="Print a JWT that lets a page use the given apps (and only the "
-        "given session, if set), signed with SPINYARD_AUTH__HS256_SECRET.",
+        "given session, if set), or with --publish lets CI publish the given owners' apps; "
+        "signed with SPINYARD_AUTH__HS256_SECRET.",
     )
     p.add_argument(
         "--app",
         action="append",
-        required=True,
+        default=[],
         metavar="OWNER/TITLE",
         help="an app the token may use (repeatable; 'owner/*' or '*' for many)",
+    )
+    p.add_argument(
+        "--publish",
+        action="append",
+        default=[],
+        metavar="OWNER",
+        help="an owner whose apps the token may publish (repeatable; '*' for all)",
     )
     p.add_argument("--session", help="bind the token to this session id")
     p.add_argument("--subject", help="the `sub` claim: who the token is for (logged)")
@@ -362,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "publish" and not (args.json or args.type):
         build_parser().error("publish needs an event TYPE or --json")
+    if args.cmd == "token" and not (args.app or args.publish):
+        build_parser().error("token needs --app or --publish (or both)")
     try:
         settings = _settings(args)
         if args.cmd in ("handlers", "up"):  # services: on uvloop when it is there

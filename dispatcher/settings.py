@@ -237,6 +237,12 @@ class GatewaySettings(BaseModel):
         description="App specs the gateway keeps in memory (least recently used dropped "
         "first), kept fresh by a watch on the apps bucket. 0: read the bucket every request",
     )
+    revisions_kept: int = Field(
+        50,
+        ge=1,
+        description="Published revisions kept per app (oldest dropped first); only kept ones "
+        "can be rolled back to (docs/publishing.md)",
+    )
     spec_cache_max_age_s: float = Field(
         10.0,
         gt=0,
@@ -349,6 +355,14 @@ class Settings(BaseSettings):
         "auto",
         description="Event loop of `spinyard handlers` and `spinyard up`: auto is uvloop when "
         "it is installed (it is a dependency), else asyncio's own",
+    )
+    gateway_url: str | None = Field(
+        None,
+        description="The CLI's `apps` commands publish through this gateway (HTTP, with "
+        "`token`; docs/publishing.md); unset: they write the apps bucket over NATS",
+    )
+    token: SecretStr | None = Field(
+        None, description="The publisher token the CLI sends to `gateway_url`"
     )
     nats: NatsSettings = Field(default_factory=NatsSettings)
     handlers: HandlerSettings = Field(default_factory=HandlerSettings)

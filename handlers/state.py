@@ -17,8 +17,11 @@ too, so it does not change lightly):
 - `state.activity`:    activity key -> `activity.Mark`; bucket activity, keys
                        `<slot key>.page_load`, `<slot key>.heartbeat` (handlers
                        only: the gateway does not open it)
+- `state.revisions`:   app name -> `revisions.History`; bucket revisions, key
+                       `owner.title` (written by the gateway's publish routes)
 
-The records and their operations live in `deployments`, `pools`, `jobs` and `activity`;
+The records and their operations live in `deployments`, `pools`, `jobs`, `activity` and
+`revisions`;
 this module only reads and writes them.
 """
 
@@ -39,6 +42,7 @@ from handlers.deployments import Deployment
 from handlers.errors import RetryableError
 from handlers.jobs import Job
 from handlers.pools import PoolIndex
+from handlers.revisions import History
 from handlers.runq import RunQueue, Slots
 from schemas import codec, subjects
 from schemas.spec import AppSpec
@@ -226,6 +230,7 @@ class State:
         deployments: KeyValue,
         jobs: KeyValue,
         activity: KeyValue | None = None,
+        revisions: KeyValue | None = None,
     ):
         self.apps = Records(apps, AppSpec, key=subjects.app_key, id=app_name)
         self.deployments = Records(
@@ -249,6 +254,12 @@ class State:
         self.slots = Records(jobs, Slots, key=lambda _: subjects.RUN_SLOTS_KEY)
         # None in the gateway, which neither reads nor writes activity.
         self.activity = Records(activity, Mark) if activity is not None else None
+        # None only where the bucket was not opened (tests building a State by hand).
+        self.revisions = (
+            Records(revisions, History, key=subjects.app_key, id=app_name)
+            if revisions is not None
+            else None
+        )
 
     @classmethod
     def of(cls, buckets: dict[str, KeyValue]) -> "State":
@@ -258,6 +269,7 @@ class State:
             buckets[subjects.DEPLOYMENTS_BUCKET],
             buckets[subjects.JOBS_BUCKET],
             buckets.get(subjects.ACTIVITY_BUCKET),
+            buckets.get(subjects.REVISIONS_BUCKET),
         )
 
 

@@ -45,3 +45,49 @@ class DevToken(BaseModel):
 
     token: str
     expires_in: int = Field(description="Seconds the token is valid")
+
+
+class Published(BaseModel):
+    """`201`/`200` to `PUT /v1/apps/{owner}/{title}` and `POST .../rollback`."""
+
+    app: str = Field(description="owner/title")
+    revision: int = Field(description="The app's current revision (only ever grows)")
+    digest: str = Field(description="sha256 of the submitted spec's canonical JSON")
+    changed: bool = Field(description="False if the spec was already current: nothing written")
+
+
+class AppRevision(BaseModel):
+    """One entry of `GET /v1/apps/{owner}/{title}/revisions`."""
+
+    revision: int
+    published_by: str | None = Field(description="The publisher token's `sub`, if it had one")
+    published_at: float = Field(description="Unix seconds")
+    digest: str
+
+
+class RevisionList(BaseModel):
+    """`GET /v1/apps/{owner}/{title}/revisions`: the revisions kept, oldest first."""
+
+    app: str
+    current: int = Field(description="The current revision; 0 if the app is removed")
+    revisions: list[AppRevision]
+
+
+class PublishedSpec(BaseModel):
+    """`GET /v1/apps/{owner}/{title}`: the current spec, as validated (presets expanded)."""
+
+    app: str
+    revision: int | None = Field(
+        description="The current revision; null for an app registered over NATS "
+        "(`spinyard apps add` without a gateway), which has no history"
+    )
+    digest: str | None
+    spec: dict[str, Any] = Field(description="The app spec (docs/app-spec.md)")
+
+
+class Rollback(BaseModel):
+    """The body of `POST /v1/apps/{owner}/{title}/rollback`."""
+
+    model_config = {"extra": "forbid"}
+
+    revision: int = Field(ge=1, description="The earlier revision to make current again")

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 BAD_REQUEST = "bad_request"
 BAD_ENCODING = "bad_encoding"
 INVALID_EVENT = "invalid_event"
+INVALID_SPEC = "invalid_spec"
 UNKNOWN_APP = "unknown_app"
 WRONG_KIND = "wrong_kind"
 TOO_LARGE = "too_large"

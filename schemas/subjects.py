@@ -22,13 +22,16 @@ APPS_BUCKET = "spinyard_apps"
 DEPLOYMENTS_BUCKET = "spinyard_deployments"
 JOBS_BUCKET = "spinyard_jobs"
 ACTIVITY_BUCKET = "spinyard_activity"
+REVISIONS_BUCKET = "spinyard_revisions"  # each app's published revisions (history, rollback)
 # Every KV bucket: handlers create them, the NATS permissions grant them, and
 # the KV state opens them from this one list. A new bucket is added here.
-BUCKETS = (APPS_BUCKET, DEPLOYMENTS_BUCKET, JOBS_BUCKET, ACTIVITY_BUCKET)
+BUCKETS = (APPS_BUCKET, DEPLOYMENTS_BUCKET, JOBS_BUCKET, ACTIVITY_BUCKET, REVISIONS_BUCKET)
 # What the gateway reads: apps (validation, origins), deployments (app
 # redirect), jobs (a run's app, to authorize its status and cancel); not
-# activity (last page loads and heartbeats, which only handlers keep).
-GATEWAY_BUCKETS = (APPS_BUCKET, DEPLOYMENTS_BUCKET, JOBS_BUCKET)
+# activity (last page loads and heartbeats, which only handlers keep); and revisions.
+GATEWAY_BUCKETS = (APPS_BUCKET, DEPLOYMENTS_BUCKET, JOBS_BUCKET, REVISIONS_BUCKET)
+# What the gateway writes: apps published over HTTP (`PUT /v1/apps/...`) and their history.
+PUBLISH_BUCKETS = (APPS_BUCKET, REVISIONS_BUCKET)
 
 # Event kinds; each is consumed by one durable consumer named after its handler.
 PAGE_LOAD = "page_load"

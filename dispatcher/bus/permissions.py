@@ -3,10 +3,12 @@
 Three roles share one NATS account (`$G`):
 
 - `gateway` faces browsers. It may publish the browser-facing event kinds
-  with a JetStream ack, read app and deployment records, and read status
-  (direct get, and ordered consumers it deletes when the browser goes). It
-  can create no stream or bucket, write no KV and no status, and publish no
-  event kind that only handlers emit (a reaper tick, a job update).
+  with a JetStream ack, read app, deployment, run and revision records, and
+  read status (direct get, and ordered consumers it deletes when the browser
+  goes). It writes only app specs and their revisions (publishing over
+  HTTP, behind a publisher token: docs/publishing.md). It can create no
+  stream or bucket, write no other KV and no status, and publish no event
+  kind that only handlers emit (a reaper tick, a job update).
 - `handler` is every handler process: it creates or updates the streams,
   buckets and durable consumers it needs at start (`dispatcher.bus.ensure`),
   pulls from its durable consumer on SPINYARD_EVENTS, reads and writes the
@@ -85,6 +87,7 @@ def _gateway() -> dict[str, list[str]]:
     publish.append(f"{API}.CONSUMER.DELETE.{subjects.STATUS_STREAM}.*")
     for bucket in subjects.GATEWAY_BUCKETS:
         publish += _read_stream(_kv_stream(bucket))
+    publish += [f"$KV.{bucket}.>" for bucket in subjects.PUBLISH_BUCKETS]
     return {"publish": publish, "subscribe": [INBOX, f"{subjects.STATUS}.>"]}
 
 

@@ -1,7 +1,8 @@
 """The gateway's routes and wiring: pages publish events and read status here.
 
 It builds the aiohttp app: events (`events`, `POST /v1/events`), the app
-list, status (`sse`), the app proxy (`proxy`), `embed.js`, the demo page,
+list, publishing apps (`publish`), status (`sse`), the app proxy
+(`proxy`), `embed.js`, the demo page,
 `/healthz`, `/metrics` and its OpenAPI document (`openapi`), with the
 middleware that gives every error the public error body (routing and
 method errors too) and counts every answer; and it starts it on connections
@@ -27,6 +28,7 @@ from dispatcher.gateway.keys import (
     API,
     AUTH,
     BACKEND,
+    GUARD,
     JS,
     METRICS,
     NC,
@@ -39,6 +41,7 @@ from dispatcher.gateway.keys import (
 from dispatcher.gateway.openapi import document
 from dispatcher.gateway.protocol import Server
 from dispatcher.gateway.proxy import Proxy
+from dispatcher.gateway.publish import add_routes as add_publish_routes
 from dispatcher.gateway.security import Guard, install
 from dispatcher.gateway.specs import SpecCache
 from dispatcher.gateway.sse import StatusStreams
@@ -114,7 +117,7 @@ def preflight() -> web.Response:
     return web.Response(
         status=204,
         headers={
-            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
             "Access-Control-Max-Age": "600",
         },
@@ -228,6 +231,7 @@ def make_app(
     app[STATE] = state
     app[BACKEND] = backend
     app[AUTH] = auth
+    app[GUARD] = guard
     app[STREAMS] = streams = StatusStreams(
         js,
         specs.get,
@@ -271,6 +275,7 @@ def make_app(
     r.add_post("/v1/events", post_event)
     r.add_get("/v1/apps", list_apps)
     r.add_get("/v1/apps/{owner}/{title}/status", streams.app_status)
+    add_publish_routes(r)
     r.add_get("/v1/jobs/{job_id}/status", streams.job_status)
     r.add_get("/v1/jobs/{job_id}", streams.job_status)
     r.add_get("/apps/{owner}/{title}", proxy.shared_app)

@@ -4,8 +4,11 @@ A token is signed with HS256 (a shared secret) or RS256 (the platform keeps
 the private key, spinyard gets the public key). Claims spinyard reads:
 
 - `exp` (required): expiry, Unix seconds.
-- `apps` (required): app names the bearer may use; `owner/*` allows every app
-  of an owner, `*` every app.
+- `apps` (required, unless `publish` is present): app names the bearer may
+  use; `owner/*` allows every app of an owner, `*` every app.
+- `publish` (optional): owners whose apps the bearer may publish, update,
+  roll back and remove over HTTP (`PUT /v1/apps/{owner}/{title}`, ...);
+  `*` means every owner. A page's token has none, so it cannot publish.
 - `session` (optional): binds the token to one session id; events for another
   session are refused.
 - `sub`, `aud`, `iss`: the subject is logged; audience and issuer are checked
@@ -60,9 +63,13 @@ class Claims:
     apps: tuple[str, ...]
     session: str | None
     expires: float
+    publish: tuple[str, ...] = ()
 
     def may_use(self, app: str) -> bool:
         return any(fnmatch.fnmatchcase(app, pattern) for pattern in self.apps)
+
+    def may_publish(self, owner: str) -> bool:
+        return owner in self.publish or "*" in self.publish
 
 
 def _read_key(value: str) -> str:
@@ -143,13 +150,16 @@ class Authenticator:
             raise _unauthorized("the token has expired") from None
         except jwt.InvalidTokenError as exc:
             raise _unauthorized(f"the token is not valid: {exc}") from None
-        apps = claims.get("apps")
+        publish = claims.get("publish", [])
+        if not isinstance(publish, list) or not all(isinstance(o, str) for o in publish):
+            raise _unauthorized("the token's 'publish' claim must list owners")
+        apps = claims.get("apps", [] if publish else None)
         if not isinstance(apps, list) or not all(isinstance(a, str) for a in apps):
             raise _unauthorized("the token has no 'apps' claim listing the apps it may use")
         session = claims.get("session")
         if session is not None and not isinstance(session, str):
             raise _unauthorized("the token's 'session' claim must be a string")
-        return Claims(claims.get("sub"), tuple(apps), session, float(claims["exp"]))
+        return Claims(claims.get("sub"), tuple(apps), session, float(claims["exp"]), tuple(publish))
 
     def authorize(self, claims: Claims, app: str | None, session: str | None = None) -> None:
         """Check that `claims` allow `app` (and `session`, if the token is bound to one).
@@ -162,29 +172,46 @@ class Authenticator:
         if claims.session is not None and session is not None and session != claims.session:
             raise _forbidden("this token is bound to another session")
 
+    def authorize_publish(self, claims: Claims, owner: str) -> None:
+        """Check that `claims` may publish apps of `owner`.
+
+        Raises:
+            AuthError: 403 when the token has no `publish` claim naming `owner` (or `*`).
+        """
+        if not claims.may_publish(owner):
+            if not claims.publish:
+                raise _forbidden("this token may not publish apps (it has no 'publish' claim)")
+            raise _forbidden(f"this token may not publish apps of {owner!r}")
+
 
 def mint(
     secret: str,
     apps: list[str],
     *,
+    publish: list[str] | None = None,
     session: str | None = None,
     subject: str | None = None,
     ttl_s: float = 3600,
     audience: str | None = None,
     issuer: str | None = None,
 ) -> str:
-    """An HS256 token for `apps` (and `session`), valid `ttl_s` seconds.
+    """An HS256 token for `apps` (and `session`; publishing `publish`), valid `ttl_s` seconds.
 
     Raises:
-        ValueError: an app pattern or the session id is malformed.
+        ValueError: an app pattern, an owner or the session id is malformed.
     """
     for app in apps:
         if app != "*" and not app.endswith("/*"):
             check_app(app)
+    for owner in publish or []:
+        if owner != "*":
+            check_app(f"{owner}/x")
     if session is not None:
         check_session(session)
     now = int(time.time())
     claims: dict = {"apps": apps, "iat": now, "exp": now + int(ttl_s)}
+    if publish:
+        claims["publish"] = publish
     for name, value in (("session", session), ("sub", subject), ("aud", audience), ("iss", issuer)):
         if value is not None:
             claims[name] = value

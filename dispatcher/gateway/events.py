@@ -85,13 +85,13 @@ async def authorize(request: web.Request, app: str | None, job_id: str | None) -
 # --- events -------------------------------------------------------------------------------
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, what: str = "an event body") -> bytes:
     """The request body, refusing to read more than `limit` bytes.
 
     Raises:
         GatewayError: 413 by Content-Length or once the body read passes `limit`.
     """
-    too_large = GatewayError(413, codes.TOO_LARGE, f"an event body may be at most {limit} bytes")
+    too_large = GatewayError(413, codes.TOO_LARGE, f"{what} may be at most {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     body = bytearray()

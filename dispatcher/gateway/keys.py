@@ -9,6 +9,7 @@ from nats.js import JetStreamContext
 
 from dispatcher.gateway import Metrics
 from dispatcher.gateway.proxy import Proxy
+from dispatcher.gateway.security import Guard
 from dispatcher.gateway.specs import SpecCache
 from dispatcher.gateway.sse import StatusStreams
 from dispatcher.settings import GatewaySettings
@@ -25,4 +26,5 @@ AUTH = web.AppKey("auth", Callable | None)  # type: ignore[arg-type]
 METRICS = web.AppKey("metrics", Metrics)
 STREAMS = web.AppKey("streams", StatusStreams)
 PROXY = web.AppKey("proxy", Proxy)
+GUARD = web.AppKey("guard", Guard | None)  # type: ignore[arg-type]
 API = web.AppKey("openapi", dict)  # the OpenAPI document, built once the routes are added

@@ -15,7 +15,16 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from schemas.answers import Accepted, AppSummary, DevToken, Health
+from schemas.answers import (
+    Accepted,
+    AppSummary,
+    DevToken,
+    Health,
+    Published,
+    PublishedSpec,
+    RevisionList,
+    Rollback,
+)
 from schemas.errors import ErrorBody
 from schemas.events import INPUTS_MAX_DEPTH, Heartbeat, PageLoad, RunCancel, RunRequest
 from schemas.names import INSTANCE_ID_PATTERN, JOB_ID_PATTERN, json_pattern
@@ -57,10 +66,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
 ERROR_TEXT = {
     400: "bad_encoding (the body is not JSON/msgpack, or not plain data) or bad_request",
     401: "unauthorized: token missing, malformed, forged or expired",
-    403: "forbidden: the token or the page's Origin may not use this app",
+    403: "forbidden: the token or the page's Origin may not use this app (publishing: the "
+    "token has no `publish` claim naming the owner)",
     404: "unknown_app / not_found",
     413: "too_large: the body, or a run's inputs",
-    422: "invalid_event (naming the field) or wrong_kind",
+    422: "invalid_event / invalid_spec (naming the field) or wrong_kind",
     502: "unavailable: the app instance did not answer",
     503: "unavailable: the event bus is not reachable",
 }
@@ -122,6 +132,53 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                 "content": _json({"type": "array", "items": _ref("AppSummary")}),
             },
             **_errors(503),
+        },
+    },
+    ("PUT", "/v1/apps/{owner}/{title}"): {
+        "summary": "Publish an app: create it or update its spec (publisher token)",
+        "description": "JSON, or YAML with `Content-Type: application/yaml`; `name` must be "
+        "the path's or absent. A spec equal to the current revision's (same digest) answers "
+        "200 with that revision and writes nothing; a refused spec writes nothing.",
+        "security": [{"bearer": []}],
+        "requestBody": {
+            "required": True,
+            "content": _json({"type": "object", "description": "an app spec (docs/app-spec.md)"})
+            | {"application/yaml": {"schema": {"type": "string"}}},
+        },
+        "responses": {
+            "201": {"description": "created", "content": _json(_ref("Published"))},
+            "200": {"description": "updated, or unchanged", "content": _json(_ref("Published"))},
+            **_errors(400, 401, 403, 404, 413, 422, 503),
+        },
+    },
+    ("GET", "/v1/apps/{owner}/{title}"): {
+        "summary": "An app's current spec and revision (publisher token)",
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": {"description": "the current spec", "content": _json(_ref("PublishedSpec"))},
+            **_errors(401, 403, 404, 503),
+        },
+    },
+    ("DELETE", "/v1/apps/{owner}/{title}"): {
+        "summary": "Remove an app; its instances are stopped (publisher token)",
+        "security": [{"bearer": []}],
+        "responses": {"204": {"description": "removed"}, **_errors(401, 403, 404, 503)},
+    },
+    ("GET", "/v1/apps/{owner}/{title}/revisions"): {
+        "summary": "An app's published revisions, oldest first (publisher token)",
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": {"description": "the revisions kept", "content": _json(_ref("RevisionList"))},
+            **_errors(401, 403, 404, 503),
+        },
+    },
+    ("POST", "/v1/apps/{owner}/{title}/rollback"): {
+        "summary": "Make an earlier revision's spec current again, as a new revision",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": _json(_ref("Rollback"))},
+        "responses": {
+            "200": {"description": "rolled back", "content": _json(_ref("Published"))},
+            **_errors(401, 403, 404, 422, 503),
         },
     },
     ("GET", "/v1/apps/{owner}/{title}/status"): {
@@ -219,9 +276,10 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
 
 def components() -> dict[str, Any]:
     """The models' JSON Schemas, by name; browser events must name their `type`."""
-    requests = [(m, "validation") for m in BROWSER_EVENTS]
+    requests = [(m, "validation") for m in (*BROWSER_EVENTS, Rollback)]
     answers = [(m, "serialization") for m in (Accepted, AppSummary, AppStatus, JobStatus)]
     answers += [(m, "serialization") for m in (ErrorBody, Health, DevToken)]
+    answers += [(m, "serialization") for m in (Published, PublishedSpec, RevisionList)]
     _, top = models_json_schema(requests + answers, ref_template="#/components/schemas/{model}")
     schemas = top["$defs"]
     for model in BROWSER_EVENTS:
@@ -263,7 +321,8 @@ def document(app: web.Application) -> dict[str, Any]:
             "version": "1",
             "description": "Events in, status out, apps embedded. Every error has the body "
             '`{"error": {"code", "message"}}`; every GET also answers HEAD. Events and status '
-            "need a bearer token (or `?token=`) unless authentication is off.",
+            "need a bearer token (or `?token=`) unless authentication is off; publishing an app "
+            "needs a publisher token.",
         },
         "paths": paths,
         "components": {

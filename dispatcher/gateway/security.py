@@ -9,6 +9,9 @@
 - Proxied app responses and the per-app embed page carry
   `Content-Security-Policy: frame-ancestors <embed_origins>`, so only those
   sites can frame them.
+- Publishing (`PUT`, `DELETE`, rollback and reading specs and revisions
+  under `/v1/apps/{owner}/{title}`) needs a publisher token whose `publish`
+  claim names the owner (`publisher`); a page's token has none.
 - `GET /v1/dev/token` mints tokens for anyone; it exists only when
   `auth.dev_token_endpoint` is on, which only `spinyard up` does.
 """
@@ -90,6 +93,19 @@ class Guard:
                 raise GatewayError(403, codes.FORBIDDEN, f"pages on {origin} may not embed {app}")
         if claims is not None:
             self.authenticator.authorize(claims, app, session)
+
+    def publisher(self, request: web.Request, owner: str) -> str | None:
+        """Check the request's publisher token for `owner`; its subject (None if it has none,
+        or if authentication is off: then anyone may publish, as anyone may send events).
+
+        Raises:
+            AuthError: 401 without a valid token, 403 if it may not publish `owner`'s apps.
+        """
+        if not self.authenticator.enabled:
+            return None
+        claims = self.authenticator.verify(bearer_token(request))
+        self.authenticator.authorize_publish(claims, owner)
+        return claims.subject
 
     async def _job_owner(self, job_id: str) -> tuple[str, str | None]:
         """The app and session of a run, waiting briefly for a run just requested.

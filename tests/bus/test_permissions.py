@@ -225,7 +225,7 @@ async def test_handler_sets_up_and_does_its_work(connect):
 
     # KV: compare-and-set writes, reads, listing and watching, on every bucket.
     state = await bus.ensure_state(handler.js, NatsSettings())
-    for records in (state.apps, state.deployments, state.jobs):
+    for records in (state.apps, state.deployments, state.jobs, state.revisions):
         kv = records.kv
         rev = await kv.create("o.t", b"1")
         rev = await kv.update("o.t", msgpack.packb({"n": 2}), last=rev)
@@ -307,6 +307,12 @@ async def test_gateway_publishes_browser_events_and_reads_state(connect):
     apps = await gateway.js.key_value(subjects.APPS_BUCKET)
     assert (await apps.get("o.t")).value == b"spec"
     assert await apps.keys() == ["o.t"]
+    # Publishing over HTTP: the gateway writes app specs and their revisions, nothing else.
+    rev = await apps.update("o.t", b"spec2", last=(await apps.get("o.t")).revision)
+    assert (await apps.get("o.t")).revision == rev
+    revisions = await gateway.js.key_value(subjects.REVISIONS_BUCKET)
+    await revisions.create("o.t", b"history")
+    await revisions.delete("o.t")
     deployments = await gateway.js.key_value(subjects.DEPLOYMENTS_BUCKET)
     assert (await deployments.get("o.t.shared")).value == b"dep"
 
@@ -337,12 +343,14 @@ async def test_gateway_cannot_act_as_a_handler(connect):
     admin = await connect(permissions.ADMIN)
     gateway = await connect(permissions.GATEWAY)
     await set_up(admin)
-    apps = await gateway.js.key_value(subjects.APPS_BUCKET)
 
     for kind in set(subjects.KINDS) - set(permissions.BROWSER_KINDS):
         subject = subjects.event_for(kind, "x")
         await assert_denied(gateway, gateway.js.publish(subject, b"e"), subject)
-    await assert_denied(gateway, apps.put("o.t", b"x"), f"$KV.{subjects.APPS_BUCKET}.o.t")
+    deployments = await gateway.js.key_value(subjects.DEPLOYMENTS_BUCKET)
+    await assert_denied(
+        gateway, deployments.put("o.t", b"x"), f"$KV.{subjects.DEPLOYMENTS_BUCKET}.o.t"
+    )
     await assert_denied(
         gateway,
         gateway.js.key_value("spinyard_other"),

@@ -7,7 +7,9 @@ import pytest
 from aiohttp import web
 
 from dispatcher import bus
-from tests.gateway.support import JOB, PER, PREFIX, VIZ, Env, TargetBackend
+from dispatcher.gateway.security import Guard
+from dispatcher.settings import AuthSettings
+from tests.gateway.support import JOB, PER, PREFIX, PUBLISH_SECRET, VIZ, Env, TargetBackend
 
 
 @pytest.fixture
@@ -34,6 +36,15 @@ async def env(settings):
             for sub in nc._subs.values():
                 if sub._wait_for_msgs_task is not None:
                     sub._wait_for_msgs_task.cancel()
+
+
+@pytest.fixture
+async def gw(env):
+    """The env with a second gateway whose guard checks tokens (signed with
+    `PUBLISH_SECRET`); `gw.url` is that one."""
+    guard = Guard(AuthSettings(hs256_secret=PUBLISH_SECRET), env.state, "http://gw")
+    env.url = (await env.start(guard=guard)).url
+    return env
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ JOB = AppSpec(
     name="demo/job", kind="job", command=["x"], description="A model run", max_input_bytes=100
 )
 INSTANCE = "i-0123456789abcdef"
+PUBLISH_SECRET = "p" * 40  # the `gw` fixture's gateway checks tokens signed with it
 PREFIX = f"/apps/demo/viz/{INSTANCE}"
 
 

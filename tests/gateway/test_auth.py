@@ -134,3 +134,27 @@ def test_mint_rejects_bad_names():
 def test_new_secret_is_long_and_random():
     a, b = new_secret(), new_secret()
     assert a != b and len(a) >= 48
+
+
+def test_a_publisher_token_needs_no_apps_and_publishes_only_its_owners():
+    token = mint(SECRET, [], publish=["alice", "lab"], subject="ci", ttl_s=60)
+    claims = auth().verify(token)
+    assert claims.publish == ("alice", "lab") and claims.apps == ()
+    auth().authorize_publish(claims, "alice")
+    assert "'bob'" in expect(403, "forbidden", lambda: auth().authorize_publish(claims, "bob"))
+    star = auth().verify(mint(SECRET, [], publish=["*"], ttl_s=60))
+    auth().authorize_publish(star, "anyone")
+
+
+def test_a_page_token_cannot_publish():
+    claims = auth().verify(mint(SECRET, ["*"], ttl_s=60))
+    message = expect(403, "forbidden", lambda: auth().authorize_publish(claims, "alice"))
+    assert "no 'publish' claim" in message
+
+
+def test_a_malformed_publish_claim_is_401():
+    for publish in ("alice", [1], {"alice": True}):
+        token = jwt.encode({"publish": publish, "exp": time.time() + 60}, SECRET, algorithm="HS256")
+        expect(401, "unauthorized", lambda token=token: auth().verify(token))
+    with pytest.raises(ValueError):
+        mint(SECRET, [], publish=["Not An Owner"])
