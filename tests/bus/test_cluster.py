@@ -16,6 +16,8 @@ import sys
 import time
 
 import aiohttp
+import nats.errors
+import nats.js.errors
 from pydantic import BaseModel
 
 from dispatcher import bus, compose
@@ -199,7 +201,14 @@ async def test_losing_a_node_mid_stream_loses_and_doubles_nothing(r3_settings, n
         assert _alive(task)
         assert sorted(done.ids) == sorted(e.id for e in events)  # nothing lost, nothing twice
         assert 503 in statuses  # it said so while it could not fetch
-        info = await js.stream_info(subjects.DEAD_STREAM)
+
+        async def dead_letters():  # (the returned node may still be catching up: ask again)
+            try:
+                return await js.stream_info(subjects.DEAD_STREAM)
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                return None
+
+        info = await wait_for(dead_letters, timeout=30, what="the dead-letter stream's answer")
         assert info.state.messages == 0
         await wait_for(lambda: _events_empty(js), timeout=30, what="every event acked")
     finally:

@@ -213,6 +213,15 @@ async def test_nats_down_gives_503_and_unhealthy(env, nats_server):
     await wait_for(unhealthy, what="healthz to see NATS gone")
     status, body = await env.post(page_load())
     assert (status, body["error"]["code"]) == (503, "unavailable")
+    # Back on the same port, the gateway recovers by itself (and its client, reconnected,
+    # closes cleanly at the end instead of being cut off mid-reconnect).
+    nats_server.start()
+
+    async def healthy():
+        async with env.http.get(f"{env.url}/healthz") as resp:
+            return resp.status == 200
+
+    await wait_for(healthy, timeout=20, what="healthz to see NATS back")
 
 
 # --- apps and status ----------------------------------------------------------------------
