@@ -115,8 +115,13 @@ async def test_handlers_and_gateway_as_separate_processes_serve_a_page_load(nats
         assert not url.endswith(":0")
         async with aiohttp.ClientSession() as http:
             event = {"type": "page_load", "app": "demo/hello", "session": "s-1"}
-            async with http.post(f"{url}/v1/events", json=event) as resp:
-                assert resp.status == 202, await resp.text()
+
+            async def accepted():  # 503 says "try again": the bus may still be settling
+                async with http.post(f"{url}/v1/events", json=event) as resp:
+                    assert resp.status in (202, 503), await resp.text()
+                    return resp.status == 202
+
+            await wait_for(accepted, timeout=20, what="the page load accepted")
 
             async def ready():
                 async with http.get(f"{url}/v1/apps/demo/hello/status") as resp:
