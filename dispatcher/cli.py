@@ -104,7 +104,14 @@ async def _cmd_apps(args, settings: Settings) -> int:
     url = args.gateway or settings.gateway_url
     if url:
         token = settings.token.get_secret_value() if settings.token else None
-        return await publishing.run(args, url, token)
+        try:
+            lines = await publishing.run(args, url, token)
+        except publishing.PublishError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        for line in lines:
+            print(line)
+        return 0
     if args.apps_cmd == "rollback":
         print("error: rollback goes through a gateway: give --gateway URL", file=sys.stderr)
         return 2
@@ -135,7 +142,8 @@ async def _cmd_apps(args, settings: Settings) -> int:
             if history is None:
                 print(f"error: {args.name!r} was never published over HTTP", file=sys.stderr)
                 return 1
-            publishing.print_history(history.model_dump(mode="json"), sys.stdout)
+            for line in publishing.history_lines(history.model_dump(mode="json")):
+                print(line)
     return 0
 
 

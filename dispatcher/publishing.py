@@ -9,7 +9,6 @@ concern (it is not resolved against the file, as it is over NATS).
 """
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,47 +75,49 @@ def _name_of(path: Path) -> tuple[str, str]:
     return text, data["name"]
 
 
-async def run(args: Any, url: str, token: str | None) -> int:
-    """One `spinyard apps ...` command against the gateway at `url`; the exit code."""
-    out = sys.stdout
-    try:
-        async with Publisher(url, token) as api:
-            if args.apps_cmd == "add":
-                for path in args.files:
-                    text, name = _name_of(Path(path))
-                    got = await api.publish(name, text)
-                    what = "published" if got["changed"] else "unchanged"
-                    print(f"{what} {got['app']} revision {got['revision']}", file=out)
-            elif args.apps_cmd == "list":
-                for app in await api.call("GET", "/v1/apps"):
-                    mode = f"{app['sharing']:12} pool={app['pool']['size']}"
-                    mode = mode if app["kind"] == "viz" else ""
-                    print(f"{app['name']:40} {app['kind']:4} {mode}".rstrip(), file=out)
-            elif args.apps_cmd == "rm":
-                await api.call("DELETE", f"/v1/apps/{args.name}")
-                print(f"removed {args.name}", file=out)
-            elif args.apps_cmd == "history":
-                history = await api.call("GET", f"/v1/apps/{args.name}/revisions")
-                print_history(history, out)
-            elif args.apps_cmd == "rollback":
-                body = {"revision": args.revision}
-                got = await api.call("POST", f"/v1/apps/{args.name}/rollback", json=body)
-                print(f"{got['app']} is at revision {got['revision']} ({got['digest']})", file=out)
-    except PublishError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+async def run(args: Any, url: str, token: str | None) -> list[str]:
+    """One `spinyard apps ...` command against the gateway at `url`: the lines the CLI
+    prints.
+
+    Raises:
+        PublishError: the gateway refused it, or could not be reached (its exit code).
+    """
+    lines: list[str] = []
+    async with Publisher(url, token) as api:
+        if args.apps_cmd == "add":
+            for path in args.files:
+                text, name = _name_of(Path(path))
+                got = await api.publish(name, text)
+                what = "published" if got["changed"] else "unchanged"
+                lines.append(f"{what} {got['app']} revision {got['revision']}")
+        elif args.apps_cmd == "list":
+            for app in await api.call("GET", "/v1/apps"):
+                mode = f"{app['sharing']:12} pool={app['pool']['size']}"
+                mode = mode if app["kind"] == "viz" else ""
+                lines.append(f"{app['name']:40} {app['kind']:4} {mode}".rstrip())
+        elif args.apps_cmd == "rm":
+            await api.call("DELETE", f"/v1/apps/{args.name}")
+            lines.append(f"removed {args.name}")
+        elif args.apps_cmd == "history":
+            lines += history_lines(await api.call("GET", f"/v1/apps/{args.name}/revisions"))
+        elif args.apps_cmd == "rollback":
+            body = {"revision": args.revision}
+            got = await api.call("POST", f"/v1/apps/{args.name}/rollback", json=body)
+            lines.append(f"{got['app']} is at revision {got['revision']} ({got['digest']})")
+    return lines
 
 
-def print_history(history: dict, out: Any) -> None:
+def history_lines(history: dict) -> list[str]:
     """Revisions as lines: `* 3  2026-12-02T03:40:00Z  ci  sha256:...` (`*`: current)."""
     import datetime as dt
 
+    lines = []
     for r in history["revisions"]:
         mark = "*" if r["revision"] == history["current"] else " "
         when = dt.datetime.fromtimestamp(r["published_at"], dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         by = r["published_by"] or "-"
-        print(f"{mark} {r['revision']:<4} {when}  {by:20} {r['digest']}", file=out)
+        lines.append(f"{mark} {r['revision']:<4} {when}  {by:20} {r['digest']}")
+    return lines
 
 
 def add_apps_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
