@@ -249,25 +249,32 @@ async def test_after_the_last_try_the_page_sees_only_a_public_error(
     assert len(failed) == 1 and str(error) in failed[0]["error"]
 
 
-async def test_retryable_error_is_retried_after_its_delay(settings, nats):
+async def _times_of_tries(settings, nats, ok_at: int, delay: float, **options) -> list[float]:
+    """When each try of one page load ran: a handler raising RetryableError(`delay`) until
+    try `ok_at`, with `options` for `@handler`; after it was acked, nothing dead-lettered."""
     registry = Registry()
     calls = []
 
-    @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=3, registry=registry)
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, retries=3, registry=registry, **options)
     async def flaky(ctx, event):
         calls.append(asyncio.get_running_loop().time())
-        if len(calls) < 2:
-            raise RetryableError("not yet", delay=0.3)
+        if len(calls) < ok_at:
+            raise RetryableError("not yet", delay=delay)
 
     service, task = await _run(settings, registry, nats)
     js = nats.jetstream()
     await _publish(js, PageLoad(app="a/b", session="s1"))
-    await wait_for(lambda: len(calls) == 2, what="second try")
+    await wait_for(lambda: len(calls) == ok_at, what=f"try {ok_at}")
     await wait_for(lambda: _stream_empty(js), what="ack")
     service.stop()
     await task
-    assert calls[1] - calls[0] >= 0.25
     assert await _dead_letters(js, subjects.PAGE_LOAD) == []
+    return calls
+
+
+async def test_retryable_error_is_retried_after_its_delay(settings, nats):
+    calls = await _times_of_tries(settings, nats, ok_at=2, delay=0.3)
+    assert calls[1] - calls[0] >= 0.25
 
 
 async def test_undecodable_message_is_dead_lettered_not_retried(settings, nats):
@@ -476,24 +483,7 @@ async def test_message_whose_handler_dies_on_its_last_try_is_dead_lettered(setti
 async def test_a_retryable_errors_delay_does_not_shorten_the_backoff(settings, nats):
     """A store's 1 s delay used to replace the handler's backoff, so eleven tries went by
     in 14 s; the delay is now a floor and the handler's backoff still grows."""
-    registry = Registry()
-    calls = []
-
-    @handler(
-        subjects.PAGE_LOAD, schema=PageLoad, retries=3, backoff_s=(0.3, 0.6), registry=registry
-    )
-    async def flaky(ctx, event):
-        calls.append(asyncio.get_running_loop().time())
-        if len(calls) < 3:
-            raise RetryableError("store away", delay=0.01)
-
-    service, task = await _run(settings, registry, nats)
-    js = nats.jetstream()
-    await _publish(js, PageLoad(app="a/b", session="s1"))
-    await wait_for(lambda: len(calls) == 3, what="third try")
-    await wait_for(lambda: _stream_empty(js), what="ack")
-    service.stop()
-    await task
+    calls = await _times_of_tries(settings, nats, ok_at=3, delay=0.01, backoff_s=(0.3, 0.6))
     assert calls[1] - calls[0] >= 0.25 and calls[2] - calls[1] >= 0.55
 
 
