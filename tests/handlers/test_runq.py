@@ -181,8 +181,13 @@ async def test_the_backends_total_slots_hold_across_apps(settings, s3_server, tm
         await wait_for(lambda: second in started(tmp_path), what="the slot passed on")
         release(tmp_path, "2")
         await runs.wait_state(second, "succeeded")
-        slots = await runs.state.slots.get("total")
-        assert slots is not None and slots.held == {}
+
+        # The slot is given back just after the `succeeded` status is published.
+        async def slot_free():
+            slots = await runs.state.slots.get("total")
+            return slots is not None and slots.held == {}
+
+        await wait_for(slot_free, what="the run slot given back")
 
 
 async def test_a_full_queue_refuses_the_run_too_many(runs, tmp_path):

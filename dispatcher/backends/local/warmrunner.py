@@ -72,7 +72,9 @@ def _exit_code(exc: SystemExit) -> int:
         return 0
     if isinstance(exc.code, int):
         return exc.code & 0xFF
-    print(exc.code, file=sys.stderr)
+    # As the interpreter does for `sys.exit("message")`: the message goes to the model's
+    # stderr (its log), not to spinyard's logging; this runs in the forked model.
+    sys.stderr.write(f"{exc.code}\n")
     return 1
 
 
