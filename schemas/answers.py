@@ -50,7 +50,8 @@ class DevToken(BaseModel):
 class Published(BaseModel):
     """`201`/`200` to `PUT /v1/apps/{owner}/{title}` and `POST .../rollback`."""
 
-    app: str = Field(description="owner/title")
+    name: str = Field(description="owner/title (the contract's name for it)")
+    app: str = Field(description="owner/title, as in every other answer")
     revision: int = Field(description="The app's current revision (only ever grows)")
     digest: str = Field(description="sha256 of the submitted spec's canonical JSON")
     changed: bool = Field(description="False if the spec was already current: nothing written")

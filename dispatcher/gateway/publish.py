@@ -170,7 +170,7 @@ async def _publish(
 def _answer(
     name: str, revision: int, digest: str, status: int, *, changed: bool = True
 ) -> web.Response:
-    answer = Published(app=name, revision=revision, digest=digest, changed=changed)
+    answer = Published(name=name, app=name, revision=revision, digest=digest, changed=changed)
     body = answer.model_dump(mode="json")
     return web.json_response(body, status=status)
 

@@ -42,7 +42,7 @@ async def test_publish_update_unchanged_history_rollback_and_remove(gw):
     auth = publisher("alice")
     status, body = await call(gw, "PUT", URL, auth, json=SPEC)
     assert status == 201, body
-    assert body["app"] == APP and body["revision"] == 1 and body["changed"]
+    assert body["app"] == body["name"] == APP and body["revision"] == 1 and body["changed"]
     first_digest = body["digest"]
     assert first_digest == revisions.digest({**SPEC, "name": APP})
     assert (await gw.state.apps.get(APP)).command == ["python", "run.py"]
