@@ -155,6 +155,7 @@ def make_knobs(settings: Settings) -> Knobs:
         pool_refill_per_tick=settings.reaper.pool_refill_per_tick,
         reconcile_grace_s=settings.reaper.reconcile_grace_s,
         run_slots=settings.handlers.run_slots,
+        max_concurrent_starts=settings.handlers.max_concurrent_starts,
     )
 
 

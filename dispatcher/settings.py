@@ -74,6 +74,13 @@ class HandlerSettings(BaseModel):
         description="Runs of all apps running at once on the backend; more wait `queued` "
         "(0: no total limit, only the apps' own)",
     )
+    max_concurrent_starts: int = Field(
+        64,
+        ge=0,
+        description="Viz instance starts in progress at once, all apps and replicas together "
+        "(cold starts and warm pool refills; a claim from a warm pool is not a start); more "
+        "page loads wait `queued` (0: no limit)",
+    )
     concurrency: dict[str, int] = Field(
         default_factory=dict,
         description='Per-handler concurrency override, e.g. {"page_load": 128}',

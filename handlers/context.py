@@ -43,6 +43,7 @@ class Knobs:
     pool_refill_per_tick: int = 1
     reconcile_grace_s: float = 30.0
     run_slots: int = 0  # runs of all apps at once; 0: no total limit
+    max_concurrent_starts: int = 64  # viz instance starts at once; 0: no limit
 
 
 @dataclass(frozen=True)

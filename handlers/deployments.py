@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # the context holds the state, which holds these records
 
 SHARED = "shared"
 LIVE = (AppState.PENDING, AppState.STARTING, AppState.READY)
+# A queued deployment waits behind a limit (`handlers.capacity`): it keeps its slot.
+QUEUED_OR_LIVE = (AppState.QUEUED, *LIVE)
 
 
 class Deployment(BaseModel):

@@ -7,7 +7,11 @@ this process wrote it a moment ago) and reads the deployment once more, in
 case it was being stopped meanwhile (then it starts one in its place).
 Otherwise it wins the slot with a KV create (only one of any number of
 concurrent page loads can), then claims a warm instance or starts a new one,
-publishing `starting` and then `ready` or `failed`.
+publishing `starting` and then `ready` or `failed`. A new deployment passes
+its limits first (`handlers.capacity`: `max_instances`,
+`max_instances_per_session`, `max_concurrent_starts`); past one it waits
+`queued` in its slot until a page load for the slot (the viewer's, or the
+wake-up sent when a place frees) finds it may go on.
 
 A redelivered page load that created a deployment resumes that deployment,
 so a handler killed mid-start does not leave a second instance behind. Before
@@ -18,10 +22,11 @@ service (`reconcile.at_start`).
 
 from contextlib import aclosing
 
-from handlers import activity, pools, reconcile
+from handlers import activity, capacity, pools, reconcile
 from handlers.context import Context
 from handlers.deployments import (
     LIVE,
+    QUEUED_OR_LIVE,
     SHARED,
     Deployment,
     load_viz_app,
@@ -83,7 +88,7 @@ async def _serve(
     """One try at serving the load; False when the slot changed under us (try again)."""
     entry = await ctx.state.deployments.read(key)
     now = ctx.now()
-    if entry is None or entry.value.state not in LIVE:
+    if entry is None or entry.value.state not in QUEUED_OR_LIVE:
         dep = Deployment(
             app=event.app,
             slot=slot,
@@ -106,6 +111,9 @@ async def _serve(
         return True
 
     dep = entry.value
+    if dep.state == AppState.QUEUED:
+        await _resume_queued(ctx, spec, event, key, dep, subject)
+        return True
     if dep.event_id == event.id and dep.state != AppState.READY:
         ctx.log.info("viz_start_resumed", instance=dep.instance)
         await _bring_up(ctx, spec, key, dep, subject)
@@ -125,12 +133,16 @@ async def _serve(
 
 
 async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subject: str) -> None:
-    """Make `dep` ready: from the warm pool if it has one, else by starting an instance."""
-    if (
-        spec.pool.size
-        and dep.state == AppState.PENDING
-        and await _from_pool(ctx, spec, key, dep, subject)
-    ):
+    """Make `dep` ready: from the warm pool if it has one, else by starting an instance.
+
+    A new load first passes its limits (`handlers.capacity`); it may wait there, queued.
+    """
+    pending = dep.state == AppState.PENDING
+    if pending and not await capacity.admit(ctx, spec, key, dep, subject, start=False):
+        return
+    if spec.pool.size and pending and await _from_pool(ctx, spec, key, dep, subject):
+        return
+    if pending and not await capacity.admit(ctx, spec, key, dep, subject, start=True):
         return
 
     def ours(d: Deployment) -> bool:
@@ -156,6 +168,8 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
         error, log_tail = ErrorInfo(code=exc.code, message=exc.message), exc.log_tail
     else:
         error = log_tail = None
+    finally:
+        await capacity.start_done(ctx, dep.instance)
 
     if error is not None:
         await ctx.backend.stop_viz(dep.instance)
@@ -170,6 +184,7 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
         )
         if failed:
             await ctx.publish_status(subject, status_of(failed[0]))
+        await capacity.released(ctx, dep)
         return
 
     url = ctx.backend.url(dep.instance, spec)
@@ -226,3 +241,30 @@ async def _from_pool(ctx: Context, spec: AppSpec, key: str, dep: Deployment, sub
     await ctx.publish_status(subject, status_of(ready[0]))
     await pools.request_refill(ctx, spec, limit=1)
     return True
+
+
+async def _resume_queued(
+    ctx: Context, spec: AppSpec, event: PageLoad, key: str, dep: Deployment, subject: str
+) -> None:
+    """A page load for a queued slot (its viewer's again, or a wake-up when a place freed):
+    serve it if it now passes its limits. Of concurrent ones, the first to move the record
+    from `queued` serves it; the others leave it to that one."""
+    if not await capacity.admit(ctx, spec, key, dep, subject, start=False):
+        return
+    if not spec.pool.size and not await capacity.admit(ctx, spec, key, dep, subject, start=True):
+        return
+    now = ctx.now()
+    update = {
+        "state": AppState.PENDING,
+        "event_id": event.id,
+        "created_at": now,  # the instance's life (and start timeout) begins now
+        "last_page_load": now,
+    }
+
+    def admitted(d: Deployment) -> Deployment | None:
+        ours = d.instance == dep.instance and d.state == AppState.QUEUED
+        return d.model_copy(update=update) if ours else None
+
+    moved = await mutate(ctx, key, admitted)
+    if moved is not None:
+        await _bring_up(ctx, spec, key, moved[0], subject)

@@ -5,10 +5,12 @@ place in an app's pool and publishes one `pool_refill` event per place; this
 handler starts that instance: a viz app's instance, until it answers its
 readiness probe, or a job app's warm runner, until it waits for a run
 (`Backend.start_warm`). A reservation that expired or an app that went
-away leaves nothing running.
+away leaves nothing running. A refill is a start: it takes a place under the
+handlers' `max_concurrent_starts` (`handlers.capacity`) for as long as it
+starts, and gives its reservation back when none is free.
 """
 
-from handlers import pools
+from handlers import capacity, pools
 from handlers.context import Context
 from handlers.errors import StartFailed
 from handlers.registry import handler
@@ -27,6 +29,11 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
         await ctx.backend.stop_viz(event.instance)
         await pools.forget(ctx, event.app, event.instance)
         return
+    if not await capacity.start_refill(ctx, event.app, event.instance):
+        # Starts are at their limit, or page loads wait for one: the reaper asks again.
+        await pools.forget(ctx, event.app, event.instance)
+        ctx.log.info("pool_refill_deferred", instance=event.instance)
+        return
     remaining = max(1.0, spec.start_timeout_s - (ctx.now() - reserved_at))
     try:
         if spec.kind == "job":
@@ -44,6 +51,8 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
         await ctx.backend.stop_viz(event.instance)
         await pools.forget(ctx, event.app, event.instance)
         return
+    finally:
+        await capacity.start_done(ctx, event.instance)
     member = pools.PoolMember(
         instance=event.instance,
         url=ctx.backend.url(event.instance, spec) if spec.kind == "viz" else "",

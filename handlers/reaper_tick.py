@@ -20,10 +20,10 @@ per interval between them.
 
 from collections.abc import Awaitable, Callable
 
-from handlers import activity, deployments, jobs, pools, reconcile, runq
+from handlers import activity, capacity, deployments, jobs, pools, reconcile, runq
 from handlers.activity import Activity
 from handlers.context import Context
-from handlers.deployments import LIVE, Deployment
+from handlers.deployments import QUEUED_OR_LIVE, Deployment
 from handlers.pools import PoolIndex
 from handlers.ports import Instance
 from handlers.registry import handler
@@ -71,7 +71,7 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
         key, dep, rev = entry.key, entry.value, entry.revision
         known.add(dep.instance)
         spec = await _current_spec(ctx, apps, dep.app)
-        if dep.state not in LIVE:
+        if dep.state not in QUEUED_OR_LIVE:
             if dep.state != AppState.STOPPING and now - dep.created_at > KEEP_ENDED_S:
                 await ctx.state.deployments.delete(key, rev)
             continue
@@ -79,12 +79,13 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
         reason = "app_removed" if spec is None else idle_reason(dep, seen, spec, now)
         if reason:
             recheck = _still_idle(ctx, key, dep, spec, now) if reason in IDLE else None
-            counts["reaped"] += await deployments.stop(
-                ctx, key, dep, rev, reason, still_idle=recheck
-            )
+            stopped = await deployments.stop(ctx, key, dep, rev, reason, still_idle=recheck)
+            if stopped:
+                await capacity.released(ctx, dep)
+            counts["reaped"] += stopped
             continue
         timeout = spec.start_timeout_s + ctx.knobs.reconcile_grace_s
-        if dep.state != AppState.READY and now - dep.created_at > timeout:
+        if dep.state not in (AppState.READY, AppState.QUEUED) and now - dep.created_at > timeout:
             error = ErrorInfo(
                 code=codes.START_TIMEOUT, message="the app did not become ready in time"
             )
@@ -112,6 +113,9 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
             ctx.log.info("orphan_instance_stopped", instance=instance.id, app=instance.app)
             counts["orphans"] += 1
     await _tend_jobs(ctx, instances, now, counts)
+    deps = {entry.key: entry.value for entry in records}
+    pooled = {entry.key: entry.value for entry in indexes}
+    counts["gates_mended"] = await capacity.heal(ctx, deps, pooled, now)
     # A pass that changed nothing is logged at debug: an idle stack's log stays quiet.
     changed = any(counts.values())
     (ctx.log.info if changed else ctx.log.debug)(

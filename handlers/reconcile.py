@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from handlers import pools
+from handlers import capacity, pools
 from handlers.deployments import Deployment, status_of, status_subject
 from handlers.pools import PoolIndex
 from handlers.ports import Instance
@@ -52,6 +52,7 @@ async def fail(ctx: Context, key: str, dep: Deployment, revision: int, error: Er
     await ctx.backend.stop_viz(dep.instance)
     await ctx.publish_status(status_subject(dep), status_of(failed))
     ctx.log.warning("viz_deployment_failed", instance=dep.instance, code=error.code)
+    await capacity.released(ctx, dep)
     return True
 
 

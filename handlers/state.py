@@ -14,14 +14,16 @@ too, so it does not change lightly):
 - `state.jobs`:        job id -> `jobs.Job`; bucket jobs, key `<job_id>`
 - `state.queues`:      app name -> `runq.RunQueue`; bucket jobs, key `queue.owner.title`
 - `state.slots`:       the one `runq.Slots` (any id); bucket jobs, key `queue-slots`
+- `state.gates`:       gate key -> `gates.Gate`; bucket jobs, keys `queue-viz.starts`,
+                       `queue-viz.app.owner.title`, `queue-viz.session.<sid>`
 - `state.activity`:    activity key -> `activity.Mark`; bucket activity, keys
                        `<slot key>.page_load`, `<slot key>.heartbeat` (handlers
                        only: the gateway does not open it)
 - `state.revisions`:   app name -> `revisions.History`; bucket revisions, key
                        `owner.title` (written by the gateway's publish routes)
 
-The records and their operations live in `deployments`, `pools`, `jobs`, `activity` and
-`revisions`;
+The records and their operations live in `deployments`, `pools`, `jobs`, `activity`,
+`gates` and `revisions`;
 this module only reads and writes them.
 """
 
@@ -40,6 +42,7 @@ from handlers import pools
 from handlers.activity import Mark
 from handlers.deployments import Deployment
 from handlers.errors import RetryableError
+from handlers.gates import Gate
 from handlers.jobs import Job
 from handlers.pools import PoolIndex
 from handlers.revisions import History
@@ -252,6 +255,9 @@ class State:
             keep=lambda key: key.startswith("queue."),
         )
         self.slots = Records(jobs, Slots, key=lambda _: subjects.RUN_SLOTS_KEY)
+        self.gates = Records(
+            jobs, Gate, keep=lambda key: key.startswith(f"{subjects.VIZ_GATE_PREFIX}.")
+        )
         # None in the gateway, which neither reads nor writes activity.
         self.activity = Records(activity, Mark) if activity is not None else None
         # None only where the bucket was not opened (tests building a State by hand).

@@ -27,6 +27,7 @@ JOB_FAILED = "job_failed"
 CANCELLED = "cancelled"
 INTERNAL = "internal"
 UNAVAILABLE = "unavailable"
+AT_CAPACITY = "at_capacity"
 
 
 class ErrorInfo(BaseModel):

@@ -131,6 +131,27 @@ class AppSpec(BaseModel):
         default_factory=list,
         description="Origins allowed to embed the app (frame-ancestors); \"'self'\" is the gateway",
     )
+    # Instance limits, per_session viz apps only (docs/app-spec.md#instance-limits).
+    max_instances: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Instances of this per_session app serving sessions at once; more page "
+        "loads wait `queued` (or fail, see at_capacity). Default: no limit",
+    )
+    max_instances_per_session: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Instances one session may hold at once of all the per_session apps that "
+        "set this (this app's value counts when it is opened). Default: no limit",
+    )
+    at_capacity: Literal["queue", "fail"] = Field(
+        "queue",
+        description="A page load past a limit (these two, or the handlers' "
+        "max_concurrent_starts): queue waits `queued` with its position; fail ends it "
+        "`failed` (at_capacity) at once",
+    )
     # Jobs only.
     deadline_s: float = Field(600, gt=0, description="A run past this is stopped: timed_out.")
     max_input_bytes: int = Field(
@@ -265,6 +286,20 @@ class AppSpec(BaseModel):
         for name in self.charts:
             if self.media_type(name) != "text/csv":
                 raise ValueError(f"charts: {name!r} is not a CSV output")
+        return self
+
+    @model_validator(mode="after")
+    def _instance_limits(self) -> "AppSpec":
+        for name in ("max_instances", "max_instances_per_session"):
+            if getattr(self, name) is None:
+                continue
+            if self.kind != "viz":
+                raise ValueError(f"{name} is for per_session viz apps; this is a {self.kind} app")
+            if self.sharing != "per_session":
+                raise ValueError(
+                    f"{name} is for per_session apps; a shared app has one instance "
+                    "(limit its starts with the handlers' max_concurrent_starts)"
+                )
         return self
 
     def media_type(self, output: str) -> str | None:

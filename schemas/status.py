@@ -16,6 +16,7 @@ STATUS_VERSION = 1
 
 
 class AppState(StrEnum):
+    QUEUED = "queued"  # behind a limit (docs/app-spec.md#instance-limits); `position` says where
     PENDING = "pending"
     STARTING = "starting"
     READY = "ready"
@@ -54,6 +55,9 @@ class AppStatus(BaseModel):
     )
     log_tail: str | None = Field(
         None, description="On a failed start: the last lines of the app's own log"
+    )
+    position: int | None = Field(
+        None, description="While queued behind a limit: 1 = the next to be served"
     )
     time: float = Field(default_factory=_time.time)
 

@@ -87,8 +87,25 @@ def run_queue_key(app: str) -> str:
 RUN_SLOTS_KEY = "queue-slots"
 
 
+# Viz capacity gates in the jobs bucket (`handlers.capacity`): `queue-viz.starts`,
+# `queue-viz.app.<owner>.<title>`, `queue-viz.session.<session>`. They start with
+# `queue`, so a scan of runs skips them; not with `queue.`, so a scan of run queues does too.
+VIZ_GATE_PREFIX = "queue-viz"
+VIZ_STARTS_KEY = f"{VIZ_GATE_PREFIX}.starts"
+
+
+def viz_app_gate_key(app: str) -> str:
+    """Key of an app's instance gate (`max_instances`) in the jobs bucket."""
+    return f"{VIZ_GATE_PREFIX}.app.{app_key(app)}"
+
+
+def viz_session_gate_key(session: str) -> str:
+    """Key of a session's instance gate (`max_instances_per_session`) in the jobs bucket."""
+    return f"{VIZ_GATE_PREFIX}.session.{session}"
+
+
 def is_queue_key(key: str) -> bool:
-    """Whether a jobs-bucket key is a run queue's or the slots record, not a run's."""
+    """Whether a jobs-bucket key is a run queue's, the slots record or a viz gate, not a run's."""
     return key.startswith("queue")
 
 

@@ -33,7 +33,7 @@
   var script = document.currentScript;
   var BASE = script && script.src ? new URL(script.src, location.href).origin : location.origin;
   var SESSION_KEY = "spinyard.session";
-  var LIVE = { pending: true, starting: true, ready: true };
+  var LIVE = { queued: true, pending: true, starting: true, ready: true };
   var ENDED = { stopping: true, stopped: true, failed: true };
   var JOB_DONE = { succeeded: true, failed: true, cancelled: true, timed_out: true };
   var globalToken = (script && script.getAttribute("data-token")) || null;
@@ -217,7 +217,12 @@
     // Before our page load shows up, an old stopped/failed status is history, not news.
     if (!this.live && ENDED[st.state] && (st.time || 0) < this.acceptedAt - 2) return;
     if (LIVE[st.state]) this.live = true;
-    if (st.state === "pending" || st.state === "starting") {
+    // A queue position published just after this instance started is stale.
+    if (st.state === "queued" && st.instance && st.instance === this.begun) return;
+    if (st.state === "starting" || st.state === "ready") this.begun = st.instance;
+    if (st.state === "queued") {
+      this.progress(st.state, st.position);
+    } else if (st.state === "pending" || st.state === "starting") {
       this.progress(st.state);
     } else if (st.state === "ready" && st.url) {
       this.show(new URL(st.url, this.base + "/").toString());
@@ -233,13 +238,14 @@
     }
   };
 
-  Embed.prototype.progress = function (state) {
+  Embed.prototype.progress = function (state, position) {
     var self = this;
     clearInterval(this.ticker);
-    var word = state === "pending" ? "Waiting for " : "Starting ";
+    var word = state === "starting" ? "Starting " : "Waiting for ";
+    var place = state === "queued" && position ? " (number " + position + " in line)" : "";
     var draw = function () {
       var s = Math.round((Date.now() - self.startedAt) / 1000);
-      self.say(word + self.app + "… " + s + " s");
+      self.say(word + self.app + place + "… " + s + " s");
     };
     draw();
     this.ticker = setInterval(draw, 1000);

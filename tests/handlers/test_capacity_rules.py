@@ -1,0 +1,126 @@
+"""Instance limits: the gate's pure rules, and the spec fields and setting that set them.
+
+The rules (`handlers.gates.enter`, `leave`, `positions`, `wakeable`) decide
+who is admitted and who waits where; the page loads that use them are in
+test_capacity.py.
+"""
+
+import pytest
+from pydantic import ValidationError
+
+from dispatcher.settings import Settings
+from handlers import capacity, gates
+from handlers.gates import Gate, Hold, Waiter
+from schemas.spec import AppSpec
+from schemas.status import AppState, AppStatus
+
+
+def waiter(instance: str, at: float) -> Waiter:
+    return Waiter(
+        instance=instance, key=f"demo.app.session.{instance}", app="demo/app", at=at, since=at
+    )
+
+
+def gate(limit: int, held: str = "", waiting: str = "") -> Gate:
+    """A gate from compact text: held and waiting instance ids, a waiter's `at` its order."""
+    return Gate(
+        limit=limit,
+        held={i: Hold(key=f"k.{i}", at=0) for i in held.split()},
+        waiting=[waiter(i, at=n) for n, i in enumerate(waiting.split(), start=1)],
+    )
+
+
+def line(g: Gate) -> str:
+    return " ".join(w.instance for w in g.waiting)
+
+
+def test_a_free_place_admits_and_a_full_gate_queues_in_order_of_asking():
+    g, verdict = gates.enter(gate(2, held="a"), 2, waiter("b", 5), now=9, wait=True)
+    assert verdict.admitted and set(g.held) == {"a", "b"} and g.held["b"].at == 9
+    g, verdict = gates.enter(g, 2, waiter("c", 6), now=9, wait=True)
+    assert not verdict.admitted and verdict.position == 1 and line(g) == "c"
+    # One that asked earlier (it waited at another gate first) goes ahead of c.
+    g, verdict = gates.enter(g, 2, waiter("d", 1), now=9, wait=True)
+    assert verdict.position == 1 and line(g) == "d c"
+    assert gates.positions(g) == {"d": 1, "c": 2}
+
+
+def test_entering_again_is_idempotent_and_keeps_the_place():
+    g = gate(1, held="a", waiting="b c")
+    again, verdict = gates.enter(g, 1, g.waiting[1], now=9, wait=True)
+    assert verdict.position == 2 and again == g
+    same, verdict = gates.enter(g, 1, waiter("a", 0), now=9, wait=True)
+    assert verdict.admitted and same is g
+
+
+def test_a_newcomer_never_passes_a_waiter_even_with_a_place_free():
+    g = gate(2, held="a", waiting="b")  # a place is free: b is being woken for it
+    g, verdict = gates.enter(g, 2, waiter("z", 99), now=9, wait=True)
+    assert not verdict.admitted and verdict.position == 1 and line(g) == "b z"
+    assert [w.instance for w in gates.wakeable(g)] == ["b"]
+    g, verdict = gates.enter(g, 2, g.waiting[0], now=9, wait=True)  # b's wake-up
+    assert verdict.admitted and line(g) == "z" and gates.wakeable(g) == []
+
+
+def test_without_waiting_a_full_gate_refuses_and_keeps_no_line():
+    g, verdict = gates.enter(gate(1, held="a"), 1, waiter("b", 5), now=9, wait=False)
+    assert verdict == gates.Verdict(admitted=False) and line(g) == ""
+    # A pool refill (asking now, so last) does not take a place a page load waits for.
+    g, verdict = gates.enter(gate(2, held="a", waiting="b"), 2, waiter("r", 99), 9, wait=False)
+    assert not verdict.admitted
+
+
+def test_leave_frees_places_and_lines_and_says_when_nothing_changed():
+    g = gate(1, held="a", waiting="b c")
+    assert gates.leave(g, {"zz"}) is None
+    freed = gates.leave(g, {"a", "c"})
+    assert freed.held == {} and line(freed) == "b" and gates.wakeable(freed) == freed.waiting
+    assert gates.positions(gate(2, held="a", waiting="b c d")) == {"b": 1, "c": 1, "d": 2}
+
+
+def test_a_lowered_limit_admits_no_one_until_enough_have_left():
+    g, verdict = gates.enter(gate(3, held="a b c"), 2, waiter("d", 1), now=9, wait=True)
+    assert verdict.position == 1 and g.limit == 2 and g.free() == 0
+
+
+def per_session(**fields) -> AppSpec:
+    return AppSpec(name="demo/class", command=["x"], sharing="per_session", **fields)
+
+
+@pytest.mark.parametrize("field", ["max_instances", "max_instances_per_session"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_limits_below_one_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValidationError) as caught:
+        per_session(**{field: value})
+    assert caught.value.errors()[0]["loc"] == (field,)
+
+
+@pytest.mark.parametrize("field", ["max_instances", "max_instances_per_session"])
+def test_instance_limits_are_refused_on_shared_and_job_apps(field):
+    with pytest.raises(ValidationError, match=f"{field} is for per_session apps; a shared app"):
+        AppSpec(name="demo/one", command=["x"], **{field: 2})
+    with pytest.raises(
+        ValidationError, match=f"{field} is for per_session viz apps; this is a job"
+    ):
+        AppSpec(name="demo/job", command=["x"], kind="job", **{field: 2})
+
+
+def test_at_capacity_is_queue_or_fail():
+    assert per_session().at_capacity == "queue"
+    assert per_session(max_instances=3, at_capacity="fail").at_capacity == "fail"
+    with pytest.raises(ValidationError) as caught:
+        per_session(at_capacity="wait")
+    assert caught.value.errors()[0]["loc"] == ("at_capacity",)
+
+
+def test_max_concurrent_starts_defaults_to_64_and_refuses_negatives(monkeypatch):
+    assert Settings().handlers.max_concurrent_starts == 64
+    monkeypatch.setenv("SPINYARD_HANDLERS__MAX_CONCURRENT_STARTS", "-1")
+    with pytest.raises(ValidationError, match="max_concurrent_starts"):
+        Settings()
+
+
+def test_a_queued_status_carries_its_position():
+    status = capacity.queued_status(waiter("i-0123456789abcdef", 5.0), 3)
+    assert status.state == AppState.QUEUED == "queued" and status.position == 3
+    assert AppStatus.model_validate(status.model_dump()).phases.requested == 5.0
