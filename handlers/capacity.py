@@ -96,11 +96,12 @@ async def change(ctx: Context, key: str, edit: Callable[[Gate], Gate | None]) ->
         entry = await ctx.state.gates.read(key)
         before = entry.value if entry else Gate()
         after = edit(before)
-        if after is None or after == before:
+        empty = after is not None and not after.held and not after.waiting
+        if after is None or after == before or (empty and entry is None):
             return before, before
         if entry is None:
             done = await ctx.state.gates.create(key, after) is not None
-        elif not after.held and not after.waiting:
+        elif empty:
             done = await ctx.state.gates.delete(key, entry.revision)
         else:
             done = await ctx.state.gates.update(key, after, entry.revision) is not None
