@@ -288,19 +288,20 @@ class AppSpec(BaseModel):
                 raise ValueError(f"charts: {name!r} is not a CSV output")
         return self
 
-    @model_validator(mode="after")
-    def _instance_limits(self) -> "AppSpec":
-        for name in ("max_instances", "max_instances_per_session"):
-            if getattr(self, name) is None:
-                continue
-            if self.kind != "viz":
-                raise ValueError(f"{name} is for per_session viz apps; this is a {self.kind} app")
-            if self.sharing != "per_session":
-                raise ValueError(
-                    f"{name} is for per_session apps; a shared app has one instance "
-                    "(limit its starts with the handlers' max_concurrent_starts)"
-                )
-        return self
+    @field_validator("max_instances", "max_instances_per_session")
+    @classmethod
+    def _instance_limits(cls, v: int | None, info: ValidationInfo) -> int | None:
+        kind, sharing = info.data.get("kind"), info.data.get("sharing")
+        if v is None or kind is None or sharing is None:  # theirs is the error reported
+            return v
+        if kind != "viz":
+            raise ValueError(f"only per_session viz apps have it; this is a {kind} app")
+        if sharing != "per_session":
+            raise ValueError(
+                "only per_session apps have it; a shared app has one instance "
+                "(the handlers' max_concurrent_starts limits its starts)"
+            )
+        return v
 
     def media_type(self, output: str) -> str | None:
         """The media type of an output: declared in `output_types`, else by its suffix."""

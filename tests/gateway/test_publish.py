@@ -111,6 +111,8 @@ async def test_a_yaml_body_with_a_framework_preset_is_stored_raw_and_run_expande
         ({**SPEC, "command": []}, "command"),
         ({**SPEC, "readiness_path": "health"}, "readiness_path"),
         ({**SPEC, "colour": "red"}, "colour"),
+        ({**SPEC, "max_instances": 4}, "max_instances"),  # a job app has runs, not instances
+        ({**SPEC, "kind": "viz", "sharing": "per_session", "max_instances": -1}, "max_instances"),
     ],
 )
 async def test_a_bad_spec_is_422_naming_the_field_and_writes_nothing(gw, spec, field):

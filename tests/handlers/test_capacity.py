@@ -287,3 +287,33 @@ async def test_a_queued_load_leaves_the_line_when_its_viewer_goes(stack, mode):
     assert [i.id for i in await stack.viz_instances()] == [first["instance"]]
     gate = await stack.state.gates.get(subjects.viz_app_gate_key(CLASS))
     assert list(gate.held) == [first["instance"]] and gate.waiting == []  # out of the line
+
+
+async def test_a_lost_wake_up_is_sent_again_by_the_reaper(stack):
+    await stack.register(class_spec(max_instances=1))
+
+    async def viewers_stay():
+        while True:
+            for session in ("first", "second"):
+                await stack.heartbeat(CLASS, session=session)
+            await asyncio.sleep(0.2)
+
+    stay = asyncio.create_task(viewers_stay(), name="viewers")
+    try:
+        await stack.page_load(CLASS, session="first")
+        await stack.wait_state(subjects.app_status(CLASS, "first"), "ready")
+        await stack.page_load(CLASS, session="second")
+        subject = subjects.app_status(CLASS, "second")
+        await stack.wait_state(subject, "queued")
+        # The place is given back, but the releaser died before it woke the second.
+        key = subjects.viz_app_gate_key(CLASS)
+        entry = await stack.state.gates.read(key)
+        freed = entry.value.model_copy(update={"held": {}})
+        assert await stack.state.gates.update(key, freed, entry.revision) is not None
+        ready = await stack.wait_state(subject, "ready")
+    finally:
+        stay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stay
+    gate = await stack.state.gates.get(key)
+    assert list(gate.held) == [ready["instance"]] and gate.waiting == []

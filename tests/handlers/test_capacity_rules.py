@@ -96,13 +96,18 @@ def test_limits_below_one_are_refused_naming_the_field(field, value):
 
 
 @pytest.mark.parametrize("field", ["max_instances", "max_instances_per_session"])
-def test_instance_limits_are_refused_on_shared_and_job_apps(field):
-    with pytest.raises(ValidationError, match=f"{field} is for per_session apps; a shared app"):
-        AppSpec(name="demo/one", command=["x"], **{field: 2})
-    with pytest.raises(
-        ValidationError, match=f"{field} is for per_session viz apps; this is a job"
-    ):
-        AppSpec(name="demo/job", command=["x"], kind="job", **{field: 2})
+@pytest.mark.parametrize(
+    ("other", "why"),
+    [
+        ({}, "only per_session apps have it; a shared app has one instance"),
+        ({"kind": "job"}, "only per_session viz apps have it; this is a job app"),
+    ],
+)
+def test_instance_limits_are_refused_on_shared_and_job_apps(field, other, why):
+    with pytest.raises(ValidationError) as caught:
+        AppSpec(name="demo/one", command=["x"], **other, **{field: 2})
+    [error] = caught.value.errors()
+    assert error["loc"] == (field,) and error["msg"].startswith(f"Value error, {why}")
 
 
 def test_at_capacity_is_queue_or_fail():
