@@ -137,7 +137,7 @@ async def admit(
         if verdict.admitted:
             continue
         if wait:
-            await _wait(ctx, key, dep, subject, verdict.position)
+            await _wait(ctx, key, dep, subject, gate_key, verdict.position)
         else:
             await _refuse(ctx, key, dep, subject, gate_key, limit)
             await released(ctx, dep)  # the places it got in earlier gates, now or before
@@ -146,9 +146,14 @@ async def admit(
 
 
 async def _wait(
-    ctx: Context, key: str, dep: Deployment, subject: str, position: int | None
+    ctx: Context, key: str, dep: Deployment, subject: str, gate_key: str, position: int | None
 ) -> None:
-    """Mark `dep` queued (if it still is this load's) and tell its page where it is."""
+    """Mark `dep` queued (if it still is this load's) and tell its page where it is.
+
+    A place freed between its entry and this mark woke it while its record was not
+    `queued` yet, and that wake-up found nothing to serve: so if a free place is for
+    it now, it wakes itself.
+    """
 
     def to_queued(d: Deployment) -> Deployment | None:
         if d.instance != dep.instance or d.state not in (AppState.PENDING, AppState.STARTING):
@@ -161,6 +166,9 @@ async def _wait(
         return  # it moved on meanwhile (stopped, say): its places are given back there
     ctx.log.info("viz_load_queued", instance=dep.instance, position=position)
     await ctx.publish_status(subject, status_of(current, position=position))
+    gate = await ctx.state.gates.get(gate_key)
+    if gate is not None and any(w.instance == dep.instance for w in wakeable(gate)):
+        await wake(ctx, gate, because=f"queued-{ctx.now():.3f}")
 
 
 _FULL = {
