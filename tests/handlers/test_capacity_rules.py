@@ -6,6 +6,8 @@ test_capacity.py.
 """
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from dispatcher.settings import Settings
@@ -129,3 +131,38 @@ def test_a_queued_status_carries_its_position():
     status = capacity.queued_status(waiter("i-0123456789abcdef", 5.0), 3)
     assert status.state == AppState.QUEUED == "queued" and status.position == 3
     assert AppStatus.model_validate(status.model_dump()).phases.requested == 5.0
+
+
+# A step: a load entering (instance, when it asked, whether it waits), or one leaving.
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("enter"), st.integers(0, 9), st.integers(0, 50), st.booleans()),
+        st.tuples(st.just("leave"), st.integers(0, 9), st.just(0), st.just(False)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(limit=st.integers(1, 4), steps=STEPS)
+def test_no_sequence_of_entries_and_leavings_passes_the_limit_or_the_line(limit, steps):
+    g = Gate()
+    for op, n, at, wait in steps:
+        i = f"i-{n}"
+        if op == "leave":
+            g = gates.leave(g, {i}) or g
+            continue
+        already = i in g.held
+        me = next((w for w in g.waiting if w.instance == i), waiter(i, at))
+        ahead = [w for w in g.waiting if w.instance != i and w.at <= me.at]
+        free = g.free() if g.limit else limit
+        g2, verdict = gates.enter(g, limit, me, now=0, wait=wait)
+        if verdict.admitted and not already:
+            assert len(ahead) < free  # it passed no one a place was not free for
+        if not verdict.admitted and wait:
+            assert verdict.position >= 1 and i in {w.instance for w in g2.waiting}
+        g = g2
+        assert len(g.held) <= limit
+        assert not g.held.keys() & {w.instance for w in g.waiting}
+        assert [w.at for w in g.waiting] == sorted(w.at for w in g.waiting)
+        assert sorted(gates.positions(g).values()) == list(gates.positions(g).values())
