@@ -18,8 +18,9 @@ the warm pool had nothing) and holds each it got while it waits at the next.
 One that finds a gate full either waits in the gate's line (its deployment
 record is `queued`, its status carries `position`) or ends `failed` with
 `at_capacity` at once, as its app's `at_capacity` says. The line is ordered by
-when each page load asked; a newcomer never passes a waiting load, so a gate
-admits the first `limit - held` of its line. A pool refill never waits: it
+when each load's deployment record was made (the handler's clock: a NATS
+publisher sets its event's own `time`); a newcomer never passes a waiting
+load, so a gate admits the first `limit - held` of its line. A pool refill never waits: it
 starts only while a start slot is free and no page load waits for one, else
 it gives its reservation back and the reaper asks for it again.
 
@@ -128,8 +129,9 @@ async def admit(
         key=key,
         app=dep.app,
         session=dep.session,
-        at=dep.phases.requested or dep.created_at,
+        at=dep.created_at,
         since=now,
+        requested=dep.phases.requested,
     )
     wait = spec.at_capacity == "queue"
     for gate_key, limit in gates:
@@ -256,7 +258,7 @@ def queued_status(w: Waiter, position: int) -> AppStatus:
     return AppStatus(
         app=w.app,
         state=AppState.QUEUED,
-        phases=Phases(requested=w.at),
+        phases=Phases(requested=w.requested),
         session=w.session,
         instance=w.instance,
         position=position,

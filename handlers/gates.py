@@ -22,8 +22,12 @@ class Waiter(BaseModel):
     key: str = Field(description="Slot key of the waiting deployment")
     app: str
     session: str | None = None
-    at: float = Field(description="When its page load asked: its place in the line")
+    at: float = Field(
+        description="Its place in the line: when its deployment record was made, by the "
+        "handler's clock (an event's own `time` is the publisher's, and would let it jump)"
+    )
     since: float = Field(description="When it joined this gate")
+    requested: float | None = Field(None, description="Its page load's time, for its status")
 
 
 class Gate(BaseModel):

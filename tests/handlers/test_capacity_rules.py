@@ -19,7 +19,12 @@ from schemas.status import AppState, AppStatus
 
 def waiter(instance: str, at: float) -> Waiter:
     return Waiter(
-        instance=instance, key=f"demo.app.session.{instance}", app="demo/app", at=at, since=at
+        instance=instance,
+        key=f"demo.app.session.{instance}",
+        app="demo/app",
+        at=at,
+        since=at,
+        requested=at,
     )
 
 
