@@ -205,3 +205,48 @@ async def test_a_job_pool_holds_its_window_however_long_no_run_came(settings):
     assert pools.keeps_pool(spec.model_copy(update={"pool": Pool(size=0)}))
     no_pool = spec.model_copy(update={"pool": Pool(size=0), "schedule": []})
     assert not pools.keeps_pool(no_pool)
+
+
+async def test_a_member_claimed_while_the_pass_drops_the_surplus_keeps_serving(
+    settings, monkeypatch
+):
+    """The pass read the pool with two warm members just as the window closed; a page load
+    claims one before the pass drops the surplus: that one is the viewer's and runs on."""
+    open_at, day = lecture_day()
+    spec = lecture(day, base=0, during=2)
+    nc, backend, state = await _direct(settings)
+    ctx = Context(
+        state=state,
+        backend=backend,
+        js=nc.jetstream(),
+        log=structlog.get_logger("test"),
+        knobs=Knobs(reconcile_grace_s=86400.0),
+        now=Clock(open_at.replace(hour=11).timestamp()),
+    )
+    members = ["i-00000000000000c1", "i-00000000000000c2"]
+    try:
+        await state.apps.put(APP, spec)
+        for n, instance in enumerate(members):
+            await backend.start_viz(instance, spec, pooled=True)
+            await backend.wait_ready(instance, spec, 15)
+            member = PoolMember(instance=instance, url="", created_at=n, ready_at=n)
+            await pools.change(ctx, APP, lambda index, m=member: index.warm.append(m))
+        read_before_the_claim = await state.pools.scan()
+        monkeypatch.setattr(state.pools, "scan", lambda: _value(read_before_the_claim))
+        claimed = await pools.claim(ctx, APP)
+        assert claimed is not None and claimed.instance == members[0]
+
+        await reaper_tick(ctx, ReaperTick(id="tick-closed"))
+
+        alive = {i.id for i in await backend.list_instances() if i.alive}
+        assert alive == {members[0]}
+        assert (await state.pools.get(APP)).size() == 0
+    finally:
+        for instance in members:
+            await backend.stop_viz(instance)
+        await backend.cleanup()
+        await nc.close()
+
+
+async def _value(value):
+    return value
