@@ -41,10 +41,9 @@ def _minutes(text: str) -> int:
 class Window(BaseModel):
     """A weekly time window in which the app's pool holds `pool` warm members."""
 
-    # `from` is a Python keyword: the fields are `start`/`end`, written `from`/`to`.
-    model_config = ConfigDict(
-        extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
-    )
+    # `from` is a Python keyword: the fields are `start`/`end`, read and written only as
+    # `from`/`to`, so a spec has one spelling.
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
 
     days: list[str] = Field(
         default_factory=lambda: list(DAYS),
