@@ -134,7 +134,8 @@ class AsyncClient:
                         raise error
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if attempt == tries - 1:
-                    message = f"cannot reach the gateway at {self.base_url}: {exc!r}"
+                    why = str(exc) or type(exc).__name__  # a timeout says nothing else
+                    message = f"cannot reach the gateway at {self.base_url}: {why}"
                     raise Unreachable(message) from exc
         raise AssertionError("unreachable: the loop returns or raises")
 

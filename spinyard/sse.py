@@ -117,5 +117,6 @@ async def follow(
         if problem is not None:
             failures += 1
             if failures >= tries:
-                raise Unreachable(f"the status stream at {url} failed {failures} times: {problem}")
+                why = str(problem) or type(problem).__name__
+                raise Unreachable(f"the status stream at {url} failed {failures} times: {why}")
         await asyncio.sleep(retry_s)
