@@ -26,12 +26,12 @@ class Client:
     call `close()`."""
 
     def __init__(self, base_url: str, token: str | None = None, **options: Any) -> None:
+        self.aio = AsyncClient(base_url, token, **options)  # first: bad options start no thread
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="spinyard-client", daemon=True
         )
         self._thread.start()
-        self.aio = AsyncClient(base_url, token, **options)
 
     def __enter__(self) -> "Client":
         return self

@@ -19,7 +19,7 @@ from spinyard import (
     Unreachable,
     WaitTimeout,
 )
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for
 
 SLOW = {
     "name": "alice/slow",
@@ -177,20 +177,53 @@ async def test_a_status_stream_follows_a_run_across_cut_connections(stack, relay
     ):
         await direct.publish(SLOW)
         job_id = await direct.run("alice/slow")
-        seen = []
+        seen, later = [], None
+
+        async def cancel_once_reconnected() -> None:
+            await wait_for(lambda: relay.connections >= 2, timeout=20, what="a reconnection")
+            await asyncio.sleep(0.5)  # the new stream has sent `running` again by now
+            await direct.cancel(job_id)
+
         async with asyncio.timeout(60), contextlib.aclosing(client.watch_job(job_id)) as statuses:
             async for status in statuses:
                 seen.append(status)
-                if status.state is JobState.RUNNING and relay.connections == 1:
+                if status.state is JobState.RUNNING and later is None:
                     relay.cut()  # the stream drops; the run goes on
-                    await direct.cancel(job_id)  # a change made while no stream is open
+                    later = asyncio.create_task(cancel_once_reconnected(), name="cancel-later")
                 if status.state.terminal:
                     break
+        await later
         assert relay.connections >= 2
         states = [s.state for s in seen]
         assert states[-1] is JobState.CANCELLED
         assert states.count(JobState.RUNNING) == 1  # the reconnected stream repeated nothing
         assert [s.time for s in seen] == sorted(s.time for s in seen)
+
+
+async def test_a_silent_status_stream_is_opened_again(stack, relay):
+    """`stream_idle_s` under the gateway's keep-alive period: each wait reconnects."""
+    async with (
+        AsyncClient(relay.url, stack["token"], stream_idle_s=0.3) as client,
+        AsyncClient(stack["url"], stack["token"]) as direct,
+    ):
+        await direct.publish(SLOW)
+        job_id = await direct.run("alice/slow")
+        seen, later = [], None
+
+        async def cancel_later() -> None:
+            await asyncio.sleep(1.5)  # the stream is silent meanwhile: no status, no keep-alive
+            await direct.cancel(job_id)
+
+        async with asyncio.timeout(60), contextlib.aclosing(client.watch_job(job_id)) as statuses:
+            async for status in statuses:
+                seen.append(status.state)
+                if status.state is JobState.RUNNING and later is None:
+                    later = asyncio.create_task(cancel_later(), name="cancel-later")
+                if status.state.terminal:
+                    break
+        await later
+        assert relay.connections >= 2  # silent 0.3 s, then the gateway's `retry:` (2 s)
+        assert seen.count(JobState.RUNNING) == 1 and seen[-1] is JobState.CANCELLED
 
 
 def test_the_blocking_client_runs_on_its_own_loop_and_stops_it(stack):
