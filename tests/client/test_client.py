@@ -1,11 +1,13 @@
-"""What the client raises, against `spinyard up`: the gateway's refusals as `ApiError` (bad
-token, page token publishing, unknown app, bad spec), a failed start as `LoadFailed`, a failed,
-cancelled or unfinished run as `RunFailed` / `WaitTimeout`, no gateway as `Unreachable`; and a
-status stream that follows a run across a cut connection, missing nothing, repeating nothing."""
+"""The client against `spinyard up`: per-session loads; the gateway's refusals as `ApiError`
+(bad token, page token publishing, unknown app, bad spec), a failed start as `LoadFailed`, a
+failed, cancelled or unfinished run as `RunFailed` / `WaitTimeout`, no gateway as
+`Unreachable`; status streams that follow a run across cut and silent connections, missing
+nothing and repeating nothing; and the blocking `Client`."""
 
 import asyncio
 import contextlib
 
+import aiohttp
 import pytest
 
 from schemas.status import AppState, JobState
@@ -37,6 +39,26 @@ SUMS = {
     "kind": "job",
     "command": ["{python}", "-c", "import sys, json; sys.exit(json.load(sys.stdin)['code'])"],
 }
+
+
+async def test_each_session_loads_its_own_instance_of_a_per_session_app(stack):
+    async with (
+        AsyncClient(stack["url"], stack["token"]) as one,
+        AsyncClient(stack["url"], stack["token"], session="py-other") as other,
+    ):
+        first = await one.load("demo/classroom", timeout_s=60)
+        second = await other.load("demo/classroom", timeout_s=60)
+        assert first.session == one.session and second.session == "py-other"
+        assert first.instance != second.instance and first.url != second.url
+        assert (await one.app_status("demo/classroom")).instance == first.instance
+        again = await one.load("demo/classroom", timeout_s=60)  # ready already: answered at once
+        assert (again.instance, again.url) == (first.instance, first.url)
+        async with aiohttp.ClientSession() as http, http.get(first.url) as page:
+            assert page.status == 200  # the URL is absolute, through the gateway's proxy
+        await one.heartbeat("demo/classroom")
+        with pytest.raises(ApiError) as caught:
+            await one.app_status("demo/classroom", "bad session!")
+        assert (caught.value.status, caught.value.code) == (400, "bad_request")
 
 
 async def test_a_bad_token_is_an_api_error_401(stack):
