@@ -129,6 +129,7 @@ async def _cmd_apps(args, settings: Settings) -> int:
         elif args.apps_cmd == "list":
             for spec in sorted((e.value for e in await state.apps.scan()), key=lambda s: s.name):
                 mode = f"{spec.sharing:12} pool={spec.pool.size}" if spec.kind == "viz" else ""
+                mode += f" +schedule({len(spec.schedule)})" if spec.schedule else ""
                 print(f"{spec.name:40} {spec.kind:4} {mode}".rstrip())
         elif args.apps_cmd == "rm":
             if await state.apps.get(args.name) is None:

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from schemas.schedule import Window
+
 
 class Accepted(BaseModel):
     """`202` to `POST /v1/events`: the event is on the events stream."""
@@ -19,7 +21,13 @@ class Accepted(BaseModel):
 
 
 class PoolSize(BaseModel):
-    size: int = Field(description="Warm instances kept ready")
+    size: int = Field(description="Warm instances kept ready outside the schedule's windows")
+    schedule: list[Window] | None = Field(
+        None, description="The spec's scheduled pool sizes (docs/app-spec.md), if it has any"
+    )
+    now: int | None = Field(
+        None, description="With a schedule: the pool size it asks for at the gateway's clock"
+    )
 
 
 class AppSummary(BaseModel):

@@ -11,6 +11,7 @@ caller owns and never opens one itself.
 """
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ from handlers.ports import Backend
 from handlers.state import State
 from schemas import errors as codes
 from schemas.answers import AppSummary, Health, PoolSize
+from schemas.schedule import scheduled_pool
+from schemas.spec import AppSpec
 
 log = logs.get("spinyard.gateway")
 
@@ -58,14 +61,23 @@ STATIC = Path(__file__).parent / "static"
 # --- apps --------------------------------------------------------------------------------
 
 
+def _pool(spec: AppSpec, now: float) -> PoolSize:
+    if not spec.schedule:
+        return PoolSize(size=spec.pool.size)
+    scheduled = scheduled_pool(spec.schedule, now)
+    current = spec.pool.size if scheduled is None else scheduled
+    return PoolSize(size=spec.pool.size, schedule=spec.schedule, now=current)
+
+
 async def list_apps(request: web.Request) -> web.Response:
+    now = time.time()
     specs = sorted((e.value for e in await request.app[STATE].apps.scan()), key=lambda s: s.name)
     apps = [
         AppSummary(
             name=s.name,
             kind=s.kind,
             sharing=s.sharing,
-            pool=PoolSize(size=s.pool.size),
+            pool=_pool(s, now),
             description=s.description,
             example_inputs=s.example_inputs if s.kind == "job" else None,
         ).model_dump(mode="json", exclude_none=True)
