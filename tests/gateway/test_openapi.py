@@ -98,3 +98,20 @@ async def test_events_body_is_the_models_schema_and_errors_the_error_body(env):
     status, answer = await env.post(page_load())
     assert status == 202
     assert set(answer) <= set(schemas["Accepted"]["properties"])
+
+
+async def test_the_secrets_routes_take_a_name_pattern_and_answer_names_only(sgw):
+    doc = await fetch(sgw)
+    OpenAPIV31SpecValidator(doc).validate()
+    one = doc["paths"]["/v1/apps/{owner}/{title}/secrets/{name}"]
+    assert set(one) == {"put", "delete"}
+    [name] = [p for p in one["put"]["parameters"] if p["name"] == "name"]
+    assert name["schema"]["pattern"] == "^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+    assert one["put"]["security"] == [{"bearer": []}]
+    assert {"201", "200", "403", "422"} <= set(one["put"]["responses"])
+    listing = doc["paths"]["/v1/apps/{owner}/{title}/secrets"]["get"]["responses"]["200"]
+    ref = listing["content"]["application/json"]["schema"]["$ref"]
+    names = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert set(names["properties"]) == {"app", "names"}  # never a value
+    answer = doc["components"]["schemas"]["SecretSet"]
+    assert set(answer["properties"]) == {"app", "name", "created"}
