@@ -171,7 +171,7 @@ async def gateway(
 
     `backend` serves the app proxy (local backend); `metrics` is the process's
     Prometheus registry, which its `/metrics` serves (a new one if None); `secrets`
-    is where it writes apps' secrets (None: its secrets routes answer 503).
+    is where it writes apps' secrets (None: it has no secrets routes).
     """
     guard = Guard(settings.auth, state, settings.gateway.base_url)
     runner = await start_gateway(

@@ -221,8 +221,8 @@ def make_app(
         guard: tokens, embed origins and frame-ancestors; it supplies the auth hook.
         metrics_registry: the Prometheus registry its metrics go on (one per process,
             shared with a handler service in it); a new one if None.
-        secrets: where apps' secrets are written (the backend's store); None: the
-            secrets routes answer 503.
+        secrets: where apps' secrets are written (the backend's store); None: no
+            secrets routes.
     """
     app = web.Application(middlewares=[errors_and_metrics])
     app[SPECS] = specs = SpecCache(
@@ -283,7 +283,8 @@ def make_app(
     r.add_get("/v1/apps", list_apps)
     r.add_get("/v1/apps/{owner}/{title}/status", streams.app_status)
     add_publish_routes(r)
-    add_secrets_routes(r)
+    if secrets is not None:
+        add_secrets_routes(r)
     r.add_get("/v1/jobs/{job_id}/status", streams.job_status)
     r.add_get("/v1/jobs/{job_id}", streams.job_status)
     r.add_get("/apps/{owner}/{title}", proxy.shared_app)

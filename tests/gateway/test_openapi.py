@@ -5,6 +5,7 @@ import pytest
 from aiohttp import web
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
+from dispatcher.backends.local.secrets import SecretFiles
 from dispatcher.gateway.app import make_app
 from dispatcher.gateway.openapi import OPERATIONS, PROXY_METHODS, document
 from dispatcher.gateway.security import Guard
@@ -55,14 +56,17 @@ async def test_with_the_guard_its_routes_are_listed_too(env):
     assert {("GET", "/embed/{owner}/{title}"), ("GET", "/v1/dev/token")} <= documented(doc)
 
 
-async def test_every_described_operation_is_a_route_of_some_gateway(env):
-    """`OPERATIONS` holds nothing stale: each entry is registered, with or without the guard."""
+async def test_every_described_operation_is_a_route_of_some_gateway(env, tmp_path):
+    """`OPERATIONS` holds nothing stale: each entry is registered, with or without the guard
+    (and a secret store)."""
     guard = Guard(
         AuthSettings(hs256_secret="s" * 32, dev_token_endpoint=True), env.state, "http://gw"
     )
     paths = set()
-    for g in (None, guard):
-        app = make_app(env.settings.gateway, js=env.js, state=env.state, backend=None, guard=g)
+    for g, secrets in ((None, None), (guard, SecretFiles(tmp_path))):
+        app = make_app(
+            env.settings.gateway, js=env.js, state=env.state, backend=None, guard=g, secrets=secrets
+        )
         paths |= {(r.method, r.resource.canonical) for r in app.router.routes()}
     assert set(OPERATIONS) <= paths
 

@@ -6,6 +6,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from dispatcher.gateway.auth import mint
+from handlers.errors import RetryableError
 from tests.gateway.support import PUBLISH_SECRET as SECRET
 
 APP = "alice/model"
@@ -108,8 +109,19 @@ async def test_a_value_over_the_body_limit_is_refused(sgw):
     assert await sgw.secrets.names(APP) == []
 
 
-async def test_a_gateway_without_a_store_answers_503(gw):
+async def test_a_gateway_without_a_store_has_no_secrets_routes(gw):
     status, body, _ = await call(gw, "PUT", f"{URL}/DB_URL", token(), data=b"v")
-    assert (status, body["error"]["code"]) == (503, "unavailable")
+    assert (status, body["error"]["code"]) == (404, "not_found")
     status, body, _ = await call(gw, "GET", URL, token())
-    assert status == 503
+    assert status == 404
+
+
+async def test_a_store_that_fails_is_a_503_naming_no_value(sgw, monkeypatch):
+    async def refuse(*_):
+        raise RetryableError("the Kubernetes API did not patch secrets after 4 tries: 503")
+
+    monkeypatch.setattr(sgw.secrets, "put", refuse)
+    with capture_logs() as logs:
+        status, body, _ = await call(sgw, "PUT", f"{URL}/DB_URL", token(), data=VALUE.encode())
+    assert (status, body["error"]["code"]) == (503, "unavailable")
+    assert [e["event"] for e in logs] == ["secret_store_failed"] and VALUE not in repr(logs)
