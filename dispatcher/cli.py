@@ -150,7 +150,7 @@ async def _cmd_apps(args, settings: Settings) -> int:
 async def _cmd_secrets(args, settings: Settings) -> int:
     try:
         lines = await secrets_cli.run(args, settings)
-    except (secrets_cli.SecretsError, publishing.PublishError) as exc:
+    except secrets_cli.SecretsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     for line in lines:

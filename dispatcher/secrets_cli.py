@@ -1,11 +1,11 @@
 """`spinyard secrets set|list|rm APP [NAME]`: an app's secrets, from a terminal or from CI.
 
 With `--gateway URL` (or `SPINYARD_GATEWAY_URL`) the commands call the
-gateway's secrets routes with the publisher token in `SPINYARD_TOKEN`
-(`dispatcher.gateway.secrets`); without, they write the configured backend's
-store directly (`dispatcher.compose.secret_store`): the local backend's data
-dir, or the apps namespace's Secrets through the operator's kubeconfig. Never
-over NATS.
+gateway's secrets routes (`dispatcher.gateway.secrets`) through the Python
+client (`spinyard.client`) with the publisher token in `SPINYARD_TOKEN`;
+without, they write the configured backend's store directly
+(`dispatcher.compose.secret_store`): the local backend's data dir, or the
+apps namespace's Secrets through the operator's kubeconfig. Never over NATS.
 
 `set` reads the value from `--from-env VAR`, else from standard input (all
 of it, one trailing newline dropped), else, on a terminal, from a prompt that
@@ -19,9 +19,9 @@ import os
 import sys
 from typing import Any
 
-from dispatcher import publishing
 from dispatcher.settings import Settings
 from schemas.names import check_app, check_secret_name
+from spinyard import ApiError, AsyncClient, Unreachable
 
 
 class SecretsError(Exception):
@@ -57,8 +57,8 @@ async def run(args: Any, settings: Settings) -> list[str]:
     """One `spinyard secrets ...` command: the lines the CLI prints.
 
     Raises:
-        SecretsError: bad input, or the secret to remove is not set.
-        publishing.PublishError: the gateway refused it, or could not be reached.
+        SecretsError: bad input or an unreachable gateway (exit 2); refused, or the secret
+            to remove is not set (exit 1).
     """
     try:
         app = check_app(args.app)
@@ -76,16 +76,18 @@ async def run(args: Any, settings: Settings) -> list[str]:
 async def _through_gateway(
     cmd: str, app: str, name: str | None, value: str | None, url: str, token: str | None
 ) -> list[str]:
-    async with publishing.Publisher(url, token) as api:
-        path = f"/v1/apps/{app}/secrets"
-        if cmd == "list":
-            return (await api.call("GET", path))["names"]
-        if cmd == "set":
-            headers = {"Content-Type": "text/plain; charset=utf-8"}
-            got = await api.call("PUT", f"{path}/{name}", data=value.encode(), headers=headers)
-            return [_set_line(app, name, got["created"])]
-        await api.call("DELETE", f"{path}/{name}")
-        return [f"removed {app} {name}"]
+    try:
+        async with AsyncClient(url, token) as api:
+            if cmd == "list":
+                return await api.secrets(app)
+            if cmd == "set":
+                return [_set_line(app, name, (await api.set_secret(app, name, value)).created)]
+            await api.remove_secret(app, name)
+            return [f"removed {app} {name}"]
+    except ApiError as exc:
+        raise SecretsError(f"{exc.code}: {exc.message}") from exc
+    except Unreachable as exc:
+        raise SecretsError(exc.message, 2) from exc
 
 
 async def _in_store(
