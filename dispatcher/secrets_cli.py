@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from dispatcher.settings import Settings
+from handlers.errors import PermanentError, RetryableError
 from schemas.names import check_app, check_secret_name
 from spinyard import ApiError, AsyncClient, Unreachable
 
@@ -95,14 +96,17 @@ async def _in_store(
 ) -> list[str]:
     from dispatcher.compose import secret_store
 
-    async with secret_store(settings) as store:
-        if cmd == "list":
-            return await store.names(app)
-        if cmd == "set":
-            return [_set_line(app, name, await store.put(app, name, value))]
-        if not await store.remove(app, name):
-            raise SecretsError(f"{app} has no secret {name}")
-        return [f"removed {app} {name}"]
+    try:
+        async with secret_store(settings) as store:
+            if cmd == "list":
+                return await store.names(app)
+            if cmd == "set":
+                return [_set_line(app, name, await store.put(app, name, value))]
+            if not await store.remove(app, name):
+                raise SecretsError(f"{app} has no secret {name}")
+            return [f"removed {app} {name}"]
+    except (PermanentError, RetryableError) as exc:  # the Kubernetes API refused, or is away
+        raise SecretsError(f"{exc.code}: {exc}") from exc
 
 
 def _set_line(app: str, name: str, created: bool) -> str:

@@ -2,35 +2,19 @@
 publisher token) and straight into the local backend's store; values from stdin or
 --from-env, never from the command line, never printed."""
 
-import asyncio
-import os
-import sys
-
 from dispatcher.backends.local.secrets import SecretFiles
 from dispatcher.gateway.auth import mint
 from tests.gateway.support import PUBLISH_SECRET
-from tests.helpers import ROOT
+from tests.helpers import run_cli
 
 VALUE = "from-ci ✓ s3cr3t"
 
 
 async def spinyard(*args: str, stdin: str = "", **env: str) -> tuple[int, str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dispatcher.cli",
-        *args,
-        cwd=ROOT,
-        env=clean | {"PYTHONPATH": str(ROOT)} | env,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate(stdin.encode())
-    assert VALUE not in out.decode() + err.decode()
-    return proc.returncode, out.decode(), err.decode()
+    """The CLI's answer, after checking the value is never in what it prints."""
+    code, out, err = await run_cli(*args, stdin=stdin, **env)
+    assert VALUE not in out + err
+    return code, out, err
 
 
 async def test_set_list_rm_through_the_gateway(sgw):

@@ -18,7 +18,7 @@ from handlers.errors import StartFailed
 from schemas import errors as codes
 from tests.backends.contract import new_id, new_job_id
 from tests.backends.kubernetes.support import WAIT_S, job_spec, k8s_spec
-from tests.helpers import ROOT, wait_for
+from tests.helpers import ROOT, run_cli, wait_for
 
 APP = "alice/echo"
 VALUE = "pg://alice:" + "Zq7-" * 6 + "@db/app"
@@ -148,3 +148,44 @@ async def test_the_simulated_kubelet_holds_a_pod_whose_secret_is_missing(backend
         "reason": "CreateContainerConfigError",
         "message": f'secret "{SECRET_NAME}" not found',
     }
+
+
+async def test_the_cli_without_a_gateway_writes_the_apps_secret_through_a_kubeconfig(
+    server, tmp_path
+):
+    """`spinyard secrets` on the Kubernetes backend, as an operator runs it: the real CLI."""
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "emu", "cluster": {"server": str(server.url)}}],
+                "users": [{"name": "op", "user": {"token": "t0ken"}}],
+                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "op"}}],
+                "current-context": "emu",
+            }
+        )
+    )
+    env = {
+        "SPINYARD_BACKEND__KIND": "kubernetes",
+        "SPINYARD_BACKEND__KUBERNETES__KUBECONFIG": str(kubeconfig),
+        "SPINYARD_BACKEND__KUBERNETES__API_TRIES": "1",
+    }
+    got = await spinyard("secrets", "set", APP, "APP_DB_URL", stdin=VALUE, **env)
+    assert got == (0, f"set {APP} APP_DB_URL (new)\n", "")
+    assert decoded(server.objects_of(SECRETS)[SECRET_NAME]) == {"APP_DB_URL": VALUE}
+    assert await spinyard("secrets", "list", APP, **env) == (0, "APP_DB_URL\n", "")
+    assert (await spinyard("secrets", "rm", APP, "APP_DB_URL", **env))[0] == 0
+    assert decoded(server.objects_of(SECRETS)[SECRET_NAME]) == {}
+
+    server.fail("get", SECRETS, 403, message="secrets is forbidden")
+    code, _, err = await spinyard("secrets", "list", APP, **env)
+    assert code == 1 and err.startswith("error: forbidden: ") and "Traceback" not in err
+
+
+async def spinyard(*args: str, stdin: str = "", **env: str) -> tuple[int, str, str]:
+    """The CLI's answer, after checking the value is never in what it prints."""
+    code, out, err = await run_cli(*args, stdin=stdin, **env)
+    assert VALUE not in out + err
+    return code, out, err
