@@ -9,7 +9,9 @@
 Each needs a publisher token naming the owner (`Guard.publisher`), as
 publishing does; a page's token cannot. The app need not be published yet:
 CI sets an app's secrets, then publishes the spec that names them. A NAME
-that is not an environment variable's name is a 422 `invalid_secret`.
+that is not an environment variable's name is a 422 `invalid_secret`. A
+gateway built without a store (`make_app(secrets=None)`) has none of these
+routes; `spinyard gateway` and `spinyard up` always give it the backend's.
 
 The value goes from the request straight to the store the backend reads
 (`dispatcher.backends.secrets.SecretStore`: a 0600 file, or the app's
@@ -18,6 +20,9 @@ in an error a value: only the app, the name and the token's subject
 (`secret_set`, `secret_removed`); the gateway keeps no access log, and the
 store's own errors name the operation, not the data.
 """
+
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -33,6 +38,7 @@ from schemas.answers import SecretNames, SecretSet
 from schemas.names import check_secret_name
 
 log = logs.get("spinyard.gateway")
+T = TypeVar("T")
 
 
 def _store(request: web.Request) -> SecretStore:
@@ -64,7 +70,7 @@ def _value(body: bytes) -> str:
     return value
 
 
-async def _stored(what: str, app: str, call):
+async def _stored(what: str, app: str, call: Awaitable[T]) -> T:
     """The store's answer; its failure as a 503 (logged by kind and code, never by data)."""
     try:
         return await call
