@@ -48,7 +48,7 @@ class SecretStore(abc.ABC):
 def missing_secret(app: str, name: str) -> StartFailed:
     """The start failure of an app whose spec names a secret that is not set: its name only."""
     return StartFailed(
-        f"the app's secret {name} is not set: set it with `spinyard secrets set {app} {name}`",
+        f"the app's secret {name} is not set: set it with spinyard secrets set {app} {name}",
         code=codes.MISSING_SECRET,
     )
 
