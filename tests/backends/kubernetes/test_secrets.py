@@ -189,3 +189,20 @@ async def spinyard(*args: str, stdin: str = "", **env: str) -> tuple[int, str, s
     code, out, err = await run_cli(*args, stdin=stdin, **env)
     assert VALUE not in out + err
     return code, out, err
+
+
+def test_a_secret_replaces_a_template_variable_of_its_name_in_place():
+    template = {
+        "spec": {"containers": [{"name": "job", "env": [{"name": "APP_DB_URL", "value": "x"}]}]}
+    }
+    spec = job_spec(name=APP, secrets=["APP_DB_URL"], env={"APP_PLAIN": "p"})
+    job = objects.make_job(JobLaunch(new_job_id(), {}, {}, 60.0), spec, template=template,
+                           created_at=0)  # fmt: skip
+    env = job.spec.template.spec.containers[0].env
+    assert env[0].name == "APP_DB_URL" and env[0].value is None
+    assert env[0].value_from.secret_key_ref.to_dict() == {
+        "name": SECRET_NAME,
+        "key": "APP_DB_URL",
+        "optional": None,
+    }
+    assert {e.name: e.value for e in env[1:]}["APP_PLAIN"] == "p"
