@@ -100,3 +100,18 @@ class Rollback(BaseModel):
     model_config = {"extra": "forbid"}
 
     revision: int = Field(ge=1, description="The earlier revision to make current again")
+
+
+class SecretSet(BaseModel):
+    """`201`/`200` to `PUT /v1/apps/{owner}/{title}/secrets/{name}`: never the value."""
+
+    app: str
+    name: str
+    created: bool = Field(description="True if the secret is new, False if its value was replaced")
+
+
+class SecretNames(BaseModel):
+    """`GET /v1/apps/{owner}/{title}/secrets`: the names of an app's secrets, never values."""
+
+    app: str
+    names: list[str] = Field(description="Sorted")

@@ -1,7 +1,7 @@
 """The gateway's routes and wiring: pages publish events and read status here.
 
 It builds the aiohttp app: events (`events`, `POST /v1/events`), the app
-list, publishing apps (`publish`), status (`sse`), the app proxy
+list, publishing apps (`publish`) and their secrets (`secrets`), status (`sse`), the app proxy
 (`proxy`), `embed.js`, the demo page,
 `/healthz`, `/metrics` and its OpenAPI document (`openapi`), with the
 middleware that gives every error the public error body (routing and
@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from dispatcher import logs
+from dispatcher.backends.secrets import SecretStore
 from dispatcher.gateway import GatewayError, Metrics, error_response
 from dispatcher.gateway.events import Auth, authorize, post_event
 from dispatcher.gateway.keys import (
@@ -34,6 +35,7 @@ from dispatcher.gateway.keys import (
     METRICS,
     NC,
     PROXY,
+    SECRETS,
     SETTINGS,
     SPECS,
     STATE,
@@ -43,6 +45,7 @@ from dispatcher.gateway.openapi import document
 from dispatcher.gateway.protocol import Server
 from dispatcher.gateway.proxy import Proxy
 from dispatcher.gateway.publish import add_routes as add_publish_routes
+from dispatcher.gateway.secrets import add_routes as add_secrets_routes
 from dispatcher.gateway.security import Guard, install
 from dispatcher.gateway.specs import SpecCache
 from dispatcher.gateway.sse import StatusStreams
@@ -216,6 +219,7 @@ def make_app(
     nc: Client | None = None,
     guard: Guard | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    secrets: SecretStore | None = None,
 ) -> web.Application:
     """The gateway application; the caller owns (and closes) the NATS connection.
 
@@ -229,6 +233,8 @@ def make_app(
         guard: tokens, embed origins and frame-ancestors; it supplies the auth hook.
         metrics_registry: the Prometheus registry its metrics go on (one per process,
             shared with a handler service in it); a new one if None.
+        secrets: where apps' secrets are written (the backend's store); None: no
+            secrets routes.
     """
     app = web.Application(middlewares=[errors_and_metrics])
     app[SPECS] = specs = SpecCache(
@@ -244,6 +250,7 @@ def make_app(
     app[BACKEND] = backend
     app[AUTH] = auth
     app[GUARD] = guard
+    app[SECRETS] = secrets
     app[STREAMS] = streams = StatusStreams(
         js,
         specs.get,
@@ -288,6 +295,8 @@ def make_app(
     r.add_get("/v1/apps", list_apps)
     r.add_get("/v1/apps/{owner}/{title}/status", streams.app_status)
     add_publish_routes(r)
+    if secrets is not None:
+        add_secrets_routes(r)
     r.add_get("/v1/jobs/{job_id}/status", streams.job_status)
     r.add_get("/v1/jobs/{job_id}", streams.job_status)
     r.add_get("/apps/{owner}/{title}", proxy.shared_app)
@@ -340,6 +349,7 @@ async def start_gateway(
     nc: Client | None = None,
     guard: Guard | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    secrets: SecretStore | None = None,
     shutdown_timeout_s: float = 5.0,
 ) -> GatewayRunner:
     """Build the gateway and listen on `settings.host:settings.port` (0: a free port).
@@ -356,6 +366,7 @@ async def start_gateway(
         nc=nc,
         guard=guard,
         metrics_registry=metrics_registry,
+        secrets=secrets,
     )
     # No access log: its request line would carry `?token=`. Handlers are cancelled when
     # their client goes, so an SSE stream unsubscribes at once.
