@@ -88,7 +88,8 @@ class HandlerSettings(BaseModel):
     spec_cache_s: float = Field(
         1.0,
         ge=0,
-        description="page_load and heartbeat use an app spec read this long ago again instead "
+        description="page_load, heartbeat and run_request use an app spec read this long ago "
+        "again instead "
         "of reading it per event; a changed spec reaches them this much later (0: read each time)",
     )
     activity_write_s: float = Field(
@@ -365,8 +366,9 @@ class Settings(BaseSettings):
     )
     gateway_url: str | None = Field(
         None,
-        description="The CLI's `apps` commands publish through this gateway (HTTP, with "
-        "`token`; docs/publishing.md); unset: they write the apps bucket over NATS",
+        description="The CLI's `apps` and `secrets` commands go through this gateway (HTTP, "
+        "with `token`; docs/publishing.md); unset: they write the apps bucket over NATS, "
+        "and secrets into the backend's store",
     )
     token: SecretStr | None = Field(
         None, description="The publisher token the CLI sends to `gateway_url`"

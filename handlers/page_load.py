@@ -140,7 +140,7 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
     pending = dep.state == AppState.PENDING
     if pending and not await capacity.admit(ctx, spec, key, dep, subject, start=False):
         return
-    if spec.pool.size and pending and await _from_pool(ctx, spec, key, dep, subject):
+    if pools.keeps_pool(spec) and pending and await _from_pool(ctx, spec, key, dep, subject):
         return
     if pending and not await capacity.admit(ctx, spec, key, dep, subject, start=True):
         return
@@ -159,7 +159,11 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
     if started is None:
         return
     await ctx.publish_status(subject, status_of(started[0]))
-    await ctx.backend.start_viz(dep.instance, spec)
+    try:
+        await ctx.backend.start_viz(dep.instance, spec)
+    except BaseException:  # e.g. a missing secret: no start in progress, whatever comes next
+        await capacity.start_done(ctx, dep.instance)
+        raise
     t_started = ctx.now()
     remaining = max(1.0, spec.start_timeout_s - (t_started - dep.created_at))
     try:
@@ -251,7 +255,9 @@ async def _resume_queued(
     from `queued` serves it; the others leave it to that one."""
     if not await capacity.admit(ctx, spec, key, dep, subject, start=False):
         return
-    if not spec.pool.size and not await capacity.admit(ctx, spec, key, dep, subject, start=True):
+    if not pools.keeps_pool(spec) and not await capacity.admit(
+        ctx, spec, key, dep, subject, start=True
+    ):
         return
     now = ctx.now()
     update = {

@@ -45,11 +45,7 @@ async def _run_request_failed(ctx: Context, event: RunRequest, error: ErrorInfo)
     on_failure=_run_request_failed,
 )
 async def run_request(ctx: Context, event: RunRequest) -> None:
-    spec = await ctx.state.apps.get(event.app)
-    if spec is None:
-        raise Rejected(f"no app named {event.app!r} is registered", code=codes.UNKNOWN_APP)
-    if spec.kind != "job":
-        raise Rejected(f"{event.app!r} is a {spec.kind} app, not a job app", code=codes.WRONG_KIND)
+    spec = await jobs.load_job_app(ctx, event.app)
     size = codec.packed_size(event.inputs)
     if size > spec.max_input_bytes:
         raise Rejected(

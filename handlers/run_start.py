@@ -131,7 +131,7 @@ async def _start(ctx: Context, spec: AppSpec, job_id: str) -> bool:
     now = ctx.now()
     member = None
     if job.phases.started is None:
-        if spec.pool.size and ctx.backend.warm_runners:
+        if pools.keeps_pool(spec) and ctx.backend.warm_runners:
             member = await pools.claim(ctx, spec.name, used_at=now)
         job = await _mark_started(ctx, job_id, now, warm=member is not None)
         if job is None:

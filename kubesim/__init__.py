@@ -13,6 +13,8 @@ the Kubernetes backend and `bench/k8s_sim.py` run the backend against it.
 - `selectors`: label and field selectors, as the API server applies them.
 - `kubelet_events`: the Events a kubelet reports about a failed readiness
   probe (reason Unhealthy), worded as kubelet's.
+- `kubelet_env`: a container's environment as a kubelet fills it, reading
+  `secretKeyRef` variables from their Secrets.
 """
 
 from kubesim.apiserver import NAMESPACE, Apiserver, apiserver, configuration, ref

@@ -9,8 +9,11 @@ SIM_BEHAVIOUR variable; with SIM_PROBE, kubelet also reports the readiness
 probe's answer as an Event, see kubelet_events.py), gives each resumed Job
 a running pod that a test then completes, fails or runs past its deadline
 (the contract's job model ends as its arguments say), deletes what an owner
-owned when the owner goes, and serves pod logs. Its watches send no label
-selector, so `Apiserver.fail` passes them by.
+owned when the owner goes, and serves pod logs. As the kubelet does, it
+fills each container's environment (`envs`, by pod; kubelet_env.py), and a
+`secretKeyRef` to a Secret or key that is not there leaves the pod waiting
+in CreateContainerConfigError. Its watches
+send no label selector, so `Apiserver.fail` passes them by.
 """
 
 import asyncio
@@ -31,8 +34,17 @@ from dispatcher.backends.kubernetes.resources import (
     SERVICES,
     Resource,
 )
-from kubesim import kubelet_events
+from kubesim import kubelet_env, kubelet_events
 from kubesim.apiserver import NAMESPACE, Apiserver, now_rfc3339
+from kubesim.statuses import (
+    condition,
+    deployment_failed,
+    deployment_ready,
+    pod_crashlooping,
+    pod_running,
+    pod_unschedulable,
+    pod_waiting,
+)
 
 
 def behaviour(container: dict) -> tuple[str, int]:
@@ -65,6 +77,7 @@ class Cluster:
     def __init__(self, server: Apiserver) -> None:
         self.server = server
         self.logs: dict[str, str] = {}  # pod name -> its log
+        self.envs: dict[str, dict[str, str]] = {}  # pod name -> its container's environment
         self._tasks: list[asyncio.Task] = []
         self._runs: dict[str, asyncio.Task] = {}  # Job uid -> its simulated model
         self._pods_made: set[str] = set()
@@ -137,6 +150,8 @@ class Cluster:
         container = dep["spec"]["template"]["spec"]["containers"][0]
         what, code = behaviour(container)
         pod_name = pod["metadata"]["name"]
+        if not await self._fill_env(pod_name, container):
+            return
         if what == "exit":  # compressed time: Kubernetes gives up at once
             await self.patch_status(DEPLOYMENTS, name, deployment_failed())
             await self._crash(pod_name, code)
@@ -153,6 +168,18 @@ class Cluster:
                 await self.patch_status(DEPLOYMENTS, name, deployment_ready())
         if (answer := kubelet_events.probe_answer(container)) is not None:
             await self.probe_failed(pod, answer)
+
+    async def _fill_env(self, pod: str, container: dict) -> bool:
+        """The container's environment into `envs` (kubelet_env.py); False, and the pod left
+        waiting, if a secret it refers to is not there."""
+        secrets = self.server.objects_of(SECRETS)
+        env, problem = kubelet_env.container_env(container, secrets, NAMESPACE)
+        if problem:
+            waiting = pod_waiting(container["name"], kubelet_env.REASON, problem)
+            await self.patch_status(PODS, pod, waiting)
+            return False
+        self.envs[pod] = env
+        return True
 
     async def probe_failed(self, pod: dict, answer: str, **when) -> None:
         """The kubelet reports that the app's readiness probe got `answer` (an Event)."""
@@ -214,6 +241,9 @@ class Cluster:
         self._pods_made.add(uid)
         name = job["metadata"]["name"]
         pod = await self._make_pod(job, f"{name}-{uid[:5]}")
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        if not await self._fill_env(pod["metadata"]["name"], container):
+            return
         running = {"active": 1, "ready": 1, "startTime": now_rfc3339()}
         await self.patch_status(JOBS, name, running)
         await self.patch_status(PODS, pod["metadata"]["name"], pod_running("job", True))
@@ -299,97 +329,3 @@ class Cluster:
             and (pod.get("status") or {}).get("phase") == "Running"
             and any(o["uid"] in owners for o in pod["metadata"].get("ownerReferences") or [])
         )
-
-
-def condition(kind: str, status: str, reason: str | None = None, message: str = "") -> dict:
-    found = {"type": kind, "status": status, "lastTransitionTime": now_rfc3339()}
-    if reason:
-        found |= {"reason": reason, "message": message}
-    return found
-
-
-def pod_running(container: str, ready: bool) -> dict:
-    flag = "True" if ready else "False"
-    return {
-        "phase": "Running",
-        "conditions": [
-            condition("PodScheduled", "True"),
-            condition("Initialized", "True"),
-            condition("ContainersReady", flag),
-            condition("Ready", flag),
-        ],
-        "containerStatuses": [
-            {
-                "name": container,
-                "ready": ready,
-                "restartCount": 0,
-                "started": True,
-                "state": {"running": {"startedAt": now_rfc3339()}},
-            }
-        ],
-    }
-
-
-def pod_crashlooping(container: str, code: int) -> dict:
-    return {
-        "phase": "Running",
-        "conditions": [condition("PodScheduled", "True"), condition("Ready", "False")],
-        "containerStatuses": [
-            {
-                "name": container,
-                "ready": False,
-                "restartCount": 1,
-                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}},
-                "lastState": {"terminated": {"exitCode": code, "reason": "Error"}},
-            }
-        ],
-    }
-
-
-def pod_waiting(container: str, reason: str) -> dict:
-    return {
-        "phase": "Pending",
-        "conditions": [condition("PodScheduled", "True"), condition("Ready", "False")],
-        "containerStatuses": [
-            {
-                "name": container,
-                "ready": False,
-                "restartCount": 0,
-                "state": {"waiting": {"reason": reason, "message": f"simulated {reason}"}},
-            }
-        ],
-    }
-
-
-def pod_unschedulable() -> dict:
-    message = "0/3 nodes are available: 3 Insufficient cpu."
-    return {
-        "phase": "Pending",
-        "conditions": [condition("PodScheduled", "False", "Unschedulable", message)],
-    }
-
-
-def deployment_ready() -> dict:
-    return {
-        "replicas": 1,
-        "readyReplicas": 1,
-        "availableReplicas": 1,
-        "updatedReplicas": 1,
-        "conditions": [
-            condition("Available", "True", "MinimumReplicasAvailable"),
-            condition("Progressing", "True", "NewReplicaSetAvailable"),
-        ],
-    }
-
-
-def deployment_failed() -> dict:
-    return {
-        "replicas": 1,
-        "unavailableReplicas": 1,
-        "conditions": [
-            condition("Available", "False", "MinimumReplicasUnavailable"),
-            condition(
-                "Progressing", "False", "ProgressDeadlineExceeded", "ReplicaSet has timed out"
-            ),
-        ],
-    }

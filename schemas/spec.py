@@ -25,7 +25,8 @@ from pydantic import (
 )
 
 from schemas import presets
-from schemas.names import check_app
+from schemas.names import check_app, check_secret_name
+from schemas.schedule import Window
 from schemas.status import Chart
 
 SPEC_VERSION = 1
@@ -114,6 +115,13 @@ class AppSpec(BaseModel):
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables; placeholders as in command"
     )
+    secrets: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Names of the app's secrets (`spinyard secrets set`) that reach its "
+        "environment, each as the variable of its name; a start fails `missing_secret` while "
+        "one is not set",
+    )
     image: str | None = Field(None, description="Container image, for the Kubernetes backend.")
     port: int = Field(8000, ge=1, le=65535, description="Port the app listens on in its container.")
     resources: Resources = Field(default_factory=Resources)
@@ -125,6 +133,12 @@ class AppSpec(BaseModel):
         "shared", description="shared: one instance for all viewers; per_session: one each"
     )
     pool: Pool = Field(default_factory=Pool)
+    schedule: list[Window] = Field(
+        default_factory=list,
+        max_length=50,
+        description="Weekly windows in which the pool holds another size; the largest open "
+        "one wins, `pool.size` outside them",
+    )
     idle: IdleLimits = Field(default_factory=IdleLimits)
     start_timeout_s: float = Field(60, gt=0, description="Seconds to become ready before `failed`")
     embed_origins: list[str] = Field(
@@ -231,6 +245,17 @@ class AppSpec(BaseModel):
                         f"{info.field_name}[{key!r}]: {{{name}}} has no value in a {kind} app "
                         f"(a {kind} app may use {allowed})"
                     )
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        for name in v:
+            check_secret_name(name)
+            if name in info.data.get("env", {}):
+                raise ValueError(f"{name!r} is in env too: a variable comes from one or the other")
+        if len(set(v)) != len(v):
+            raise ValueError("a secret is named twice")
         return v
 
     @field_validator("preload")

@@ -7,10 +7,12 @@ import sys
 
 from dispatcher.gateway.auth import mint
 from tests.gateway.support import PUBLISH_SECRET
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 SPEC_V1 = "name: alice/sums\nkind: job\ncommand: [python, run.py]\ndescription: one\n"
 SPEC_V2 = SPEC_V1.replace("one", "two")
+# A job app with a scheduled pool of warm runners: `apps list` says it has a schedule.
+SPEC_V3 = SPEC_V1 + "schedule: [{days: [mon], from: '09:50', to: '11:00', tz: UTC, pool: 2}]\n"
 
 
 async def spinyard(*args: str, **env: str) -> tuple[int, str, str]:
@@ -54,6 +56,12 @@ async def test_apps_add_history_rollback_list_rm_through_the_gateway(gw, tmp_pat
     assert (await gw.state.apps.get("alice/sums")).description == "one"
     code, out, _ = await spinyard("apps", "list", **env)
     assert "alice/sums" in out and "demo/viz" in out
+    v1.write_text(SPEC_V3)
+    assert (await spinyard("apps", "add", str(v1), **env))[1] == "published alice/sums revision 4\n"
+    code, out, _ = await spinyard("apps", "list", **env)
+    assert [line.split() for line in out.splitlines() if "alice/sums" in line] == [
+        ["alice/sums", "job", "+schedule(1)"]
+    ]
 
     assert (await spinyard("apps", "rm", "alice/sums", **env))[:2] == (0, "removed alice/sums\n")
     assert await gw.state.apps.get("alice/sums") is None
@@ -102,3 +110,22 @@ async def test_history_over_nats_and_rollback_needs_a_gateway(gw, settings, tmp_
     assert code == 0 and out.startswith("* 1 ")
     code, _, err = await spinyard("apps", "rollback", "alice/sums", "1", **nats)
     assert code == 2 and "--gateway" in err
+
+
+async def test_no_gateway_and_unreadable_specs_exit_2(gw, tmp_path):
+    token = mint(PUBLISH_SECRET, [], publish=["alice"])
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC_V1)
+    code, out, err = await spinyard(
+        "apps", "add", str(spec), SPINYARD_GATEWAY_URL=nowhere, SPINYARD_TOKEN=token
+    )
+    assert (code, out) == (2, "") and err.startswith(
+        f"error: cannot reach the gateway at {nowhere}"
+    )
+    env = {"SPINYARD_GATEWAY_URL": gw.url, "SPINYARD_TOKEN": token}
+    code, _, err = await spinyard("apps", "add", str(tmp_path / "none.yaml"), **env)
+    assert code == 2 and "none.yaml" in err and "Traceback" not in err
+    spec.write_text("kind: job\ncommand: [x]\n")
+    code, _, err = await spinyard("apps", "add", str(spec), **env)
+    assert code == 2 and "an app spec needs a `name`" in err

@@ -40,7 +40,9 @@ from dispatcher.backends.kubernetes.resources import (
     SECRETS,
     SERVICES,
 )
+from dispatcher.backends.kubernetes.secrets import SecretObjects
 from dispatcher.backends.launch import check_id, check_job_id, last_answer, not_ready_message
+from dispatcher.backends.secrets import check_secrets
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import PermanentError, RetryableError, StartFailed
 from handlers.ports import JobReport
@@ -79,6 +81,7 @@ class KubernetesBackend(Backend):
         )
         self._route = INGRESSROUTES if settings.route_kind == "ingressroute" else INGRESSES
         self.api = KubeApi(settings, configuration)
+        self._secrets = SecretObjects(self.api)  # names only: pods read the values themselves
         self._templates: dict[str, dict] = {}
         self._deployments = Informer(self.api, DEPLOYMENTS, objects.SELECTOR)
         self._pods = Informer(self.api, PODS, objects.SELECTOR)
@@ -123,12 +126,14 @@ class KubernetesBackend(Backend):
 
         Raises:
             ValueError: `instance_id` is not a valid id.
-            handlers.errors.StartFailed: the spec cannot run here (no image).
+            handlers.errors.StartFailed: the spec cannot run here (no image);
+                `missing_secret`: a secret the spec names is not in the app's Secret.
             handlers.errors.PermanentError: the API refused the objects (`ApiError`;
                 `forbidden` when the Role lacks a permission); not for a page's eyes.
             handlers.errors.RetryableError: the API did not answer; try again later.
         """
         check_id(instance_id)
+        await self._check_secrets(spec)
         now = time.time()
         try:
             deployment = objects.make_viz_deployment(
@@ -268,12 +273,14 @@ class KubernetesBackend(Backend):
 
         Raises:
             ValueError: the job id is not valid.
-            handlers.errors.StartFailed: the spec cannot run here (no image).
+            handlers.errors.StartFailed: the spec cannot run here (no image);
+                `missing_secret`: a secret the spec names is not in the app's Secret.
             handlers.errors.PermanentError: the API refused the objects (`ApiError`;
                 `forbidden` when the Role lacks a permission); not for a page's eyes.
             handlers.errors.RetryableError: the API did not answer; try again later.
         """
         check_job_id(launch.job_id)
+        await self._check_secrets(spec)
         now = time.time()
         try:
             job = objects.make_job(
@@ -327,6 +334,13 @@ class KubernetesBackend(Backend):
         again (reports are de-duplicated downstream).
         """
         await self._job_reports.watch(report, stopping, self._job_update)
+
+    async def _check_secrets(self, spec: AppSpec) -> None:
+        """Fail a start whose spec names a secret the app's Secret lacks, before any object
+        is made: a pod would otherwise wait in CreateContainerConfigError until its timeout."""
+        if spec.secrets:
+            with _start_errors():
+                check_secrets(spec, await self._secrets.names(spec.name))
 
     async def _job_update(self, job_id: str, state: str, pods: list[dict]) -> JobUpdate:
         """The report of a run in `state`: for a failure, its exit code and log tail."""

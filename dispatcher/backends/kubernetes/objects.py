@@ -6,7 +6,9 @@ inputs and presigned upload URLs, owned by the Job so it goes with it.
 
 What an app's container is given (placeholders filled, environment) is the
 launch contract, `dispatcher.backends.launch`, shared with the local
-backend. Pods start from the operator's templates with the security rules
+backend; the secrets the spec names come from the app's Secret
+(`secretKeyRef`), so no value is ever in a Deployment or a Job. Pods start
+from the operator's templates with the security rules
 enforced (`pods.py`); names, labels and annotations are `meta.py`'s. This
 module also offers the public names of those three, so the backend and
 `status.py` import only it. Nothing here talks to the API; `backend.py`
@@ -31,6 +33,7 @@ from dispatcher.backends.kubernetes.meta import (
     POOLED,
     SELECTOR,
     app_label,
+    app_secrets_name,
     labels,
     metadata,
     object_name,
@@ -69,6 +72,7 @@ __all__ = [
     "VIZ_CONTAINER",
     "Routing",
     "app_label",
+    "app_secrets_name",
     "labels",
     "make_ingress",
     "make_ingressroute",
@@ -135,7 +139,8 @@ def make_viz_deployment(
     container.image_pull_policy = image_pull_policy
     container.command = argv(spec, values)
     container.args = None
-    container.env = pods.merge_env(container, viz_env(spec, instance_id, values))
+    env = pods.merge_env(container, viz_env(spec, instance_id, values))
+    container.env = pods.with_secrets(env, spec)
     container.ports = [client.V1ContainerPort(name="http", container_port=spec.port)]
     container.resources = pods.resources(spec)
     container.readiness_probe = client.V1Probe(
@@ -211,7 +216,7 @@ def make_job(
         output_dir=OUTPUT_DIR,
         deadline_s=launch.deadline_s,
     )
-    container.env = pods.merge_env(container, env)
+    container.env = pods.with_secrets(pods.merge_env(container, env), spec)
     container.resources = pods.resources(spec)
     container.volume_mounts = [
         *(container.volume_mounts or []),
