@@ -27,6 +27,7 @@ JOB_FAILED = "job_failed"
 CANCELLED = "cancelled"
 INTERNAL = "internal"
 UNAVAILABLE = "unavailable"
+UNKNOWN_REVISION = "unknown_revision"
 
 
 class ErrorInfo(BaseModel):

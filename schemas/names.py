@@ -77,6 +77,17 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
+def check_instance_id(instance: str) -> str:
+    """Return `instance` if it looks like an instance id spinyard makes.
+
+    Raises:
+        ValueError: the id is not `i-` and 8-40 of a-z0-9.
+    """
+    if not INSTANCE_ID_RE.match(instance):
+        raise ValueError("instance must look like i-<8-40 of a-z0-9>")
+    return instance
+
+
 def split_app(name: str) -> tuple[str, str]:
     """Split a checked app name into (owner, title)."""
     owner, title = check_app(name).split("/")

@@ -173,6 +173,7 @@
     this.live = false;
     this.acceptedAt = null;
     this.held = null;
+    this.instance = null;
     this.startedAt = Date.now();
     this.say("Loading " + this.app + "…");
     this.listen();
@@ -216,10 +217,14 @@
     var self = this;
     // Before our page load shows up, an old stopped/failed status is history, not news.
     if (!this.live && ENDED[st.state] && (st.time || 0) < this.acceptedAt - 2) return;
+    // After an update, a shared app's status is about the new revision's instance; a page
+    // already showing an older one keeps it (and its heartbeats name it) until it ends.
+    if (this.frame && this.instance && st.instance && st.instance !== this.instance) return;
     if (LIVE[st.state]) this.live = true;
     if (st.state === "pending" || st.state === "starting") {
       this.progress(st.state);
     } else if (st.state === "ready" && st.url) {
+      this.instance = st.instance || null;
       this.show(new URL(st.url, this.base + "/").toString());
     } else if (st.state === "stopping") {
       this.say(this.app + " is stopping…");
@@ -277,6 +282,7 @@
       visible: visible,
       focused: focused,
       idle_s: Math.round(idle * 10) / 10,
+      instance: this.instance || undefined,
     }).catch(function () { /* the next beat tries again */ });
   };
 
