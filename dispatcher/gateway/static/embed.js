@@ -174,6 +174,7 @@
     this.acceptedAt = null;
     this.held = null;
     this.instance = null;
+    this.kept = false;
     this.startedAt = Date.now();
     this.say("Loading " + this.app + "…");
     this.listen();
@@ -218,13 +219,15 @@
     // Before our page load shows up, an old stopped/failed status is history, not news.
     if (!this.live && ENDED[st.state] && (st.time || 0) < this.acceptedAt - 2) return;
     // After an update, a shared app's status is about the new revision's instance; a page
-    // already showing an older one keeps it (and its heartbeats name it) until it ends.
-    if (this.frame && this.instance && st.instance && st.instance !== this.instance) return;
+    // showing an older one keeps it (and its heartbeats name it) until it ends. Only once a
+    // status since this page's load named it: a status held from before may be stale.
+    if (this.frame && this.kept && st.instance && st.instance !== this.instance) return;
     if (LIVE[st.state]) this.live = true;
     if (st.state === "pending" || st.state === "starting") {
       this.progress(st.state);
     } else if (st.state === "ready" && st.url) {
       this.instance = st.instance || null;
+      this.kept = !!st.instance && (st.time || 0) >= this.acceptedAt;
       this.show(new URL(st.url, this.base + "/").toString());
     } else if (st.state === "stopping") {
       this.say(this.app + " is stopping…");
