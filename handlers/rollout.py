@@ -195,6 +195,18 @@ async def spec_at(ctx: Context, app: str, revision: int) -> AppSpec:
     return spec.model_copy(update={"revision": revision})
 
 
+async def spec_shown(ctx: Context, app: str, revision: int | None) -> AppSpec | None:
+    """The spec a finished run's results are shown by (types, charts): its revision's if
+    still kept, else the current one (None if the app is gone)."""
+    current = await ctx.state.apps.get(app)
+    if current is None or revision is None or revision == current.revision:
+        return current
+    try:
+        return await spec_at(ctx, app, revision)
+    except Rejected:
+        return current
+
+
 async def spec_of_run(ctx: Context, current: AppSpec, revision: int | None) -> AppSpec:
     """The spec a run of `revision` runs with: the current one, or a kept earlier one.
 

@@ -102,7 +102,13 @@ async def test_update_serves_new_loads_while_the_old_instance_keeps_its_viewer(s
         assert first["revision"] == 1 and await tag_of(stack, old) == "v1"
         assert (await stack.record(APP)).revision == 1
 
+        # The revision is publishing's to set; it is answered beside the spec, not in it.
+        async with http.put(f"/v1/apps/{APP}", json=echo("v2", revision=5)) as resp:
+            assert resp.status == 422 and "revision" in await resp.text()
         assert await put(http, APP, echo("v2", idle=IDLE)) == 2
+        async with http.get(f"/v1/apps/{APP}") as resp:
+            body = await resp.json()
+            assert body["revision"] == 2 and "revision" not in body["spec"]
         await stack.page_load(APP, session="bob")
         second = await ready_on(stack, subject, not_instance=old)
         new = second["instance"]
@@ -248,3 +254,26 @@ async def test_a_pinned_run_runs_its_revision(settings, s3_server):
         failed = await runs.wait_state(job_id, "failed")
         assert failed["error"]["code"] == "unknown_revision"
         assert "revision 9" in failed["error"]["message"]
+
+
+async def test_a_pinned_runs_results_are_typed_by_its_revision(settings, s3_server):
+    name = "demo/typed"
+
+    def typed(media_type: str) -> dict:
+        command = ["{python}", str(APPS / "job_model.py"), "--upload"]
+        return {"kind": "job", "command": command, "outputs": ["r.dat"]} | {
+            "output_types": {"r.dat": media_type}
+        }
+
+    async with (
+        running(settings, s3_server) as runs,
+        publisher(settings, runs.js, runs.state) as http,
+    ):
+        await put(http, name, typed("text/plain"), status=201)
+        await put(http, name, typed("application/json"))
+        for revision, media_type in ((1, "text/plain"), (None, "application/json")):
+            request = RunRequest(app=name, session="s-1", revision=revision)
+            await runs.js.publish(subjects.event(subjects.RUN_REQUEST, name), encode(request))
+            done = await runs.wait_state(job_id_for(name, "s-1", None, request.id), "succeeded")
+            assert [r["type"] for r in done["results"]] == [media_type]
+            assert done["revision"] == (revision or 2)
