@@ -18,6 +18,7 @@ from dispatcher.gateway.app import start_gateway
 from dispatcher.gateway.auth import mint
 from dispatcher.gateway.security import Guard
 from dispatcher.settings import AuthSettings
+from handlers.deployments import slot_key
 from handlers.rollout import instance_slot
 from schemas import subjects
 from schemas.codec import encode
@@ -277,3 +278,20 @@ async def test_a_pinned_runs_results_are_typed_by_its_revision(settings, s3_serv
             done = await runs.wait_state(job_id_for(name, "s-1", None, request.id), "succeeded")
             assert [r["type"] for r in done["results"]] == [media_type]
             assert done["revision"] == (revision or 2)
+
+
+async def test_concurrent_loads_after_an_update_start_one_instance_of_the_new_revision(settings):
+    settings.handlers.spec_cache_s = 0
+    async with running_stack(settings) as stack, publisher(settings, stack.js, stack.state) as http:
+        subject = subjects.app_status(APP)
+        await put(http, APP, echo("v1"), status=201)
+        await stack.page_load(APP, session="first")
+        old = (await ready_on(stack, subject))["instance"]
+        await put(http, APP, echo("v2"))
+        await asyncio.gather(*(stack.page_load(APP, session=f"s-{i}") for i in range(12)))
+        new = (await ready_on(stack, subject, not_instance=old))["instance"]
+        await wait_for(lambda: stack.handled("page_load", "ok") == 13, what="every load handled")
+        assert {i.id for i in await stack.viz_instances()} == {old, new}
+        records = {e.key: e.value for e in await stack.state.deployments.scan()}
+        assert set(records) == {slot_key(APP, "shared"), slot_key(APP, instance_slot(old))}
+        assert records[slot_key(APP, "shared")].revision == 2
