@@ -18,7 +18,10 @@ fresh handler process is started and drains it. Figures per kind:
 
 Page loads are warm loads of the shared app from N different sessions (each
 answers the `ready` status and records the load); heartbeats are visible,
-focused and recent (each counted).
+focused and recent (each counted); run requests are runs of a job app from N
+sessions, each accepted (recorded `queued`, its status published and its
+`run_start` emitted; no run_start handler runs, so nothing starts): issue
+10's acceptance rate, for one process.
 """
 
 import asyncio
@@ -53,13 +56,15 @@ from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.settings import HandlerSettings, NatsSettings
 from schemas import subjects
 from schemas.codec import encode
-from schemas.events import Heartbeat, PageLoad
+from schemas.events import Heartbeat, PageLoad, RunRequest
+from schemas.spec import AppSpec
 
-KINDS = ["page_load", "heartbeat"]
+KINDS = ["page_load", "heartbeat", "run_request"]
+JOB_APP = "bench/accept"
 RAW_STREAM, RAW_SUBJECT, RAW_DURABLE = "BENCH_PULL", "bench.pull.in", "bench-pull"
 RAW_BATCH = 64  # the raw loop's pull size (its fastest of 16/64/256 here)
 PUBLISH_WINDOW = 2000  # publishes sent before their flush
-GOALS = {"page_load": 2000.0, "heartbeat": 3000.0}  # events/s, issue 9
+GOALS = {"page_load": 2000.0, "heartbeat": 3000.0, "run_request": 1000.0}  # /s, issues 9, 10
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -199,6 +204,8 @@ async def outcomes(port: int) -> dict[str, float]:
 def backlog(kind: str, n: int, run: int) -> list:
     if kind == "page_load":
         return [PageLoad(app=SHARED, session=f"s-{run}-{i}") for i in range(n)]
+    if kind == "run_request":
+        return [RunRequest(app=JOB_APP, session=f"s-{run}-{i}", inputs={"n": i}) for i in range(n)]
     return [
         Heartbeat(app=SHARED, session=f"s-{run}-{i}", visible=True, focused=True, idle_s=0.0)
         for i in range(n)
@@ -222,6 +229,8 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
     await provision.ensure_streams(js, nsettings)
     state = await provision.ensure_state(js, nsettings)
     await state.apps.put(SHARED, bench_specs(1)[SHARED])
+    job = AppSpec(name=JOB_APP, kind="job", command=["true"], outputs=["out.json"])
+    await state.apps.put(JOB_APP, job)
     await setup_raw(js)
     data_dir = tmp / "data"
     stack.push_async_callback(stop_instances, data_dir)  # after every handler process stops
@@ -253,7 +262,7 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
     for number, kind in enumerate(KINDS):
         events = backlog(kind, sizes.events, number)
         raw = await raw_pass(js, server.url, encode(events[0]), sizes.events, tmp, sizes)
-        await publish_backlog(nc, subjects.event(kind, SHARED), events)
+        await publish_backlog(nc, subjects.event(kind, events[0].app), events)
         await wait_until(
             lambda k=kind: pending_is(js, subjects.EVENTS_STREAM, k, sizes.events),
             30.0,

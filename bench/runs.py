@@ -3,10 +3,12 @@
 spinyard: this process publishes `RunRequest`s for a job app whose command
 is a trivial Python model (it computes a number and exits 0; no outputs)
 and records when each run's `queued`, `running` and terminal status arrive
-on a core subscription to `spinyard.v1.status.job.>`. The handlers
-(`run_request run_start job_update run_cancel`) run in a subprocess with the local
-backend, which starts one OS process per run, and a moto S3 server (in this
-process, on a loopback thread) as the object store.
+on a core subscription to `spinyard.v1.status.job.>`. The handlers run in
+two subprocesses, as a deployment scales them (k8s/ has a Deployment per
+kind): `run_request` alone (acceptance), and `run_start job_update
+run_cancel pool_refill reaper_tick` with the local backend, which starts one
+OS process per run; a moto S3 server (in this process, on a loopback
+thread) is the object store.
 
 - latency: runs one after another (each waits for the previous to end);
 - rates: `burst` requests published at once (concurrent acked JetStream
@@ -45,6 +47,7 @@ import msgpack
 import nats
 
 from bench import stats
+from bench.runs_report import format_result, pairs
 from bench.stack import BenchError, handlers_process, stop_instances, wait_consumers
 from dispatcher.bus import provision
 from dispatcher.embedded.natsserver import NatsServer
@@ -56,7 +59,8 @@ from schemas.spec import AppSpec
 
 APP = "bench/model"
 WARM_APP, BURST_APP = "bench/warm", "bench/warmburst"
-KINDS = ["run_request", "run_start", "job_update", "run_cancel", "pool_refill", "reaper_tick"]
+ACCEPT = ["run_request"]  # in a process of its own: acceptance does not wait for starts
+KINDS = ["run_start", "job_update", "run_cancel", "pool_refill", "reaper_tick"]
 MODEL = "import json\njson.dumps({'answer': sum(range(1000))})\n"
 TIMEOUT_S = 120.0
 ENDS = ("succeeded", "failed", "cancelled", "timed_out")
@@ -255,18 +259,20 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
             await state.apps.put(spec.name, spec)
             data_dir = tmp_path / "data"
             store = {"endpoint": s3.endpoint, "access_key": "bench", "secret_key": "bench-secret"}
-            handlers = handlers_process(
-                KINDS,
-                server.url,
-                data_dir,
-                tmp_path,
-                **{f"store__{k}": v for k, v in store.items()},
-                store__bucket="bench-results",
-                reaper__interval_s="0.5",
-                reaper__pool_refill_per_tick="20",
+            settings = {f"store__{k}": v for k, v in store.items()} | {
+                "store__bucket": "bench-results",
+                "reaper__interval_s": "0.5",
+                "reaper__pool_refill_per_tick": "20",
+            }
+            (tmp_path / "accept").mkdir()
+            accept = handlers_process(
+                ACCEPT, server.url, data_dir, tmp_path / "accept", **settings
             ).start()
+            stack.callback(accept.stop)
+            handlers = handlers_process(KINDS, server.url, data_dir, tmp_path, **settings).start()
             stack.push_async_callback(stop_instances, data_dir)
             stack.callback(handlers.stop)
+            await wait_consumers(js, subjects.EVENTS_STREAM, ACCEPT, accept)
             await wait_consumers(js, subjects.EVENTS_STREAM, KINDS, handlers)
             jobs = Jobs()
             await nc.subscribe(subjects.job_status("*"), cb=jobs.on_msg)
@@ -275,6 +281,7 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
             took, missed, _ = await _sequential(js, jobs, sizes.runs)
             rates, _ = await _burst(js, jobs, sizes.burst, first=min(sizes.pool, 100))
             warm = await _warm_half(state, js, jobs, tmp_path, sizes)
+            accept.check()
             handlers.check()
     return {
         "latency": _latencies(took, missed),
@@ -314,38 +321,6 @@ async def _warm_half(state, js, jobs: Jobs, workdir: Path, sizes: Sizes) -> dict
     }
 
 
-def _pairs(sp: dict, ce: dict) -> list[dict]:
-    """spinyard / Celery for the like-for-like figures."""
-    warm = sp.get("warm", {})
-    lat = {r["name"]: r for r in sp["latency"] + warm.get("latency", []) + ce["latency"]}
-    rate = {r["name"]: r for r in sp["rates"] + warm.get("rates", []) + ce["rates"]}
-    pairs = []
-    for mine, theirs in [
-        ("run request -> running", "submit -> task start"),
-        ("run request -> succeeded", "submit -> result received"),
-        ("run request -> running (warm pool)", "submit -> task start"),
-    ]:
-        for q in ("p50_ms", "p99_ms"):
-            a, b = lat[mine][q], lat[theirs][q]
-            pairs.append({"name": f"{mine} / {theirs} ({q})", "spinyard": a, "celery": b})
-    for mine, theirs in [
-        ("published (JetStream acks)", "submitted (apply_async returned)"),
-        ("queued (run_request handled)", "submitted (apply_async returned)"),
-        ("running (or already ended)", "started (task body began)"),
-        ("ended (succeeded)", "completed (results received)"),
-        ("running (or already ended) (warm pool)", "started (task body began)"),
-        ("first 100 running (warm pool)", "started (task body began)"),
-        ("ended (succeeded) (warm pool)", "completed (results received)"),
-    ]:
-        if mine not in rate:  # a quick run's pool is smaller than 100
-            continue
-        a, b = rate[mine]["per_s"], rate[theirs]["per_s"]
-        pairs.append({"name": f"{mine} / {theirs} (per s)", "spinyard": a, "celery": b})
-    for p in pairs:
-        p["ratio"] = stats.ratio(p["spinyard"], p["celery"])
-    return pairs
-
-
 async def run(sizes: Sizes = FULL, celery: bool = True) -> dict:
     """Both halves in this one run; a half that cannot run is reported with its error."""
     result: dict = {"bench": "runs", "machine": stats.machine(), "sizes": asdict(sizes)}
@@ -362,37 +337,9 @@ async def run(sizes: Sizes = FULL, celery: bool = True) -> dict:
         except BenchError as exc:
             result["celery"] = {"error": str(exc)}
         if "error" not in result["spinyard"] and "error" not in result["celery"]:
-            result["ratios"] = _pairs(result["spinyard"], result["celery"])
+            result["ratios"] = pairs(result["spinyard"], result["celery"])
     result["loadavg_1m_end"] = stats.machine()["loadavg_1m"]
     return result
-
-
-def format_result(result: dict) -> str:
-    lines = ["runs: run request -> running and runs per second, spinyard and Celery (same run)"]
-    for part in ("spinyard", "celery"):
-        if part not in result:
-            continue
-        figures = result[part]
-        lines.append(f"-- {part}" + (f" ({figures['worker']})" if "worker" in figures else ""))
-        if "error" in figures:
-            lines.append(f"   FAILED: {figures['error']}")
-            continue
-        lines.append(stats.table(figures["latency"], stats.LATENCY_COLUMNS[:4]))
-        lines.append(stats.table(figures["rates"], stats.RATE_COLUMNS))
-        if warm := figures.get("warm"):
-            lines.append(
-                f"-- {part}, warm pools: sequential runs warm {warm['sequential_warm']}; "
-                f"burst runs warm {warm['burst_warm']} (pool {warm['pool']}, "
-                f"filled in {warm['pool_fill_s']:.1f} s)"
-            )
-            lines.append(stats.table(warm["latency"], stats.LATENCY_COLUMNS[:4]))
-            lines.append(stats.table(warm["rates"], stats.RATE_COLUMNS))
-    if "ratios" in result:
-        lines.append("-- spinyard / celery")
-        columns = (("figure", "name"), ("spinyard", "spinyard"), ("celery", "celery"))
-        lines.append(stats.table(result["ratios"], (*columns, ("ratio", "ratio"))))
-    lines.append(stats.load_line(result))
-    return "\n".join(lines)
 
 
 def failed(result: dict) -> list[str]:

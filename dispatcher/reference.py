@@ -6,7 +6,7 @@ docs/configuration.md and docs/app-spec.md; a test fails when they are stale.
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, SecretStr
 from pydantic_core import PydanticUndefined
@@ -34,17 +34,28 @@ def _default(field) -> str:
     return f"`{value}`"
 
 
+def _item_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a `list[Model]` field, else None."""
+    args = get_args(annotation)
+    if get_origin(annotation) is list and args and isinstance(args[0], type):
+        return args[0] if issubclass(args[0], BaseModel) else None
+    return None
+
+
 def _rows(model: type[BaseModel], prefix: str, sep: str, env: bool) -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
-        path = f"{prefix}{name}"
+        path = f"{prefix}{field.alias if field.alias and not env else name}"  # `from`, not `start`
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows += _rows(annotation, f"{path}{sep}", sep, env)
             continue
         shown = f"SPINYARD_{path.upper()}" if env else path
         text = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{shown}` | {_default(field)} | {text} |")
+        item = _item_model(annotation)
+        if item is not None:  # a list of models (a spec's `schedule`): its fields as `name[].x`
+            rows += _rows(item, f"{path}[]{sep}", sep, env)
     return rows
 
 

@@ -172,6 +172,7 @@ class Handlers:
         store: ObjectStore | None = None,
         registry: Registry | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        now: Callable[[], float] = time.time,
     ):
         """
         Args:
@@ -185,6 +186,8 @@ class Handlers:
             registry: where the handlers are registered; the default registry otherwise.
             metrics_registry: the Prometheus registry its metrics go on (one per process,
                 shared with a gateway in it); a new one if None.
+            now: the handlers' clock (`Context.now`); tests move it to open a schedule
+                window in seconds.
         """
         self.settings = settings
         self.specs: list[HandlerSpec] = (registry or default_registry).select(handler_ids)
@@ -196,6 +199,7 @@ class Handlers:
         self.ready = asyncio.Event()
         self.metrics = HandlerMetrics(metrics_registry)
         self.health_port: int | None = None
+        self.now = now
 
     def stop(self) -> None:
         self.stopping.set()
@@ -213,6 +217,7 @@ class Handlers:
                 log=logs.get("spinyard.handler"),
                 knobs=make_knobs(self.settings),
                 store=self.store,
+                now=self.now,
                 memo=Memo(
                     spec_ttl_s=self.settings.handlers.spec_cache_s,
                     activity_every_s=self.settings.handlers.activity_write_s,

@@ -18,10 +18,29 @@ from handlers.errors import Rejected
 from schemas import errors as codes
 from schemas import subjects
 from schemas.errors import ErrorInfo
+from schemas.spec import AppSpec
 from schemas.status import JobPhases, JobState, JobStatus, ResultRef
 
 if TYPE_CHECKING:  # the context holds the state, which holds these records
     from handlers.context import Context
+
+
+async def load_job_app(ctx: Context, name: str) -> AppSpec:
+    """The job app's spec, read through the process's short-lived spec memory (`handlers.memo`).
+
+    Accepting a run needs the app's kind and input limit, read per request
+    otherwise; a spec changed or removed a moment ago is seen by run_start,
+    which reads it afresh before the start.
+
+    Raises:
+        Rejected: no such app, or it is not a job app.
+    """
+    spec = await ctx.memo.spec(name, ctx.state.apps.get)
+    if spec is None:
+        raise Rejected(f"no app named {name!r} is registered", code=codes.UNKNOWN_APP)
+    if spec.kind != "job":
+        raise Rejected(f"{name!r} is a {spec.kind} app, not a job app", code=codes.WRONG_KIND)
+    return spec
 
 
 class Job(BaseModel):

@@ -135,7 +135,7 @@ async def _serve(
 async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subject: str) -> None:
     """Make `dep` ready: from the warm pool if it has one, else by starting an instance."""
     if (
-        spec.pool.size
+        pools.keeps_pool(spec)
         and dep.state == AppState.PENDING
         and await _from_pool(ctx, spec, key, dep, subject)
     ):

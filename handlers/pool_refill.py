@@ -22,7 +22,7 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
     spec = await ctx.state.apps.get(event.app)
     index = await ctx.state.pools.get(event.app)
     reserved_at = index.starting.get(event.instance) if index else None
-    if spec is None or spec.pool.size == 0 or reserved_at is None:
+    if spec is None or not pools.keeps_pool(spec) or reserved_at is None:
         # The app went away, or the reservation expired: make sure nothing runs.
         await ctx.backend.stop_viz(event.instance)
         await pools.forget(ctx, event.app, event.instance)

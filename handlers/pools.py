@@ -20,6 +20,7 @@ from handlers import rollout
 from handlers.deployments import new_instance_id, slot_key
 from schemas import subjects
 from schemas.events import PoolRefill
+from schemas.schedule import scheduled_pool
 from schemas.spec import AppSpec
 
 if TYPE_CHECKING:  # the context holds the state, which holds these records
@@ -76,23 +77,50 @@ async def change(ctx: Context, app: str, edit: Callable[[PoolIndex], bool]) -> P
     return entry.value if entry else None
 
 
+def keeps_pool(spec: AppSpec) -> bool:
+    """Whether `spec` has a warm pool at some time: a `pool.size`, or a schedule window's."""
+    return spec.pool.size > 0 or any(window.pool for window in spec.schedule)
+
+
 def target_size(ctx: Context, spec: AppSpec, index: PoolIndex | None, now: float) -> int:
     """How many warm members `spec`'s pool should have now.
 
-    A viz app's pool is always `pool.size`. A job app's is `pool.size` while
+    The size is the largest open `schedule` window's (`schemas.schedule`), else
+    `pool.size`. A viz app's pool is always that. A job app's is that while
     runs come, and 0 once no run has asked for a warm runner for
     `idle.since_heartbeat_s` (its runners are reaped like an idle deployment;
-    the next run starts cold and the pool fills again); 0 on a backend that
-    keeps no warm runners.
+    the next run starts cold and the pool fills again), except in an open
+    window: the schedule says runs are coming. 0 on a backend that keeps no
+    warm runners.
     """
+    scheduled = scheduled_pool(spec.schedule, now) if spec.schedule else None
+    size = spec.pool.size if scheduled is None else scheduled
     if spec.kind != "job":
-        return spec.pool.size
+        return size
     if not ctx.backend.warm_runners:
         return 0
     used_at = index.used_at if index is not None else None
-    if used_at is not None and now - used_at > spec.idle.since_heartbeat_s:
+    if scheduled is None and used_at is not None and now - used_at > spec.idle.since_heartbeat_s:
         return 0
-    return spec.pool.size
+    return size
+
+
+def surplus(index: PoolIndex, target: int, gone: set[str]) -> set[str]:
+    """Members to stop so that `index`, without the `gone` ones, holds at most `target`.
+
+    Reservations still starting go first, then the newest warm members: the
+    oldest stay, as claims take the oldest first. (A window closing, a job
+    pool going idle, a smaller `pool.size`.)
+    """
+    starting = [i for i in index.starting if i not in gone]
+    warm = [m.instance for m in index.warm if m.instance not in gone]
+    extra = len(starting) + len(warm) - target
+    if extra <= 0:
+        return set()
+    # Reversed first, so that among reservations of one pass the later one goes first.
+    by_time = sorted(starting[::-1], key=index.starting.__getitem__, reverse=True)
+    newest_first = by_time + warm[::-1]
+    return set(newest_first[:extra])
 
 
 async def claim(

@@ -3,11 +3,12 @@
 A pass (1) stops deployments past an idle limit or, running an older
 revision than their app's, past its drain limit (`handlers.rollout`), (2)
 fails starts that overran their timeout, (3) keeps warm pools at size (a
-job app's warm runners too, until it is idle: `pools.target_size`; members
-of an older revision are replaced), a few refills per app per tick, and (4)
-reconciles: backend instances that no record names are stopped, records
-whose instance is gone are failed and removed, and warm pool members whose
-instance is gone are dropped (`handlers.reconcile`).
+job app's warm runners too, until it is idle; a `schedule` window's size
+while one is open: `pools.target_size`; members of an older revision are
+replaced), a few refills per app per tick, stopping the surplus when a pool
+shrinks, and (4) reconciles: backend instances that no record names are
+stopped, records whose instance is gone are failed and removed, and warm
+pool members whose instance is gone are dropped (`handlers.reconcile`).
 
 A deployment's activity (page loads after the first, counted heartbeats) is
 read from its activity keys, one scan of the activity bucket per pass
@@ -105,7 +106,7 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
         counts["activity_pruned"] += await activity.prune(ctx, slot_marks, now - grace)
 
     for spec in apps.values():
-        if spec is not None and spec.pool.size:
+        if spec is not None and pools.keeps_pool(spec):
             counts["refills"] += await pools.request_refill(
                 ctx, spec, ctx.knobs.pool_refill_per_tick
             )
@@ -219,14 +220,15 @@ async def _tend_pool(
     instances: dict[str, Instance],
     now: float,
 ) -> set[str]:
-    """Drop stuck reservations, dead or extra members, pools of removed apps. The ones kept."""
+    """Drop stuck reservations, dead members, pools of removed apps, and members past the
+    pool's size now (`pools.surplus`: a schedule window closed, say). The ones kept."""
     spec = await _current_spec(ctx, apps, app)
     timeout = (spec.start_timeout_s if spec else 0.0) + ctx.knobs.reconcile_grace_s
     expired = {i for i, t in index.starting.items() if spec is None or now - t > timeout}
     dead = reconcile.dead_members(index, instances)
     stale = rollout.stale_members(index, spec) - dead if spec else set()
-    alive = [m.instance for m in index.warm if m.instance not in dead | stale]
-    excess = set(alive[pools.target_size(ctx, spec, index, now) :] if spec else alive)
+    target = pools.target_size(ctx, spec, index, now) if spec else 0
+    excess = pools.surplus(index, target, gone=expired | dead | stale)
     if expired | excess:
         await reconcile.drop_members(ctx, app, expired | excess, "expired_or_extra")
     if dead:

@@ -63,16 +63,23 @@ def dead_members(index: PoolIndex, instances: dict[str, Instance]) -> set[str]:
 
 
 async def drop_members(ctx: Context, app: str, drop: set[str], reason: str) -> None:
-    """Take instances out of an app's pool record, warm or starting, and stop them."""
+    """Take instances out of an app's pool record, warm or starting, and stop them.
+
+    Only those still in the record are stopped: `drop` was chosen from a
+    record read earlier, and a member a page load claimed since is a viewer's
+    now (a window closing drops many members while its last viewers come).
+    """
+    removed: set[str] = set()
 
     def remove(index: PoolIndex) -> bool:
-        for instance in drop:
-            index.starting.pop(instance, None)
+        removed.clear()
+        removed.update(i for i in drop if index.starting.pop(i, None) is not None)
+        removed.update(m.instance for m in index.warm if m.instance in drop)
         index.warm = [m for m in index.warm if m.instance not in drop]
-        return True
+        return bool(removed)
 
     await pools.change(ctx, app, remove)
-    for instance in drop:
+    for instance in removed:
         await ctx.backend.stop_viz(instance)
         ctx.log.info("pool_instance_dropped", instance=instance, app=app, reason=reason)
 

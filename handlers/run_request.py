@@ -49,12 +49,12 @@ async def _run_request_failed(ctx: Context, event: RunRequest, error: ErrorInfo)
     on_failure=_run_request_failed,
 )
 async def run_request(ctx: Context, event: RunRequest) -> None:
-    spec = await ctx.state.apps.get(event.app)
-    if spec is None:
-        raise Rejected(f"no app named {event.app!r} is registered", code=codes.UNKNOWN_APP)
-    spec = await rollout.spec_of_run(ctx, spec, event.revision)  # a pinned revision's
-    if spec.kind != "job":
-        raise Rejected(f"{event.app!r} is a {spec.kind} app, not a job app", code=codes.WRONG_KIND)
+    spec = await jobs.load_job_app(ctx, event.app)
+    if event.revision is not None:  # a pinned revision's spec, from the app's history
+        spec = await rollout.spec_of_run(ctx, spec, event.revision)
+        if spec.kind != "job":
+            message = f"revision {event.revision} of {event.app!r} is a {spec.kind} app"
+            raise Rejected(message, code=codes.WRONG_KIND)
     size = codec.packed_size(event.inputs)
     if size > spec.max_input_bytes:
         raise Rejected(

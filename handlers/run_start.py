@@ -140,7 +140,7 @@ async def _start(ctx: Context, spec: AppSpec, job_id: str) -> bool:
         await _fail(ctx, job_id, public_info(exc))
         return False
     if job.phases.started is None:
-        if spec.pool.size and ctx.backend.warm_runners and spec.revision == current:
+        if pools.keeps_pool(spec) and ctx.backend.warm_runners and spec.revision == current:
             member = await pools.claim(ctx, spec.name, used_at=now, revision=spec.revision)
         job = await _mark_started(ctx, job_id, now, warm=member is not None)
         if job is None:

@@ -26,6 +26,7 @@ from pydantic import (
 
 from schemas import presets
 from schemas.names import check_app
+from schemas.schedule import Window
 from schemas.status import Chart
 
 SPEC_VERSION = 1
@@ -138,6 +139,12 @@ class AppSpec(BaseModel):
         "shared", description="shared: one instance for all viewers; per_session: one each"
     )
     pool: Pool = Field(default_factory=Pool)
+    schedule: list[Window] = Field(
+        default_factory=list,
+        max_length=50,
+        description="Weekly windows in which the pool holds another size; the largest open "
+        "one wins, `pool.size` outside them",
+    )
     idle: IdleLimits = Field(default_factory=IdleLimits)
     rollout: Rollout = Field(default_factory=Rollout)
     revision: int | None = Field(

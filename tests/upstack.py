@@ -4,6 +4,7 @@ foreground job is, so a test can signal its whole process group as Ctrl-C does.
 Used by tests/embedded and tests/browser through the `launch_up` fixture (tests/conftest.py).
 """
 
+import ctypes
 import os
 import re
 import signal
@@ -14,6 +15,15 @@ import time
 from tests.helpers import ROOT, free_port
 
 EXAMPLES = (ROOT / "examples" / "hello", ROOT / "examples" / "epidemic")
+PR_SET_PDEATHSIG = 1
+
+
+def _ends_with_pytest() -> None:
+    """In the child: SIGTERM when the test process dies, so a killed run leaves no stack.
+
+    (A stack's own shutdown on SIGTERM stops everything it started.)
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def start_up(data, extra_env: dict[str, str], apps=EXAMPLES, args: tuple[str, ...] = ()) -> dict:
@@ -46,6 +56,7 @@ def start_up(data, extra_env: dict[str, str], apps=EXAMPLES, args: tuple[str, ..
             stderr=log,
             text=True,
             start_new_session=True,
+            preexec_fn=_ends_with_pytest,
         )
     banner = []
     deadline = time.monotonic() + 60

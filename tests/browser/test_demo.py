@@ -64,6 +64,23 @@ def test_a_start_failure_shows_its_reason_and_the_apps_last_words(stack, page):
     assert box.get_by_role("button", name="Start again").is_visible()
 
 
+def test_start_again_right_after_a_failure_waits_for_the_new_attempt(stack, page):
+    # The stream opened by "Start again" first sends the failure just shown: that is history,
+    # however recent; the box shows the new attempt's own outcome (its log tail differs).
+    page.goto(f"{stack['url']}/demo#test/broken")
+    box = page.locator(".spinyard-status")
+    box.get_by_text("test/broken failed").wait_for()
+    first_tail = box.locator("pre").text_content()
+    box.get_by_role("button", name="Start again").click()
+    page.wait_for_function(
+        "(old) => { const pre = document.querySelector('.spinyard-status pre');"
+        " return pre && pre.textContent !== old; }",
+        arg=first_tail,
+        timeout=20_000,
+    )
+    assert "no data file: lesson.csv" in box.locator("pre").text_content()
+
+
 def test_a_run_form_shows_the_runs_states_and_its_results(stack, page):
     page.add_init_script(RECORD_TEXTS)
     page.goto(f"{stack['url']}/demo#demo/epidemic")

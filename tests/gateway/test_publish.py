@@ -103,6 +103,9 @@ async def test_a_yaml_body_with_a_framework_preset_is_stored_raw_and_run_expande
     assert "command" not in history.revisions[0].spec  # the raw spec, as submitted
 
 
+WINDOW = {"days": ["mon"], "from": "09:50", "to": "11:00", "tz": "Europe/Berlin", "pool": 4}
+
+
 @pytest.mark.parametrize(
     ("spec", "field"),
     [
@@ -111,6 +114,8 @@ async def test_a_yaml_body_with_a_framework_preset_is_stored_raw_and_run_expande
         ({**SPEC, "command": []}, "command"),
         ({**SPEC, "readiness_path": "health"}, "readiness_path"),
         ({**SPEC, "colour": "red"}, "colour"),
+        ({**SPEC, "schedule": [{**WINDOW, "tz": "Mars/Base"}]}, "schedule.0.tz"),
+        ({**SPEC, "schedule": [WINDOW, {**WINDOW, "pool": -1}]}, "schedule.1.pool"),
     ],
 )
 async def test_a_bad_spec_is_422_naming_the_field_and_writes_nothing(gw, spec, field):

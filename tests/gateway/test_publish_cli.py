@@ -7,7 +7,7 @@ import sys
 
 from dispatcher.gateway.auth import mint
 from tests.gateway.support import PUBLISH_SECRET
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 SPEC_V1 = "name: alice/sums\nkind: job\ncommand: [python, run.py]\ndescription: one\n"
 SPEC_V2 = SPEC_V1.replace("one", "two")
@@ -102,3 +102,22 @@ async def test_history_over_nats_and_rollback_needs_a_gateway(gw, settings, tmp_
     assert code == 0 and out.startswith("* 1 ")
     code, _, err = await spinyard("apps", "rollback", "alice/sums", "1", **nats)
     assert code == 2 and "--gateway" in err
+
+
+async def test_no_gateway_and_unreadable_specs_exit_2(gw, tmp_path):
+    token = mint(PUBLISH_SECRET, [], publish=["alice"])
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC_V1)
+    code, out, err = await spinyard(
+        "apps", "add", str(spec), SPINYARD_GATEWAY_URL=nowhere, SPINYARD_TOKEN=token
+    )
+    assert (code, out) == (2, "") and err.startswith(
+        f"error: cannot reach the gateway at {nowhere}"
+    )
+    env = {"SPINYARD_GATEWAY_URL": gw.url, "SPINYARD_TOKEN": token}
+    code, _, err = await spinyard("apps", "add", str(tmp_path / "none.yaml"), **env)
+    assert code == 2 and "none.yaml" in err and "Traceback" not in err
+    spec.write_text("kind: job\ncommand: [x]\n")
+    code, _, err = await spinyard("apps", "add", str(spec), **env)
+    assert code == 2 and "an app spec needs a `name`" in err

@@ -183,7 +183,7 @@
         if (self.ended) return;
         self.acceptedAt = typeof answer.time === "number" ? answer.time : Date.now() / 1000;
         self.beat = setInterval(function () { self.heartbeat(); }, self.heartbeatS * 1000);
-        if (self.held) self.onStatus(self.held);
+        if (self.held) self.onStatus(self.held.st, self.held.snapshot);
       })
       .catch(function (err) {
         self.stop();
@@ -198,12 +198,16 @@
     var url = statusUrl(this.base, "/v1/apps/" + this.app + "/status", { session: session() },
       this.token());
     var source = new EventSource(url);
+    var first = true; // each connection's first status is the one current as it opened
     this.source = source;
+    source.onopen = function () { first = true; };
     source.addEventListener("status", function (e) {
       var st;
       try { st = JSON.parse(e.data); } catch (err) { return; }
-      if (self.acceptedAt === null) { self.held = st; return; }
-      self.onStatus(st);
+      var snapshot = first;
+      first = false;
+      if (self.acceptedAt === null) { self.held = { st: st, snapshot: snapshot }; return; }
+      self.onStatus(st, snapshot);
     });
     source.onerror = function () {
       // A network blip reconnects by itself; an error answer closes the stream for good.
@@ -214,10 +218,16 @@
     };
   };
 
-  Embed.prototype.onStatus = function (st) {
+  /** `snapshot`: the status was current when the stream opened, not a change seen since. */
+  Embed.prototype.onStatus = function (st, snapshot) {
     var self = this;
-    // Before our page load shows up, an old stopped/failed status is history, not news.
-    if (!this.live && ENDED[st.state] && (st.time || 0) < this.acceptedAt - 2) return;
+    // Before our page load shows up, an old stopped/failed status is history, not news:
+    // a snapshot from before the load was accepted (say the failure "Start again" answers),
+    // or a change stamped well before it (2 s: the gateway's and handlers' clocks may differ).
+    var t = st.time || 0;
+    if (!this.live && ENDED[st.state] && ((snapshot && t < this.acceptedAt) || t < this.acceptedAt - 2)) {
+      return;
+    }
     // After an update, a shared app's status is about the new revision's instance; a page
     // showing an older one keeps it (and its heartbeats name it) until it ends. Only once a
     // status since this page's load named it: a status held from before may be stale.

@@ -1,0 +1,63 @@
+"""The runs bench's report: spinyard / Celery ratios and the printed tables (`bench.runs`)."""
+
+from bench import stats
+
+
+def pairs(sp: dict, ce: dict) -> list[dict]:
+    """spinyard / Celery for the like-for-like figures."""
+    warm = sp.get("warm", {})
+    lat = {r["name"]: r for r in sp["latency"] + warm.get("latency", []) + ce["latency"]}
+    rate = {r["name"]: r for r in sp["rates"] + warm.get("rates", []) + ce["rates"]}
+    pairs = []
+    for mine, theirs in [
+        ("run request -> running", "submit -> task start"),
+        ("run request -> succeeded", "submit -> result received"),
+        ("run request -> running (warm pool)", "submit -> task start"),
+    ]:
+        for q in ("p50_ms", "p99_ms"):
+            a, b = lat[mine][q], lat[theirs][q]
+            pairs.append({"name": f"{mine} / {theirs} ({q})", "spinyard": a, "celery": b})
+    for mine, theirs in [
+        ("published (JetStream acks)", "submitted (apply_async returned)"),
+        ("queued (run_request handled)", "submitted (apply_async returned)"),
+        ("running (or already ended)", "started (task body began)"),
+        ("ended (succeeded)", "completed (results received)"),
+        ("running (or already ended) (warm pool)", "started (task body began)"),
+        ("first 100 running (warm pool)", "started (task body began)"),
+        ("ended (succeeded) (warm pool)", "completed (results received)"),
+    ]:
+        if mine not in rate:  # a quick run's pool is smaller than 100
+            continue
+        a, b = rate[mine]["per_s"], rate[theirs]["per_s"]
+        pairs.append({"name": f"{mine} / {theirs} (per s)", "spinyard": a, "celery": b})
+    for p in pairs:
+        p["ratio"] = stats.ratio(p["spinyard"], p["celery"])
+    return pairs
+
+
+def format_result(result: dict) -> str:
+    lines = ["runs: run request -> running and runs per second, spinyard and Celery (same run)"]
+    for part in ("spinyard", "celery"):
+        if part not in result:
+            continue
+        figures = result[part]
+        lines.append(f"-- {part}" + (f" ({figures['worker']})" if "worker" in figures else ""))
+        if "error" in figures:
+            lines.append(f"   FAILED: {figures['error']}")
+            continue
+        lines.append(stats.table(figures["latency"], stats.LATENCY_COLUMNS[:4]))
+        lines.append(stats.table(figures["rates"], stats.RATE_COLUMNS))
+        if warm := figures.get("warm"):
+            lines.append(
+                f"-- {part}, warm pools: sequential runs warm {warm['sequential_warm']}; "
+                f"burst runs warm {warm['burst_warm']} (pool {warm['pool']}, "
+                f"filled in {warm['pool_fill_s']:.1f} s)"
+            )
+            lines.append(stats.table(warm["latency"], stats.LATENCY_COLUMNS[:4]))
+            lines.append(stats.table(warm["rates"], stats.RATE_COLUMNS))
+    if "ratios" in result:
+        lines.append("-- spinyard / celery")
+        columns = (("figure", "name"), ("spinyard", "spinyard"), ("celery", "celery"))
+        lines.append(stats.table(result["ratios"], (*columns, ("ratio", "ratio"))))
+    lines.append(stats.load_line(result))
+    return "\n".join(lines)
