@@ -67,6 +67,11 @@ class Job(BaseModel):
         " collected yet (the store was away): from then on its retention, not its deadline,"
         " bounds the wait",
     )
+    revision: int | None = Field(
+        None,
+        description="The app's revision it runs: the current one when accepted, or the one"
+        " its request pinned (`handlers.rollout`)",
+    )
 
 
 def status_of(job: Job) -> JobStatus:
@@ -81,6 +86,7 @@ def status_of(job: Job) -> JobStatus:
         log_tail=job.log_tail,
         phases=job.phases,
         session=job.session,
+        revision=job.revision,
     )
 
 

@@ -55,6 +55,9 @@ class AppStatus(BaseModel):
     log_tail: str | None = Field(
         None, description="On a failed start: the last lines of the app's own log"
     )
+    revision: int | None = Field(
+        None, description="The app's published revision the instance runs (null: unknown)"
+    )
     time: float = Field(default_factory=_time.time)
 
 
@@ -121,5 +124,8 @@ class JobStatus(BaseModel):
     session: str | None = None
     position: int | None = Field(
         None, description="While queued behind a limit: 1 = the next to start"
+    )
+    revision: int | None = Field(
+        None, description="The app's published revision the run runs (null: unknown)"
     )
     time: float = Field(default_factory=_time.time)
