@@ -270,17 +270,21 @@ class AsyncClient:
         *,
         session: str | None = None,
         idempotency_key: str | None = None,
+        revision: int | None = None,
     ) -> str:
         """Ask for one run of a job app: its job id (the run is `queued` at once).
 
         The same `idempotency_key` from the same session gives the same job id and no
-        second run, so a retried CI step does not run twice.
+        second run, so a retried CI step does not run twice. `revision` pins the run to
+        one of the app's kept revisions (`revisions(app)`); a revision not kept is a
+        404 `unknown_revision`.
         """
         event = RunRequest(
             app=app,
             session=session or self.session,
             inputs=dict(inputs or {}),
             idempotency_key=idempotency_key,
+            revision=revision,
         )
         job_id = (await self.send(event)).job_id
         assert job_id is not None  # the gateway always answers a run request with one
