@@ -81,8 +81,7 @@ class HandlerSettings(BaseModel):
     spec_cache_s: float = Field(
         1.0,
         ge=0,
-        description="page_load, heartbeat and run_request use an app spec read this long ago "
-        "again instead "
+        description="page_load and heartbeat use an app spec read this long ago again instead "
         "of reading it per event; a changed spec reaches them this much later (0: read each time)",
     )
     activity_write_s: float = Field(
