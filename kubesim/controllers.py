@@ -9,7 +9,9 @@ SIM_BEHAVIOUR variable; with SIM_PROBE, kubelet also reports the readiness
 probe's answer as an Event, see kubelet_events.py), gives each resumed Job
 a running pod that a test then completes, fails or runs past its deadline
 (the contract's job model ends as its arguments say), deletes what an owner
-owned when the owner goes, and serves pod logs. Its watches send no label
+owned when the owner goes, and serves pod logs. A bare pod (no owner: a warm
+runner) really runs, as a local process at a loopback pod IP (processes.py).
+Its watches send no label
 selector, so `Apiserver.fail` passes them by.
 """
 
@@ -33,6 +35,16 @@ from dispatcher.backends.kubernetes.resources import (
 )
 from kubesim import kubelet_events
 from kubesim.apiserver import NAMESPACE, Apiserver, now_rfc3339
+from kubesim.processes import ProcessKubelet
+from kubesim.shapes import (
+    condition,
+    deployment_failed,
+    deployment_ready,
+    pod_crashlooping,
+    pod_running,
+    pod_unschedulable,
+    pod_waiting,
+)
 
 
 def behaviour(container: dict) -> tuple[str, int]:
@@ -69,6 +81,7 @@ class Cluster:
         self._runs: dict[str, asyncio.Task] = {}  # Job uid -> its simulated model
         self._pods_made: set[str] = set()
         self._http: aiohttp.ClientSession | None = None
+        self.node = ProcessKubelet(self.patch_status)
 
     async def __aenter__(self) -> "Cluster":
         self._http = aiohttp.ClientSession(base_url=str(self.server.url))
@@ -76,6 +89,7 @@ class Cluster:
         for res, react in (
             (DEPLOYMENTS, self._on_deployment),
             (JOBS, self._on_job),
+            (PODS, self.node.on_pod),
         ):
             ready = asyncio.Event()
             task = asyncio.create_task(self._watch(res, react, ready), name=f"sim:{res.plural}")
@@ -89,12 +103,14 @@ class Cluster:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.node.close()
         await self._http.close()
         if died:  # a controller that died leaves tests waiting: say why
             raise RuntimeError("a simulated controller died") from died[0]
 
     def _serve_log(self, request: kmock.Request) -> bytes:
-        return self.logs.get(request.name, f"{request.name}: no output\n").encode()
+        log = self.node.log(request.name)
+        return (log or self.logs.get(request.name, f"{request.name}: no output\n")).encode()
 
     async def _watch(self, res: Resource, react, ready: asyncio.Event) -> None:
         path = res.path(NAMESPACE)
@@ -286,7 +302,8 @@ class Cluster:
         await self.patch_status(JOBS, job_id, {"active": 0, **counts, "conditions": ends})
 
     def running_pods(self, instance_id: str) -> int:
-        """Pods of the instance that run and whose owner still exists (so GC is instant)."""
+        """Pods of the instance that run and whose owner still exists (so GC is instant),
+        and bare pods whose process runs."""
         owners = {
             obj["metadata"]["uid"]
             for res in (DEPLOYMENTS, JOBS)
@@ -297,99 +314,8 @@ class Cluster:
             for pod in self.server.objects_of(PODS).values()
             if pod["metadata"]["labels"].get("spinyard.io/instance") == instance_id
             and (pod.get("status") or {}).get("phase") == "Running"
-            and any(o["uid"] in owners for o in pod["metadata"].get("ownerReferences") or [])
+            and (
+                any(o["uid"] in owners for o in pod["metadata"].get("ownerReferences") or [])
+                or self.node.running(pod["metadata"]["name"])
+            )
         )
-
-
-def condition(kind: str, status: str, reason: str | None = None, message: str = "") -> dict:
-    found = {"type": kind, "status": status, "lastTransitionTime": now_rfc3339()}
-    if reason:
-        found |= {"reason": reason, "message": message}
-    return found
-
-
-def pod_running(container: str, ready: bool) -> dict:
-    flag = "True" if ready else "False"
-    return {
-        "phase": "Running",
-        "conditions": [
-            condition("PodScheduled", "True"),
-            condition("Initialized", "True"),
-            condition("ContainersReady", flag),
-            condition("Ready", flag),
-        ],
-        "containerStatuses": [
-            {
-                "name": container,
-                "ready": ready,
-                "restartCount": 0,
-                "started": True,
-                "state": {"running": {"startedAt": now_rfc3339()}},
-            }
-        ],
-    }
-
-
-def pod_crashlooping(container: str, code: int) -> dict:
-    return {
-        "phase": "Running",
-        "conditions": [condition("PodScheduled", "True"), condition("Ready", "False")],
-        "containerStatuses": [
-            {
-                "name": container,
-                "ready": False,
-                "restartCount": 1,
-                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}},
-                "lastState": {"terminated": {"exitCode": code, "reason": "Error"}},
-            }
-        ],
-    }
-
-
-def pod_waiting(container: str, reason: str) -> dict:
-    return {
-        "phase": "Pending",
-        "conditions": [condition("PodScheduled", "True"), condition("Ready", "False")],
-        "containerStatuses": [
-            {
-                "name": container,
-                "ready": False,
-                "restartCount": 0,
-                "state": {"waiting": {"reason": reason, "message": f"simulated {reason}"}},
-            }
-        ],
-    }
-
-
-def pod_unschedulable() -> dict:
-    message = "0/3 nodes are available: 3 Insufficient cpu."
-    return {
-        "phase": "Pending",
-        "conditions": [condition("PodScheduled", "False", "Unschedulable", message)],
-    }
-
-
-def deployment_ready() -> dict:
-    return {
-        "replicas": 1,
-        "readyReplicas": 1,
-        "availableReplicas": 1,
-        "updatedReplicas": 1,
-        "conditions": [
-            condition("Available", "True", "MinimumReplicasAvailable"),
-            condition("Progressing", "True", "NewReplicaSetAvailable"),
-        ],
-    }
-
-
-def deployment_failed() -> dict:
-    return {
-        "replicas": 1,
-        "unavailableReplicas": 1,
-        "conditions": [
-            condition("Available", "False", "MinimumReplicasUnavailable"),
-            condition(
-                "Progressing", "False", "ProgressDeadlineExceeded", "ReplicaSet has timed out"
-            ),
-        ],
-    }

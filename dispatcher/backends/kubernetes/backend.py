@@ -2,7 +2,8 @@
 
 A viz instance is a Deployment, a Service and a route (see objects.py);
 a warm pool instance is the same, labelled `spinyard.io/pooled=true` until it
-is claimed. A run is a Job and its inputs Secret. Everything is found again
+is claimed. A run is a Job and its inputs Secret, or a warm runner's pod
+(warm.py). Everything is found again
 by the managed-by label, so a restarted handler knows what runs without any
 state of its own, and every operation is idempotent: a create that meets an
 existing object (409) keeps it, a delete that finds nothing (404) is done.
@@ -26,10 +27,11 @@ from kubernetes import client
 
 from dispatcher import logs
 from dispatcher.backends.base import Backend, Instance, JobLaunch
-from dispatcher.backends.kubernetes import informer, objects, probes, status
+from dispatcher.backends.kubernetes import informer, objects, status, warm
 from dispatcher.backends.kubernetes.api import ApiError, KubeApi
 from dispatcher.backends.kubernetes.informer import Informer
 from dispatcher.backends.kubernetes.job_reports import JobReports
+from dispatcher.backends.kubernetes.logtail import PodLogs
 from dispatcher.backends.kubernetes.readiness import Readiness
 from dispatcher.backends.kubernetes.resources import (
     DEPLOYMENTS,
@@ -40,6 +42,7 @@ from dispatcher.backends.kubernetes.resources import (
     SECRETS,
     SERVICES,
 )
+from dispatcher.backends.kubernetes.warm import WarmPods
 from dispatcher.backends.launch import check_id, check_job_id, last_answer, not_ready_message
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import PermanentError, RetryableError, StartFailed
@@ -48,13 +51,12 @@ from schemas import errors as codes
 from schemas.events import JobUpdate
 from schemas.spec import AppSpec
 
-_TAIL_BYTES = 4096  # of a pod's log tail, at most (its lines may be long)
-
 
 class KubernetesBackend(Backend):
     """Viz instances and runs as Kubernetes objects in one namespace."""
 
     name = "kubernetes"
+    warm_runners = True
 
     def __init__(
         self,
@@ -85,6 +87,8 @@ class KubernetesBackend(Backend):
         self._jobs = Informer(self.api, JOBS, objects.SELECTOR)
         self._readiness = Readiness(self._deployments, self._pods)
         self._job_reports = JobReports(self._jobs, self._pods)
+        self._warm = WarmPods(self.api, self._pods, settings)
+        self._logs = PodLogs(self.api, settings.log_tail_lines)
         self._log = logs.get("spinyard.backend.kubernetes")
 
     async def setup(self) -> None:
@@ -114,6 +118,7 @@ class KubernetesBackend(Backend):
     async def cleanup(self) -> None:
         """Stop the informers and drop connections. Instances and runs keep running."""
         await asyncio.gather(self._deployments.stop(), self._pods.stop(), self._jobs.stop())
+        await self._warm.close()
         self.api.close()
 
     # -- viz instances --
@@ -192,7 +197,10 @@ class KubernetesBackend(Backend):
             return
         if verdict == status.GONE:
             raise StartFailed(message, code=codes.START_FAILED)
-        tail, answer = await asyncio.gather(self._tail(pod), self._probe_answer(pod))
+        limit_s = self._settings.events_timeout_s
+        tail, answer = await asyncio.gather(
+            self._logs.tail(pod), self._logs.probe_answer(pod, limit_s)
+        )
         said = last_answer(spec.readiness_path, answer) if answer else None
         if verdict == status.FAILED:
             message = f"{message}; {said}" if said else message
@@ -209,7 +217,8 @@ class KubernetesBackend(Backend):
         return objects.public_url(self._routing, spec, instance_id)
 
     async def stop_viz(self, instance_id: str) -> None:
-        """Delete the route, the Service and the Deployment (its pods in the background).
+        """Delete the route, the Service and the Deployment (its pods in the background), or
+        the warm runner's pod unless it has a run.
 
         Raises:
             ValueError: `instance_id` is not a valid id.
@@ -220,6 +229,7 @@ class KubernetesBackend(Backend):
             self.api.delete(self._route, name),
             self.api.delete(SERVICES, name),
             self.api.delete(DEPLOYMENTS, name, propagation="Background"),
+            self._warm.stop(instance_id),
         )
         if any(found):
             self._log.info("viz_instance_stopped", instance=instance_id)
@@ -234,9 +244,13 @@ class KubernetesBackend(Backend):
             ValueError: `instance_id` is not a valid id.
         """
         check_id(instance_id)
+        if (pod := self._warm.cached(instance_id)) is not None:
+            return warm.waiting(pod)  # a warm runner: relabelled when handed its run
         patch = {"metadata": {"labels": {objects.POOLED: "false"}}}
         found = await self.api.patch(DEPLOYMENTS, objects.object_name(instance_id), patch)
         if found is None:
+            if (waiting := await self._warm.claim(instance_id)) is not None:
+                return waiting
             self._log.warning("viz_claim_missed", instance=instance_id)
             return False
         self._deployments.note(found)
@@ -248,18 +262,41 @@ class KubernetesBackend(Backend):
         return True
 
     async def list_instances(self) -> list[Instance]:
-        """Deployments and Jobs with the managed-by label: two LISTs (paged), whatever the count.
+        """Deployments, Jobs and warm pods with the managed-by label: three LISTs (paged),
+        whatever the count. A warm pod is listed as its run's job once it has one.
 
         A Deployment is alive unless it is being deleted or Kubernetes gave up
         on it (no ready pod within its progress deadline); a Job while it has
         neither completed nor failed.
         """
-        (deployments, _), (jobs, _) = await asyncio.gather(
-            self.api.list(DEPLOYMENTS, objects.SELECTOR), self.api.list(JOBS, objects.SELECTOR)
+        (deployments, _), (jobs, _), runners = await asyncio.gather(
+            self.api.list(DEPLOYMENTS, objects.SELECTOR),
+            self.api.list(JOBS, objects.SELECTOR),
+            self._warm.listed(),
         )
         found = [status.instance_of(d, "viz") for d in deployments]
         found += [status.instance_of(j, "job") for j in jobs]
+        cold = {i.id for i in found if i is not None}
+        found += [r for r in runners if r.id not in cold]  # a Job's word counts over a pod's
         return [i for i in found if i is not None]
+
+    async def start_warm(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
+        """Create a warm runner's pod unless it exists; return once it waits for a run.
+
+        Raises:
+            handlers.errors.StartFailed: no image, it exited or went, or it was not ready
+                within `timeout` (with its log's tail).
+        """
+        try:
+            await self._warm.start(instance_id, spec, self._templates["job"], timeout)
+        except StartFailed as exc:
+            pod = await self._warm.pod(instance_id)
+            exc.log_tail = exc.log_tail or await self._logs.tail(pod, objects.JOB_CONTAINER) or None
+            raise
+
+    async def submit_warm(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> bool:
+        """Hand a run to a claimed warm runner's pod (one PATCH, one POST to the pod)."""
+        return await self._warm.hand(launch, spec, instance_id)
 
     # -- runs --
 
@@ -304,7 +341,8 @@ class KubernetesBackend(Backend):
             self._log.info("job_created", job_id=launch.job_id, app=spec.name)
 
     async def cancel_job(self, job_id: str) -> None:
-        """Delete the run's Job (its pod in the background) and its inputs Secret.
+        """Delete the run's Job (its pod in the background) and its inputs Secret, or the
+        warm runner's pod that runs it.
 
         Raises:
             ValueError: `job_id` is not a valid id.
@@ -314,6 +352,8 @@ class KubernetesBackend(Backend):
             self.api.delete(JOBS, objects.object_name(job_id), propagation="Background"),
             self.api.delete(SECRETS, objects.secret_name(job_id)),
         )
+        for pod in await self._warm.of_run(job_id):
+            deleted = await self.api.delete(PODS, pod) or deleted
         if deleted:
             self._log.info("job_deleted", job_id=job_id)
 
@@ -340,32 +380,8 @@ class KubernetesBackend(Backend):
         pods = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
         pod = pods[-1] if pods else None
         code = status.exit_code(pod, objects.JOB_CONTAINER) if pod else None
-        tail = await self._tail(pod, objects.JOB_CONTAINER)
+        tail = await self._logs.tail(pod, objects.JOB_CONTAINER)
         return JobUpdate(job_id=job_id, state=state, exit_code=code, log_tail=tail or None)
-
-    async def _probe_answer(self, pod: dict | None) -> str | None:
-        """The readiness probe's last answer to the app, if it ran; from the pod's Events."""
-        if pod is None or not status.ran(pod, objects.VIZ_CONTAINER):
-            return None
-        limit_s = self._settings.events_timeout_s
-        return await probes.last_answer(self.api, pod, objects.VIZ_CONTAINER, limit_s)
-
-    async def _tail(self, pod: dict | None, container: str = objects.VIZ_CONTAINER) -> str:
-        """The end of a pod's log ('' if there is none or it cannot be read)."""
-        lines = self._settings.log_tail_lines
-        if pod is None or not lines:
-            return ""
-        found = status.container_status(pod, container) or {}
-        previous = bool(found.get("restartCount")) and "terminated" not in (
-            found.get("state") or {}
-        )
-        name = pod["metadata"]["name"]
-        try:
-            text = (await self.api.pod_log(name, container, lines, previous)).strip()
-        except (ApiError, RetryableError) as exc:
-            self._log.warning("pod_log_unreadable", pod=name, error=str(exc))
-            return ""
-        return "\n".join(text.splitlines()[-lines:])[-_TAIL_BYTES:]
 
 
 @contextlib.contextmanager

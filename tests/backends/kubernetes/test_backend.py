@@ -43,6 +43,7 @@ from schemas import errors as codes
 from tests.backends.contract import (
     BackendContract,
     JobContract,
+    WarmJobContract,
     find,
     new_id,
     new_job_id,
@@ -59,13 +60,15 @@ from tests.backends.kubernetes.support import (
 from tests.helpers import ROOT, wait_for
 
 
-class TestKubernetesBackend(BackendContract, JobContract):
+class TestKubernetesBackend(BackendContract, JobContract, WarmJobContract):
     """The shared contracts, with simulated controllers (kubesim) instead of pods.
 
     `target()` is None here (no gateway proxy), so the contract's HTTP check of
     the app is skipped by the contract itself; readiness is what the simulated
     kubelet reports, not a real probe, and a job's run is simulated from the job
     model's arguments (its exit code, its sleep against the Job's deadline).
+    Warm runners are real: kubesim runs a bare pod's command as a local process
+    at a loopback pod IP, so the runner, the launch and the model really run.
     """
 
     @pytest.fixture
@@ -490,7 +493,10 @@ async def test_list_instances_finds_ours_by_label_only(backend, server, cluster)
     deletes = [  # the backend's (the simulated garbage collector sends no options)
         r for r in server if r.action == kmock.action.DELETE and r.data is not None
     ]
-    assert len(deletes) == 6
+    # three objects each, and a warm runner's pod of that name (none: its cache is not
+    # running, so the backend cannot know the ids are no warm runners')
+    assert len(deletes) == 8
+    assert len([r for r in deletes if r.resource == kubesim.ref(PODS)]) == 2
     assert {r.data["propagationPolicy"] for r in deletes} == {"Background"}
 
 
@@ -666,6 +672,10 @@ async def test_every_call_is_allowed_by_the_role(make, server, cluster):
             await backend.wait_ready(crash, sim_spec("crash:1"), WAIT_S)
         await backend.claim(warm)
         await backend.list_instances()
+        runner, spec = new_id(), model_spec(image=IMAGE, pool={"size": 1})
+        await backend.start_warm(runner, spec, WAIT_S)
+        assert await backend.claim(runner)
+        assert await backend.submit_warm(launch_for(new_job_id()), spec, runner)
         done, failed = new_job_id(), new_job_id()
         await backend.submit_job(launch_for(done), job_spec())
         await backend.submit_job(launch_for(failed), job_spec())
