@@ -3,10 +3,10 @@
 A viz instance is a Deployment, a Service and a route (see objects.py);
 a warm pool instance is the same, labelled `spinyard.io/pooled=true` until it
 is claimed. A run is a Job and its inputs Secret, or a warm runner's pod
-(warm.py). Everything is found again
-by the managed-by label, so a restarted handler knows what runs without any
-state of its own, and every operation is idempotent: a create that meets an
-existing object (409) keeps it, a delete that finds nothing (404) is done.
+(warm.py). Everything is found again by the managed-by label, so a restarted
+handler knows what runs without any state of its own, and every operation is
+idempotent: a create that meets an existing object (409) keeps it, a delete
+that finds nothing (404) is done.
 
 What happens after a create is learned from one informer per watched kind
 (informer.py: list, then watch, resumed from the last resourceVersion or
@@ -14,7 +14,7 @@ listed again), started on first need: `wait_ready` waits for the Deployment
 and Pod informers to say that a pod is ready or has failed (readiness.py;
 a failure also reads the probe's last answer from the pod's Events, probes.py),
 and `watch_jobs` turns what the Job and Pod informers see into reports
-(job_reports.py). The API itself is reached only through `KubeApi` (api.py).
+(job_reports.py). The API is reached only through `KubeApi` (api.py).
 """
 
 import asyncio
@@ -87,8 +87,8 @@ class KubernetesBackend(Backend):
         self._jobs = Informer(self.api, JOBS, objects.SELECTOR)
         self._readiness = Readiness(self._deployments, self._pods)
         self._job_reports = JobReports(self._jobs, self._pods)
-        self._warm = WarmPods(self.api, self._pods, settings)
         self._logs = PodLogs(self.api, settings.log_tail_lines)
+        self._warm = WarmPods(self.api, self._pods, settings, self._logs)
         self._log = logs.get("spinyard.backend.kubernetes")
 
     async def setup(self) -> None:
@@ -225,14 +225,17 @@ class KubernetesBackend(Backend):
         """
         check_id(instance_id)
         name = objects.object_name(instance_id)
-        found = await asyncio.gather(
-            self.api.delete(self._route, name),
-            self.api.delete(SERVICES, name),
-            self.api.delete(DEPLOYMENTS, name, propagation="Background"),
-            self._warm.stop(instance_id),
-        )
-        if any(found):
-            self._log.info("viz_instance_stopped", instance=instance_id)
+        if self._warm.cached(instance_id) is None:  # a warm pod this process has seen
+            found = await asyncio.gather(
+                self.api.delete(self._route, name),
+                self.api.delete(SERVICES, name),
+                self.api.delete(DEPLOYMENTS, name, propagation="Background"),
+            )
+            if any(found):
+                self._log.info("viz_instance_stopped", instance=instance_id)
+                return
+        if await self._warm.stop(instance_id):
+            self._log.info("warm_pod_stopped", instance=instance_id)
 
     async def claim(self, instance_id: str) -> bool:
         """Relabel a warm pool Deployment as in use (its pods keep running untouched).
@@ -287,12 +290,7 @@ class KubernetesBackend(Backend):
             handlers.errors.StartFailed: no image, it exited or went, or it was not ready
                 within `timeout` (with its log's tail).
         """
-        try:
-            await self._warm.start(instance_id, spec, self._templates["job"], timeout)
-        except StartFailed as exc:
-            pod = await self._warm.pod(instance_id)
-            exc.log_tail = exc.log_tail or await self._logs.tail(pod, objects.JOB_CONTAINER) or None
-            raise
+        await self._warm.start(instance_id, spec, self._templates["job"], timeout)
 
     async def submit_warm(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> bool:
         """Hand a run to a claimed warm runner's pod (one PATCH, one POST to the pod)."""
@@ -352,8 +350,8 @@ class KubernetesBackend(Backend):
             self.api.delete(JOBS, objects.object_name(job_id), propagation="Background"),
             self.api.delete(SECRETS, objects.secret_name(job_id)),
         )
-        for pod in await self._warm.of_run(job_id):
-            deleted = await self.api.delete(PODS, pod) or deleted
+        for pod in [] if deleted else await self._warm.of_run(job_id):
+            deleted = await self.api.delete(PODS, pod) or deleted  # a warm run has no Job
         if deleted:
             self._log.info("job_deleted", job_id=job_id)
 

@@ -28,13 +28,14 @@ from pathlib import Path
 
 import aiohttp
 
-from dispatcher import logs
 from dispatcher.backends.base import JobLaunch, http_host
 from dispatcher.backends.kubernetes import objects, podrunner, status
 from dispatcher.backends.kubernetes.api import ApiError, KubeApi
 from dispatcher.backends.kubernetes.informer import Informer
+from dispatcher.backends.kubernetes.logtail import PodLogs
 from dispatcher.backends.kubernetes.resources import PODS
 from dispatcher.backends.launch import check_id, check_job_id
+from dispatcher.logs import get as get_logger
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import RetryableError, StartFailed
 from handlers.ports import Instance
@@ -125,11 +126,13 @@ def _verdict(pod: dict | None) -> tuple[str, str]:
 class WarmPods:
     """The warm runners' pods of one namespace, seen through the Pod informer."""
 
-    def __init__(self, api: KubeApi, pods: Informer, settings: KubernetesBackendSettings) -> None:
-        self._api, self._pods, self._settings = api, pods, settings
+    def __init__(
+        self, api: KubeApi, pods: Informer, settings: KubernetesBackendSettings, logs: PodLogs
+    ) -> None:
+        self._api, self._pods, self._settings, self._logs = api, pods, settings, logs
         self._changed = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
-        self._log = logs.get("spinyard.backend.kubernetes")
+        self._log = get_logger("spinyard.backend.kubernetes")
         pods.on(self._touch, self._touch, lambda _exc: self._touch({}))
 
     async def close(self) -> None:
@@ -153,13 +156,21 @@ class WarmPods:
             found = await self._api.get(PODS, objects.object_name(instance_id))
         return found if found is not None and status.label(found, objects.WARM) == "true" else None
 
-    async def start(self, instance_id: str, spec: AppSpec, template: dict, timeout: float) -> dict:  # noqa: ASYNC109
-        """Create the warm pod unless it exists; return it once it is ready.
+    async def start(self, instance_id: str, spec: AppSpec, template: dict, timeout: float) -> None:  # noqa: ASYNC109
+        """Create the warm pod unless it exists; return once it is ready.
 
         Raises:
             handlers.errors.StartFailed: no image; the runner exited, or the pod went;
-                not ready within `timeout` (`start_timeout`).
+                not ready within `timeout` (`start_timeout`); with its log's tail.
         """
+        try:
+            await self._start(instance_id, spec, template, timeout)
+        except StartFailed as exc:
+            pod = self._pods.cache.get(objects.object_name(instance_id))
+            exc.log_tail = exc.log_tail or await self._logs.tail(pod, objects.JOB_CONTAINER) or None
+            raise
+
+    async def _start(self, instance_id: str, spec: AppSpec, template: dict, timeout: float) -> None:  # noqa: ASYNC109
         check_id(instance_id)
         try:
             body = objects.make_warm_pod(
@@ -189,7 +200,7 @@ class WarmPods:
             pod = self._pods.cache.get(objects.object_name(instance_id))
             verdict, why = _verdict(pod)
             if verdict == status.READY:
-                return pod
+                return
             remaining = deadline - loop.time()
             if verdict in (status.FAILED, status.GONE):
                 raise StartFailed(why, code=codes.START_FAILED)

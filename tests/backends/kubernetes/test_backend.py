@@ -493,10 +493,7 @@ async def test_list_instances_finds_ours_by_label_only(backend, server, cluster)
     deletes = [  # the backend's (the simulated garbage collector sends no options)
         r for r in server if r.action == kmock.action.DELETE and r.data is not None
     ]
-    # three objects each, and a warm runner's pod of that name (none: its cache is not
-    # running, so the backend cannot know the ids are no warm runners')
-    assert len(deletes) == 8
-    assert len([r for r in deletes if r.resource == kubesim.ref(PODS)]) == 2
+    assert len(deletes) == 6  # three objects each; no pod: they were viz instances
     assert {r.data["propagationPolicy"] for r in deletes} == {"Background"}
 
 
@@ -768,7 +765,7 @@ def test_the_k8s_sim_bench_runs(tmp_path):
     out = tmp_path / "sim.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench.k8s_sim", "--deployments", "6", "--jobs", "3",
-         "--passes", "2", "--json", str(out)],
+         "--passes", "2", "--pool", "3", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -776,3 +773,7 @@ def test_the_k8s_sim_bench_runs(tmp_path):
     assert report["deployments"] == 6 and report["jobs"] == 3
     assert report["list_instances"]["found"] == 9
     assert "p50_ms" in report["list_instances"] and "calls_per_object" in report["cleanup"]
+    warm = report["warm"]
+    assert warm["refill"]["pool"] == 3 and warm["refill"]["wall_s"] > 0
+    assert warm["hot_path"]["creates_per_run"] == 0  # a warm run's start creates nothing
+    assert warm["hot_path"]["calls_per_run"] == {"patch core/pods": 1.0}
