@@ -226,7 +226,8 @@ class WarmPods:
         self._pods.start()  # run_start's own cache, so the next claim needs no GET
         pod = await self.pod(instance_id)
         if pod is None or not waiting(pod) or _image(pod) != spec.image:
-            await self.stop(instance_id, pod)
+            if pod is not None:
+                await self.stop(instance_id, pod)  # ended, or of an older image
             return False
         started = status.timestamp((pod.get("status") or {}).get("startTime")) or time.time()
         deadline = math.ceil(max(0.0, time.time() - started) + launch.deadline_s)
@@ -267,8 +268,8 @@ class WarmPods:
 
     async def stop(self, instance_id: str, pod: dict | None = None) -> bool:
         """Delete a warm pod that has no run (one that has is its run's: cancel it)."""
-        pod = pod or self.cached(instance_id)
-        if pod is not None and claimed(pod):
+        pod = pod or await self.pod(instance_id)
+        if pod is None or claimed(pod):
             return False
         return await self._api.delete(PODS, objects.object_name(instance_id))
 

@@ -216,3 +216,42 @@ async def test_a_stopped_warm_pod_is_gone_and_its_process_too(backend, server, c
     await backend.stop_viz(warm)
     assert name not in server.objects_of(PODS)
     await wait_for(lambda: not cluster.node.running(name), what="the runner to stop")
+
+
+def _pod(labels: dict, phase: str = "Running", **status) -> dict:
+    base = {"app.kubernetes.io/component": "job", "spinyard.io/warm-runner": "true"}
+    return {
+        "metadata": {
+            "name": "p",
+            "labels": base | labels,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "status": {"phase": phase, **status},
+    }
+
+
+@pytest.mark.parametrize(
+    ("phase", "status", "state"),
+    [
+        ("Pending", {}, None),
+        ("Running", {}, "running"),
+        ("Succeeded", {}, "succeeded"),
+        ("Failed", {}, "failed"),
+        ("Failed", {"reason": "DeadlineExceeded"}, "timed_out"),
+    ],
+)
+def test_a_warm_pods_phase_is_its_runs_state(phase, status, state):
+    assert warm_pods.run_state(_pod({}, phase, **status)) == state
+
+
+def test_a_warm_pod_is_listed_as_a_runner_until_it_has_a_run():
+    waiting = warm_pods.instance_of(
+        _pod({"spinyard.io/instance": "i-1", "spinyard.io/pooled": "true"})
+    )
+    assert (waiting.id, waiting.kind, waiting.pooled, waiting.alive) == ("i-1", "warm", True, True)
+    jid = new_job_id()
+    ran = _pod({"spinyard.io/instance": jid, "spinyard.io/pooled": "false"}, "Succeeded")
+    listed = warm_pods.instance_of(ran)
+    assert (listed.id, listed.kind, listed.alive) == (jid, "job", False)
+    assert not warm_pods.waiting(ran)
+    assert warm_pods.instance_of({"metadata": {"labels": {}}}) is None
