@@ -4,7 +4,12 @@ A job app's warm runner is a bare pod of the app's image (no credentials, no
 service account token; `objects.make_warm_pod`) whose container runs this
 file's source with `python -c`, so an image needs nothing of spinyard, only
 a `python` (3.8 or newer). It imports only the standard library, and nothing of
-spinyard, for that reason. Its settings come from the environment:
+spinyard, for that reason. (The local backend's warm runner,
+`local/warmrunner.py`, is built on that backend's job files, unix sockets
+and watcher, and forks Python models with their preloads; this one travels
+in the pod's command as one file and execs the model: what a warm pod saves
+is the pod's start, not the interpreter's.) Its settings come from the
+environment:
 
     SPINYARD_RUNNER_HOST   the address to listen on: the pod's IP (downward API)
     SPINYARD_RUNNER_PORT   the port (the backend's `warm_runner_port`)
