@@ -189,7 +189,14 @@ class WarmPods:
         self._pods.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await asyncio.wait_for(self._pods.until_synced(), max(0.1, timeout))
+        try:
+            async with asyncio.timeout(timeout):
+                await self._pods.until_synced()
+        except TimeoutError:
+            message = f"the warm runner was not ready within {max(1, round(timeout))} s"
+            raise StartFailed(
+                f"{message}: the pod watch did not answer", code=codes.START_TIMEOUT
+            ) from None
         if created is not None:
             self._log.info("warm_pod_created", instance=instance_id, app=spec.name)
         found = created or await self._api.get(PODS, objects.object_name(instance_id))
