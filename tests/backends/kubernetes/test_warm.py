@@ -255,3 +255,14 @@ def test_a_warm_pod_is_listed_as_a_runner_until_it_has_a_run():
     assert (listed.id, listed.kind, listed.alive) == (jid, "job", False)
     assert not warm_pods.waiting(ran)
     assert warm_pods.instance_of({"metadata": {"labels": {}}}) is None
+
+
+async def test_a_failing_warm_run_reports_its_exit_code_and_log_tail(backend, watcher):
+    spec = model_spec("--exit", "3")
+    warm, jid = await started(backend, spec), new_job_id()
+    assert await backend.claim(warm)
+    assert await backend.submit_warm(launch(jid, spec), spec, warm)
+    failed = await watcher.until(jid, "failed")
+    assert failed.exit_code == 3
+    assert "job_model: failing with 3" in failed.log_tail
+    assert watcher.states(jid) in (["running", "failed"], ["failed"])
