@@ -362,9 +362,10 @@ class KubernetesBackend(Backend):
         `timed_out` when it failed with DeadlineExceeded, else `failed` with the
         container's exit code and the end of its log; `cancelled` when its Job
         is deleted before it ended. Every run present at the start is reported
-        again (reports are de-duplicated downstream).
+        again (reports are de-duplicated downstream). A warm run's pod is deleted
+        once its end is reported (`WarmPods.clear`).
         """
-        await self._job_reports.watch(report, stopping, self._job_update)
+        await self._job_reports.watch(self._warm.clearing(report), stopping, self._job_update)
 
     async def _job_update(self, job_id: str, state: str, pods: list[dict]) -> JobUpdate:
         """The report of a run in `state`: for a failure, its exit code and log tail."""

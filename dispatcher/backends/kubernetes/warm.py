@@ -11,7 +11,8 @@ activeDeadlineSeconds is set so Kubernetes stops the run at its deadline as it
 does a Job's) and POSTs the launch to the pod, over the pod network, with the
 pod's own bearer token. From then on the pod is the run's: the run reports
 (`job_reports.py`) read its phase as a Job's conditions, a cancel deletes it,
-its log is the container's. The pod ends with the run; the pool refills.
+its log is the container's. The pod ends with the run and is deleted once
+its end is reported (`clear`); the pool refills.
 
 A hand-over that fails (the pod is gone, ended, of another image, or did
 not take the launch) undoes the relabel and deletes the pod, and the caller
@@ -38,8 +39,9 @@ from dispatcher.backends.launch import check_id, check_job_id
 from dispatcher.logs import get as get_logger
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import RetryableError, StartFailed
-from handlers.ports import Instance
+from handlers.ports import Instance, JobReport
 from schemas import errors as codes
+from schemas.events import JobUpdate
 from schemas.spec import AppSpec
 
 PROGRAM = Path(podrunner.__file__).read_text()  # what a warm pod runs, with `python -c`
@@ -279,6 +281,26 @@ class WarmPods:
         if pod is None or claimed(pod):
             return False
         return await self._api.delete(PODS, objects.object_name(instance_id))
+
+    def clearing(self, report: JobReport) -> JobReport:
+        """`report`, then `clear` of the run it reported."""
+
+        async def report_then_clear(update: JobUpdate) -> None:
+            await report(update)
+            await self.clear(update.job_id, update.state)
+
+        return report_then_clear
+
+    async def clear(self, job_id: str, state: str) -> None:
+        """Delete the ended warm pods of a run whose end (`state`) has been reported: its log
+        tail is in the report, and a pod per run kept for days would fill the namespace
+        (a cold run's Job goes after `job_ttl_s`). Best effort: a later report tries again."""
+        if state not in ("succeeded", "failed", "timed_out"):
+            return
+        for pod in list(self._pods.cache.values()):
+            if _runs(pod, job_id) and ended(pod):
+                with contextlib.suppress(ApiError, RetryableError):
+                    await self._api.delete(PODS, pod["metadata"]["name"])
 
     async def of_run(self, job_id: str) -> list[str]:
         """The names of the pods that run `job_id` (from the cache, else one LIST)."""

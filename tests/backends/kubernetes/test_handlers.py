@@ -132,11 +132,14 @@ async def test_a_run_takes_a_warm_pod_says_so_and_the_pool_refills(settings, k8s
         second = await wait_for(
             lambda: _other_member(state, spec.name, first), timeout=30, what="the pool refilled"
         )
+        await wait_for(
+            lambda: first not in server.objects_of(resources.PODS), what="the used pod deleted"
+        )
     assert done["phases"]["warm"] is True
     assert seen[subject][0]["state"] == "queued"
     assert not server.objects_of(resources.JOBS)  # no Job: the run was the pod's
     pods = server.objects_of(resources.PODS)
-    assert pods[first]["metadata"]["labels"]["spinyard.io/instance"] == job_id
+    assert first not in pods  # used, its end reported: deleted
     assert second != first and pods[second]["metadata"]["labels"]["spinyard.io/pooled"] == "true"
 
 

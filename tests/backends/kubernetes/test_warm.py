@@ -109,13 +109,16 @@ async def test_a_run_from_a_warm_pod_creates_nothing_and_uploads_to_s3(
         assert await backend.submit_warm(launch(jid, spec, inputs, upload_urls=urls), spec, warm)
         hot_path = dict(backend.api.calls)
         assert hot_path == {("patch", "", "pods"): 1}  # no create, no get: one relabel
-
-        await watcher.until(jid, "succeeded")
         pod = pod_of(server, warm)
         assert pod["metadata"]["labels"]["spinyard.io/instance"] == jid
         assert pod["metadata"]["labels"]["spinyard.io/pooled"] == "false"
         assert pod["spec"]["activeDeadlineSeconds"] >= 30
-        seen = model_saw(cluster, pod["metadata"]["name"])
+
+        await watcher.until(jid, "succeeded")
+        name = pod["metadata"]["name"]
+        # Its end reported, the pod goes (its log tail would be in a failure's report).
+        await wait_for(lambda: name not in server.objects_of(PODS), what="the used pod deleted")
+        seen = model_saw(cluster, name)
         assert seen["stdin"] == seen["inputs"] == inputs
         assert seen["uploads"] == urls
         assert seen["env"]["SPINYARD_JOB_ID"] == jid
@@ -124,7 +127,7 @@ async def test_a_run_from_a_warm_pod_creates_nothing_and_uploads_to_s3(
         [result] = await store.collect(jid, names)
         async with aiohttp.ClientSession() as http, http.get(result.url) as resp:
             assert await resp.text() == f"summary.json of {jid}"
-        assert (await find(backend, jid)).kind == "job"
+        assert await find(backend, jid) is None
         assert await find(backend, warm) is None
     finally:
         await watcher.stop()
