@@ -309,6 +309,8 @@ class KubernetesBackend(Backend):
             handlers.errors.RetryableError: the API did not answer; try again later.
         """
         check_job_id(launch.job_id)
+        if (spec.pool.size or spec.schedule) and await self._warm.of_run(launch.job_id):
+            return  # a warm pod has it already (a redelivered start): one run
         now = time.time()
         try:
             job = objects.make_job(

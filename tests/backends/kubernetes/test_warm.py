@@ -15,7 +15,7 @@ import pytest
 
 from dispatcher.backends.kubernetes import objects
 from dispatcher.backends.kubernetes import warm as warm_pods
-from dispatcher.backends.kubernetes.resources import PODS
+from dispatcher.backends.kubernetes.resources import JOBS, PODS
 from dispatcher.store import ObjectStore
 from handlers.errors import StartFailed
 from schemas import errors as codes
@@ -269,3 +269,16 @@ async def test_a_failing_warm_run_reports_its_exit_code_and_log_tail(backend, wa
     assert failed.exit_code == 3
     assert "job_model: failing with 3" in failed.log_tail
     assert watcher.states(jid) in (["running", "failed"], ["failed"])
+
+
+async def test_a_cold_start_of_a_run_a_warm_pod_has_starts_nothing(make, server, cluster):
+    first, again = await make(), await make()  # run_start, then its redelivery elsewhere
+    spec = model_spec("--sleep", "600")
+    warm, jid = await started(first, spec), new_job_id()
+    assert await first.claim(warm)
+    assert await first.submit_warm(launch(jid, spec), spec, warm)
+    await again.submit_job(launch(jid, spec), spec)
+    assert server.objects_of(JOBS) == {}
+    assert cluster.running_pods(jid) == 1
+    await again.cancel_job(jid)
+    await wait_for(lambda: cluster.running_pods(jid) == 0, what="the warm run stopped")
