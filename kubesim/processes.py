@@ -37,6 +37,7 @@ from pathlib import Path
 import aiohttp
 
 from dispatcher.backends.kubernetes.resources import PODS
+from dispatcher.backends.local.processes import descendants
 from kubesim.apiserver import now_rfc3339
 from kubesim.shapes import condition
 
@@ -46,12 +47,16 @@ STOP_GRACE_S = 1.0
 
 
 class _Running:
-    def __init__(self, popen: subprocess.Popen, ip: str, log: Path, container: str) -> None:
+    def __init__(
+        self, popen: asyncio.subprocess.Process, ip: str, log: Path, container: str
+    ) -> None:
         self.popen, self.ip, self.log, self.container = popen, ip, log, container
         self.started, self.started_at = time.time(), now_rfc3339()
         self.task: asyncio.Task | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self.why: str | None = None  # "DeadlineExceeded" once stopped at its deadline
+        self.stopping: asyncio.Task | None = None
+        self.exited = asyncio.ensure_future(popen.wait())  # its exit code, once it exits
 
 
 class ProcessKubelet:
@@ -79,7 +84,7 @@ class ProcessKubelet:
         if kind == "DELETED":
             running = self._pods.get(name)
             if running is not None:
-                await asyncio.to_thread(_stop, running.popen)
+                await _stop(running)
             return
         if meta.get("ownerReferences"):
             return  # a controller's pod: simulated by `Cluster`
@@ -95,9 +100,9 @@ class ProcessKubelet:
 
     def _expire(self, name: str) -> None:
         running = self._pods[name]
-        if running.popen.poll() is None:
+        if running.popen.returncode is None:
             running.why = "DeadlineExceeded"
-            asyncio.get_running_loop().run_in_executor(None, _stop, running.popen)
+            running.stopping = asyncio.create_task(_stop(running), name=f"sim:stop:{name}")
 
     async def _start(self, pod: dict) -> None:
         name = pod["metadata"]["name"]
@@ -116,7 +121,7 @@ class ProcessKubelet:
         argv = [*(container.get("command") or []), *(container.get("args") or [])]
         log = self._root / f"{name}.log"
         cwd = container.get("workingDir") or str(self._root)
-        popen = await asyncio.to_thread(_spawn, argv, env, cwd, log)
+        popen = await _spawn(argv, env, cwd, log)
         running = self._pods[name] = _Running(popen, ip, log, container["name"])
         await self._patch(PODS, name, _running(running, ready=False))
         running.task = asyncio.create_task(self._run(name, container), name=f"sim:pod:{name}")
@@ -128,12 +133,13 @@ class ProcessKubelet:
         ready = probe is None
         if ready:
             await self._patch(PODS, name, _running(running, ready=True))
-        while running.popen.poll() is None:
-            if not ready and await self._probe(running.ip, probe, container):
+        while not ready and running.popen.returncode is None:
+            if await self._probe(running.ip, probe, container):
                 ready = True
                 await self._patch(PODS, name, _running(running, ready=True))
-            await asyncio.sleep(PROBE_S)
-        code = running.popen.returncode
+            else:
+                await asyncio.wait({running.exited}, timeout=PROBE_S)
+        code = await running.exited
         code = code if code >= 0 else 128 - code
         await self._patch(PODS, name, _ended(running.container, code, running.why))
 
@@ -154,8 +160,9 @@ class ProcessKubelet:
         for running in self._pods.values():
             if running.deadline is not None:
                 running.deadline.cancel()
-            await asyncio.to_thread(_stop, running.popen)
+            await _stop(running)
         tasks = [r.task for r in self._pods.values() if r.task is not None]
+        tasks += [r.stopping for r in self._pods.values() if r.stopping is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -166,14 +173,16 @@ class ProcessKubelet:
     def running(self, name: str) -> bool:
         """Whether the pod's process still runs."""
         found = self._pods.get(name)
-        return found is not None and found.popen.poll() is None
+        return found is not None and found.popen.returncode is None
 
 
-def _spawn(argv: list[str], env: dict[str, str], cwd: str, log: Path) -> subprocess.Popen:
+async def _spawn(
+    argv: list[str], env: dict[str, str], cwd: str, log: Path
+) -> asyncio.subprocess.Process:
     """The container's process, in a session of its own, its output to the pod's log."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            argv,
+    with open(log, "wb") as out:  # noqa: ASYNC230 - a new local file: no wait worth a thread
+        return await asyncio.create_subprocess_exec(
+            *argv,
             env=env,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
@@ -183,14 +192,21 @@ def _spawn(argv: list[str], env: dict[str, str], cwd: str, log: Path) -> subproc
         )
 
 
-def _stop(popen: subprocess.Popen) -> None:
-    """SIGTERM to the pod's process group, SIGKILL after the grace; wait for it."""
+async def _stop(running: _Running) -> None:
+    """SIGTERM to the pod's process group, SIGKILL after the grace; wait for it. Whatever
+    it started, in any session, gets the SIGKILL too, as a container's cgroup would."""
+    pid = running.popen.pid
+    left = descendants(pid)
     for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+        if running.exited.done() and sig == signal.SIGTERM:
+            break
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(popen.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(wait_s)
-            return
+            os.killpg(pid, sig)
+        await asyncio.wait({running.exited}, timeout=wait_s)
+        left += descendants(pid)
+    for child in set(left):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
 
 
 def _running(running: _Running, *, ready: bool) -> dict:

@@ -55,6 +55,7 @@ class Runner:
         self.model = None
         self.lock = threading.Lock()
         self.started = threading.Event()
+        self.wake = threading.Event()  # a run started, or a SIGTERM came
 
     def launch(self, body: dict) -> tuple:
         """Start the run `body` describes, once: (HTTP status, answer)."""
@@ -70,6 +71,7 @@ class Runner:
                 return 500, {"error": f"could not start {body['argv'][0]!r}: {exc.strerror}"}
             self.job_id = body["job_id"]
             self.started.set()
+            self.wake.set()
             return 200, {"job_id": self.job_id, "state": "started"}
 
     def _start(self, body: dict) -> subprocess.Popen:
@@ -166,10 +168,9 @@ def main() -> int:
         return 2
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
     runner = Runner(token, base_env)
-    stop = threading.Event()
 
     def on_term(signum: int, frame: object) -> None:
-        stop.set()
+        runner.wake.set()
         if runner.model is not None:
             try:
                 os.killpg(runner.model.pid, signal.SIGTERM)
@@ -178,13 +179,13 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     server = HTTPServer((host, port), handler_for(runner))
-    threading.Thread(target=server.serve_forever, name="launch", daemon=True).start()
-    while not runner.started.wait(0.5):
-        if stop.is_set():
-            server.shutdown()
-            return 0
+    # Idle while it waits: no wake-ups but a request's (a node holds many of these).
+    serve = threading.Thread(target=server.serve_forever, args=(3600,), daemon=True)
+    serve.start()
+    runner.wake.wait()  # a signal's handler runs meanwhile, and sets it
+    if not runner.started.is_set():
+        return 0  # stopped before a run came
     status = runner.model.wait()
-    server.shutdown()
     return status if status >= 0 else 128 - status
 
 
