@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dispatcher import logs, publishing
+from dispatcher import logs, publishing, secrets_cli
 from dispatcher.bus import NatsUnavailable
 from dispatcher.embedded.natsserver import NatsServerError
 from dispatcher.settings import Settings, SettingsError
@@ -129,6 +129,7 @@ async def _cmd_apps(args, settings: Settings) -> int:
         elif args.apps_cmd == "list":
             for spec in sorted((e.value for e in await state.apps.scan()), key=lambda s: s.name):
                 mode = f"{spec.sharing:12} pool={spec.pool.size}" if spec.kind == "viz" else ""
+                mode += f" +schedule({len(spec.schedule)})" if spec.schedule else ""
                 print(f"{spec.name:40} {spec.kind:4} {mode}".rstrip())
         elif args.apps_cmd == "rm":
             if await state.apps.get(args.name) is None:
@@ -144,6 +145,17 @@ async def _cmd_apps(args, settings: Settings) -> int:
                 return 1
             for line in publishing.history_lines(history.model_dump(mode="json")):
                 print(line)
+    return 0
+
+
+async def _cmd_secrets(args, settings: Settings) -> int:
+    try:
+        lines = await secrets_cli.run(args, settings)
+    except secrets_cli.SecretsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for line in lines:
+        print(line)
     return 0
 
 
@@ -320,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_gateway)
 
     publishing.add_apps_parser(sub).set_defaults(run=_cmd_apps)
+    secrets_cli.add_secrets_parser(sub).set_defaults(run=_cmd_secrets)
 
     p = sub.add_parser(
         "publish",

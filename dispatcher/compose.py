@@ -11,7 +11,9 @@ order whatever happens:
 - `backend(settings)`: the backend `settings.backend.kind` names, set up and
   cleaned up (`make_backend` builds it without setting it up);
 - `object_store(settings)`: the results store, or None when none is configured;
-- `gateway(settings, js, state, backend)`: the HTTP gateway, listening;
+- `secret_store(settings)`: where apps' secrets are kept, the store of the
+  backend `settings.backend.kind` names (`make_secret_store`);
+- `gateway(settings, js, state, backend, secrets=)`: the HTTP gateway, listening;
 - `handlers(...)`: the handler service, running as a named task, stopped on exit.
 
 `spinyard handlers`, `spinyard gateway` (`serve_handlers`, `serve_gateway`
@@ -30,6 +32,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from dispatcher import bus, logs
+from dispatcher.backends.secrets import SecretStore
 from dispatcher.bus import provision as bus_provision
 from dispatcher.gateway.app import GatewayRunner, start_gateway
 from dispatcher.gateway.auth import Authenticator
@@ -73,6 +76,37 @@ def make_backend(settings: Settings) -> Backend:
         k8s = settings.backend.kubernetes
         return KubernetesBackend(k8s, k8s.public_base_url or settings.gateway.base_url)
     raise ValueError(f"unknown backend kind {kind!r}")
+
+
+def make_secret_store(settings: Settings) -> SecretStore:
+    """The secret store the backend `settings.backend.kind` reads, not yet set up: the
+    0600 files under `data_dir` (local), or a Secret per app through an API client of
+    its own (kubernetes; in a pod, its service account's).
+
+    Raises:
+        ValueError: the kind is unknown.
+    """
+    kind = settings.backend.kind
+    if kind == "local":
+        from dispatcher.backends.local.secrets import SecretFiles
+
+        return SecretFiles.under(settings.data_dir)
+    if kind == "kubernetes":
+        from dispatcher.backends.kubernetes.secrets import SecretObjects
+
+        return SecretObjects.connecting(settings.backend.kubernetes)
+    raise ValueError(f"unknown backend kind {kind!r}")
+
+
+@contextlib.asynccontextmanager
+async def secret_store(settings: Settings) -> AsyncIterator[SecretStore]:
+    """The configured backend's secret store, set up; closed on exit."""
+    store = make_secret_store(settings)
+    await store.setup()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 @contextlib.asynccontextmanager
@@ -131,11 +165,13 @@ async def gateway(
     backend: Backend | None,
     *,
     metrics: CollectorRegistry | None = None,
+    secrets: SecretStore | None = None,
 ) -> AsyncIterator[GatewayRunner]:
     """The HTTP gateway, listening; stopped on exit.
 
     `backend` serves the app proxy (local backend); `metrics` is the process's
-    Prometheus registry, which its `/metrics` serves (a new one if None).
+    Prometheus registry, which its `/metrics` serves (a new one if None); `secrets`
+    is where it writes apps' secrets (None: it has no secrets routes).
     """
     guard = Guard(settings.auth, state, settings.gateway.base_url)
     runner = await start_gateway(
@@ -145,6 +181,7 @@ async def gateway(
         backend=backend,
         guard=guard,
         metrics_registry=metrics,
+        secrets=secrets,
     )
     try:
         yield runner
@@ -247,7 +284,9 @@ async def serve_gateway(
 
     It creates nothing on JetStream (its NATS role may not): it opens the
     buckets it reads, and the handlers create the rest. It proxies apps only
-    for the local backend; on Kubernetes the ingress routes to them.
+    for the local backend; on Kubernetes the ingress routes to them. It writes
+    apps' secrets to the backend's store (`secret_store`): the local backend's
+    data dir, which it must share, or the apps namespace's Secrets.
 
     Raises:
         SettingsError: authentication is on without a key, or a key is too weak.
@@ -261,6 +300,9 @@ async def serve_gateway(
         nc = await stack.enter_async_context(nats_client(settings, "spinyard-gateway"))
         js = nc.jetstream()
         state = await bus_provision.open_state(js, settings.nats.startup_wait_s)
-        runner = await stack.enter_async_context(gateway(settings, js, state, proxied))
+        secrets = await stack.enter_async_context(secret_store(settings))
+        runner = await stack.enter_async_context(
+            gateway(settings, js, state, proxied, secrets=secrets)
+        )
         started(runner)
         await stop.wait()

@@ -51,6 +51,7 @@ async def _apps(api: AsyncClient, args: Any) -> list[str]:
     elif args.apps_cmd == "list":
         for app in await api.apps():
             mode = f"{app.sharing:12} pool={app.pool.size}" if app.kind == "viz" else ""
+            mode += f" +schedule({len(app.pool.schedule)})" if app.pool.schedule else ""
             lines.append(f"{app.name:40} {app.kind:4} {mode}".rstrip())
     elif args.apps_cmd == "rm":
         await api.remove(args.name)

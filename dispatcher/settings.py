@@ -366,8 +366,9 @@ class Settings(BaseSettings):
     )
     gateway_url: str | None = Field(
         None,
-        description="The CLI's `apps` commands publish through this gateway (HTTP, with "
-        "`token`; docs/publishing.md); unset: they write the apps bucket over NATS",
+        description="The CLI's `apps` and `secrets` commands go through this gateway (HTTP, "
+        "with `token`; docs/publishing.md); unset: they write the apps bucket over NATS, "
+        "and secrets into the backend's store",
     )
     token: SecretStr | None = Field(
         None, description="The publisher token the CLI sends to `gateway_url`"

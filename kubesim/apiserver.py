@@ -15,6 +15,7 @@ selectors and timeouts. `Apiserver` adds, as the real API server does:
 - watches that resume from a resourceVersion (replaying what happened since),
   answer 410 Gone for one older than the last `compact()`, end after their
   timeoutSeconds, and can be dropped by the test (`drop_watches()`);
+- Secrets: `stringData` folded into base64 `data` on create and patch, as the server does;
 - `fail(...)`: the next requests matching a verb and resource get an HTTP
   error, a Kubernetes Status, or no answer in time.
 
@@ -23,6 +24,7 @@ It overrides kmock internals (`_handle`, `_serve_*`, `_objects`, `_buses`,
 """
 
 import asyncio
+import base64
 import collections
 import contextlib
 import datetime
@@ -120,6 +122,8 @@ class Apiserver(kmock.KubernetesEmulator):
                 meta["resourceVersion"] = str(self._next_version())
             elif request.action == kmock.action.UPDATE:
                 data.setdefault("metadata", {})["resourceVersion"] = str(self._next_version())
+            if request.resource == ref(resources.SECRETS):
+                _fold_string_data(data)
         try:
             return await super()._handle(request)
         finally:
@@ -350,6 +354,14 @@ def _as_seen(event: dict, request: kmock.Request, selector: Selector) -> dict | 
         gone = {**previous, "metadata": {**previous["metadata"], "resourceVersion": version}}
         return {"type": "DELETED", "object": gone}
     return None
+
+
+def _fold_string_data(secret: dict) -> None:
+    """Move a Secret's (or a patch's) `stringData` into `data`, base64: it wins, key by key."""
+    strings = secret.pop("stringData", None) or {}
+    if strings:
+        encoded = {k: base64.b64encode(str(v).encode()).decode() for k, v in strings.items()}
+        secret["data"] = (secret.get("data") or {}) | encoded
 
 
 def _quiet(task: asyncio.Future) -> None:

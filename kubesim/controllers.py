@@ -9,10 +9,12 @@ SIM_BEHAVIOUR variable; with SIM_PROBE, kubelet also reports the readiness
 probe's answer as an Event, see kubelet_events.py), gives each resumed Job
 a running pod that a test then completes, fails or runs past its deadline
 (the contract's job model ends as its arguments say), deletes what an owner
-owned when the owner goes, and serves pod logs. A bare pod (no owner: a warm
-runner) really runs, as a local process at a loopback pod IP (processes.py).
-Its watches send no label
-selector, so `Apiserver.fail` passes them by.
+owned when the owner goes, and serves pod logs. As the kubelet does, it
+fills each container's environment (`envs`, by pod; kubelet_env.py), and a
+`secretKeyRef` to a Secret or key that is not there leaves the pod waiting
+in CreateContainerConfigError. A bare pod (no owner: a warm runner) really
+runs, as a local process at a loopback pod IP (processes.py). Its watches
+send no label selector, so `Apiserver.fail` passes them by.
 """
 
 import asyncio
@@ -33,10 +35,10 @@ from dispatcher.backends.kubernetes.resources import (
     SERVICES,
     Resource,
 )
-from kubesim import kubelet_events
+from kubesim import kubelet_env, kubelet_events
 from kubesim.apiserver import NAMESPACE, Apiserver, now_rfc3339
 from kubesim.processes import ProcessKubelet
-from kubesim.shapes import (
+from kubesim.statuses import (
     condition,
     deployment_failed,
     deployment_ready,
@@ -77,11 +79,12 @@ class Cluster:
     def __init__(self, server: Apiserver) -> None:
         self.server = server
         self.logs: dict[str, str] = {}  # pod name -> its log
+        self.envs: dict[str, dict[str, str]] = {}  # pod name -> its container's environment
+        self.node = ProcessKubelet(self.patch_status, lambda: server.objects_of(SECRETS))
         self._tasks: list[asyncio.Task] = []
         self._runs: dict[str, asyncio.Task] = {}  # Job uid -> its simulated model
         self._pods_made: set[str] = set()
         self._http: aiohttp.ClientSession | None = None
-        self.node = ProcessKubelet(self.patch_status)
 
     async def __aenter__(self) -> "Cluster":
         self._http = aiohttp.ClientSession(base_url=str(self.server.url))
@@ -153,6 +156,8 @@ class Cluster:
         container = dep["spec"]["template"]["spec"]["containers"][0]
         what, code = behaviour(container)
         pod_name = pod["metadata"]["name"]
+        if not await self._fill_env(pod_name, container):
+            return
         if what == "exit":  # compressed time: Kubernetes gives up at once
             await self.patch_status(DEPLOYMENTS, name, deployment_failed())
             await self._crash(pod_name, code)
@@ -169,6 +174,18 @@ class Cluster:
                 await self.patch_status(DEPLOYMENTS, name, deployment_ready())
         if (answer := kubelet_events.probe_answer(container)) is not None:
             await self.probe_failed(pod, answer)
+
+    async def _fill_env(self, pod: str, container: dict) -> bool:
+        """The container's environment into `envs` (kubelet_env.py); False, and the pod left
+        waiting, if a secret it refers to is not there."""
+        secrets = self.server.objects_of(SECRETS)
+        env, problem = kubelet_env.container_env(container, secrets, NAMESPACE)
+        if problem:
+            waiting = pod_waiting(container["name"], kubelet_env.REASON, problem)
+            await self.patch_status(PODS, pod, waiting)
+            return False
+        self.envs[pod] = env
+        return True
 
     async def probe_failed(self, pod: dict, answer: str, **when) -> None:
         """The kubelet reports that the app's readiness probe got `answer` (an Event)."""
@@ -230,6 +247,9 @@ class Cluster:
         self._pods_made.add(uid)
         name = job["metadata"]["name"]
         pod = await self._make_pod(job, f"{name}-{uid[:5]}")
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        if not await self._fill_env(pod["metadata"]["name"], container):
+            return
         running = {"active": 1, "ready": 1, "startTime": now_rfc3339()}
         await self.patch_status(JOBS, name, running)
         await self.patch_status(PODS, pod["metadata"]["name"], pod_running("job", True))

@@ -12,6 +12,9 @@ so what it serves and uploads is real. As a node would:
 - `python` is this interpreter (a `python` first on the process's PATH);
   the environment is the container's `env` and that PATH, nothing of this
   process's; stdout and stderr are the pod's log, which `Cluster` serves;
+- `secretKeyRef` variables are read from their Secrets as the kubelet does
+  (kubelet_env.py): one that is not there leaves the pod waiting in
+  CreateContainerConfigError, not started;
 - the readiness probe (httpGet) is asked every 50 ms at the pod IP; the pod
   is Ready once it answers 200-399;
 - when the process exits the pod is Succeeded (exit code 0) or Failed, with
@@ -38,8 +41,9 @@ import aiohttp
 
 from dispatcher.backends.kubernetes.resources import PODS
 from dispatcher.backends.local.processes import descendants
-from kubesim.apiserver import now_rfc3339
-from kubesim.shapes import condition
+from kubesim import kubelet_env
+from kubesim.apiserver import NAMESPACE, now_rfc3339
+from kubesim.statuses import condition, pod_waiting
 
 Patch = Callable[..., Awaitable[None]]
 PROBE_S = 0.05
@@ -63,8 +67,8 @@ class ProcessKubelet:
     """Runs bare pods as local processes (see the top); `patch_status(res, name, status)` is the
     cluster's."""
 
-    def __init__(self, patch_status: Patch) -> None:
-        self._patch = patch_status
+    def __init__(self, patch_status: Patch, secrets: Callable[[], dict[str, dict]]) -> None:
+        self._patch, self._secrets = patch_status, secrets
         self._root = Path(tempfile.mkdtemp(prefix="kubesim-node-"))
         (self._root / "bin").mkdir()
         (self._root / "bin" / "python").symlink_to(sys.executable)
@@ -109,15 +113,17 @@ class ProcessKubelet:
         n = next(self._next)
         ip = f"127.{self._subnet}.{n // 250}.{n % 250 + 1}"
         container = pod["spec"]["containers"][0]
-        env = {"PATH": f"{self._root / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        filled, problem = kubelet_env.container_env(container, self._secrets(), NAMESPACE)
+        if problem:
+            await self._patch(
+                PODS, name, pod_waiting(container["name"], kubelet_env.REASON, problem)
+            )
+            return
+        env = {"PATH": f"{self._root / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}", **filled}
         for var in container.get("env") or []:
-            source = (var.get("valueFrom") or {}).get("fieldRef") or {}
-            if source.get("fieldPath") == "status.podIP":
-                env[var["name"]] = ip
-            elif source.get("fieldPath") == "metadata.name":
-                env[var["name"]] = name
-            elif "value" in var:
-                env[var["name"]] = var["value"]
+            field = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+            if field in ("status.podIP", "metadata.name"):
+                env[var["name"]] = ip if field == "status.podIP" else name
         argv = [*(container.get("command") or []), *(container.get("args") or [])]
         log = self._root / f"{name}.log"
         cwd = container.get("workingDir") or str(self._root)

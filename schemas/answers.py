@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from schemas.schedule import Window
+
 
 class Accepted(BaseModel):
     """`202` to `POST /v1/events`: the event is on the events stream."""
@@ -19,7 +21,13 @@ class Accepted(BaseModel):
 
 
 class PoolSize(BaseModel):
-    size: int = Field(description="Warm instances kept ready")
+    size: int = Field(description="Warm instances kept ready outside the schedule's windows")
+    schedule: list[Window] | None = Field(
+        None, description="The spec's scheduled pool sizes (docs/app-spec.md), if it has any"
+    )
+    now: int | None = Field(
+        None, description="With a schedule: the pool size it asks for at the gateway's clock"
+    )
 
 
 class AppSummary(BaseModel):
@@ -92,3 +100,18 @@ class Rollback(BaseModel):
     model_config = {"extra": "forbid"}
 
     revision: int = Field(ge=1, description="The earlier revision to make current again")
+
+
+class SecretSet(BaseModel):
+    """`201`/`200` to `PUT /v1/apps/{owner}/{title}/secrets/{name}`: never the value."""
+
+    app: str
+    name: str
+    created: bool = Field(description="True if the secret is new, False if its value was replaced")
+
+
+class SecretNames(BaseModel):
+    """`GET /v1/apps/{owner}/{title}/secrets`: the names of an app's secrets, never values."""
+
+    app: str
+    names: list[str] = Field(description="Sorted")

@@ -27,6 +27,8 @@ JOB_FAILED = "job_failed"
 CANCELLED = "cancelled"
 INTERNAL = "internal"
 UNAVAILABLE = "unavailable"
+MISSING_SECRET = "missing_secret"
+INVALID_SECRET = "invalid_secret"
 
 
 class ErrorInfo(BaseModel):

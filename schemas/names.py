@@ -17,12 +17,14 @@ SESSION_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 EVENT_ID_PATTERN = r"[A-Za-z0-9_.:-]{1,80}"
 JOB_ID_PATTERN = r"j-[a-z0-9]{8,40}"
 INSTANCE_ID_PATTERN = r"i-[a-z0-9]{8,40}"
+SECRET_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,127}"  # an environment variable's name
 
 APP_RE = re.compile(rf"^({_TOKEN})/({_TOKEN})\Z")
 SESSION_RE = re.compile(rf"^{SESSION_PATTERN}\Z")
 EVENT_ID_RE = re.compile(rf"^{EVENT_ID_PATTERN}\Z")
 JOB_ID_RE = re.compile(rf"^{JOB_ID_PATTERN}\Z")
 INSTANCE_ID_RE = re.compile(rf"^{INSTANCE_ID_PATTERN}\Z")
+SECRET_NAME_RE = re.compile(rf"^{SECRET_NAME_PATTERN}\Z")
 
 
 def json_pattern(pattern: str) -> str:
@@ -75,6 +77,26 @@ def check_job_id(job_id: str) -> str:
     if not JOB_ID_RE.match(job_id):
         raise ValueError("job_id must look like j-<8-40 of a-z0-9>")
     return job_id
+
+
+def check_secret_name(name: str) -> str:
+    """Return `name` if it can name a secret: an environment variable's name, not spinyard's.
+
+    A secret reaches an app as the environment variable of its name, and a
+    Kubernetes Secret's key, so it is held to the alphabet both take.
+
+    Raises:
+        ValueError: the name is not [A-Za-z_][A-Za-z0-9_]* (1-128 characters), or starts
+            with SPINYARD_ (spinyard's own variables win over the app's).
+    """
+    if not SECRET_NAME_RE.match(name):
+        raise ValueError(
+            f"secret name {name[:130]!r} is not an environment variable name: a letter or '_', "
+            "then letters, digits or '_', at most 128 characters"
+        )
+    if name.upper().startswith("SPINYARD_"):
+        raise ValueError(f"secret name {name!r} starts with SPINYARD_, which is spinyard's own")
+    return name
 
 
 def split_app(name: str) -> tuple[str, str]:

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from schemas import presets
-from schemas.names import check_app
+from schemas.names import check_app, check_secret_name
 from schemas.schedule import Window
 from schemas.status import Chart
 
@@ -114,6 +114,13 @@ class AppSpec(BaseModel):
     workdir: str | None = Field(None, description="Working directory; relative to the spec file.")
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables; placeholders as in command"
+    )
+    secrets: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Names of the app's secrets (`spinyard secrets set`) that reach its "
+        "environment, each as the variable of its name; a start fails `missing_secret` while "
+        "one is not set",
     )
     image: str | None = Field(None, description="Container image, for the Kubernetes backend.")
     port: int = Field(8000, ge=1, le=65535, description="Port the app listens on in its container.")
@@ -217,6 +224,17 @@ class AppSpec(BaseModel):
                         f"{info.field_name}[{key!r}]: {{{name}}} has no value in a {kind} app "
                         f"(a {kind} app may use {allowed})"
                     )
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        for name in v:
+            check_secret_name(name)
+            if name in info.data.get("env", {}):
+                raise ValueError(f"{name!r} is in env too: a variable comes from one or the other")
+        if len(set(v)) != len(v):
+            raise ValueError("a secret is named twice")
         return v
 
     @field_validator("preload")

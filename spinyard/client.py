@@ -2,9 +2,10 @@
 
 It speaks what a page speaks (docs/events.md) and what a publisher speaks
 (docs/publishing.md), typed with the models of `schemas`: publish, read, roll
-back and remove app specs; load an app and wait for `ready`; submit a run and
-wait for its result; cancel it; follow status over Server-Sent Events
-(`spinyard.sse`, which reconnects without missing or repeating a status).
+back and remove app specs; set, list and remove their secrets; load an app and
+wait for `ready`; submit a run and wait for its result; cancel it; follow
+status over Server-Sent Events (`spinyard.sse`, which reconnects without
+missing or repeating a status).
 It imports nothing of spinyard but `schemas`, so a platform can use it
 without the dispatcher's dependencies mattering to it.
 
@@ -28,6 +29,7 @@ import aiohttp
 import yaml
 from pydantic import BaseModel
 
+from schemas import answers
 from schemas.answers import Accepted, AppSummary, Published, PublishedSpec, RevisionList
 from schemas.errors import ErrorBody
 from schemas.events import Heartbeat, PageLoad, RunCancel, RunRequest
@@ -192,6 +194,23 @@ class AsyncClient:
     async def remove(self, name: str) -> None:
         """Remove the app; its instances stop (`app_removed`), its history stays."""
         await self._call("DELETE", f"/v1/apps/{name}")
+
+    # -- apps' secrets (publisher token; docs/publishing.md#app-secrets) --------------------
+
+    async def set_secret(self, app: str, name: str, value: str) -> answers.SecretSet:
+        """Set one of the app's secrets (the value is the body; no answer repeats it)."""
+        put = {"data": value.encode(), "headers": {"Content-Type": "text/plain; charset=utf-8"}}
+        answer = await self._call("PUT", f"/v1/apps/{app}/secrets/{name}", **put)
+        return answers.SecretSet.model_validate(answer)
+
+    async def secrets(self, app: str) -> list[str]:
+        """The names of the app's secrets, sorted; never their values."""
+        answer = await self._call("GET", f"/v1/apps/{app}/secrets", retry=True)
+        return answers.SecretNames.model_validate(answer).names
+
+    async def remove_secret(self, app: str, name: str) -> None:
+        """Remove one of the app's secrets (`ApiError` 404 `not_found` if it is not set)."""
+        await self._call("DELETE", f"/v1/apps/{app}/secrets/{name}")
 
     # -- events ------------------------------------------------------------------------------
 

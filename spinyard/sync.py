@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from schemas.answers import AppSummary, Published, PublishedSpec, RevisionList
+from schemas.answers import AppSummary, Published, PublishedSpec, RevisionList, SecretSet
 from schemas.spec import AppSpec
 from schemas.status import AppStatus, JobStatus
 from spinyard.client import AsyncClient
@@ -79,6 +79,15 @@ class Client:
 
     def remove(self, name: str) -> None:
         self._wait(self.aio.remove(name))
+
+    def set_secret(self, app: str, name: str, value: str) -> SecretSet:
+        return self._wait(self.aio.set_secret(app, name, value))
+
+    def secrets(self, app: str) -> list[str]:
+        return self._wait(self.aio.secrets(app))
+
+    def remove_secret(self, app: str, name: str) -> None:
+        self._wait(self.aio.remove_secret(app, name))
 
     def heartbeat(self, app: str, session: str | None = None, *, idle_s: float = 0) -> None:
         self._wait(self.aio.heartbeat(app, session, idle_s=idle_s))

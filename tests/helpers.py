@@ -4,8 +4,11 @@ Fixtures live in the `conftest.py` of the area that uses them; nothing here
 starts a server.
 """
 
+import asyncio
+import os
 import re
 import socket
+import sys
 from pathlib import Path
 
 from dispatcher import waits
@@ -104,3 +107,23 @@ def alive(pids: set[int]) -> set[int]:
         if state != "Z":
             out.add(pid)
     return out
+
+
+async def run_cli(*args: str, stdin: str = "", **env: str) -> tuple[int, str, str]:
+    """`spinyard ARGS` in a subprocess with only the `SPINYARD_*` settings in `env`, `stdin`
+    on its standard input: (exit code, stdout, stderr)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        *args,
+        cwd=ROOT,
+        env=clean | {"PYTHONPATH": str(ROOT)} | env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate(stdin.encode())
+    return proc.returncode, out.decode(), err.decode()

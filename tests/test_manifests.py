@@ -222,13 +222,15 @@ def test_only_backend_handlers_get_a_token(docs):
         spec = d["spec"]["template"]["spec"]
         args = spec["containers"][0].get("args", [])
         uses_api = args[:1] == ["handlers"] and args[1] in API_KINDS
-        assert spec["automountServiceAccountToken"] is uses_api, d["metadata"]["name"]
+        writes_secrets = args == ["gateway"]  # apps' secrets, and nothing else (its Role)
+        assert spec["automountServiceAccountToken"] is (uses_api or writes_secrets)
         assert (spec.get("serviceAccountName") == "spinyard-backend") is uses_api
+        assert (spec.get("serviceAccountName") == "spinyard-gateway") is writes_secrets
         if uses_api:
             mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
             assert "/etc/spinyard/pod-templates" in mounts
-    sa = one(docs, "ServiceAccount", "spinyard-backend")
-    assert sa["automountServiceAccountToken"] is False
+    for name in ("spinyard-backend", "spinyard-gateway"):
+        assert one(docs, "ServiceAccount", name)["automountServiceAccountToken"] is False
 
 
 def test_pod_templates_are_labelled_for_the_backend(docs):
@@ -348,13 +350,8 @@ def test_references_resolve(docs):
 # --- RBAC -----------------------------------------------------------------------------
 
 
-def test_backend_role_is_least_privilege(docs):
-    assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
-    [role] = of_kind(docs, "Role")
-    assert (role["metadata"]["name"], role["metadata"]["namespace"]) == (
-        "spinyard-backend",
-        APPS_NS,
-    )
+def granted_by(role: dict) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs of a Role, after checking it has no wildcard."""
     granted: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
         assert set(rule) == {"apiGroups", "resources", "verbs"}, "no resourceNames, no URLs"
@@ -364,6 +361,18 @@ def test_backend_role_is_least_privilege(docs):
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+def test_backend_role_is_least_privilege(docs):
+    assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
+    assert {r["metadata"]["name"] for r in of_kind(docs, "Role")} == {
+        "spinyard-backend",
+        "spinyard-gateway-secrets",
+    }
+    role = one(docs, "Role", "spinyard-backend")
+    assert role["metadata"]["namespace"] == APPS_NS
+    granted = granted_by(role)
     assert set(granted) <= ROLE_CEILING
     # pods: written only as job apps' warm runners (bare pods of the job template)
     assert granted[("", "pods")] == {"create", "get", "list", "watch", "patch", "delete"}
@@ -372,7 +381,7 @@ def test_backend_role_is_least_privilege(docs):
     # Events: listed only (a failed start's last probe answer), and only in the core
     # group: the ceiling has no events.k8s.io, which serves the same objects.
     assert granted[("", "events")] == {"list"}
-    [binding] = of_kind(docs, "RoleBinding")
+    binding = one(docs, "RoleBinding", "spinyard-backend")
     assert binding["metadata"]["namespace"] == APPS_NS
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -381,6 +390,20 @@ def test_backend_role_is_least_privilege(docs):
     }
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "spinyard-backend", "namespace": CONTROL_NS}
+    ]
+
+
+def test_gateway_role_writes_apps_secrets_and_nothing_else(docs):
+    """The gateway writes apps' secrets (docs/publishing.md): get (list one app's names),
+    create (its first), patch (set or remove one); no list, watch or delete."""
+    role = one(docs, "Role", "spinyard-gateway-secrets")
+    assert role["metadata"]["namespace"] == APPS_NS
+    assert granted_by(role) == {("", "secrets"): {"get", "create", "patch"}}
+    binding = one(docs, "RoleBinding", "spinyard-gateway-secrets")
+    assert binding["metadata"]["namespace"] == APPS_NS
+    assert binding["roleRef"]["name"] == "spinyard-gateway-secrets"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "spinyard-gateway", "namespace": CONTROL_NS}
     ]
 
 

@@ -9,8 +9,11 @@ same things. This module is that hand-over, written once:
   `job_values`); braces with any other name are left as written. Which names
   a kind may use is checked when the spec is registered
   (`schemas.spec.PLACEHOLDERS`), so an unfilled one never reaches here.
-- environments: `viz_env` and `job_env`, the spec's `env` filled, then
-  spinyard's `SPINYARD_*` variables, which win over the spec's.
+- environments: `viz_env` and `job_env`, the spec's `env` filled, then the
+  values of the secrets it names (`secrets`, never filled: a value is the
+  publisher's, braces and all), then spinyard's `SPINYARD_*` variables, which
+  win over both. The Kubernetes backend passes no values: its pods get the
+  secrets from the app's Secret (`secretKeyRef`).
 - readiness: an app is ready when `{prefix}` + `readiness_path` answers
   200-399 (a Kubernetes httpGet probe's rule); a start that times out says
   so in the same words on every backend (`not_ready_message`, with the
@@ -123,24 +126,34 @@ def argv(spec: "AppSpec", values: Mapping[str, str]) -> list[str]:
 # -- environments --
 
 
-def viz_env(spec: "AppSpec", instance_id: str, values: Mapping[str, str]) -> dict[str, str]:
+def viz_env(
+    spec: "AppSpec",
+    instance_id: str,
+    values: Mapping[str, str],
+    secrets: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The environment a viz instance gets from spinyard.
 
     Args:
         spec: the app.
         instance_id: the instance's id.
         values: from `viz_values`; its port and prefix are also in the environment.
+        secrets: the values of the secrets the spec names, as they are.
 
     Returns:
-        The spec's `env` filled, then SPINYARD_PORT, SPINYARD_PREFIX,
+        The spec's `env` filled, then `secrets`, then SPINYARD_PORT, SPINYARD_PREFIX,
         SPINYARD_INSTANCE and SPINYARD_APP (`owner/title`).
     """
-    return _filled_env(spec, values) | {
-        "SPINYARD_PORT": values["port"],
-        "SPINYARD_PREFIX": values["prefix"],
-        "SPINYARD_INSTANCE": instance_id,
-        "SPINYARD_APP": spec.name,
-    }
+    return (
+        _filled_env(spec, values)
+        | dict(secrets or {})
+        | {
+            "SPINYARD_PORT": values["port"],
+            "SPINYARD_PREFIX": values["prefix"],
+            "SPINYARD_INSTANCE": instance_id,
+            "SPINYARD_APP": spec.name,
+        }
+    )
 
 
 def job_env(
@@ -152,6 +165,7 @@ def job_env(
     uploads: str,
     output_dir: str,
     deadline_s: float,
+    secrets: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment a run gets from spinyard; the paths are where its backend puts the files.
 
@@ -163,19 +177,25 @@ def job_env(
         uploads: path of uploads.json, `{"<output name>": "<presigned PUT URL>"}`.
         output_dir: an empty directory the run may write to.
         deadline_s: seconds the run may take.
+        secrets: the values of the secrets the spec names, as they are.
 
     Returns:
-        The spec's `env` filled, then SPINYARD_JOB_ID, SPINYARD_APP, SPINYARD_INPUTS,
-        SPINYARD_UPLOADS, SPINYARD_OUTPUT_DIR and SPINYARD_DEADLINE_S (a decimal number).
+        The spec's `env` filled, then `secrets`, then SPINYARD_JOB_ID, SPINYARD_APP,
+        SPINYARD_INPUTS, SPINYARD_UPLOADS, SPINYARD_OUTPUT_DIR and SPINYARD_DEADLINE_S
+        (a decimal number).
     """
-    return _filled_env(spec, values) | {
-        "SPINYARD_JOB_ID": job_id,
-        "SPINYARD_APP": spec.name,
-        "SPINYARD_INPUTS": inputs,
-        "SPINYARD_UPLOADS": uploads,
-        "SPINYARD_OUTPUT_DIR": output_dir,
-        "SPINYARD_DEADLINE_S": f"{deadline_s:g}",
-    }
+    return (
+        _filled_env(spec, values)
+        | dict(secrets or {})
+        | {
+            "SPINYARD_JOB_ID": job_id,
+            "SPINYARD_APP": spec.name,
+            "SPINYARD_INPUTS": inputs,
+            "SPINYARD_UPLOADS": uploads,
+            "SPINYARD_OUTPUT_DIR": output_dir,
+            "SPINYARD_DEADLINE_S": f"{deadline_s:g}",
+        }
+    )
 
 
 def _filled_env(spec: "AppSpec", values: Mapping[str, str]) -> dict[str, str]:

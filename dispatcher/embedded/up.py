@@ -182,8 +182,11 @@ class Stack:
             # One Prometheus registry for the process: the gateway's /metrics shows the
             # handlers' metrics too (their own health port is off unless configured).
             registry = new_registry()
+            secrets = await stack.enter_async_context(compose.secret_store(settings))
             await stack.enter_async_context(
-                compose.gateway(settings, gateway_js, gateway_state, backend, metrics=registry)
+                compose.gateway(
+                    settings, gateway_js, gateway_state, backend, metrics=registry, secrets=secrets
+                )
             )
             handlers = await stack.enter_async_context(
                 compose.handlers(

@@ -1,7 +1,7 @@
 """The gateway's routes and wiring: pages publish events and read status here.
 
 It builds the aiohttp app: events (`events`, `POST /v1/events`), the app
-list, publishing apps (`publish`), status (`sse`), the app proxy
+list, publishing apps (`publish`) and their secrets (`secrets`), status (`sse`), the app proxy
 (`proxy`), `embed.js`, the demo page,
 `/healthz`, `/metrics` and its OpenAPI document (`openapi`), with the
 middleware that gives every error the public error body (routing and
@@ -11,6 +11,7 @@ caller owns and never opens one itself.
 """
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from dispatcher import logs
+from dispatcher.backends.secrets import SecretStore
 from dispatcher.gateway import GatewayError, Metrics, error_response
 from dispatcher.gateway.events import Auth, authorize, post_event
 from dispatcher.gateway.keys import (
@@ -33,6 +35,7 @@ from dispatcher.gateway.keys import (
     METRICS,
     NC,
     PROXY,
+    SECRETS,
     SETTINGS,
     SPECS,
     STATE,
@@ -42,6 +45,7 @@ from dispatcher.gateway.openapi import document
 from dispatcher.gateway.protocol import Server
 from dispatcher.gateway.proxy import Proxy
 from dispatcher.gateway.publish import add_routes as add_publish_routes
+from dispatcher.gateway.secrets import add_routes as add_secrets_routes
 from dispatcher.gateway.security import Guard, install
 from dispatcher.gateway.specs import SpecCache
 from dispatcher.gateway.sse import StatusStreams
@@ -51,6 +55,8 @@ from handlers.ports import Backend
 from handlers.state import State
 from schemas import errors as codes
 from schemas.answers import AppSummary, Health, PoolSize
+from schemas.schedule import scheduled_pool
+from schemas.spec import AppSpec
 
 log = logs.get("spinyard.gateway")
 
@@ -58,14 +64,23 @@ STATIC = Path(__file__).parent / "static"
 # --- apps --------------------------------------------------------------------------------
 
 
+def _pool(spec: AppSpec, now: float) -> PoolSize:
+    if not spec.schedule:
+        return PoolSize(size=spec.pool.size)
+    scheduled = scheduled_pool(spec.schedule, now)
+    current = spec.pool.size if scheduled is None else scheduled
+    return PoolSize(size=spec.pool.size, schedule=spec.schedule, now=current)
+
+
 async def list_apps(request: web.Request) -> web.Response:
+    now = time.time()
     specs = sorted((e.value for e in await request.app[STATE].apps.scan()), key=lambda s: s.name)
     apps = [
         AppSummary(
             name=s.name,
             kind=s.kind,
             sharing=s.sharing,
-            pool=PoolSize(size=s.pool.size),
+            pool=_pool(s, now),
             description=s.description,
             example_inputs=s.example_inputs if s.kind == "job" else None,
         ).model_dump(mode="json", exclude_none=True)
@@ -204,6 +219,7 @@ def make_app(
     nc: Client | None = None,
     guard: Guard | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    secrets: SecretStore | None = None,
 ) -> web.Application:
     """The gateway application; the caller owns (and closes) the NATS connection.
 
@@ -217,6 +233,8 @@ def make_app(
         guard: tokens, embed origins and frame-ancestors; it supplies the auth hook.
         metrics_registry: the Prometheus registry its metrics go on (one per process,
             shared with a handler service in it); a new one if None.
+        secrets: where apps' secrets are written (the backend's store); None: no
+            secrets routes.
     """
     app = web.Application(middlewares=[errors_and_metrics])
     app[SPECS] = specs = SpecCache(
@@ -232,6 +250,7 @@ def make_app(
     app[BACKEND] = backend
     app[AUTH] = auth
     app[GUARD] = guard
+    app[SECRETS] = secrets
     app[STREAMS] = streams = StatusStreams(
         js,
         specs.get,
@@ -276,6 +295,8 @@ def make_app(
     r.add_get("/v1/apps", list_apps)
     r.add_get("/v1/apps/{owner}/{title}/status", streams.app_status)
     add_publish_routes(r)
+    if secrets is not None:
+        add_secrets_routes(r)
     r.add_get("/v1/jobs/{job_id}/status", streams.job_status)
     r.add_get("/v1/jobs/{job_id}", streams.job_status)
     r.add_get("/apps/{owner}/{title}", proxy.shared_app)
@@ -328,6 +349,7 @@ async def start_gateway(
     nc: Client | None = None,
     guard: Guard | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    secrets: SecretStore | None = None,
     shutdown_timeout_s: float = 5.0,
 ) -> GatewayRunner:
     """Build the gateway and listen on `settings.host:settings.port` (0: a free port).
@@ -344,6 +366,7 @@ async def start_gateway(
         nc=nc,
         guard=guard,
         metrics_registry=metrics_registry,
+        secrets=secrets,
     )
     # No access log: its request line would carry `?token=`. Handlers are cancelled when
     # their client goes, so an SSE stream unsubscribes at once.

@@ -7,6 +7,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from dispatcher.backends.secrets import SecretStore
 from dispatcher.gateway import Metrics
 from dispatcher.gateway.proxy import Proxy
 from dispatcher.gateway.security import Guard
@@ -27,4 +28,5 @@ METRICS = web.AppKey("metrics", Metrics)
 STREAMS = web.AppKey("streams", StatusStreams)
 PROXY = web.AppKey("proxy", Proxy)
 GUARD = web.AppKey("guard", Guard | None)  # type: ignore[arg-type]
+SECRETS = web.AppKey("secrets", SecretStore | None)  # type: ignore[arg-type]  # app secrets
 API = web.AppKey("openapi", dict)  # the OpenAPI document, built once the routes are added

@@ -24,10 +24,12 @@ from schemas.answers import (
     PublishedSpec,
     RevisionList,
     Rollback,
+    SecretNames,
+    SecretSet,
 )
 from schemas.errors import ErrorBody
 from schemas.events import INPUTS_MAX_DEPTH, Heartbeat, PageLoad, RunCancel, RunRequest
-from schemas.names import INSTANCE_ID_PATTERN, JOB_ID_PATTERN, json_pattern
+from schemas.names import INSTANCE_ID_PATTERN, JOB_ID_PATTERN, SECRET_NAME_PATTERN, json_pattern
 from schemas.status import AppStatus, JobStatus
 
 OPENAPI_VERSION = "3.1.0"
@@ -40,6 +42,11 @@ PATH_PARAMS: dict[str, dict[str, Any]] = {
     "title": {"type": "string", "pattern": _TOKEN},
     "job_id": {"type": "string", "pattern": json_pattern(JOB_ID_PATTERN)},
     "instance_id": {"type": "string", "pattern": json_pattern(INSTANCE_ID_PATTERN)},
+    "name": {
+        "type": "string",
+        "pattern": json_pattern(SECRET_NAME_PATTERN),
+        "description": "the secret's name: an environment variable's, not SPINYARD_*",
+    },
     "tail": {"type": "string", "description": "the rest of the app's path; may hold '/'"},
 }
 _PARAM = re.compile(r"\{(\w+)\}")
@@ -70,7 +77,7 @@ ERROR_TEXT = {
     "token has no `publish` claim naming the owner)",
     404: "unknown_app / not_found",
     413: "too_large: the body, or a run's inputs",
-    422: "invalid_event / invalid_spec (naming the field) or wrong_kind",
+    422: "invalid_event / invalid_spec (naming the field), invalid_secret or wrong_kind",
     502: "unavailable: the app instance did not answer",
     503: "unavailable: the event bus is not reachable",
 }
@@ -181,6 +188,36 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             **_errors(401, 403, 404, 422, 503),
         },
     },
+    ("GET", "/v1/apps/{owner}/{title}/secrets"): {
+        "summary": "The names of an app's secrets, never their values (publisher token)",
+        "security": [{"bearer": []}],
+        "responses": {
+            "200": {"description": "the names, sorted", "content": _json(_ref("SecretNames"))},
+            **_errors(401, 403, 404, 503),
+        },
+    },
+    ("PUT", "/v1/apps/{owner}/{title}/secrets/{name}"): {
+        "summary": "Set one of an app's secrets (publisher token)",
+        "description": "The body is the value, as it is: UTF-8 text, not empty, no NUL. It "
+        "reaches the environment of the app's instances and runs whose spec names it, and "
+        "is never answered, logged or put on the event bus.",
+        "security": [{"bearer": []}],
+        "requestBody": {
+            "required": True,
+            "content": {"text/plain": {"schema": {"type": "string"}}}
+            | {"application/octet-stream": {"schema": {"type": "string"}}},
+        },
+        "responses": {
+            "201": {"description": "a new secret", "content": _json(_ref("SecretSet"))},
+            "200": {"description": "its value replaced", "content": _json(_ref("SecretSet"))},
+            **_errors(401, 403, 404, 413, 422, 503),
+        },
+    },
+    ("DELETE", "/v1/apps/{owner}/{title}/secrets/{name}"): {
+        "summary": "Remove one of an app's secrets (publisher token)",
+        "security": [{"bearer": []}],
+        "responses": {"204": {"description": "removed"}, **_errors(401, 403, 404, 422, 503)},
+    },
     ("GET", "/v1/apps/{owner}/{title}/status"): {
         "summary": "An app's status: JSON, or a Server-Sent Events stream",
         "parameters": [SESSION_QUERY],
@@ -280,6 +317,7 @@ def components() -> dict[str, Any]:
     answers = [(m, "serialization") for m in (Accepted, AppSummary, AppStatus, JobStatus)]
     answers += [(m, "serialization") for m in (ErrorBody, Health, DevToken)]
     answers += [(m, "serialization") for m in (Published, PublishedSpec, RevisionList)]
+    answers += [(m, "serialization") for m in (SecretSet, SecretNames)]
     _, top = models_json_schema(requests + answers, ref_template="#/components/schemas/{model}")
     schemas = top["$defs"]
     for model in BROWSER_EVENTS:
@@ -322,7 +360,7 @@ def document(app: web.Application) -> dict[str, Any]:
             "description": "Events in, status out, apps embedded. Every error has the body "
             '`{"error": {"code", "message"}}`; every GET also answers HEAD. Events and status '
             "need a bearer token (or `?token=`) unless authentication is off; publishing an app "
-            "needs a publisher token.",
+            "needs a publisher token, and so does setting its secrets.",
         },
         "paths": paths,
         "components": {

@@ -56,7 +56,7 @@ CONVERGE_TRIES = 20  # writes of the apps bucket before a change that keeps raci
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 
-def _app(request: web.Request) -> tuple[str, str]:
+def path_app(request: web.Request) -> tuple[str, str]:
     """The app name and owner of the path, or a 404."""
     owner, title = request.match_info["owner"], request.match_info["title"]
     try:
@@ -65,7 +65,7 @@ def _app(request: web.Request) -> tuple[str, str]:
         raise GatewayError(404, codes.UNKNOWN_APP, str(exc)) from exc
 
 
-def _publisher(request: web.Request, owner: str) -> str | None:
+def publisher_of(request: web.Request, owner: str) -> str | None:
     """The publisher's subject, after checking their token may publish `owner`'s apps."""
     guard = request.app[GUARD]
     if guard is None:
@@ -176,8 +176,8 @@ def _answer(
 
 
 async def put_app(request: web.Request) -> web.Response:
-    name, owner = _app(request)
-    by = _publisher(request, owner)
+    name, owner = path_app(request)
+    by = publisher_of(request, owner)
     limit = request.app[SETTINGS].max_body_bytes
     body = await read_body(request, limit, what="an app spec")
     raw, spec = parse_spec(body, request.content_type, name)
@@ -185,8 +185,8 @@ async def put_app(request: web.Request) -> web.Response:
 
 
 async def get_app(request: web.Request) -> web.Response:
-    name, owner = _app(request)
-    _publisher(request, owner)
+    name, owner = path_app(request)
+    publisher_of(request, owner)
     spec = await request.app[STATE].apps.get(name)
     if spec is None:
         raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}")
@@ -202,8 +202,8 @@ async def get_app(request: web.Request) -> web.Response:
 
 
 async def list_revisions(request: web.Request) -> web.Response:
-    name, owner = _app(request)
-    _publisher(request, owner)
+    name, owner = path_app(request)
+    publisher_of(request, owner)
     history = await _history_records(request).get(name)
     if history is None:
         raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r} was published here")
@@ -213,8 +213,8 @@ async def list_revisions(request: web.Request) -> web.Response:
 
 
 async def rollback(request: web.Request) -> web.Response:
-    name, owner = _app(request)
-    by = _publisher(request, owner)
+    name, owner = path_app(request)
+    by = publisher_of(request, owner)
     body = await read_body(request, request.app[SETTINGS].max_body_bytes, what="a rollback body")
     try:
         wanted = Rollback.model_validate_json(body).revision
@@ -233,8 +233,8 @@ async def rollback(request: web.Request) -> web.Response:
 
 
 async def delete_app(request: web.Request) -> web.Response:
-    name, owner = _app(request)
-    by = _publisher(request, owner)
+    name, owner = path_app(request)
+    by = publisher_of(request, owner)
     if await request.app[STATE].apps.get(name) is None:
         raise GatewayError(404, codes.UNKNOWN_APP, f"no app named {name!r}")
     records = _history_records(request)

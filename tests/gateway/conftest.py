@@ -7,6 +7,7 @@ import pytest
 from aiohttp import web
 
 from dispatcher import bus
+from dispatcher.backends.local.secrets import SecretFiles
 from dispatcher.gateway.security import Guard
 from dispatcher.settings import AuthSettings
 from tests.gateway.support import JOB, PER, PREFIX, PUBLISH_SECRET, VIZ, Env, TargetBackend
@@ -44,6 +45,16 @@ async def gw(env):
     `PUBLISH_SECRET`); `gw.url` is that one."""
     guard = Guard(AuthSettings(hs256_secret=PUBLISH_SECRET), env.state, "http://gw")
     env.url = (await env.start(guard=guard)).url
+    return env
+
+
+@pytest.fixture
+async def sgw(env, tmp_path):
+    """The env with a gateway like `gw`'s that keeps apps' secrets in files under
+    `sgw.secrets.root` (the local backend's store)."""
+    guard = Guard(AuthSettings(hs256_secret=PUBLISH_SECRET), env.state, "http://gw")
+    env.secrets = SecretFiles.under(tmp_path / "data")
+    env.url = (await env.start(guard=guard, secrets=env.secrets)).url
     return env
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import msgpack
 
+from dispatcher.backends.secrets import SecretStore
 from dispatcher.gateway.app import GatewayRunner, start_gateway
 from dispatcher.settings import Settings
 from handlers.ports import Backend, Instance
@@ -65,6 +66,7 @@ class Env:
     http: aiohttp.ClientSession
     runners: list[GatewayRunner] = field(default_factory=list)
     url: str = ""
+    secrets: SecretStore | None = None  # the `sgw` fixture's
 
     async def start(self, **kwargs) -> GatewayRunner:
         runner = await start_gateway(

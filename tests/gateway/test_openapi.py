@@ -5,6 +5,7 @@ import pytest
 from aiohttp import web
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
+from dispatcher.backends.local.secrets import SecretFiles
 from dispatcher.gateway.app import make_app
 from dispatcher.gateway.openapi import OPERATIONS, PROXY_METHODS, document
 from dispatcher.gateway.security import Guard
@@ -55,14 +56,17 @@ async def test_with_the_guard_its_routes_are_listed_too(env):
     assert {("GET", "/embed/{owner}/{title}"), ("GET", "/v1/dev/token")} <= documented(doc)
 
 
-async def test_every_described_operation_is_a_route_of_some_gateway(env):
-    """`OPERATIONS` holds nothing stale: each entry is registered, with or without the guard."""
+async def test_every_described_operation_is_a_route_of_some_gateway(env, tmp_path):
+    """`OPERATIONS` holds nothing stale: each entry is registered, with or without the guard
+    (and a secret store)."""
     guard = Guard(
         AuthSettings(hs256_secret="s" * 32, dev_token_endpoint=True), env.state, "http://gw"
     )
     paths = set()
-    for g in (None, guard):
-        app = make_app(env.settings.gateway, js=env.js, state=env.state, backend=None, guard=g)
+    for g, secrets in ((None, None), (guard, SecretFiles(tmp_path))):
+        app = make_app(
+            env.settings.gateway, js=env.js, state=env.state, backend=None, guard=g, secrets=secrets
+        )
         paths |= {(r.method, r.resource.canonical) for r in app.router.routes()}
     assert set(OPERATIONS) <= paths
 
@@ -98,3 +102,20 @@ async def test_events_body_is_the_models_schema_and_errors_the_error_body(env):
     status, answer = await env.post(page_load())
     assert status == 202
     assert set(answer) <= set(schemas["Accepted"]["properties"])
+
+
+async def test_the_secrets_routes_take_a_name_pattern_and_answer_names_only(sgw):
+    doc = await fetch(sgw)
+    OpenAPIV31SpecValidator(doc).validate()
+    one = doc["paths"]["/v1/apps/{owner}/{title}/secrets/{name}"]
+    assert set(one) == {"put", "delete"}
+    [name] = [p for p in one["put"]["parameters"] if p["name"] == "name"]
+    assert name["schema"]["pattern"] == "^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+    assert one["put"]["security"] == [{"bearer": []}]
+    assert {"201", "200", "403", "422"} <= set(one["put"]["responses"])
+    listing = doc["paths"]["/v1/apps/{owner}/{title}/secrets"]["get"]["responses"]["200"]
+    ref = listing["content"]["application/json"]["schema"]["$ref"]
+    names = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert set(names["properties"]) == {"app", "names"}  # never a value
+    answer = doc["components"]["schemas"]["SecretSet"]
+    assert set(answer["properties"]) == {"app", "name", "created"}

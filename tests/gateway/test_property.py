@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
+from dispatcher.backends.local.secrets import SecretFiles
 from schemas import subjects
 from schemas.codec import decode_event
 from schemas.events import INPUTS_MAX_DEPTH
@@ -192,8 +193,10 @@ def check_answer(method: str, status: int, headers, body: bytes) -> str | None:
 
 
 @pytest.fixture
-async def gateway(env):
+async def gateway(env, tmp_path):
+    """A gateway with authentication off and every route, the secrets ones too."""
     await env.state.apps.put(BIG.name, BIG)
+    env.url = (await env.start(secrets=SecretFiles(tmp_path / "secrets"))).url
     return env
 
 

@@ -243,3 +243,21 @@ async def test_a_publisher_that_writes_last_with_an_older_revision_is_corrected(
     await gw.state.revisions.change(APP, revisions.removed)  # a delete, mid-flight
     await converge(gw.state, gw.state.revisions, APP, stale, 2)
     assert await gw.state.apps.get(APP) is None
+
+
+async def test_the_app_list_shows_a_schedule_and_the_pool_size_it_asks_for_now(gw):
+    halves = [  # together always open, whatever the test's clock says
+        {"from": "00:00", "to": "12:00", "tz": "UTC", "pool": 3},
+        {"from": "12:00", "to": "00:00", "tz": "UTC", "pool": 3},
+    ]
+    viz = {"kind": "viz", "command": ["python", "app.py"], "pool": {"size": 1}}
+    status, _ = await call(gw, "PUT", URL, publisher("alice"), json={**viz, "schedule": halves})
+    assert status == 201
+    status, _ = await call(gw, "PUT", "/v1/apps/alice/plain", publisher("alice"), json=viz)
+    assert status == 201
+
+    status, listed = await call(gw, "GET", "/v1/apps")
+    pools = {a["name"]: a["pool"] for a in listed}
+    assert pools["alice/plain"] == {"size": 1}
+    assert pools[APP]["size"] == 1 and pools[APP]["now"] == 3
+    assert [w["from"] for w in pools[APP]["schedule"]] == ["00:00", "12:00"]

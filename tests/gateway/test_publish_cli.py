@@ -11,6 +11,8 @@ from tests.helpers import ROOT, free_port
 
 SPEC_V1 = "name: alice/sums\nkind: job\ncommand: [python, run.py]\ndescription: one\n"
 SPEC_V2 = SPEC_V1.replace("one", "two")
+# A job app with a scheduled pool of warm runners: `apps list` says it has a schedule.
+SPEC_V3 = SPEC_V1 + "schedule: [{days: [mon], from: '09:50', to: '11:00', tz: UTC, pool: 2}]\n"
 
 
 async def spinyard(*args: str, **env: str) -> tuple[int, str, str]:
@@ -54,6 +56,12 @@ async def test_apps_add_history_rollback_list_rm_through_the_gateway(gw, tmp_pat
     assert (await gw.state.apps.get("alice/sums")).description == "one"
     code, out, _ = await spinyard("apps", "list", **env)
     assert "alice/sums" in out and "demo/viz" in out
+    v1.write_text(SPEC_V3)
+    assert (await spinyard("apps", "add", str(v1), **env))[1] == "published alice/sums revision 4\n"
+    code, out, _ = await spinyard("apps", "list", **env)
+    assert [line.split() for line in out.splitlines() if "alice/sums" in line] == [
+        ["alice/sums", "job", "+schedule(1)"]
+    ]
 
     assert (await spinyard("apps", "rm", "alice/sums", **env))[:2] == (0, "removed alice/sums\n")
     assert await gw.state.apps.get("alice/sums") is None

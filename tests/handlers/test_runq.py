@@ -138,8 +138,13 @@ async def test_a_queued_run_can_be_cancelled_and_never_starts(runs, tmp_path):
     spec = limited_spec(max_concurrent_runs=1)
     await runs.state.apps.put(spec.name, spec)
     first = await runs.request(spec.name, waiting_run(tmp_path, "1"))
+    await wait_for(lambda: started(tmp_path) == [first], what="the first run")
     second = await runs.request(spec.name, waiting_run(tmp_path, "2"))
-    await runs.wait_state(second, "queued")
+    # Accepted, then in the app's wait line behind the first (not merely accepted).
+    await wait_for(
+        lambda: [s.get("position") for s in runs.seen.get(second, [])][-1:] == [1],
+        what="the second run waiting at position 1",
+    )
     cancel = RunCancel(job_id=second)
     await runs.js.publish(
         subjects.event_for(subjects.RUN_CANCEL, second),

@@ -28,7 +28,7 @@ from kubernetes import client
 from dispatcher import logs
 from dispatcher.backends.base import Backend, Instance, JobLaunch
 from dispatcher.backends.kubernetes import informer, objects, status, warm
-from dispatcher.backends.kubernetes.api import ApiError, KubeApi
+from dispatcher.backends.kubernetes.api import KubeApi
 from dispatcher.backends.kubernetes.informer import Informer
 from dispatcher.backends.kubernetes.job_reports import JobReports
 from dispatcher.backends.kubernetes.logtail import PodLogs
@@ -42,13 +42,14 @@ from dispatcher.backends.kubernetes.resources import (
     SECRETS,
     SERVICES,
 )
+from dispatcher.backends.kubernetes.secrets import SecretObjects
 from dispatcher.backends.kubernetes.warm import WarmPods
 from dispatcher.backends.launch import check_id, check_job_id, last_answer, not_ready_message
+from dispatcher.backends.secrets import check_secrets
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import PermanentError, RetryableError, StartFailed
 from handlers.ports import JobReport
 from schemas import errors as codes
-from schemas.events import JobUpdate
 from schemas.spec import AppSpec
 
 
@@ -81,6 +82,7 @@ class KubernetesBackend(Backend):
         )
         self._route = INGRESSROUTES if settings.route_kind == "ingressroute" else INGRESSES
         self.api = KubeApi(settings, configuration)
+        self._secrets = SecretObjects(self.api)  # names only: pods read the values themselves
         self._templates: dict[str, dict] = {}
         self._deployments = Informer(self.api, DEPLOYMENTS, objects.SELECTOR)
         self._pods = Informer(self.api, PODS, objects.SELECTOR)
@@ -128,12 +130,14 @@ class KubernetesBackend(Backend):
 
         Raises:
             ValueError: `instance_id` is not a valid id.
-            handlers.errors.StartFailed: the spec cannot run here (no image).
+            handlers.errors.StartFailed: the spec cannot run here (no image);
+                `missing_secret`: a secret the spec names is not in the app's Secret.
             handlers.errors.PermanentError: the API refused the objects (`ApiError`;
                 `forbidden` when the Role lacks a permission); not for a page's eyes.
             handlers.errors.RetryableError: the API did not answer; try again later.
         """
         check_id(instance_id)
+        await self._check_secrets(spec)
         now = time.time()
         try:
             deployment = objects.make_viz_deployment(
@@ -290,6 +294,7 @@ class KubernetesBackend(Backend):
             handlers.errors.StartFailed: no image, it exited or went, or it was not ready
                 within `timeout` (with its log's tail).
         """
+        await self._check_secrets(spec)
         await self._warm.start(instance_id, spec, self._templates["job"], timeout)
 
     async def submit_warm(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> bool:
@@ -303,7 +308,8 @@ class KubernetesBackend(Backend):
 
         Raises:
             ValueError: the job id is not valid.
-            handlers.errors.StartFailed: the spec cannot run here (no image).
+            handlers.errors.StartFailed: the spec cannot run here (no image);
+                `missing_secret`: a secret the spec names is not in the app's Secret.
             handlers.errors.PermanentError: the API refused the objects (`ApiError`;
                 `forbidden` when the Role lacks a permission); not for a page's eyes.
             handlers.errors.RetryableError: the API did not answer; try again later.
@@ -311,6 +317,7 @@ class KubernetesBackend(Backend):
         check_job_id(launch.job_id)
         if (spec.pool.size or spec.schedule) and await self._warm.of_run(launch.job_id):
             return  # a warm pod has it already (a redelivered start): one run
+        await self._check_secrets(spec)
         now = time.time()
         try:
             job = objects.make_job(
@@ -367,22 +374,14 @@ class KubernetesBackend(Backend):
         again (reports are de-duplicated downstream). A warm run's pod is deleted
         once its end is reported (`WarmPods.clear`).
         """
-        await self._job_reports.watch(self._warm.clearing(report), stopping, self._job_update)
+        await self._job_reports.watch(self._warm.clearing(report), stopping, self._logs.job_update)
 
-    async def _job_update(self, job_id: str, state: str, pods: list[dict]) -> JobUpdate:
-        """The report of a run in `state`: for a failure, its exit code and log tail."""
-        if state not in ("failed", "timed_out"):
-            code = 0 if state == "succeeded" else None
-            return JobUpdate(job_id=job_id, state=state, exit_code=code)
-        if not any(status.exit_code(p, objects.JOB_CONTAINER) is not None for p in pods):
-            selector = f"{objects.SELECTOR},{objects.INSTANCE}={job_id}"
-            with contextlib.suppress(ApiError, RetryableError):
-                pods, _ = await self.api.list(PODS, selector)
-        pods = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
-        pod = pods[-1] if pods else None
-        code = status.exit_code(pod, objects.JOB_CONTAINER) if pod else None
-        tail = await self._logs.tail(pod, objects.JOB_CONTAINER)
-        return JobUpdate(job_id=job_id, state=state, exit_code=code, log_tail=tail or None)
+    async def _check_secrets(self, spec: AppSpec) -> None:
+        """Fail a start whose spec names a secret the app's Secret lacks, before any object
+        is made: a pod would otherwise wait in CreateContainerConfigError until its timeout."""
+        if spec.secrets:
+            with _start_errors():
+                check_secrets(spec, await self._secrets.names(spec.name))
 
 
 @contextlib.contextmanager

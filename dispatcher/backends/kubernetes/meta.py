@@ -3,10 +3,11 @@
 Everything spinyard creates carries `app.kubernetes.io/managed-by=spinyard`
 (the backend lists and watches by it), `app.kubernetes.io/component=viz|job`
 (the NetworkPolicies select on it), `spinyard.io/app` and
-`spinyard.io/instance`, and a created-at annotation. A warm runner's pod
-also carries `spinyard.io/warm-runner=true` (its NetworkPolicy selects on it)
-and `spinyard.io/pooled` (true until it is handed a run; then its instance
-label names the run). Names come from
+`spinyard.io/instance`, and a created-at annotation; an app's Secret of
+secrets (`app_secrets_name`) has the component `secrets` and no instance. A
+warm runner's pod also carries `spinyard.io/warm-runner=true` (its
+NetworkPolicy selects on it) and `spinyard.io/pooled` (true until it is
+handed a run; then its instance label names the run). Names come from
 `slugs.slug` of the instance or job id, so any object can be found from the
 id alone. The builders (`objects.py`, `pods.py`) use these; `status.py`
 reads them back. Pure: nothing here talks to the API.
@@ -38,6 +39,11 @@ def object_name(instance_id: str) -> str:
 def secret_name(job_id: str) -> str:
     """The name of a run's inputs Secret."""
     return slug(f"{job_id}-run")
+
+
+def app_secrets_name(app: str) -> str:
+    """The name of an app's Secret of secrets: `spinyard-secrets-<owner>.<title>`, made safe."""
+    return slug(f"spinyard-secrets-{app.replace('/', '.')}", extra=".")
 
 
 def app_label(app: str) -> str:

@@ -8,7 +8,9 @@ that waits on a port for its run (`podrunner.py`).
 
 What an app's container is given (placeholders filled, environment) is the
 launch contract, `dispatcher.backends.launch`, shared with the local
-backend. Pods start from the operator's templates with the security rules
+backend; the secrets the spec names come from the app's Secret
+(`secretKeyRef`), so no value is ever in a Deployment or a Job. Pods start
+from the operator's templates with the security rules
 enforced (`pods.py`); names, labels and annotations are `meta.py`'s. This
 module also offers the public names of those three, so the backend and
 `status.py` import only it. Nothing here talks to the API; `backend.py`
@@ -34,6 +36,7 @@ from dispatcher.backends.kubernetes.meta import (
     SELECTOR,
     WARM,
     app_label,
+    app_secrets_name,
     labels,
     metadata,
     object_name,
@@ -74,6 +77,7 @@ __all__ = [
     "WARM",
     "Routing",
     "app_label",
+    "app_secrets_name",
     "labels",
     "make_ingress",
     "make_ingressroute",
@@ -141,7 +145,8 @@ def make_viz_deployment(
     container.image_pull_policy = image_pull_policy
     container.command = argv(spec, values)
     container.args = None
-    container.env = pods.merge_env(container, viz_env(spec, instance_id, values))
+    env = pods.merge_env(container, viz_env(spec, instance_id, values))
+    container.env = pods.with_secrets(env, spec)
     container.ports = [client.V1ContainerPort(name="http", container_port=spec.port)]
     container.resources = pods.resources(spec)
     container.readiness_probe = client.V1Probe(
@@ -217,7 +222,7 @@ def make_job(
         output_dir=OUTPUT_DIR,
         deadline_s=launch.deadline_s,
     )
-    container.env = pods.merge_env(container, env)
+    container.env = pods.with_secrets(pods.merge_env(container, env), spec)
     container.resources = pods.resources(spec)
     container.volume_mounts = [
         *(container.volume_mounts or []),
@@ -315,6 +320,7 @@ def make_warm_pod(
     pod_ip = client.V1EnvVarSource(
         field_ref=client.V1ObjectFieldSelector(field_path="status.podIP")
     )
+    env = pods.with_secrets(env, spec)  # the model gets them through the runner's environment
     container.env = [*env, client.V1EnvVar(name=f"{RUNNER_PREFIX}HOST", value_from=pod_ip)]
     container.resources = pods.resources(spec)
     container.ports = [client.V1ContainerPort(name=RUNNER_PORT_NAME, container_port=port)]

@@ -15,7 +15,7 @@ from typing import Literal
 
 from kubernetes import client
 
-from dispatcher.backends.kubernetes.meta import COMPONENT, MANAGED_BY, MANAGER
+from dispatcher.backends.kubernetes.meta import COMPONENT, MANAGED_BY, MANAGER, app_secrets_name
 from schemas.spec import AppSpec
 
 VIZ_CONTAINER, JOB_CONTAINER = "app", "job"
@@ -114,6 +114,19 @@ def merge_env(container: client.V1Container, values: dict[str, str]) -> list[cli
     merged = {e.name: e for e in container.env or []}
     for name, value in values.items():
         merged[name] = client.V1EnvVar(name=name, value=value)
+    return list(merged.values())
+
+
+def with_secrets(env: list[client.V1EnvVar], spec: AppSpec) -> list[client.V1EnvVar]:
+    """`env` with a variable per secret the spec names, read by the kubelet from the app's
+    Secret (`secretKeyRef`, not optional): the pod spec, and whoever builds it, never
+    holds a value. A template's variable of the same name is replaced in place."""
+    merged = {e.name: e for e in env}
+    for name in spec.secrets:
+        ref = client.V1SecretKeySelector(name=app_secrets_name(spec.name), key=name)
+        merged[name] = client.V1EnvVar(
+            name=name, value_from=client.V1EnvVarSource(secret_key_ref=ref)
+        )
     return list(merged.values())
 
 

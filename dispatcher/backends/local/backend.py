@@ -4,7 +4,8 @@ Each viz instance is an OS process in its own session, started from the app
 spec's `command` on a free loopback port, serving under its URL prefix; the
 gateway reverse-proxies `/apps/<owner>/<title>/<instance>/` to it through
 `target()`. What it is given (placeholders, environment) is the launch
-contract, `dispatcher.backends.launch`. Several handler processes may share
+contract, `dispatcher.backends.launch`, with the values of the secrets its
+spec names from their 0600 files (`secrets.py`). Several handler processes may share
 one data dir, so all that is known about an instance lives on disk, in a
 state file (`instances.py`), never only in memory; the app's stdout and
 stderr go to `<data_dir>/local/logs/<id>.log`.
@@ -45,14 +46,10 @@ from dispatcher.backends.launch import (
 )
 from dispatcher.backends.local import processes, readiness
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
-from dispatcher.backends.local.jobfiles import (
-    JobDir,
-    job_ids,
-    notify,
-    remove_stale_staging,
-)
+from dispatcher.backends.local.jobfiles import JobDir, job_ids, notify, remove_stale_staging
 from dispatcher.backends.local.jobrunner import CLAIMED
 from dispatcher.backends.local.jobwatch import JobWatcher
+from dispatcher.backends.local.secrets import SecretFiles
 from dispatcher.backends.local.staging import stage_job, start_runner
 from dispatcher.backends.local.warm import WarmRunners
 from dispatcher.settings import LocalBackendSettings
@@ -83,6 +80,7 @@ class LocalBackend(Backend):
         self._socket = Path(data_dir) / "local" / "jobs.sock"
         self._public_url = public_url.rstrip("/")
         self._python = settings.python or sys.executable
+        self._secrets = SecretFiles.under(data_dir)  # what the gateway and the CLI write
         self._log = logs.get("spinyard.backend.local")
         self._instances = InstanceFiles(Path(data_dir) / "local" / "instances", self._log)
         self._warm = WarmRunners(
@@ -108,12 +106,13 @@ class LocalBackend(Backend):
     async def start_viz(self, instance_id: str, spec: AppSpec, *, pooled: bool = False) -> None:
         """Start the app's command unless this instance already runs; return at once.
 
-        The command and environment are the launch contract's (`launch.viz_env`),
-        with a free port on `settings.host`; the app gets none of spinyard's own settings.
+        The command and environment are the launch contract's (`launch.viz_env`, secrets
+        included), on a free port of `settings.host`; it gets none of spinyard's settings.
 
         Raises:
             ValueError: `instance_id` is not a valid instance id.
-            handlers.errors.StartFailed: the command or its working directory does not exist.
+            handlers.errors.StartFailed: the command or its working directory does not exist;
+                `missing_secret`: a secret the spec names is not set.
         """
         check_id(instance_id)
         processes.reap()
@@ -127,7 +126,8 @@ class LocalBackend(Backend):
             host, prefix = self._settings.host, instance_prefix(instance_id, spec)
             port = self._free_port()
             values = viz_values(port=port, prefix=prefix, host=host, python=self._python)
-            env = processes.child_env(viz_env(spec, instance_id, values))
+            secrets = self._secrets.resolve(spec)  # StartFailed before a process exists
+            env = processes.child_env(viz_env(spec, instance_id, values, secrets))
             log = self._logs / f"{instance_id}.log"
             try:
                 _, proc = processes.spawn(argv(spec, values), env, spec.workdir, log)
@@ -291,7 +291,7 @@ class LocalBackend(Backend):
     async def start_warm(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
         """Start a warm runner for the job app (see `warm.py`); return once it waits."""
         self._mkdirs()
-        await self._warm.start(instance_id, spec, timeout)
+        await self._warm.start(instance_id, spec, timeout, self._secrets.resolve(spec))
 
     async def submit_warm(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> bool:
         """Hand the job to the claimed warm runner `instance_id`, prepared as `submit_job`
@@ -326,6 +326,7 @@ class LocalBackend(Backend):
             python=self._python,
             stop_grace_s=self._settings.stop_grace_s,
             socket=self._socket,
+            secrets=self._secrets.resolve(spec),
         )
 
     async def cancel_job(self, job_id: str) -> None:

@@ -28,9 +28,13 @@ def stage_job(
     python: str,
     stop_grace_s: float,
     socket: Path,
+    secrets: dict[str, str],
 ) -> JobDir | None:
     """The job's files and its runner's instructions in a new staging directory beside
     `job`'s; None if the job exists already (it is running or has run).
+
+    `secrets` (the values of the secrets the spec names) go in the run's environment,
+    so in its job.json: a 0600 file in the 0700 jobs directory.
 
     Raises:
         handlers.errors.StartFailed: the spec's resources are not quantities.
@@ -48,7 +52,9 @@ def stage_job(
         "app": spec.name,
         "argv": argv(spec, values),
         "cwd": spec.workdir,
-        "env": job_env(spec, job.id, values, **paths, deadline_s=launch.deadline_s),
+        "env": job_env(
+            spec, job.id, values, **paths, deadline_s=launch.deadline_s, secrets=secrets
+        ),
         "deadline_s": launch.deadline_s,
         "stop_grace_s": stop_grace_s,
         "memory_bytes": memory,

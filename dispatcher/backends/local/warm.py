@@ -57,8 +57,17 @@ class WarmRunners:
         """Whether the runner is alive and still waits for its run (its socket is there)."""
         return processes.alive(state.process) and (self.dir(state.id) / SOCKET).exists()
 
-    async def start(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
+    async def start(
+        self,
+        instance_id: str,
+        spec: AppSpec,
+        timeout: float,  # noqa: ASYNC109
+        secrets: dict[str, str],
+    ) -> None:
         """Start a warm runner for `spec` unless it runs; return once it waits for a run.
+
+        Its environment has the spec's secrets (`secrets`, their values), as a run's
+        has, so a model may read them while it is imported.
 
         Raises:
             ValueError: `instance_id` is not an instance id.
@@ -79,7 +88,7 @@ class WarmRunners:
                 return
             if old is not None:
                 processes.signal_group(old.process, signal.SIGKILL)
-            popen, proc = self._spawn(directory, spec, memory)
+            popen, proc = self._spawn(directory, spec, memory, secrets)
             state = InstanceState(
                 id=instance_id, app=spec.name, kind="warm", pid=proc.pid, port=0, host="",
                 start_time=proc.start_time, boot_id=proc.boot_id, pooled=True,
@@ -105,7 +114,7 @@ class WarmRunners:
         raise StartFailed("the warm runner exited at start", code=codes.START_FAILED, log_tail=tail)
 
     def _spawn(
-        self, directory: Path, spec: AppSpec, memory: int
+        self, directory: Path, spec: AppSpec, memory: int, secrets: dict[str, str]
     ) -> tuple[subprocess.Popen, processes.Process]:
         shutil.rmtree(directory, ignore_errors=True)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -122,7 +131,7 @@ class WarmRunners:
             "jobs": str(self._jobs),
         }
         processes.write_atomic(directory / "warm.json", json.dumps(config).encode())
-        env = processes.child_env({k: fill(v, values) for k, v in spec.env.items()})
+        env = processes.child_env({k: fill(v, values) for k, v in spec.env.items()} | secrets)
         interpreter = self._python if fork else sys.executable
         command = [interpreter, "-m", "dispatcher.backends.local.warmrunner", str(directory)]
         try:

@@ -1,4 +1,8 @@
-"""The status simulated controllers and kubelets report, shaped and worded as the real ones."""
+"""The status the simulated controllers write: pods' and Deployments', shaped as real ones.
+
+`controllers.Cluster` patches these onto the objects it simulates, and tests
+patch them directly to make a pod ready or a Deployment fail by hand.
+"""
 
 from kubesim.apiserver import now_rfc3339
 
@@ -48,7 +52,7 @@ def pod_crashlooping(container: str, code: int) -> dict:
     }
 
 
-def pod_waiting(container: str, reason: str) -> dict:
+def pod_waiting(container: str, reason: str, message: str | None = None) -> dict:
     return {
         "phase": "Pending",
         "conditions": [condition("PodScheduled", "True"), condition("Ready", "False")],
@@ -57,7 +61,9 @@ def pod_waiting(container: str, reason: str) -> dict:
                 "name": container,
                 "ready": False,
                 "restartCount": 0,
-                "state": {"waiting": {"reason": reason, "message": f"simulated {reason}"}},
+                "state": {
+                    "waiting": {"reason": reason, "message": message or f"simulated {reason}"}
+                },
             }
         ],
     }
