@@ -13,9 +13,11 @@ import json
 import aiohttp
 import pytest
 
+import kubesim
 from dispatcher.backends.kubernetes import objects
 from dispatcher.backends.kubernetes import warm as warm_pods
 from dispatcher.backends.kubernetes.resources import JOBS, PODS
+from dispatcher.backends.kubernetes.secrets import SecretObjects
 from dispatcher.store import ObjectStore
 from handlers.errors import StartFailed
 from schemas import errors as codes
@@ -282,3 +284,33 @@ async def test_a_cold_start_of_a_run_a_warm_pod_has_starts_nothing(make, server,
     assert cluster.running_pods(jid) == 1
     await again.cancel_job(jid)
     await wait_for(lambda: cluster.running_pods(jid) == 0, what="the warm run stopped")
+
+
+@pytest.fixture
+async def secret_store(server, k8s_settings):
+    """The gateway's store of app secrets: an API client of its own."""
+    made = SecretObjects.connecting(k8s_settings, kubesim.configuration(server))
+    await made.setup()
+    yield made
+    await made.close()
+
+
+async def test_a_warm_run_gets_the_apps_secrets_and_the_pod_holds_no_value(
+    backend, server, cluster, watcher, secret_store
+):
+    value = "tok-" + "Zq7-" * 6
+    spec = model_spec(secrets=["JOB_TOKEN"])
+    await secret_store.put(spec.name, "JOB_TOKEN", value)
+    warm, jid = await started(backend, spec), new_job_id()
+    pod = pod_of(server, warm)
+    assert value not in json.dumps(pod)
+    assert await backend.claim(warm)
+    assert await backend.submit_warm(launch(jid, spec), spec, warm)
+    await watcher.until(jid, "succeeded")
+    assert model_saw(cluster, pod["metadata"]["name"])["env"]["JOB_TOKEN"] == value
+
+    missing = model_spec(name="bob/model", secrets=["JOB_TOKEN"])  # bob has no Secret
+    with pytest.raises(StartFailed) as failed:
+        await backend.start_warm(new_id(), missing, WAIT_S)
+    assert failed.value.code == codes.MISSING_SECRET
+    assert [p for p in server.objects_of(PODS).values() if "bob.model" in json.dumps(p)] == []
