@@ -165,6 +165,13 @@ class KubernetesBackendSettings(BaseModel):
     log_tail_lines: int = Field(
         20, ge=0, le=1000, description="Log lines of a failed pod shown in errors (count)"
     )
+    warm_runner_port: int = Field(
+        8787,
+        ge=1024,
+        le=65535,
+        description="Port a job app's warm runner pod waits on for its run (on its pod IP); "
+        "the NetworkPolicy `warm-runner-ingress` opens it to run_start only",
+    )
     events_timeout_s: float = Field(
         2.0,
         ge=0,
