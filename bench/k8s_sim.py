@@ -1,6 +1,6 @@
 """Kubernetes backend at scale, on the API emulator: create, the reconcile read, cleanup.
 
-    python -m bench.k8s_sim --deployments 2000 --jobs 500 [--passes 5] [--json PATH]
+    python -m bench.k8s_sim --deployments 2000 --jobs 500 [--passes 5] [--pool 100] [--json PATH]
     python -m bench.k8s_sim --quick
 
 Starts kubesim's API server emulator (kmock, with resourceVersions, paging
@@ -21,6 +21,10 @@ controller runs (nothing becomes ready), so this measures the backend and
 the API round trips, not a cluster: the emulator answers from memory and
 scans every object per request, so its time grows with the object count
 where a real API server's would not. Calls per object are what carry over.
+
+Then warm runners (`k8s_warm.py`), on an emulator of their own with
+kubesim's cluster running each warm pod as a local process: how fast a pool
+of `--pool` refills, and the API calls of a run's start from a warm pod.
 """
 
 import argparse
@@ -33,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import kubesim
+from bench import k8s_warm
 from dispatcher import logs
 from dispatcher.backends.base import JobLaunch
 from dispatcher.backends.kubernetes.backend import KubernetesBackend
@@ -41,7 +46,7 @@ from schemas.spec import AppSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "registry.example.com/spinyard/bench:1"
-QUICK = {"deployments": 50, "jobs": 20, "passes": 3}
+QUICK = {"deployments": 50, "jobs": 20, "passes": 3, "pool": 10}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +57,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=500, help="runs to submit")
     parser.add_argument("--passes", type=int, default=5, help="list_instances passes to time")
     parser.add_argument("--concurrency", type=int, default=8, help="operations in flight at once")
+    parser.add_argument("--pool", type=int, default=100, help="warm runners to start and use")
     parser.add_argument("--quick", action="store_true", help=f"small sizes: {QUICK}")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -147,6 +153,7 @@ async def run(args: argparse.Namespace) -> dict:
                 raise SystemExit(f"{len(left)} objects left after the cleanup pass")
         finally:
             await backend.cleanup()
+    warm = await k8s_warm.warm(settings, IMAGE, args.pool, args.concurrency, timed_all)
     return {
         "bench": "k8s_sim",
         "deployments": args.deployments,
@@ -157,6 +164,7 @@ async def run(args: argparse.Namespace) -> dict:
         "create": create,
         "list_instances": listing,
         "cleanup": cleanup,
+        "warm": warm,
         "calls": {
             f"{v} {g or 'core'}/{r}": n for (v, g, r), n in sorted(backend.api.calls.items())
         },
@@ -178,6 +186,7 @@ def table(result: dict) -> str:
             f"{r['wall_s']:>9.2f}{r['calls_per_object']:>11.3f}"
         )
     lines.append(f"list_instances: {result['list_instances']['calls_per_pass']} API calls per pass")
+    lines.append(k8s_warm.table(result["warm"]))
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dispatcher import logs, publishing, secrets_cli
+from dispatcher import cliargs, logs, publishing, secrets_cli
 from dispatcher.bus import NatsUnavailable
 from dispatcher.embedded.natsserver import NatsServerError
 from dispatcher.settings import Settings, SettingsError
@@ -159,37 +159,11 @@ async def _cmd_secrets(args, settings: Settings) -> int:
     return 0
 
 
-def _event_from_args(args):
-    from pydantic import ValidationError
-
-    from schemas.codec import decode_event
-
-    if args.json:
-        body = args.json
-    else:
-        obj: dict = {"type": args.type, "app": args.app, "session": args.session}
-        if args.type == "heartbeat":
-            obj |= {
-                "visible": not args.hidden,
-                "focused": not args.unfocused,
-                "idle_s": args.idle_s,
-            }
-        if args.type == "run_request":
-            obj["inputs"] = json.loads(args.inputs or "{}")
-        if args.type == "run_cancel":
-            obj = {"type": "run_cancel", "job_id": args.job_id}
-        body = json.dumps({k: v for k, v in obj.items() if v is not None})
-    try:
-        return decode_event(body.encode(), "application/json")
-    except (ValueError, ValidationError) as exc:
-        raise SystemExit(f"error: not a valid event: {exc}") from None
-
-
 async def _cmd_publish(args, settings: Settings) -> int:
     from schemas import subjects
     from schemas.codec import encode
 
-    event = _event_from_args(args)
+    event = cliargs.event(args)
     if event.type == "run_cancel":
         subject = subjects.event_for(event.type, event.job_id)
     else:
@@ -240,7 +214,7 @@ async def _cmd_token(args, settings: Settings) -> int:
         message = "error: set SPINYARD_AUTH__HS256_SECRET (32+ characters) to mint tokens"
         print(message, file=sys.stderr)
         return 2
-    ttl = _duration(args.ttl)
+    ttl = cliargs.duration(args.ttl)
     if ttl > settings.auth.max_ttl_s:
         print(
             f"error: --ttl is over auth.max_ttl_s ({settings.auth.max_ttl_s:.0f} s)",
@@ -263,17 +237,6 @@ async def _cmd_token(args, settings: Settings) -> int:
         return 2
     print(token)
     return 0
-
-
-def _duration(text: str) -> float:
-    """'90', '90s', '15m', '1h', '2d' -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        if text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except (ValueError, IndexError):
-        raise SystemExit(f"error: not a duration: {text!r} (use e.g. 90s, 15m, 1h)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,8 +88,7 @@ class HandlerSettings(BaseModel):
     spec_cache_s: float = Field(
         1.0,
         ge=0,
-        description="page_load, heartbeat and run_request use an app spec read this long ago "
-        "again instead "
+        description="page_load and heartbeat use an app spec read this long ago again instead "
         "of reading it per event; a changed spec reaches them this much later (0: read each time)",
     )
     activity_write_s: float = Field(
@@ -172,6 +171,13 @@ class KubernetesBackendSettings(BaseModel):
     )
     log_tail_lines: int = Field(
         20, ge=0, le=1000, description="Log lines of a failed pod shown in errors (count)"
+    )
+    warm_runner_port: int = Field(
+        8787,
+        ge=1024,
+        le=65535,
+        description="Port a job app's warm runner pod waits on for its run (on its pod IP); "
+        "the NetworkPolicy `warm-runner-ingress` opens it to run_start only",
     )
     events_timeout_s: float = Field(
         2.0,

@@ -50,6 +50,12 @@ class Deployment(BaseModel):
     error: ErrorInfo | None = None
     log_tail: str | None = None  # of a failed start: the app's last log lines
     session: str | None = None
+    revision: int | None = Field(
+        None, description="The app's revision it runs (`handlers.rollout`)"
+    )
+    draining_since: float | None = Field(
+        None, description="When it was first seen running an older revision than the app's"
+    )
 
 
 def slot_key(app: str, slot: str) -> str:
@@ -92,8 +98,16 @@ def status_of(dep: Deployment, **extra) -> AppStatus:
         log_tail=dep.log_tail if dep.state == AppState.FAILED else None,
         session=dep.session,
         instance=dep.instance,
+        revision=dep.revision,
         **extra,
     )
+
+
+def announces(dep: Deployment) -> bool:
+    """Whether `dep`'s changes are published on its status subject: not those of a shared
+    instance draining in a slot of its own (`handlers.rollout`); the app's subject tells
+    pages about its current instance."""
+    return dep.session is not None or dep.slot == SHARED
 
 
 def status_subject(dep: Deployment) -> str:
@@ -146,12 +160,14 @@ async def stop(
         ctx.log.info("viz_deployment_stopped", instance=dep.instance, app=dep.app, reason=reason)
         return True
     subject = status_subject(dep)
-    await ctx.publish_status(subject, status_of(stopping, reason=reason))
+    announce = announces(dep)
+    if announce:
+        await ctx.publish_status(subject, status_of(stopping, reason=reason))
     await ctx.backend.stop_viz(dep.instance)
     ctx.log.info("viz_deployment_stopped", instance=dep.instance, app=dep.app, reason=reason)
     # A page load may have replaced the record with a new instance meanwhile;
     # then that one's status is the one pages should keep seeing.
-    if await ctx.state.deployments.delete(key, rev):
+    if await ctx.state.deployments.delete(key, rev) and announce:
         stopped = stopping.model_copy(update={"state": AppState.STOPPED})
         await ctx.publish_status(subject, status_of(stopped, reason=reason))
     return True

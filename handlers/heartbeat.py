@@ -8,12 +8,16 @@ A counted heartbeat is one plain KV put of its time to the slot's activity
 key (`handlers.activity`): any number of viewers of one shared app write
 without conflict. It does not read the deployment: the reaper counts a
 heartbeat only for a live deployment created before it, which is what the
-heartbeat would have checked.
+heartbeat would have checked. A heartbeat of a shared app that names the
+instance its page shows is recorded on that instance's own slot, so viewers
+on an older revision's instance keep it alive after an update
+(`handlers.rollout`); the reaper counts it for the shared slot while that
+instance serves it.
 """
 
-from handlers import activity
+from handlers import activity, rollout
 from handlers.context import Context
-from handlers.deployments import SHARED, load_viz_app, session_slot, slot_key
+from handlers.deployments import load_viz_app, slot_key
 from handlers.registry import handler
 from schemas import subjects
 from schemas.events import Heartbeat
@@ -28,5 +32,5 @@ async def heartbeat(ctx: Context, event: Heartbeat) -> None:
             "heartbeat_ignored", visible=event.visible, focused=event.focused, idle_s=event.idle_s
         )
         return
-    slot = session_slot(event.session) if spec.sharing == "per_session" else SHARED
+    slot = rollout.heartbeat_slot(spec, event.session, event.instance)
     await activity.record(ctx, slot_key(event.app, slot), activity.HEARTBEAT)

@@ -10,7 +10,7 @@ as the results would be kept, and the run ends `succeeded` once the store
 is back. Past that, the run ends `failed` (`unavailable`).
 """
 
-from handlers import jobs
+from handlers import jobs, rollout
 from handlers.context import Context
 from handlers.errors import PermanentError, PublicError, RetryableError
 from handlers.registry import handler
@@ -110,7 +110,7 @@ async def _collect(ctx: Context, job: jobs.Job) -> dict:
         return {"error": ErrorInfo(code=codes.BAD_RESULTS, message=message)}
     # How a page may show each result: the app's declared types and charts, read now (an
     # app removed since the run started still gets types from the file names).
-    spec = await ctx.state.apps.get(job.app) if results else None
+    spec = await rollout.spec_shown(ctx, job.app, job.revision) if results else None
     shown = spec or AppSpec(name=job.app, kind="job", command=["-"], outputs=job.outputs)
     refs = [
         ResultRef(

@@ -26,16 +26,15 @@ if TYPE_CHECKING:  # the context holds the state, which holds these records
 
 
 async def load_job_app(ctx: Context, name: str) -> AppSpec:
-    """The job app's spec, read through the process's short-lived spec memory (`handlers.memo`).
+    """The job app's current spec, read afresh (not through the spec memory).
 
-    Accepting a run needs the app's kind and input limit, read per request
-    otherwise; a spec changed or removed a moment ago is seen by run_start,
-    which reads it afresh before the start.
+    A run records the revision it runs (`handlers.rollout`), so a run asked for
+    right after a publish must see the new spec: CI publishes, then runs.
 
     Raises:
         Rejected: no such app, or it is not a job app.
     """
-    spec = await ctx.memo.spec(name, ctx.state.apps.get)
+    spec = await ctx.state.apps.get(name)
     if spec is None:
         raise Rejected(f"no app named {name!r} is registered", code=codes.UNKNOWN_APP)
     if spec.kind != "job":
@@ -67,6 +66,11 @@ class Job(BaseModel):
         " collected yet (the store was away): from then on its retention, not its deadline,"
         " bounds the wait",
     )
+    revision: int | None = Field(
+        None,
+        description="The app's revision it runs: the current one when accepted, or the one"
+        " its request pinned (`handlers.rollout`)",
+    )
 
 
 def status_of(job: Job) -> JobStatus:
@@ -81,6 +85,7 @@ def status_of(job: Job) -> JobStatus:
         log_tail=job.log_tail,
         phases=job.phases,
         session=job.session,
+        revision=job.revision,
     )
 
 

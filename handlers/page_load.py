@@ -22,7 +22,7 @@ service (`reconcile.at_start`).
 
 from contextlib import aclosing
 
-from handlers import activity, capacity, pools, reconcile
+from handlers import activity, capacity, pools, reconcile, rollout
 from handlers.context import Context
 from handlers.deployments import (
     LIVE,
@@ -99,6 +99,7 @@ async def _serve(
             last_page_load=now,
             phases=Phases(requested=event.time),
             session=session,
+            revision=spec.revision,
         )
         if entry is None:
             rev = await ctx.state.deployments.create(key, dep)
@@ -114,6 +115,13 @@ async def _serve(
     if dep.state == AppState.QUEUED:
         await _resume_queued(ctx, spec, event, key, dep, subject)
         return True
+    if (
+        slot == SHARED
+        and dep.state == AppState.READY
+        and rollout.older(dep.revision, spec.revision)
+    ):
+        await rollout.retire(ctx, key, entry)  # its viewers keep it; this load gets the new one
+        return False
     if dep.event_id == event.id and dep.state != AppState.READY:
         ctx.log.info("viz_start_resumed", instance=dep.instance)
         await _bring_up(ctx, spec, key, dep, subject)
@@ -217,7 +225,7 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
 
 async def _from_pool(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subject: str) -> bool:
     """Serve `dep` with a warm instance. False if the pool was empty."""
-    member = await pools.claim(ctx, spec.name)
+    member = await pools.claim(ctx, spec.name, revision=spec.revision)
     if member is None:
         return False
     now = ctx.now()
@@ -234,6 +242,7 @@ async def _from_pool(ctx: Context, spec: AppSpec, key: str, dep: Deployment, sub
         "state": AppState.READY,
         "url": member.url,
         "phases": phases,
+        "revision": member.revision,
     }
     ready = await mutate(
         ctx, key, lambda d: d.model_copy(update=update) if d.event_id == dep.event_id else None
@@ -265,6 +274,7 @@ async def _resume_queued(
         "event_id": event.id,
         "created_at": now,  # the instance's life (and start timeout) begins now
         "last_page_load": now,
+        "revision": spec.revision,  # it starts now: the current revision
     }
 
     def admitted(d: Deployment) -> Deployment | None:

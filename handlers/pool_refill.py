@@ -58,6 +58,7 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
         url=ctx.backend.url(event.instance, spec) if spec.kind == "viz" else "",
         created_at=reserved_at,
         ready_at=ctx.now(),
+        revision=spec.revision,
     )
 
     def promote(index: pools.PoolIndex) -> bool:

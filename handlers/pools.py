@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from handlers import rollout
 from handlers.deployments import new_instance_id, slot_key
 from schemas import subjects
 from schemas.events import PoolRefill
@@ -36,6 +37,7 @@ class PoolMember(BaseModel):
     url: str
     created_at: float
     ready_at: float
+    revision: int | None = Field(None, description="The app's revision it runs")
 
 
 class PoolIndex(BaseModel):
@@ -121,8 +123,13 @@ def surplus(index: PoolIndex, target: int, gone: set[str]) -> set[str]:
     return set(newest_first[:extra])
 
 
-async def claim(ctx: Context, app: str, used_at: float | None = None) -> PoolMember | None:
+async def claim(
+    ctx: Context, app: str, used_at: float | None = None, revision: int | None = None
+) -> PoolMember | None:
     """Take the oldest warm instance of `app`'s pool that is alive, or None if none is.
+
+    Members of an older revision than `revision` (the spec's) are passed over:
+    the reaper replaces them (`handlers.rollout`).
 
     Each one taken is claimed from the backend, which says whether it still
     serves; one that does not (its process died, say with a restarted `spinyard
@@ -137,9 +144,11 @@ async def claim(ctx: Context, app: str, used_at: float | None = None) -> PoolMem
         touch = used_at is not None and used_at - (index.used_at or 0.0) > _TOUCH_S
         if touch:
             index.used_at = used_at
-        if not index.warm:
+        fresh = [m for m in index.warm if not rollout.older(m.revision, revision)]
+        if not fresh:
             return touch
-        taken.append(index.warm.pop(0))
+        taken.append(fresh[0])
+        index.warm.remove(fresh[0])
         return True
 
     while True:

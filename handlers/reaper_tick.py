@@ -1,13 +1,14 @@
 """reaper_tick: one pass over every deployment, pool and run on each tick.
 
-A pass (1) stops deployments past an idle limit, (2) fails starts that
-overran their timeout, (3) keeps warm pools at size (a job app's warm
-runners too, until it is idle; a `schedule` window's size while one is
-open: `pools.target_size`), a few refills per app per tick, stopping the
-surplus when a pool shrinks, and (4) reconciles: backend instances that no
-record names are stopped, records whose instance is gone are failed and
-removed, and warm pool members whose instance is gone are dropped
-(`handlers.reconcile`).
+A pass (1) stops deployments past an idle limit or, running an older
+revision than their app's, past its drain limit (`handlers.rollout`), (2)
+fails starts that overran their timeout, (3) keeps warm pools at size (a
+job app's warm runners too, until it is idle; a `schedule` window's size
+while one is open: `pools.target_size`; members of an older revision are
+replaced), a few refills per app per tick, stopping the surplus when a pool
+shrinks, and (4) reconciles: backend instances that no record names are
+stopped, records whose instance is gone are failed and removed, and warm
+pool members whose instance is gone are dropped (`handlers.reconcile`).
 
 A deployment's activity (page loads after the first, counted heartbeats) is
 read from its activity keys, one scan of the activity bucket per pass
@@ -22,7 +23,7 @@ per interval between them.
 
 from collections.abc import Awaitable, Callable
 
-from handlers import activity, capacity, deployments, jobs, pools, reconcile, runq
+from handlers import activity, capacity, deployments, jobs, pools, reconcile, rollout, runq
 from handlers.activity import Activity
 from handlers.context import Context
 from handlers.deployments import QUEUED_OR_LIVE, Deployment
@@ -77,8 +78,9 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
             if dep.state != AppState.STOPPING and now - dep.created_at > KEEP_ENDED_S:
                 await ctx.state.deployments.delete(key, rev)
             continue
-        seen = activity.of(dep, marks.pop(key, {}))
+        seen = activity.of(dep, rollout.take_marks(key, dep, marks))
         reason = "app_removed" if spec is None else idle_reason(dep, seen, spec, now)
+        reason = reason or rollout.drain_reason(dep, spec, now)
         if reason:
             recheck = _still_idle(ctx, key, dep, spec, now) if reason in IDLE else None
             stopped = await deployments.stop(ctx, key, dep, rev, reason, still_idle=recheck)
@@ -86,6 +88,9 @@ async def reaper_tick(ctx: Context, tick: ReaperTick) -> None:
                 await capacity.released(ctx, dep)
             counts["reaped"] += stopped
             continue
+        if await rollout.note_draining(ctx, key, dep, spec):
+            counts["draining"] = counts.get("draining", 0) + 1
+            continue  # its record moved on: the checks below wait for the next pass
         timeout = spec.start_timeout_s + ctx.knobs.reconcile_grace_s
         if dep.state not in (AppState.READY, AppState.QUEUED) and now - dep.created_at > timeout:
             error = ErrorInfo(
@@ -131,7 +136,7 @@ def _still_idle(
     """Whether `dep` is still idle by its activity keys read now (see `deployments.stop`)."""
 
     async def still_idle() -> bool:
-        seen = activity.of(dep, await activity.read(ctx, key))
+        seen = activity.of(dep, await rollout.read_marks(ctx, key, dep))
         return idle_reason(dep, seen, spec, now) in IDLE
 
     return still_idle
@@ -225,11 +230,14 @@ async def _tend_pool(
     timeout = (spec.start_timeout_s if spec else 0.0) + ctx.knobs.reconcile_grace_s
     expired = {i for i, t in index.starting.items() if spec is None or now - t > timeout}
     dead = reconcile.dead_members(index, instances)
+    stale = rollout.stale_members(index, spec) - dead if spec else set()
     target = pools.target_size(ctx, spec, index, now) if spec else 0
-    excess = pools.surplus(index, target, gone=expired | dead)
+    excess = pools.surplus(index, target, gone=expired | dead | stale)
     if expired | excess:
         await reconcile.drop_members(ctx, app, expired | excess, "expired_or_extra")
     if dead:
         await reconcile.drop_members(ctx, app, dead, "instance_lost")
+    if stale:  # replaced by members of the current revision, a few refills per tick
+        await reconcile.drop_members(ctx, app, stale, rollout.OLD_REVISION)
     kept = {m.instance for m in index.warm} | set(index.starting)
-    return kept - expired - excess - dead
+    return kept - expired - excess - dead - stale

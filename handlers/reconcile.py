@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from handlers import capacity, pools
-from handlers.deployments import Deployment, status_of, status_subject
+from handlers.deployments import Deployment, announces, status_of, status_subject
 from handlers.pools import PoolIndex
 from handlers.ports import Instance
 from schemas import errors as codes
@@ -50,7 +50,8 @@ async def fail(ctx: Context, key: str, dep: Deployment, revision: int, error: Er
     if await ctx.state.deployments.update(key, failed, revision) is None:
         return False
     await ctx.backend.stop_viz(dep.instance)
-    await ctx.publish_status(status_subject(dep), status_of(failed))
+    if announces(dep):
+        await ctx.publish_status(status_subject(dep), status_of(failed))
     ctx.log.warning("viz_deployment_failed", instance=dep.instance, code=error.code)
     await capacity.released(ctx, dep)
     return True

@@ -7,9 +7,13 @@ requests for one job id only one is accepted; a redelivery of that same
 request asks for the start again (de-duplicated by the job id). The start
 itself, under the app's limits, is run_start's (`handlers.run_start`), so
 accepting runs as fast as the bus allows whatever the start rate.
+
+A run records the app's revision it runs: the current one, or the kept one
+its request pins (`revision`); it starts with that revision's spec
+(`handlers.rollout`). A pinned revision not kept fails `unknown_revision`.
 """
 
-from handlers import jobs
+from handlers import jobs, rollout
 from handlers.context import Context
 from handlers.errors import Rejected
 from handlers.registry import handler
@@ -46,6 +50,11 @@ async def _run_request_failed(ctx: Context, event: RunRequest, error: ErrorInfo)
 )
 async def run_request(ctx: Context, event: RunRequest) -> None:
     spec = await jobs.load_job_app(ctx, event.app)
+    if event.revision is not None:  # a pinned revision's spec, from the app's history
+        spec = await rollout.spec_of_run(ctx, spec, event.revision)
+        if spec.kind != "job":
+            message = f"revision {event.revision} of {event.app!r} is a {spec.kind} app"
+            raise Rejected(message, code=codes.WRONG_KIND)
     size = codec.packed_size(event.inputs)
     if size > spec.max_input_bytes:
         raise Rejected(
@@ -66,6 +75,7 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
         retention_s=spec.retention_s,
         created_at=now,
         phases=JobPhases(queued=now),
+        revision=spec.revision,
     )
     if await ctx.state.jobs.create(job_id, job) is not None:
         ctx.log.info("job_queued", job_id=job_id)

@@ -8,9 +8,9 @@ event), then hands each claimed run to the backend; a redelivery hands this
 event's claims out again, which backends treat as a no-op for a run they have.
 """
 
-from handlers import jobs, pools, runq
+from handlers import jobs, pools, rollout, runq
 from handlers.context import Context
-from handlers.errors import PermanentError, RetryableError, public_info
+from handlers.errors import PermanentError, Rejected, RetryableError, public_info
 from handlers.ports import JobLaunch
 from handlers.registry import handler
 from handlers.state import cas_loop
@@ -121,8 +121,12 @@ async def _claim(
 async def _start(ctx: Context, spec: AppSpec, job_id: str) -> bool:
     """Hand one claimed run to the backend (again, on a redelivery: a no-op there).
 
+    A run of another revision than the current one starts cold, with that
+    revision's spec; warm runners run the current one (`handlers.rollout`).
+
     Returns whether it took a warm runner from the app's pool.
     """
+    current = spec.revision
     job = await ctx.state.jobs.get(job_id)
     if job is None or job.state != JobState.QUEUED:
         if job is None or job.state.terminal:  # it ended while claimed: free its place
@@ -130,9 +134,14 @@ async def _start(ctx: Context, spec: AppSpec, job_id: str) -> bool:
         return False
     now = ctx.now()
     member = None
+    try:
+        spec = await rollout.spec_of_run(ctx, spec, job.revision)
+    except Rejected as exc:  # its revision is no longer kept: this run fails, the others start
+        await _fail(ctx, job_id, public_info(exc))
+        return False
     if job.phases.started is None:
-        if pools.keeps_pool(spec) and ctx.backend.warm_runners:
-            member = await pools.claim(ctx, spec.name, used_at=now)
+        if pools.keeps_pool(spec) and ctx.backend.warm_runners and spec.revision == current:
+            member = await pools.claim(ctx, spec.name, used_at=now, revision=spec.revision)
         job = await _mark_started(ctx, job_id, now, warm=member is not None)
         if job is None:
             if member is not None:

@@ -10,6 +10,8 @@ the Kubernetes backend and `bench/k8s_sim.py` run the backend against it.
   official client at it.
 - `controllers`: `Cluster`, the Deployment and Job controllers, the garbage
   collector and the kubelet, simulated over HTTP.
+- `processes`: the kubelet's real half: bare pods (warm runners) run as local
+  processes at loopback pod IPs.
 - `selectors`: label and field selectors, as the API server applies them.
 - `kubelet_events`: the Events a kubelet reports about a failed readiness
   probe (reason Unhealthy), worded as kubelet's.

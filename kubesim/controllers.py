@@ -12,7 +12,8 @@ a running pod that a test then completes, fails or runs past its deadline
 owned when the owner goes, and serves pod logs. As the kubelet does, it
 fills each container's environment (`envs`, by pod; kubelet_env.py), and a
 `secretKeyRef` to a Secret or key that is not there leaves the pod waiting
-in CreateContainerConfigError. Its watches
+in CreateContainerConfigError. A bare pod (no owner: a warm runner) really
+runs, as a local process at a loopback pod IP (processes.py). Its watches
 send no label selector, so `Apiserver.fail` passes them by.
 """
 
@@ -36,6 +37,7 @@ from dispatcher.backends.kubernetes.resources import (
 )
 from kubesim import kubelet_env, kubelet_events
 from kubesim.apiserver import NAMESPACE, Apiserver, now_rfc3339
+from kubesim.processes import ProcessKubelet
 from kubesim.statuses import (
     condition,
     deployment_failed,
@@ -78,6 +80,7 @@ class Cluster:
         self.server = server
         self.logs: dict[str, str] = {}  # pod name -> its log
         self.envs: dict[str, dict[str, str]] = {}  # pod name -> its container's environment
+        self.node = ProcessKubelet(self.patch_status, lambda: server.objects_of(SECRETS))
         self._tasks: list[asyncio.Task] = []
         self._runs: dict[str, asyncio.Task] = {}  # Job uid -> its simulated model
         self._pods_made: set[str] = set()
@@ -89,6 +92,7 @@ class Cluster:
         for res, react in (
             (DEPLOYMENTS, self._on_deployment),
             (JOBS, self._on_job),
+            (PODS, self.node.on_pod),
         ):
             ready = asyncio.Event()
             task = asyncio.create_task(self._watch(res, react, ready), name=f"sim:{res.plural}")
@@ -102,12 +106,14 @@ class Cluster:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.node.close()
         await self._http.close()
         if died:  # a controller that died leaves tests waiting: say why
             raise RuntimeError("a simulated controller died") from died[0]
 
     def _serve_log(self, request: kmock.Request) -> bytes:
-        return self.logs.get(request.name, f"{request.name}: no output\n").encode()
+        log = self.node.log(request.name)
+        return (log or self.logs.get(request.name, f"{request.name}: no output\n")).encode()
 
     async def _watch(self, res: Resource, react, ready: asyncio.Event) -> None:
         path = res.path(NAMESPACE)
@@ -316,7 +322,8 @@ class Cluster:
         await self.patch_status(JOBS, job_id, {"active": 0, **counts, "conditions": ends})
 
     def running_pods(self, instance_id: str) -> int:
-        """Pods of the instance that run and whose owner still exists (so GC is instant)."""
+        """Pods of the instance that run and whose owner still exists (so GC is instant),
+        and bare pods whose process runs."""
         owners = {
             obj["metadata"]["uid"]
             for res in (DEPLOYMENTS, JOBS)
@@ -327,5 +334,8 @@ class Cluster:
             for pod in self.server.objects_of(PODS).values()
             if pod["metadata"]["labels"].get("spinyard.io/instance") == instance_id
             and (pod.get("status") or {}).get("phase") == "Running"
-            and any(o["uid"] in owners for o in pod["metadata"].get("ownerReferences") or [])
+            and (
+                any(o["uid"] in owners for o in pod["metadata"].get("ownerReferences") or [])
+                or self.node.running(pod["metadata"]["name"])
+            )
         )

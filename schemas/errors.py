@@ -29,6 +29,7 @@ INTERNAL = "internal"
 UNAVAILABLE = "unavailable"
 MISSING_SECRET = "missing_secret"
 INVALID_SECRET = "invalid_secret"
+UNKNOWN_REVISION = "unknown_revision"
 AT_CAPACITY = "at_capacity"
 
 

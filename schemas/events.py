@@ -18,10 +18,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from schemas.names import (
     APP_PATTERN,
     EVENT_ID_PATTERN,
+    INSTANCE_ID_PATTERN,
     JOB_ID_PATTERN,
     SESSION_PATTERN,
     check_app,
     check_event_id,
+    check_instance_id,
     check_job_id,
     check_session,
     json_pattern,
@@ -44,6 +46,7 @@ AppName = _checked(APP_PATTERN, check_app)
 SessionId = _checked(SESSION_PATTERN, check_session)
 EventId = _checked(EVENT_ID_PATTERN, check_event_id)
 JobId = _checked(JOB_ID_PATTERN, check_job_id)
+InstanceId = _checked(INSTANCE_ID_PATTERN, check_instance_id)
 
 
 def new_id(prefix: str = "ev") -> str:
@@ -83,6 +86,11 @@ class Heartbeat(AppEvent):
     visible: bool
     focused: bool
     idle_s: float = Field(ge=0, description="Seconds since the viewer's last input")
+    instance: InstanceId | None = Field(
+        None,
+        description="The instance the page shows (from its status): after an update, a "
+        "shared app's viewers on an older revision's instance keep it alive",
+    )
 
 
 class RunRequest(AppEvent):
@@ -96,6 +104,9 @@ class RunRequest(AppEvent):
     )
     idempotency_key: str | None = Field(None, max_length=128)
     job_id: JobId | None = Field(None, description="Set by the gateway; else by the handler")
+    revision: int | None = Field(
+        None, ge=1, description="Run this published revision of the app (one still kept)"
+    )
 
     @field_validator("inputs")
     @classmethod

@@ -99,6 +99,17 @@ def check_secret_name(name: str) -> str:
     return name
 
 
+def check_instance_id(instance: str) -> str:
+    """Return `instance` if it looks like an instance id spinyard makes.
+
+    Raises:
+        ValueError: the id is not `i-` and 8-40 of a-z0-9.
+    """
+    if not INSTANCE_ID_RE.match(instance):
+        raise ValueError("instance must look like i-<8-40 of a-z0-9>")
+    return instance
+
+
 def split_app(name: str) -> tuple[str, str]:
     """Split a checked app name into (owner, title)."""
     owner, title = check_app(name).split("/")

@@ -78,6 +78,19 @@ class Pool(BaseModel):
     )
 
 
+class Rollout(BaseModel):
+    """What an update does to instances of older revisions (docs/publishing.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    drain_s: float = Field(
+        3600,
+        gt=0,
+        description="An instance of an older revision is stopped this long after it was first "
+        "seen draining, if its idle limits have not stopped it before (seconds)",
+    )
+
+
 class Resources(BaseModel):
     """Requests and limits, in Kubernetes quantity syntax."""
 
@@ -140,6 +153,13 @@ class AppSpec(BaseModel):
         "one wins, `pool.size` outside them",
     )
     idle: IdleLimits = Field(default_factory=IdleLimits)
+    rollout: Rollout = Field(default_factory=Rollout)
+    revision: int | None = Field(
+        None,
+        ge=1,
+        description="The published revision this spec is; set by publishing over HTTP, never "
+        "by the spec's author (null for apps added over NATS)",
+    )
     start_timeout_s: float = Field(60, gt=0, description="Seconds to become ready before `failed`")
     embed_origins: list[str] = Field(
         default_factory=list,
@@ -354,6 +374,8 @@ def load_spec(path: str | Path) -> AppSpec:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: an app spec must be a mapping")
+    if "revision" in data:
+        raise ValueError(f"{path}: revision is set by publishing, not by the spec; remove it")
     spec = AppSpec.model_validate(data)
     workdir = Path(spec.workdir) if spec.workdir else Path(".")
     if not workdir.is_absolute():

@@ -59,6 +59,9 @@ class AppStatus(BaseModel):
     position: int | None = Field(
         None, description="While queued behind a limit: 1 = the next to be served"
     )
+    revision: int | None = Field(
+        None, description="The app's published revision the instance runs (null: unknown)"
+    )
     time: float = Field(default_factory=_time.time)
 
 
@@ -125,5 +128,8 @@ class JobStatus(BaseModel):
     session: str | None = None
     position: int | None = Field(
         None, description="While queued behind a limit: 1 = the next to start"
+    )
+    revision: int | None = Field(
+        None, description="The app's published revision the run runs (null: unknown)"
     )
     time: float = Field(default_factory=_time.time)

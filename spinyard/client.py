@@ -18,7 +18,6 @@ a second revision.
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any, TypeVar
 from urllib.parse import urljoin
 
 import aiohttp
-import yaml
 from pydantic import BaseModel
 
 from schemas import answers
@@ -35,14 +33,13 @@ from schemas.errors import ErrorBody
 from schemas.events import Heartbeat, PageLoad, RunCancel, RunRequest
 from schemas.spec import AppSpec
 from schemas.status import AppState, AppStatus, JobState, JobStatus
-from spinyard import sse
+from spinyard import specs, sse
 from spinyard.errors import ApiError, LoadFailed, RunFailed, SpecError, Unreachable, WaitTimeout
 
 ENDED = (AppState.STOPPING, AppState.STOPPED, AppState.FAILED)
 # An ended status this much older than our page load's acceptance is history, not news (as in
 # embed.js): it was there before we asked. The margin covers the clocks of gateway and handler.
 STALE_S = 2.0
-YAML = "application/yaml"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -165,9 +162,9 @@ class AsyncClient:
             ApiError: refused, e.g. 422 `invalid_spec` naming the field, 403 `forbidden`.
         """
         if isinstance(spec, str | Path):
-            body, content_type, data = await asyncio.to_thread(_read_spec, Path(spec))
+            body, content_type, data = await asyncio.to_thread(specs.read_file, Path(spec))
         else:
-            body, content_type, data = _json_spec(spec)
+            body, content_type, data = specs.as_json(spec)
         name = name or (data.get("name") if isinstance(data, dict) else None)
         if not isinstance(name, str) or "/" not in name:
             raise SpecError(f"{spec}: an app spec needs a `name` (owner/title)")
@@ -270,17 +267,21 @@ class AsyncClient:
         *,
         session: str | None = None,
         idempotency_key: str | None = None,
+        revision: int | None = None,
     ) -> str:
         """Ask for one run of a job app: its job id (the run is `queued` at once).
 
         The same `idempotency_key` from the same session gives the same job id and no
-        second run, so a retried CI step does not run twice.
+        second run, so a retried CI step does not run twice. `revision` pins the run to
+        one of the app's kept revisions (`revisions(app)`); a revision not kept is a
+        404 `unknown_revision`.
         """
         event = RunRequest(
             app=app,
             session=session or self.session,
             inputs=dict(inputs or {}),
             idempotency_key=idempotency_key,
+            revision=revision,
         )
         job_id = (await self.send(event)).job_id
         assert job_id is not None  # the gateway always answers a run request with one
@@ -362,31 +363,6 @@ class AsyncClient:
             idle_s=self.stream_idle_s,
             tries=self.tries,
         )
-
-
-def _read_spec(path: Path) -> tuple[bytes, str, Any]:
-    """A spec file's bytes, its content type and its parsed data.
-
-    Raises:
-        SpecError: the file cannot be read or is not YAML (JSON is YAML too).
-    """
-    try:
-        body = path.read_bytes()
-        data = yaml.safe_load(body)
-    except (OSError, yaml.YAMLError) as exc:
-        raise SpecError(f"{path}: {exc}") from exc
-    json_file = path.suffix == ".json"
-    return body, "application/json" if json_file else YAML, data
-
-
-def _json_spec(spec: AppSpec | Mapping[str, Any]) -> tuple[bytes, str, dict[str, Any]]:
-    """A spec given as data: its JSON body, content type and the data (an `AppSpec` sends
-    only the fields it was given, so its digest is that of the same spec written by hand)."""
-    if isinstance(spec, AppSpec):
-        data = spec.model_dump(mode="json", exclude_unset=True)
-    else:
-        data = dict(spec)
-    return json.dumps(data).encode(), "application/json", data
 
 
 def _stale(status: AppStatus, before: AppStatus | None, accepted: Accepted) -> bool:

@@ -102,9 +102,12 @@ class Client:
         *,
         session: str | None = None,
         idempotency_key: str | None = None,
+        revision: int | None = None,
     ) -> str:
         return self._wait(
-            self.aio.run(app, inputs, session=session, idempotency_key=idempotency_key)
+            self.aio.run(
+                app, inputs, session=session, idempotency_key=idempotency_key, revision=revision
+            )
         )
 
     def cancel(self, job_id: str, *, session: str | None = None) -> None:

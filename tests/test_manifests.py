@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from dispatcher.bus import permissions
 from dispatcher.embedded.natsserver import NatsServer, find_binary
-from dispatcher.settings import Settings
+from dispatcher.settings import KubernetesBackendSettings, Settings
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
 from handlers.registry import default_registry
 from schemas import subjects
@@ -374,7 +374,8 @@ def test_backend_role_is_least_privilege(docs):
     assert role["metadata"]["namespace"] == APPS_NS
     granted = granted_by(role)
     assert set(granted) <= ROLE_CEILING
-    assert granted[("", "pods")] == {"get", "list", "watch"}
+    # pods: written only as job apps' warm runners (bare pods of the job template)
+    assert granted[("", "pods")] == {"create", "get", "list", "watch", "patch", "delete"}
     assert granted[("", "pods/log")] == {"get"}
     assert granted[("", "secrets")] == {"create", "get", "delete"}
     # Events: listed only (a failed start's last probe answer), and only in the core
@@ -476,6 +477,18 @@ def test_viz_and_job_pods_reach_only_what_they_need(docs):
     }
     assert summary(allowed(docs, APPS_NS, viz, "Egress"), APPS_NS) == {DNS}
     assert summary(allowed(docs, APPS_NS, job, "Ingress"), APPS_NS) == set()
+    # A warm runner's launch port: from run_start only (its pods' handler label).
+    warm = job | {"spinyard.io/warm-runner": "true"}
+    [(peer, ports)] = allowed(docs, APPS_NS, warm, "Ingress")
+    assert (ns_of(peer, APPS_NS), peer["podSelector"]["matchLabels"], ports) == (
+        CONTROL_NS,
+        {"spinyard/handler": "run_start"},
+        (("TCP", KubernetesBackendSettings().warm_runner_port),),
+    )
+    assert summary(allowed(docs, APPS_NS, warm, "Egress"), APPS_NS) == {
+        DNS,
+        (CONTROL_NS, "minio", (("TCP", 9000),)),
+    }
     # Only MinIO's S3 port and DNS: not NATS, not the Kubernetes API.
     assert summary(allowed(docs, APPS_NS, job, "Egress"), APPS_NS) == {
         DNS,

@@ -5,7 +5,7 @@ Content-Type), checked to be plain data (`schemas.plain`: no bin, extension
 types, lone surrogates or infinities), validated against its model, stamped
 with the gateway's clock (a browser's clock says nothing spinyard can use),
 authorized by the auth hook, checked against the app it names (exists,
-right kind, inputs not too large) and published as msgpack on the
+right kind, inputs not too large, a pinned revision kept) and published as msgpack on the
 JetStream events stream with its id as the de-duplication id. Every refusal
 is a `GatewayError` with the public error body; nothing refused is published.
 """
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from dispatcher import logs
 from dispatcher.gateway import EVENT, SESSION, GatewayError
-from dispatcher.gateway.keys import AUTH, JS, METRICS, SETTINGS, SPECS
+from dispatcher.gateway.keys import AUTH, JS, METRICS, SETTINGS, SPECS, STATE
 from handlers.errors import PublicError
 from schemas import codec, subjects
 from schemas import errors as codes
@@ -137,6 +137,22 @@ def parse_event(body: bytes, content_type: str) -> BaseModel:
     return event.model_copy(update={"time": time.time()})
 
 
+async def _check_revision(request: web.Request, app: str, revision: int) -> None:
+    """Refuse a run pinned to a revision the app's history does not keep (one KV read, only
+    for pinned runs; the handler checks again when it runs, `handlers.rollout`).
+
+    Raises:
+        GatewayError: 404 unknown_revision.
+    """
+    records = request.app[STATE].revisions
+    if records is None:  # no history here: the handler answers
+        return
+    history = await records.get(app)
+    if history is None or history.find(revision) is None:
+        message = f"{app} has no revision {revision} (only kept revisions can run)"
+        raise GatewayError(404, codes.UNKNOWN_REVISION, message)
+
+
 async def post_event(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     kind = "unknown"
@@ -164,6 +180,8 @@ async def post_event(request: web.Request) -> web.Response:
                 if size > spec.max_input_bytes:
                     message = f"inputs: {size} bytes, {event.app!r} takes {spec.max_input_bytes}"
                     raise GatewayError(413, codes.TOO_LARGE, message)
+                if event.revision is not None:
+                    await _check_revision(request, event.app, event.revision)
                 job_id = job_id_for(event.app, event.session, event.idempotency_key, event.id)
                 event = event.model_copy(update={"job_id": job_id})
             subject = subjects.event(kind, event.app)

@@ -25,7 +25,10 @@ file always gives the same digest; the apps bucket holds the validated spec
 with `framework` presets expanded, which is what handlers run. The history
 is written first (compare-and-set, so concurrent publishes each get their own
 number), then the current spec, until the apps bucket holds the spec the
-history says is current (`converge`). Each change is logged (`app_published`,
+history says is current (`converge`), stamped with its revision number
+(`AppSpec.revision`), which instances, pool members and runs then record
+(`handlers.rollout`: older instances drain, new viewers get the new one). A
+submitted spec may not set `revision` itself. Each change is logged (`app_published`,
 `app_removed`: app, revision, digest, the token's subject; never the spec).
 """
 
@@ -101,6 +104,9 @@ def parse_spec(body: bytes, content_type: str, name: str) -> tuple[dict[str, Any
         raise GatewayError(400, codes.BAD_ENCODING, f"the body is not {kind}: {exc}") from exc
     if not isinstance(raw, dict):
         raise GatewayError(422, codes.INVALID_SPEC, "an app spec must be a mapping")
+    if "revision" in raw:
+        message = "revision: set by publishing (each change answers the revision it made); omit it"
+        raise GatewayError(422, codes.INVALID_SPEC, message)
     if raw.setdefault("name", name) != name:
         message = f"name: {raw['name']!r} is not the app of this path ({name!r}); omit it or match"
         raise GatewayError(422, codes.INVALID_SPEC, message)
@@ -129,8 +135,8 @@ async def converge(
     for _ in range(CONVERGE_TRIES):
         if spec is None:
             await state.apps.delete(name)
-        else:
-            await state.apps.put(name, spec)
+        else:  # stamped, so handlers know the current revision (`handlers.rollout`)
+            await state.apps.put(name, spec.model_copy(update={"revision": revision}))
         history = await records.get(name)
         current = history.current_revision() if history else None
         if (current.revision if current else 0) == revision:
@@ -196,7 +202,7 @@ async def get_app(request: web.Request) -> web.Response:
         app=name,
         revision=current.revision if current else None,
         digest=current.digest if current else None,
-        spec=spec.model_dump(mode="json"),
+        spec=spec.model_dump(mode="json", exclude={"revision"}),  # it is `revision` above
     )
     return web.json_response(body.model_dump(mode="json"))
 

@@ -268,3 +268,24 @@ def test_the_blocking_client_runs_on_its_own_loop_and_stops_it(stack):
 async def test_the_blocking_client_works_where_a_loop_already_runs(stack):
     with Client(stack["url"], stack["token"]) as client:  # as in a notebook's cell
         assert "demo/hello" in [app.name for app in client.apps()]
+
+
+async def test_a_run_pinned_to_an_earlier_revision_runs_that_revisions_command(stack):
+    exits = lambda code: ["{python}", "-c", f"import sys; sys.exit({code})"]  # noqa: E731
+    app = {"name": "alice/pinned", "kind": "job", "command": exits(5)}
+    async with AsyncClient(stack["url"], stack["token"]) as client:
+        first = await client.publish(app)
+        second = await client.publish({**app, "command": exits(0)})
+        assert second.revision == first.revision + 1
+
+        current = await client.result(await client.run("alice/pinned"), timeout_s=60)
+        assert current.state is JobState.SUCCEEDED and current.revision == second.revision
+        with pytest.raises(RunFailed) as caught:
+            await client.result(
+                await client.run("alice/pinned", revision=first.revision), timeout_s=60
+            )
+        assert caught.value.status.exit_code == 5
+        assert caught.value.status.revision == first.revision
+        with pytest.raises(ApiError) as missing:
+            await client.run("alice/pinned", revision=second.revision + 50)
+        assert (missing.value.status, missing.value.code) == (404, "unknown_revision")

@@ -152,14 +152,22 @@ async def test_a_queued_run_can_be_cancelled_and_never_starts(runs, tmp_path):
         headers={"Nats-Msg-Id": cancel.id},
     )
     await runs.wait_state(second, "cancelled")
-    queue = await runs.state.queues.get(spec.name)
-    assert [w.job_id for w in queue.waiting] == [] and list(queue.claimed) == [first]
+    # The status goes out first, then the run leaves the wait line (jobs.moved).
+    await wait_for(
+        lambda: _queue_is(runs, spec.name, waiting=[], claimed=[first]),
+        what="the cancelled run out of the queue, the first still holding its slot",
+    )
     release(tmp_path, "1")
     await runs.wait_state(first, "succeeded")
     await wait_for(
         lambda: _queue_empty(runs, spec.name), what="the queue empty once the first ended"
     )
     assert started(tmp_path) == [first]
+
+
+async def _queue_is(runs, app, waiting: list[str], claimed: list[str]) -> bool:
+    queue = await runs.state.queues.get(app)
+    return [w.job_id for w in queue.waiting] == waiting and list(queue.claimed) == claimed
 
 
 async def _queue_empty(runs, app) -> bool:

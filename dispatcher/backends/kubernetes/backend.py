@@ -2,10 +2,11 @@
 
 A viz instance is a Deployment, a Service and a route (see objects.py);
 a warm pool instance is the same, labelled `spinyard.io/pooled=true` until it
-is claimed. A run is a Job and its inputs Secret. Everything is found again
-by the managed-by label, so a restarted handler knows what runs without any
-state of its own, and every operation is idempotent: a create that meets an
-existing object (409) keeps it, a delete that finds nothing (404) is done.
+is claimed. A run is a Job and its inputs Secret, or a warm runner's pod
+(warm.py). Everything is found again by the managed-by label, so a restarted
+handler knows what runs without any state of its own, and every operation is
+idempotent: a create that meets an existing object (409) keeps it, a delete
+that finds nothing (404) is done.
 
 What happens after a create is learned from one informer per watched kind
 (informer.py: list, then watch, resumed from the last resourceVersion or
@@ -13,7 +14,7 @@ listed again), started on first need: `wait_ready` waits for the Deployment
 and Pod informers to say that a pod is ready or has failed (readiness.py;
 a failure also reads the probe's last answer from the pod's Events, probes.py),
 and `watch_jobs` turns what the Job and Pod informers see into reports
-(job_reports.py). The API itself is reached only through `KubeApi` (api.py).
+(job_reports.py). The API is reached only through `KubeApi` (api.py).
 """
 
 import asyncio
@@ -26,10 +27,11 @@ from kubernetes import client
 
 from dispatcher import logs
 from dispatcher.backends.base import Backend, Instance, JobLaunch
-from dispatcher.backends.kubernetes import informer, objects, probes, status
-from dispatcher.backends.kubernetes.api import ApiError, KubeApi
+from dispatcher.backends.kubernetes import informer, objects, status, warm
+from dispatcher.backends.kubernetes.api import KubeApi
 from dispatcher.backends.kubernetes.informer import Informer
 from dispatcher.backends.kubernetes.job_reports import JobReports
+from dispatcher.backends.kubernetes.logtail import PodLogs
 from dispatcher.backends.kubernetes.readiness import Readiness
 from dispatcher.backends.kubernetes.resources import (
     DEPLOYMENTS,
@@ -41,22 +43,21 @@ from dispatcher.backends.kubernetes.resources import (
     SERVICES,
 )
 from dispatcher.backends.kubernetes.secrets import SecretObjects
+from dispatcher.backends.kubernetes.warm import WarmPods
 from dispatcher.backends.launch import check_id, check_job_id, last_answer, not_ready_message
 from dispatcher.backends.secrets import check_secrets
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import PermanentError, RetryableError, StartFailed
 from handlers.ports import JobReport
 from schemas import errors as codes
-from schemas.events import JobUpdate
 from schemas.spec import AppSpec
-
-_TAIL_BYTES = 4096  # of a pod's log tail, at most (its lines may be long)
 
 
 class KubernetesBackend(Backend):
     """Viz instances and runs as Kubernetes objects in one namespace."""
 
     name = "kubernetes"
+    warm_runners = True
 
     def __init__(
         self,
@@ -88,6 +89,8 @@ class KubernetesBackend(Backend):
         self._jobs = Informer(self.api, JOBS, objects.SELECTOR)
         self._readiness = Readiness(self._deployments, self._pods)
         self._job_reports = JobReports(self._jobs, self._pods)
+        self._logs = PodLogs(self.api, settings.log_tail_lines)
+        self._warm = WarmPods(self.api, self._pods, settings, self._logs)
         self._log = logs.get("spinyard.backend.kubernetes")
 
     async def setup(self) -> None:
@@ -117,6 +120,7 @@ class KubernetesBackend(Backend):
     async def cleanup(self) -> None:
         """Stop the informers and drop connections. Instances and runs keep running."""
         await asyncio.gather(self._deployments.stop(), self._pods.stop(), self._jobs.stop())
+        await self._warm.close()
         self.api.close()
 
     # -- viz instances --
@@ -197,7 +201,10 @@ class KubernetesBackend(Backend):
             return
         if verdict == status.GONE:
             raise StartFailed(message, code=codes.START_FAILED)
-        tail, answer = await asyncio.gather(self._tail(pod), self._probe_answer(pod))
+        limit_s = self._settings.events_timeout_s
+        tail, answer = await asyncio.gather(
+            self._logs.tail(pod), self._logs.probe_answer(pod, limit_s)
+        )
         said = last_answer(spec.readiness_path, answer) if answer else None
         if verdict == status.FAILED:
             message = f"{message}; {said}" if said else message
@@ -214,20 +221,25 @@ class KubernetesBackend(Backend):
         return objects.public_url(self._routing, spec, instance_id)
 
     async def stop_viz(self, instance_id: str) -> None:
-        """Delete the route, the Service and the Deployment (its pods in the background).
+        """Delete the route, the Service and the Deployment (its pods in the background), or
+        the warm runner's pod unless it has a run.
 
         Raises:
             ValueError: `instance_id` is not a valid id.
         """
         check_id(instance_id)
         name = objects.object_name(instance_id)
-        found = await asyncio.gather(
-            self.api.delete(self._route, name),
-            self.api.delete(SERVICES, name),
-            self.api.delete(DEPLOYMENTS, name, propagation="Background"),
-        )
-        if any(found):
-            self._log.info("viz_instance_stopped", instance=instance_id)
+        if self._warm.cached(instance_id) is None:  # a warm pod this process has seen
+            found = await asyncio.gather(
+                self.api.delete(self._route, name),
+                self.api.delete(SERVICES, name),
+                self.api.delete(DEPLOYMENTS, name, propagation="Background"),
+            )
+            if any(found):
+                self._log.info("viz_instance_stopped", instance=instance_id)
+                return
+        if await self._warm.stop(instance_id):
+            self._log.info("warm_pod_stopped", instance=instance_id)
 
     async def claim(self, instance_id: str) -> bool:
         """Relabel a warm pool Deployment as in use (its pods keep running untouched).
@@ -239,9 +251,13 @@ class KubernetesBackend(Backend):
             ValueError: `instance_id` is not a valid id.
         """
         check_id(instance_id)
+        if (pod := self._warm.cached(instance_id)) is not None:
+            return warm.waiting(pod)  # a warm runner: relabelled when handed its run
         patch = {"metadata": {"labels": {objects.POOLED: "false"}}}
         found = await self.api.patch(DEPLOYMENTS, objects.object_name(instance_id), patch)
         if found is None:
+            if (waiting := await self._warm.claim(instance_id)) is not None:
+                return waiting
             self._log.warning("viz_claim_missed", instance=instance_id)
             return False
         self._deployments.note(found)
@@ -253,18 +269,37 @@ class KubernetesBackend(Backend):
         return True
 
     async def list_instances(self) -> list[Instance]:
-        """Deployments and Jobs with the managed-by label: two LISTs (paged), whatever the count.
+        """Deployments, Jobs and warm pods with the managed-by label: three LISTs (paged),
+        whatever the count. A warm pod is listed as its run's job once it has one.
 
         A Deployment is alive unless it is being deleted or Kubernetes gave up
         on it (no ready pod within its progress deadline); a Job while it has
         neither completed nor failed.
         """
-        (deployments, _), (jobs, _) = await asyncio.gather(
-            self.api.list(DEPLOYMENTS, objects.SELECTOR), self.api.list(JOBS, objects.SELECTOR)
+        (deployments, _), (jobs, _), runners = await asyncio.gather(
+            self.api.list(DEPLOYMENTS, objects.SELECTOR),
+            self.api.list(JOBS, objects.SELECTOR),
+            self._warm.listed(),
         )
         found = [status.instance_of(d, "viz") for d in deployments]
         found += [status.instance_of(j, "job") for j in jobs]
+        cold = {i.id for i in found if i is not None}
+        found += [r for r in runners if r.id not in cold]  # a Job's word counts over a pod's
         return [i for i in found if i is not None]
+
+    async def start_warm(self, instance_id: str, spec: AppSpec, timeout: float) -> None:  # noqa: ASYNC109
+        """Create a warm runner's pod unless it exists; return once it waits for a run.
+
+        Raises:
+            handlers.errors.StartFailed: no image, it exited or went, or it was not ready
+                within `timeout` (with its log's tail).
+        """
+        await self._check_secrets(spec)
+        await self._warm.start(instance_id, spec, self._templates["job"], timeout)
+
+    async def submit_warm(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> bool:
+        """Hand a run to a claimed warm runner's pod (one PATCH, one POST to the pod)."""
+        return await self._warm.hand(launch, spec, instance_id)
 
     # -- runs --
 
@@ -280,6 +315,8 @@ class KubernetesBackend(Backend):
             handlers.errors.RetryableError: the API did not answer; try again later.
         """
         check_job_id(launch.job_id)
+        if (spec.pool.size or spec.schedule) and await self._warm.of_run(launch.job_id):
+            return  # a warm pod has it already (a redelivered start): one run
         await self._check_secrets(spec)
         now = time.time()
         try:
@@ -311,7 +348,8 @@ class KubernetesBackend(Backend):
             self._log.info("job_created", job_id=launch.job_id, app=spec.name)
 
     async def cancel_job(self, job_id: str) -> None:
-        """Delete the run's Job (its pod in the background) and its inputs Secret.
+        """Delete the run's Job (its pod in the background) and its inputs Secret, or the
+        warm runner's pod that runs it.
 
         Raises:
             ValueError: `job_id` is not a valid id.
@@ -321,6 +359,8 @@ class KubernetesBackend(Backend):
             self.api.delete(JOBS, objects.object_name(job_id), propagation="Background"),
             self.api.delete(SECRETS, objects.secret_name(job_id)),
         )
+        for pod in [] if deleted else await self._warm.of_run(job_id):
+            deleted = await self.api.delete(PODS, pod) or deleted  # a warm run has no Job
         if deleted:
             self._log.info("job_deleted", job_id=job_id)
 
@@ -331,9 +371,10 @@ class KubernetesBackend(Backend):
         `timed_out` when it failed with DeadlineExceeded, else `failed` with the
         container's exit code and the end of its log; `cancelled` when its Job
         is deleted before it ended. Every run present at the start is reported
-        again (reports are de-duplicated downstream).
+        again (reports are de-duplicated downstream). A warm run's pod is deleted
+        once its end is reported (`WarmPods.clear`).
         """
-        await self._job_reports.watch(report, stopping, self._job_update)
+        await self._job_reports.watch(self._warm.clearing(report), stopping, self._logs.job_update)
 
     async def _check_secrets(self, spec: AppSpec) -> None:
         """Fail a start whose spec names a secret the app's Secret lacks, before any object
@@ -341,45 +382,6 @@ class KubernetesBackend(Backend):
         if spec.secrets:
             with _start_errors():
                 check_secrets(spec, await self._secrets.names(spec.name))
-
-    async def _job_update(self, job_id: str, state: str, pods: list[dict]) -> JobUpdate:
-        """The report of a run in `state`: for a failure, its exit code and log tail."""
-        if state not in ("failed", "timed_out"):
-            code = 0 if state == "succeeded" else None
-            return JobUpdate(job_id=job_id, state=state, exit_code=code)
-        if not any(status.exit_code(p, objects.JOB_CONTAINER) is not None for p in pods):
-            selector = f"{objects.SELECTOR},{objects.INSTANCE}={job_id}"
-            with contextlib.suppress(ApiError, RetryableError):
-                pods, _ = await self.api.list(PODS, selector)
-        pods = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
-        pod = pods[-1] if pods else None
-        code = status.exit_code(pod, objects.JOB_CONTAINER) if pod else None
-        tail = await self._tail(pod, objects.JOB_CONTAINER)
-        return JobUpdate(job_id=job_id, state=state, exit_code=code, log_tail=tail or None)
-
-    async def _probe_answer(self, pod: dict | None) -> str | None:
-        """The readiness probe's last answer to the app, if it ran; from the pod's Events."""
-        if pod is None or not status.ran(pod, objects.VIZ_CONTAINER):
-            return None
-        limit_s = self._settings.events_timeout_s
-        return await probes.last_answer(self.api, pod, objects.VIZ_CONTAINER, limit_s)
-
-    async def _tail(self, pod: dict | None, container: str = objects.VIZ_CONTAINER) -> str:
-        """The end of a pod's log ('' if there is none or it cannot be read)."""
-        lines = self._settings.log_tail_lines
-        if pod is None or not lines:
-            return ""
-        found = status.container_status(pod, container) or {}
-        previous = bool(found.get("restartCount")) and "terminated" not in (
-            found.get("state") or {}
-        )
-        name = pod["metadata"]["name"]
-        try:
-            text = (await self.api.pod_log(name, container, lines, previous)).strip()
-        except (ApiError, RetryableError) as exc:
-            self._log.warning("pod_log_unreadable", pod=name, error=str(exc))
-            return ""
-        return "\n".join(text.splitlines()[-lines:])[-_TAIL_BYTES:]
 
 
 @contextlib.contextmanager

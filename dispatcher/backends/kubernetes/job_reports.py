@@ -6,13 +6,18 @@ its `running` change was taken is reported `succeeded` only. Reports are
 states, not transitions: they may repeat or skip `running`, and the
 `job_update` handler moves a run forward from whatever it last recorded. A
 Job deleted before it ended is reported `cancelled`.
+
+A run handed to a warm runner has no Job: its pod (`warm.py`), labelled
+with the job id once claimed, says its state (`warm.run_state`), and one
+deleted before it ended was cancelled. Where a run has a Job too (started
+cold after a hand-over failed), the Job's word counts.
 """
 
 import asyncio
 from collections.abc import Awaitable, Callable
 
 from dispatcher import logs
-from dispatcher.backends.kubernetes import informer, objects, status
+from dispatcher.backends.kubernetes import informer, objects, status, warm
 from dispatcher.backends.kubernetes.informer import Informer
 from handlers.ports import JobReport
 from schemas.events import JobUpdate
@@ -29,6 +34,7 @@ class JobReports:
         self._informers = (jobs, pods)
         self._jobs: dict[str, dict] = {}
         self._pods: dict[str, dict[str, dict]] = {}  # job id -> pod name -> pod
+        self._runs_of: dict[str, str] = {}  # pod name -> job id (a warm pod's label changes)
         self._changes: asyncio.Queue[str] | None = None  # while `watch` runs
         self._gone: dict[str, dict] = {}  # deleted Jobs' last state, while `watch` runs
         self._log = logs.get("spinyard.backend.kubernetes")
@@ -94,12 +100,19 @@ class JobReports:
     def _state(self, job_id: str, reported: str | None) -> str | None:
         """The state to report for a run; None: nothing (new) to say."""
         job = self._jobs.get(job_id)
+        pods = self._pods.get(job_id, {})
         if job is not None:
-            return status.job_state(job, self._pods.get(job_id, {}))
+            return status.job_state(job, pods)
+        runners = [p for p in pods.values() if status.label(p, objects.WARM) == "true"]
+        if runners:
+            return warm.run_state(runners[-1])
         last = self._gone.pop(job_id, None)
         if last is None or reported in ENDED:
             return None
-        ended = status.job_state(last, self._pods.get(job_id, {}))
+        if status.label(last, objects.WARM) == "true":
+            ended = warm.run_state(last)
+        else:
+            ended = status.job_state(last, pods)
         return "cancelled" if ended in (None, "running") else None
 
     def _changed(self, job_id: str) -> None:
@@ -123,26 +136,44 @@ class JobReports:
 
     def _on_pod(self, pod: dict) -> None:
         found = _job_pod(pod)
+        name = (pod.get("metadata") or {}).get("name")
+        before = self._runs_of.get(name) if name else None
+        if before is not None and (found is None or found[0] != before):
+            self._forget_pod(before, name)  # a warm pod given back (its hand-over failed)
         if found is not None:
             job_id, name = found
             self._pods.setdefault(job_id, {})[name] = pod
+            self._runs_of[name] = job_id
             self._changed(job_id)
 
     def _pod_gone(self, pod: dict) -> None:
         found = _job_pod(pod)
         if found is not None:
             job_id, name = found
-            pods = self._pods.get(job_id, {})
-            pods.pop(name, None)
-            if not pods:
-                self._pods.pop(job_id, None)
+            self._forget_pod(job_id, name)
+            if (
+                self._changes is not None
+                and job_id not in self._jobs
+                and status.label(pod, objects.WARM) == "true"
+            ):
+                self._gone[job_id] = pod  # a warm run's pod: deleted before it ended, cancelled
             self._changed(job_id)
+
+    def _forget_pod(self, job_id: str, name: str) -> None:
+        self._runs_of.pop(name, None)
+        pods = self._pods.get(job_id, {})
+        pods.pop(name, None)
+        if not pods:
+            self._pods.pop(job_id, None)
 
 
 def _job_pod(pod: dict) -> tuple[str, str] | None:
-    """(job id, pod name) of a run's pod; None for a viz pod or a stranger."""
+    """(job id, pod name) of a run's pod; None for a viz pod, a warm pod with no run yet,
+    or a stranger."""
     owner = status.label(pod, objects.INSTANCE)
     name = (pod.get("metadata") or {}).get("name")
     if owner is None or name is None or status.label(pod, objects.COMPONENT) != "job":
+        return None
+    if status.label(pod, objects.WARM) == "true" and not warm.claimed(pod):
         return None
     return owner, name

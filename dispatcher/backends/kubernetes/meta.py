@@ -4,7 +4,10 @@ Everything spinyard creates carries `app.kubernetes.io/managed-by=spinyard`
 (the backend lists and watches by it), `app.kubernetes.io/component=viz|job`
 (the NetworkPolicies select on it), `spinyard.io/app` and
 `spinyard.io/instance`, and a created-at annotation; an app's Secret of
-secrets (`app_secrets_name`) has the component `secrets` and no instance. Names come from
+secrets (`app_secrets_name`) has the component `secrets` and no instance. A
+warm runner's pod also carries `spinyard.io/warm-runner=true` (its
+NetworkPolicy selects on it) and `spinyard.io/pooled` (true until it is
+handed a run; then its instance label names the run). Names come from
 `slugs.slug` of the instance or job id, so any object can be found from the
 id alone. The builders (`objects.py`, `pods.py`) use these; `status.py`
 reads them back. Pure: nothing here talks to the API.
@@ -22,6 +25,7 @@ COMPONENT = "app.kubernetes.io/component"
 APP = "spinyard.io/app"  # owner.title, made a valid label value
 INSTANCE = "spinyard.io/instance"
 POOLED = "spinyard.io/pooled"
+WARM = "spinyard.io/warm-runner"  # "true" on a warm runner's pod, claimed or not
 APP_NAME = "spinyard.io/app-name"  # annotation: owner/title exactly, as label values cannot
 CREATED_AT = "spinyard.io/created-at"  # annotation: RFC 3339, UTC
 SELECTOR = f"{MANAGED_BY}={MANAGER}"

@@ -2,7 +2,9 @@
 
 A viz instance is a Deployment (one replica, here), a ClusterIP Service and
 a route (`routes.py`). A run is a batch/v1 Job and a Secret holding its
-inputs and presigned upload URLs, owned by the Job so it goes with it.
+inputs and presigned upload URLs, owned by the Job so it goes with it. A
+job app's warm runner is a bare pod of the job template (`make_warm_pod`)
+that waits on a port for its run (`podrunner.py`).
 
 What an app's container is given (placeholders filled, environment) is the
 launch contract, `dispatcher.backends.launch`, shared with the local
@@ -32,6 +34,7 @@ from dispatcher.backends.kubernetes.meta import (
     MANAGER,
     POOLED,
     SELECTOR,
+    WARM,
     app_label,
     app_secrets_name,
     labels,
@@ -42,6 +45,7 @@ from dispatcher.backends.kubernetes.meta import (
     rfc3339,
     secret_name,
 )
+from dispatcher.backends.kubernetes.podrunner import PREFIX as RUNNER_PREFIX
 from dispatcher.backends.kubernetes.pods import DEFAULT_TEMPLATES, JOB_CONTAINER, VIZ_CONTAINER
 from dispatcher.backends.kubernetes.routes import (
     HTTP_PORT,
@@ -53,7 +57,7 @@ from dispatcher.backends.kubernetes.routes import (
     public_url,
     route_host,
 )
-from dispatcher.backends.launch import argv, job_env, job_values, viz_env, viz_values
+from dispatcher.backends.launch import argv, fill, job_env, job_values, viz_env, viz_values
 from schemas.spec import AppSpec
 
 __all__ = [
@@ -70,6 +74,7 @@ __all__ = [
     "POOLED",
     "SELECTOR",
     "VIZ_CONTAINER",
+    "WARM",
     "Routing",
     "app_label",
     "app_secrets_name",
@@ -81,6 +86,7 @@ __all__ = [
     "make_route",
     "make_service",
     "make_viz_deployment",
+    "make_warm_pod",
     "object_name",
     "owner_reference",
     "parse_rfc3339",
@@ -271,3 +277,94 @@ def make_job_secret(
             UPLOADS_FILE: json.dumps(launch.upload_urls, sort_keys=True),
         },
     )
+
+
+# -- warm runners --
+
+RUNNER_PORT_NAME = "launch"
+
+
+def make_warm_pod(
+    spec: AppSpec,
+    instance_id: str,
+    *,
+    template: dict,
+    created_at: float,
+    program: str,
+    port: int,
+    token: str,
+    image_pull_policy: str | None = None,
+) -> client.V1Pod:
+    """A warm runner of a job app: a bare pod of the job template that waits for one run.
+
+    Its container is the app's image running `python -c <program>` (the
+    source of `podrunner.py`), listening on the pod's IP at `port` for the
+    launch that carries `token`; ready once it answers /healthz. It has the
+    app's `env` (filled) and resources, no run yet, and no deadline: the
+    backend sets activeDeadlineSeconds when it hands over a run. Labelled
+    `spinyard.io/warm-runner=true` and `spinyard.io/pooled=true`.
+
+    Raises:
+        ValueError: the spec has no image.
+    """
+    pod_labels = labels(spec.name, instance_id, "job") | {WARM: "true", POOLED: "true"}
+    pod, container = pods.pod_template(template, "job", JOB_CONTAINER, pod_labels)
+    pod.spec.restart_policy = "Never"
+    container.image = pods.image(spec)
+    container.image_pull_policy = image_pull_policy
+    container.command = [PYTHON, "-c", program]
+    container.args = None
+    values = {k: fill(v, job_values(python=PYTHON)) for k, v in spec.env.items()}
+    values |= {f"{RUNNER_PREFIX}PORT": str(port), f"{RUNNER_PREFIX}TOKEN": token}
+    env = pods.merge_env(container, values)
+    pod_ip = client.V1EnvVarSource(
+        field_ref=client.V1ObjectFieldSelector(field_path="status.podIP")
+    )
+    env = pods.with_secrets(env, spec)  # the model gets them through the runner's environment
+    container.env = [*env, client.V1EnvVar(name=f"{RUNNER_PREFIX}HOST", value_from=pod_ip)]
+    container.resources = pods.resources(spec)
+    container.ports = [client.V1ContainerPort(name=RUNNER_PORT_NAME, container_port=port)]
+    container.readiness_probe = client.V1Probe(
+        http_get=client.V1HTTPGetAction(path="/healthz", port=RUNNER_PORT_NAME),
+        period_seconds=READINESS_PERIOD_S,
+        timeout_seconds=2,
+        failure_threshold=1,
+    )
+    return client.V1Pod(
+        api_version="v1",
+        kind="Pod",
+        metadata=metadata(
+            object_name(instance_id),
+            spec.name,
+            instance_id,
+            "job",
+            created_at,
+            extra_labels={WARM: "true", POOLED: "true"},
+        ),
+        spec=pod.spec,
+    )
+
+
+def warm_launch(launch: JobLaunch, spec: AppSpec) -> dict:
+    """What a warm runner is handed for a run (`podrunner.py`): the run's inputs and upload
+    URLs, the command, and the launch contract's environment (the paths the runner sets)."""
+    values = job_values(python=PYTHON)
+    env = job_env(
+        spec,
+        launch.job_id,
+        values,
+        inputs="",
+        uploads="",
+        output_dir="",
+        deadline_s=launch.deadline_s,
+    )
+    for name in ("SPINYARD_INPUTS", "SPINYARD_UPLOADS", "SPINYARD_OUTPUT_DIR"):
+        env.pop(name)
+    return {
+        "job_id": launch.job_id,
+        "inputs": launch.inputs,
+        "upload_urls": launch.upload_urls,
+        "argv": argv(spec, values),
+        "env": env,
+        "cwd": spec.workdir,
+    }

@@ -173,6 +173,8 @@
     this.live = false;
     this.acceptedAt = null;
     this.held = null;
+    this.instance = null;
+    this.kept = false;
     this.startedAt = Date.now();
     this.say("Loading " + this.app + "…");
     this.listen();
@@ -226,6 +228,10 @@
     if (!this.live && ENDED[st.state] && ((snapshot && t < this.acceptedAt) || t < this.acceptedAt - 2)) {
       return;
     }
+    // After an update, a shared app's status is about the new revision's instance; a page
+    // showing an older one keeps it (and its heartbeats name it) until it ends. Only once a
+    // status since this page's load named it: a status held from before may be stale.
+    if (this.frame && this.kept && st.instance && st.instance !== this.instance) return;
     if (LIVE[st.state]) this.live = true;
     // A queue position published just after this instance started is stale.
     if (st.state === "queued" && st.instance && st.instance === this.begun) return;
@@ -235,6 +241,8 @@
     } else if (st.state === "pending" || st.state === "starting") {
       this.progress(st.state);
     } else if (st.state === "ready" && st.url) {
+      this.instance = st.instance || null;
+      this.kept = !!st.instance && (st.time || 0) >= this.acceptedAt;
       this.show(new URL(st.url, this.base + "/").toString());
     } else if (st.state === "stopping") {
       this.say(this.app + " is stopping…");
@@ -293,6 +301,7 @@
       visible: visible,
       focused: focused,
       idle_s: Math.round(idle * 10) / 10,
+      instance: this.instance || undefined,
     }).catch(function () { /* the next beat tries again */ });
   };
 

@@ -44,6 +44,7 @@ from schemas import errors as codes
 from tests.backends.contract import (
     BackendContract,
     JobContract,
+    WarmJobContract,
     find,
     new_id,
     new_job_id,
@@ -60,13 +61,15 @@ from tests.backends.kubernetes.support import (
 from tests.helpers import ROOT, wait_for
 
 
-class TestKubernetesBackend(BackendContract, JobContract):
+class TestKubernetesBackend(BackendContract, JobContract, WarmJobContract):
     """The shared contracts, with simulated controllers (kubesim) instead of pods.
 
     `target()` is None here (no gateway proxy), so the contract's HTTP check of
     the app is skipped by the contract itself; readiness is what the simulated
     kubelet reports, not a real probe, and a job's run is simulated from the job
     model's arguments (its exit code, its sleep against the Job's deadline).
+    Warm runners are real: kubesim runs a bare pod's command as a local process
+    at a loopback pod IP, so the runner, the launch and the model really run.
     """
 
     @pytest.fixture
@@ -491,7 +494,7 @@ async def test_list_instances_finds_ours_by_label_only(backend, server, cluster)
     deletes = [  # the backend's (the simulated garbage collector sends no options)
         r for r in server if r.action == kmock.action.DELETE and r.data is not None
     ]
-    assert len(deletes) == 6
+    assert len(deletes) == 6  # three objects each; no pod: they were viz instances
     assert {r.data["propagationPolicy"] for r in deletes} == {"Background"}
 
 
@@ -668,6 +671,10 @@ async def test_every_call_is_allowed_by_the_role(make, server, cluster):
             await backend.wait_ready(crash, sim_spec("crash:1"), WAIT_S)
         await backend.claim(warm)
         await backend.list_instances()
+        runner, spec = new_id(), model_spec(image=IMAGE, pool={"size": 1})
+        await backend.start_warm(runner, spec, WAIT_S)
+        assert await backend.claim(runner)
+        assert await backend.submit_warm(launch_for(new_job_id()), spec, runner)
         done, failed = new_job_id(), new_job_id()
         await backend.submit_job(launch_for(done), job_spec())
         await backend.submit_job(launch_for(failed), job_spec())
@@ -760,7 +767,7 @@ def test_the_k8s_sim_bench_runs(tmp_path):
     out = tmp_path / "sim.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench.k8s_sim", "--deployments", "6", "--jobs", "3",
-         "--passes", "2", "--json", str(out)],
+         "--passes", "2", "--pool", "3", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -768,3 +775,7 @@ def test_the_k8s_sim_bench_runs(tmp_path):
     assert report["deployments"] == 6 and report["jobs"] == 3
     assert report["list_instances"]["found"] == 9
     assert "p50_ms" in report["list_instances"] and "calls_per_object" in report["cleanup"]
+    warm = report["warm"]
+    assert warm["refill"]["pool"] == 3 and warm["refill"]["wall_s"] > 0
+    assert warm["hot_path"]["creates_per_run"] == 0  # a warm run's start creates nothing
+    assert warm["hot_path"]["calls_per_run"] == {"patch core/pods": 1.0}

@@ -1,4 +1,4 @@
-"""The handlers on the Kubernetes backend: page load to ready, reconcile, and a run.
+"""The handlers on the Kubernetes backend: page load to ready, reconcile, a run, a warm run.
 
 Real nats-server and handlers; the Kubernetes API is kmock's emulator with
 simulated controllers (kubesim), as in test_backend.py.
@@ -17,7 +17,8 @@ from handlers.registry import default_registry
 from schemas import subjects
 from schemas.codec import encode
 from schemas.events import PageLoad, RunRequest, job_id_for
-from tests.backends.kubernetes.support import PUBLIC_URL, job_spec, k8s_spec
+from tests.backends.contract import job_spec as model_spec
+from tests.backends.kubernetes.support import IMAGE, PUBLIC_URL, job_spec, k8s_spec
 from tests.helpers import wait_for
 
 
@@ -108,3 +109,40 @@ async def test_a_run_goes_queued_running_succeeded_as_a_job(settings, k8s, serve
         j["metadata"]["labels"].get("spinyard.io/job") == job_id or job_id in j["metadata"]["name"]
         for j in jobs.values()
     )
+
+
+async def test_a_run_takes_a_warm_pod_says_so_and_the_pool_refills(settings, k8s, server):
+    spec = model_spec(image=IMAGE, name="test/warm", pool={"size": 1}, deadline_s=30)
+    async with handlers_on(settings, k8s) as (js, state, seen):
+        await state.apps.put(spec.name, spec)
+
+        async def warm_member() -> str | None:
+            index = await state.pools.get(spec.name)
+            return index.warm[0].instance if index and index.warm else None
+
+        first = await wait_for(warm_member, timeout=30, what="a warm runner pod")
+        event = RunRequest(app=spec.name, session="s-1", inputs={"n": 2})
+        await js.publish(subjects.event("run_request", event.app), encode(event))
+        job_id = job_id_for(event.app, event.session, None, event.id)
+        subject = subjects.job_status(job_id)
+        await wait_for(
+            lambda: last(seen, subject).get("state") == "succeeded", timeout=30, what="succeeded"
+        )
+        done = last(seen, subject)
+        second = await wait_for(
+            lambda: _other_member(state, spec.name, first), timeout=30, what="the pool refilled"
+        )
+        await wait_for(
+            lambda: first not in server.objects_of(resources.PODS), what="the used pod deleted"
+        )
+    assert done["phases"]["warm"] is True
+    assert seen[subject][0]["state"] == "queued"
+    assert not server.objects_of(resources.JOBS)  # no Job: the run was the pod's
+    pods = server.objects_of(resources.PODS)
+    assert first not in pods  # used, its end reported: deleted
+    assert second != first and pods[second]["metadata"]["labels"]["spinyard.io/pooled"] == "true"
+
+
+async def _other_member(state, app: str, used: str) -> str | None:
+    index = await state.pools.get(app)
+    return next((m.instance for m in index.warm if m.instance != used), None) if index else None

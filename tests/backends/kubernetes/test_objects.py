@@ -516,3 +516,84 @@ def test_slugs_for_shorter_limits_and_label_values():
         slug("x", max_length=10)
     with pytest.raises(ValueError):
         slug("x", extra="/")
+
+
+def test_warm_pod_and_its_launch():
+    spec = job_spec(resources={"cpu": "500m", "memory": "1Gi"}, workdir="/app")
+    pod = objects.make_warm_pod(
+        spec, IID, template=template("job"), created_at=CREATED, program="print(1)",
+        port=8787, token="t0ken",
+    )  # fmt: skip
+    data = validate(pod)
+    labels = META["labels"] | {
+        "app.kubernetes.io/component": "job",
+        "spinyard.io/app": "alice.model",
+        "spinyard.io/warm-runner": "true",
+        "spinyard.io/pooled": "true",
+    }
+    assert data["metadata"] == {
+        "annotations": {
+            "spinyard.io/app-name": "alice/model",
+            "spinyard.io/created-at": CREATED_TEXT,
+        },
+        "labels": labels,
+        "name": IID,
+    }
+    assert data["spec"] == SECURE_POD | {
+        "restartPolicy": "Never",
+        "containers": [
+            {
+                "name": "job",
+                "image": "registry.example.com/alice/model:3",
+                "command": ["python", "-c", "print(1)"],
+                "env": [
+                    {"name": "HOME", "value": "/tmp"},
+                    {"name": "MODE", "value": "fast"},
+                    {"name": "RUNTIME", "value": "python"},
+                    {"name": "SPINYARD_RUNNER_PORT", "value": "8787"},
+                    {"name": "SPINYARD_RUNNER_TOKEN", "value": "t0ken"},
+                    {
+                        "name": "SPINYARD_RUNNER_HOST",
+                        "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+                    },
+                ],
+                "ports": [{"name": "launch", "containerPort": 8787}],
+                "readinessProbe": {
+                    "httpGet": {"path": "/healthz", "port": "launch"},
+                    "periodSeconds": 1,
+                    "timeoutSeconds": 2,
+                    "failureThreshold": 1,
+                },
+                "resources": {
+                    "limits": {"cpu": "500m", "memory": "1Gi"},
+                    "requests": {"cpu": "500m", "memory": "1Gi"},
+                },
+                "securityContext": SECURE_CONTAINER,
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            }
+        ],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}],
+    }
+    launch = JobLaunch(job_id=JID, inputs={"n": 3}, upload_urls={"result.csv": "u"}, deadline_s=9)
+    assert objects.warm_launch(launch, spec) == {
+        "job_id": JID,
+        "inputs": {"n": 3},
+        "upload_urls": {"result.csv": "u"},
+        "argv": ["python", "-m", "model", "--seed={seed}"],
+        "env": {
+            "MODE": "fast",
+            "RUNTIME": "python",
+            "SPINYARD_JOB_ID": JID,
+            "SPINYARD_APP": "alice/model",
+            "SPINYARD_DEADLINE_S": "9",
+        },
+        "cwd": "/app",
+    }
+
+
+def test_warm_pod_needs_an_image():
+    with pytest.raises(ValueError, match="no image"):
+        objects.make_warm_pod(
+            job_spec(image=None), IID, template=template("job"), created_at=CREATED,
+            program="", port=8787, token="t",
+        )  # fmt: skip
