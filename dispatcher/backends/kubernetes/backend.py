@@ -315,7 +315,7 @@ class KubernetesBackend(Backend):
             handlers.errors.RetryableError: the API did not answer; try again later.
         """
         check_job_id(launch.job_id)
-        if (spec.pool.size or spec.schedule) and await self._warm.of_run(launch.job_id):
+        if (spec.pool.size or spec.schedule) and await self._warm.resume(launch, spec):
             return  # a warm pod has it already (a redelivered start): one run
         await self._check_secrets(spec)
         now = time.time()
@@ -360,7 +360,8 @@ class KubernetesBackend(Backend):
             self.api.delete(SECRETS, objects.secret_name(job_id)),
         )
         for pod in [] if deleted else await self._warm.of_run(job_id):
-            deleted = await self.api.delete(PODS, pod) or deleted  # a warm run has no Job
+            name = pod["metadata"]["name"]
+            deleted = await self.api.delete(PODS, name) or deleted  # a warm run has no Job
         if deleted:
             self._log.info("job_deleted", job_id=job_id)
 

@@ -302,13 +302,28 @@ class WarmPods:
                 with contextlib.suppress(ApiError, RetryableError):
                     await self._api.delete(PODS, pod["metadata"]["name"])
 
-    async def of_run(self, job_id: str) -> list[str]:
-        """The names of the pods that run `job_id` (from the cache, else one LIST)."""
+    async def of_run(self, job_id: str) -> list[dict]:
+        """The pods that run `job_id` (from the cache, else one LIST)."""
         if self._pods.running and self._pods.synced.is_set():
             found = [p for p in self._pods.cache.values() if _runs(p, job_id)]
         else:
             found, _ = await self._api.list(PODS, f"{SELECTOR},{objects.INSTANCE}={job_id}")
-        return [p["metadata"]["name"] for p in found if _runs(p, job_id)]
+        return [p for p in found if _runs(p, job_id)]
+
+    async def resume(self, launch: JobLaunch, spec: AppSpec) -> bool:
+        """Whether a warm pod has the run already (a redelivered start); if so, its launch is
+        sent again, so a start that stopped between the relabel and the launch (its replica
+        died) still runs. The runner takes the same launch twice as once. If the pod does
+        not answer it is left alone, not replaced by a cold Job: it may be running the run
+        (its deadline stops it if not)."""
+        pods = await self.of_run(launch.job_id)
+        for pod in pods:
+            if ended(pod) or await self._launch(pod, objects.warm_launch(launch, spec)):
+                return True
+            self._log.warning(
+                "warm_pod_resume_unanswered", pod=pod["metadata"]["name"], job_id=launch.job_id
+            )
+        return bool(pods)
 
     async def listed(self) -> list[Instance]:
         """Every warm pod, claimed or not: one LIST."""

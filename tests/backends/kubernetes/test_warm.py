@@ -286,6 +286,21 @@ async def test_a_cold_start_of_a_run_a_warm_pod_has_starts_nothing(make, server,
     await wait_for(lambda: cluster.running_pods(jid) == 0, what="the warm run stopped")
 
 
+async def test_a_start_stopped_between_relabel_and_launch_runs_on_its_redelivery(
+    make, server, cluster, watcher
+):
+    first, again = await make(), await make()
+    spec = model_spec()
+    warm, jid = await started(first, spec), new_job_id()
+    assert await first.claim(warm)
+    # What `hand` does before the launch, and then its replica dies: the pod is the run's.
+    relabel = {"metadata": {"labels": {"spinyard.io/instance": jid, "spinyard.io/pooled": "false"}}}
+    await first.api.patch(PODS, objects.object_name(warm), relabel)
+    await again.submit_job(launch(jid, spec), spec)  # the redelivered start
+    await watcher.until(jid, "succeeded")
+    assert server.objects_of(JOBS) == {}  # launched on the warm pod, not started cold
+
+
 @pytest.fixture
 async def secret_store(server, k8s_settings):
     """The gateway's store of app secrets: an API client of its own."""
