@@ -186,9 +186,14 @@ class Records(Generic[M]):
         saw half the apps and stopped the rest as removed.)
         """
         kv, js = self.kv, self.kv._js
-        info = await js.stream_info(kv._stream)
-        if info.state.messages == 0:
-            return []
+        if pattern == ">":
+            info = await js.stream_info(kv._stream)
+            if info.state.messages == 0:
+                return []
+        else:  # a pattern that matches no key would wait SCAN_TIMEOUT_S for its first message
+            info = await js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{pattern}")
+            if not info.state.subjects:
+                return []
         sub = await js.subscribe(
             f"{kv._pre}{pattern}",
             ordered_consumer=True,

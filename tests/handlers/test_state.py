@@ -9,6 +9,7 @@ import structlog.testing
 from dispatcher import bus
 from handlers.deployments import Deployment, session_slot, slot_key
 from handlers.pools import PoolIndex
+from handlers.state import SCAN_TIMEOUT_S
 from schemas.spec import AppSpec
 from schemas.status import AppState
 
@@ -53,7 +54,10 @@ async def test_scan_sees_every_live_key_and_no_deleted_one(state):
 
 async def test_scan_with_a_pattern_that_matches_nothing(state):
     await state.apps.put("demo/one", AppSpec(name="demo/one", command=["x"]))
+    started = asyncio.get_running_loop().time()
     assert await state.apps.scan("other.>") == []
+    # Answered from the stream's subjects, not after waiting out the scan's timeout.
+    assert asyncio.get_running_loop().time() - started < SCAN_TIMEOUT_S / 2
     assert [e.key for e in await state.apps.scan("demo.>")] == ["demo/one"]
 
 
