@@ -303,9 +303,8 @@ async def heal(
     grace = ctx.knobs.reconcile_grace_s
     refills = {pool_key(app): set(index.starting) for app, index in indexes.items()}
     mended = 0
-    # The whole bucket, kept to the gates' keys: a scan by a pattern that matches no key
-    # waits out its timeout, and most jobs buckets hold runs but no gate.
-    for entry in await ctx.state.gates.scan():
+    # Only the gates' keys of the jobs bucket, which mostly holds runs.
+    for entry in await ctx.state.gates.scan(f"{subjects.VIZ_GATE_PREFIX}.>"):
         key, gate = entry.key, entry.value
         starts = key == subjects.VIZ_STARTS_KEY
         stale = {

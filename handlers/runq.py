@@ -242,7 +242,7 @@ async def heal(ctx: Context, runs: dict, now: float) -> int:
         job = runs.get(job_id)
         return now - since > grace and (job is None or job.state.terminal)
 
-    for entry in await ctx.state.queues.scan():
+    for entry in await ctx.state.queues.scan("queue.>"):  # the queues, not the runs
         app, queue = entry.key, entry.value
         gone = {w.job_id for w in queue.waiting if over(w.job_id, w.queued_at)}
         gone |= {j for j, c in queue.claimed.items() if over(j, c.at)}
