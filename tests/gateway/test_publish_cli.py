@@ -1,13 +1,9 @@
 """`spinyard apps ...` through a gateway (SPINYARD_GATEWAY_URL, SPINYARD_TOKEN), and `spinyard
 token --publish`: the real CLI in a subprocess against a gateway on a real nats-server."""
 
-import asyncio
-import os
-import sys
-
 from dispatcher.gateway.auth import mint
 from tests.gateway.support import PUBLISH_SECRET
-from tests.helpers import ROOT, free_port
+from tests.helpers import free_port, run_cli
 
 SPEC_V1 = "name: alice/sums\nkind: job\ncommand: [python, run.py]\ndescription: one\n"
 SPEC_V2 = SPEC_V1.replace("one", "two")
@@ -15,21 +11,7 @@ SPEC_V2 = SPEC_V1.replace("one", "two")
 SPEC_V3 = SPEC_V1 + "schedule: [{days: [mon], from: '09:50', to: '11:00', tz: UTC, pool: 2}]\n"
 
 
-async def spinyard(*args: str, **env: str) -> tuple[int, str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPINYARD_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dispatcher.cli",
-        *args,
-        cwd=ROOT,
-        env=clean | {"PYTHONPATH": str(ROOT)} | env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate()
-    return proc.returncode, out.decode(), err.decode()
+spinyard = run_cli  # `spinyard ARGS` in a subprocess: (exit code, stdout, stderr)
 
 
 async def test_apps_add_history_rollback_list_rm_through_the_gateway(gw, tmp_path):

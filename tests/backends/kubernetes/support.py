@@ -1,5 +1,9 @@
 """Specs and constants of the Kubernetes backend's tests."""
 
+from pathlib import Path
+
+import yaml
+
 from schemas.spec import AppSpec
 from tests.backends.contract import echo_spec
 
@@ -22,3 +26,20 @@ def sim_spec(sim: str, name: str = "test/sim", **fields) -> AppSpec:
 def job_spec(**fields) -> AppSpec:
     values = {"name": "test/model", "kind": "job", "image": IMAGE, "command": ["model"]}
     return AppSpec(**(values | fields))
+
+
+def write_kubeconfig(
+    path: Path, server_url: str, user: str, context: str = "emu", current: str | None = None
+) -> Path:
+    """A kubeconfig with one context for the emulator at `server_url` as `user`; `current`
+    (default: that context) is its current-context."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "emu", "cluster": {"server": server_url}}],
+        "users": [{"name": user, "user": {"token": "t0ken"}}],
+        "contexts": [{"name": context, "context": {"cluster": "emu", "user": user}}],
+        "current-context": current or context,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path

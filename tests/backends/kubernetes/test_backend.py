@@ -57,6 +57,7 @@ from tests.backends.kubernetes.support import (
     job_spec,
     k8s_spec,
     sim_spec,
+    write_kubeconfig,
 )
 from tests.helpers import ROOT, wait_for
 
@@ -716,18 +717,8 @@ def test_make_backend_builds_it_without_touching_a_cluster(tmp_path):
 
 
 async def test_setup_loads_a_kubeconfig(server, tmp_path, k8s_settings):
-    kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "emu", "cluster": {"server": str(server.url)}}],
-                "users": [{"name": "spinyard", "user": {"token": "t0ken"}}],
-                "contexts": [{"name": "test", "context": {"cluster": "emu", "user": "spinyard"}}],
-                "current-context": "other",
-            }
-        )
+    kubeconfig = write_kubeconfig(
+        tmp_path / "config", str(server.url), "spinyard", context="test", current="other"
     )
     settings = k8s_settings.model_copy(update={"kubeconfig": kubeconfig, "context": "test"})
     backend = KubernetesBackend(settings, PUBLIC_URL)

@@ -17,7 +17,7 @@ from dispatcher.backends.kubernetes.secrets import SecretObjects
 from handlers.errors import StartFailed
 from schemas import errors as codes
 from tests.backends.contract import new_id, new_job_id
-from tests.backends.kubernetes.support import WAIT_S, job_spec, k8s_spec
+from tests.backends.kubernetes.support import WAIT_S, job_spec, k8s_spec, write_kubeconfig
 from tests.helpers import ROOT, run_cli, wait_for
 
 APP = "alice/echo"
@@ -154,19 +154,7 @@ async def test_the_cli_without_a_gateway_writes_the_apps_secret_through_a_kubeco
     server, tmp_path
 ):
     """`spinyard secrets` on the Kubernetes backend, as an operator runs it: the real CLI."""
-    kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "emu", "cluster": {"server": str(server.url)}}],
-                "users": [{"name": "op", "user": {"token": "t0ken"}}],
-                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "op"}}],
-                "current-context": "emu",
-            }
-        )
-    )
+    kubeconfig = write_kubeconfig(tmp_path / "config", str(server.url), "op")
     env = {
         "SPINYARD_BACKEND__KIND": "kubernetes",
         "SPINYARD_BACKEND__KUBERNETES__KUBECONFIG": str(kubeconfig),
