@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from dispatcher import logs
 from dispatcher.bus.consumer import Consumer, HandlerMetrics
 from dispatcher.bus.deadletter import dead_letter_exhausted
+from dispatcher.bus.watch import watch_apps
 from dispatcher.metrics import exposition
 from dispatcher.settings import Settings, SettingsError
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
@@ -224,6 +225,9 @@ class Handlers:
                     activity_every_s=self.settings.handlers.activity_write_s,
                 ),
             )
+            if ctx.memo.spec_ttl_s > 0:  # a changed spec is dropped from memory at once
+                watch = await watch_apps(state.apps.kv, ctx.memo.forget)
+                stack.push_async_callback(watch.unsubscribe)
             await run_start_hooks(ctx, self.specs)
             consumers = [
                 Consumer(js, spec, ctx, self.settings.handlers, self.stopping, self.metrics)

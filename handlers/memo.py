@@ -5,9 +5,11 @@ the runtime turns them on (`handlers.spec_cache_s`, `handlers.activity_write_s`)
 
 - App specs, for `spec_ttl_s` after they were read. page_load and
   heartbeat read the app's spec for every event; a warm crowd of one app
-  then reads the same spec thousands of times a second. A changed spec
-  reaches page loads and heartbeats that much later; an app not found is
-  not remembered (it may be registered a moment later). Nothing decides a
+  then reads the same spec thousands of times a second. The runtime drops
+  an app from it as soon as a watch on the apps bucket sees its spec change
+  (`forget`), so a changed spec reaches page loads and heartbeats within
+  milliseconds; `spec_ttl_s` bounds what a missed change leaves behind. An
+  app not found is not remembered (it may be registered a moment later). Nothing decides a
   compare-and-set on a remembered spec: every record that is
   compare-and-set (deployments, pools, jobs) is read from KV each time
   (issue 8's stale-read lesson, docs/deploy-kubernetes.md).
@@ -41,6 +43,9 @@ class Bounded(Generic[V]):
         if len(entries) >= self.size:
             del entries[next(iter(entries))]
         entries[key] = value
+
+    def pop(self, key: str) -> None:
+        self._entries.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -76,6 +81,10 @@ class Memo:
         if value is not None:
             self._specs.set(name, (now, value))
         return value
+
+    def forget(self, name: str) -> None:
+        """Drop `name`'s spec: it changed, and the next event reads it again."""
+        self._specs.pop(name)
 
     def written_recently(self, key: str, now: float) -> bool:
         """Whether this process finished writing activity key `key` less than the limit ago."""

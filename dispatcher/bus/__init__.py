@@ -6,6 +6,7 @@
 - `deadletter`: what a dead letter carries, and the watcher for events whose
   handler died on the last try.
 - `permissions`: the NATS users (admin, gateway, handler) and what each may do.
+- `watch`: a watch on the apps bucket (a handler process's spec memory drops changed specs).
 
 The names below are the ones the rest of spinyard uses.
 """

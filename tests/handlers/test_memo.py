@@ -87,3 +87,23 @@ async def test_a_changed_spec_reaches_heartbeats_once_the_cache_time_is_up(setti
 
 async def _heartbeat_key(stack) -> bool:
     return any(e.key.endswith(".heartbeat") for e in await stack.state.activity.scan())
+
+
+async def test_a_changed_spec_reaches_heartbeats_at_once_however_long_the_memory(settings):
+    """The same, with specs remembered for a minute: the watch on the apps bucket drops the
+    changed spec from memory, so the next heartbeat reads the narrower window."""
+    settings.handlers.spec_cache_s = 60
+    settings.handlers.activity_write_s = 0
+    async with running_stack(settings, ["page_load", "heartbeat"]) as stack:
+        await stack.register(hello_spec(idle=IdleLimits(input_window_s=60)))
+        await stack.page_load("demo/hello")
+        await stack.wait_state(subjects.app_status("demo/hello"), "ready")
+        await stack.heartbeat("demo/hello", idle_s=30)
+        await wait_for(lambda: _heartbeat_key(stack), what="the counted heartbeat written")
+        await stack.register(hello_spec(idle=IdleLimits(input_window_s=10)))
+        await asyncio.sleep(0.3)  # the watch's delivery: milliseconds (the memory holds 60 s)
+        [before] = [e for e in await stack.state.activity.scan() if e.key.endswith("heartbeat")]
+        await stack.heartbeat("demo/hello", idle_s=30)
+        await wait_for(lambda: stack.handled("heartbeat", "ok") == 2, what="heartbeat handled")
+        [after] = [e for e in await stack.state.activity.scan() if e.key.endswith("heartbeat")]
+        assert after.revision == before.revision  # not counted: the new window was used
