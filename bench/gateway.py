@@ -3,9 +3,8 @@
 Processes: this one (the "browsers": aiohttp clients); nats-server;
 `spinyard handlers page_load heartbeat reaper_tick pool_refill` (its /metrics
 on a health port); `spinyard gateway` with HS256 tokens on; the raw aiohttp
-peer (`bench.gateway_peer`); and the examples/hello instance the handlers
-start as the shared app `bench/hello` (warmed before anything is timed).
-Figures, all measured in this one run, latencies interleaved in blocks:
+peer (`bench.gateway_peer`); and the shared app `bench/hello` (examples/hello,
+warmed first). Figures, all from this one run, latencies interleaved in blocks:
 
 - raw aiohttp POST -> 202 (the baseline of POST -> 202 and of the load phase);
 - raw aiohttp POST -> SSE line on an open stream (the baseline of page load -> ready);
