@@ -123,8 +123,10 @@ async def test_a_warm_runner_killed_while_waiting_is_not_used(runs, tmp_path):
 
 
 async def test_an_idle_pool_is_reaped_and_the_next_run_fills_it_again(runs):
+    # Idle after 3 s without runs: longer than a runner's start on a loaded machine, or the
+    # pool could be reaped before its member was ever seen warm.
     spec = model_spec(
-        name="demo/warmidle", pool={"size": 1}, outputs=[], idle={"since_heartbeat_s": 1.0}
+        name="demo/warmidle", pool={"size": 1}, outputs=[], idle={"since_heartbeat_s": 3.0}
     )
     await runs.state.apps.put(spec.name, spec)
     [member] = await warm_members(runs, spec.name, 1)
