@@ -223,6 +223,7 @@ class Handlers:
                 memo=Memo(
                     spec_ttl_s=self.settings.handlers.spec_cache_s,
                     activity_every_s=self.settings.handlers.activity_write_s,
+                    epoch=lambda: nc.stats["reconnects"],  # the watch may have missed changes
                 ),
             )
             if ctx.memo.spec_ttl_s > 0:  # a changed spec is dropped from memory at once

@@ -89,9 +89,9 @@ class HandlerSettings(BaseModel):
         1.0,
         ge=0,
         description="page_load and heartbeat use an app spec read this long ago again instead "
-        "of reading it per event; a watch on the apps bucket drops a changed spec at once, so "
-        "this only bounds how long a change the watch missed (a reconnect) goes unseen "
-        "(0: read each time)",
+        "of reading it per event; a watch on the apps bucket drops a changed spec at once and a "
+        "reconnect to NATS empties the memory, so this only bounds a change the watch missed "
+        "otherwise (0: read each time)",
     )
     activity_write_s: float = Field(
         0.1,

@@ -8,7 +8,8 @@ the runtime turns them on (`handlers.spec_cache_s`, `handlers.activity_write_s`)
   then reads the same spec thousands of times a second. The runtime drops
   an app from it as soon as a watch on the apps bucket sees its spec change
   (`forget`), so a changed spec reaches page loads and heartbeats within
-  milliseconds; `spec_ttl_s` bounds what a missed change leaves behind. An
+  milliseconds; a reconnect empties it (`epoch`), and `spec_ttl_s` bounds
+  what the watch missed otherwise. An
   app not found is not remembered (it may be registered a moment later). Nothing decides a
   compare-and-set on a remembered spec: every record that is
   compare-and-set (deployments, pools, jobs) is read from KV each time
@@ -55,7 +56,11 @@ class Memo:
     """A handler process's memory of app specs and of its own activity writes."""
 
     def __init__(
-        self, spec_ttl_s: float = 0.0, activity_every_s: float = 0.0, size: int = SIZE
+        self,
+        spec_ttl_s: float = 0.0,
+        activity_every_s: float = 0.0,
+        size: int = SIZE,
+        epoch: Callable[[], int] = lambda: 0,
     ) -> None:
         """
         Args:
@@ -63,16 +68,23 @@ class Memo:
             activity_every_s: an activity key this process wrote less than this long
                 ago is not written again; 0: write every time.
             size: entries each part keeps at most.
+            epoch: a number that changes when changes may have been missed (the NATS
+                client's reconnect count: the watch that calls `forget` was away); every
+                spec remembered before it changed is forgotten.
         """
         self.spec_ttl_s = spec_ttl_s
         self.activity_every_s = activity_every_s
         self._specs: Bounded[tuple[float, object]] = Bounded(size)
         self._written: Bounded[float] = Bounded(size)
+        self._epoch, self._seen_epoch = epoch, epoch()
 
     async def spec(self, name: str, read: Callable[[str], Awaitable[V | None]]) -> V | None:
         """`name`'s spec: remembered if read less than `spec_ttl_s` ago, else `read(name)`."""
         if self.spec_ttl_s <= 0:
             return await read(name)
+        if (epoch := self._epoch()) != self._seen_epoch:
+            self._seen_epoch = epoch
+            self._specs = Bounded(self._specs.size)
         now = time.monotonic()
         hit = self._specs.get(name)
         if hit is not None and now - hit[0] < self.spec_ttl_s:

@@ -4,8 +4,9 @@ The gateway keeps its own watched cache (`dispatcher.gateway.specs`); a
 handler process uses this one to drop an app from its spec memory
 (`handlers.memo`) the moment its spec changes, so a publish reaches page
 loads and heartbeats within the watch's delivery time (milliseconds), not
-after `handlers.spec_cache_s`. That time still bounds what a missed change
-(a reconnect, say) can leave behind.
+after `handlers.spec_cache_s`. A reconnect of the NATS client empties that
+memory (changes may have been missed meanwhile); the time still bounds what
+anything else the watch missed can leave behind.
 """
 
 from collections.abc import Callable

@@ -35,6 +35,18 @@ async def test_a_spec_is_read_again_once_its_time_is_up_and_absence_is_not_remem
     assert reads.calls == 4  # an absent app is read each time
 
 
+async def test_a_new_epoch_forgets_every_spec_and_forget_drops_one():
+    epoch = [0]
+    reads, memo = Reads(), Memo(spec_ttl_s=60, epoch=lambda: epoch[0])
+    assert await memo.spec("a/b", reads) == "v1" and await memo.spec("c/d", reads) == "v1"
+    reads.value = "v2"
+    assert await memo.spec("a/b", reads) == "v1" and reads.calls == 2  # remembered
+    memo.forget("a/b")  # the watch saw it change
+    assert await memo.spec("a/b", reads) == "v2" and await memo.spec("c/d", reads) == "v1"
+    epoch[0] += 1  # reconnected: changes to any app may have been missed
+    assert await memo.spec("c/d", reads) == "v2" and reads.calls == 4
+
+
 async def test_off_it_reads_every_time_and_writes_every_time():
     reads, memo = Reads(), Memo()
     for _ in range(3):
