@@ -167,22 +167,7 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
     if started is None:
         return
     await ctx.publish_status(subject, status_of(started[0]))
-    try:
-        await ctx.backend.start_viz(dep.instance, spec)
-    except BaseException:  # e.g. a missing secret: no start in progress, whatever comes next
-        await capacity.start_done(ctx, dep.instance)
-        raise
-    t_started = ctx.now()
-    remaining = max(1.0, spec.start_timeout_s - (t_started - dep.created_at))
-    try:
-        await ctx.backend.wait_ready(dep.instance, spec, remaining)
-    except StartFailed as exc:
-        error, log_tail = ErrorInfo(code=exc.code, message=exc.message), exc.log_tail
-    else:
-        error = log_tail = None
-    finally:
-        await capacity.start_done(ctx, dep.instance)
-
+    t_started, error, log_tail = await _start(ctx, spec, dep)
     if error is not None:
         await ctx.backend.stop_viz(dep.instance)
         update = {"state": AppState.FAILED, "error": error, "log_tail": log_tail}
@@ -221,6 +206,25 @@ async def _bring_up(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subj
         "viz_deployment_ready", instance=dep.instance, start_s=round(t_ready - dep.created_at, 3)
     )
     await ctx.publish_status(subject, status_of(ready[0]))
+
+
+async def _start(
+    ctx: Context, spec: AppSpec, dep: Deployment
+) -> tuple[float, ErrorInfo | None, str | None]:
+    """Start `dep`'s instance and wait for it to be ready: when it started, and why it failed
+    (with the app's log tail) or None. Its place in the starts gate is given back however
+    the start ends, also when starting raises (a missing secret, say)."""
+    try:
+        await ctx.backend.start_viz(dep.instance, spec)
+        t_started = ctx.now()
+        remaining = max(1.0, spec.start_timeout_s - (t_started - dep.created_at))
+        try:
+            await ctx.backend.wait_ready(dep.instance, spec, remaining)
+        except StartFailed as exc:
+            return t_started, ErrorInfo(code=exc.code, message=exc.message), exc.log_tail
+        return t_started, None, None
+    finally:
+        await capacity.start_done(ctx, dep.instance)
 
 
 async def _from_pool(ctx: Context, spec: AppSpec, key: str, dep: Deployment, subject: str) -> bool:
