@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -104,14 +105,7 @@ async def _cmd_apps(args, settings: Settings) -> int:
     url = args.gateway or settings.gateway_url
     if url:
         token = settings.token.get_secret_value() if settings.token else None
-        try:
-            lines = await publishing.run(args, url, token)
-        except publishing.PublishError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return exc.exit_code
-        for line in lines:
-            print(line)
-        return 0
+        return await _print_lines(publishing.run(args, url, token))
     if args.apps_cmd == "rollback":
         print("error: rollback goes through a gateway: give --gateway URL", file=sys.stderr)
         return 2
@@ -128,9 +122,8 @@ async def _cmd_apps(args, settings: Settings) -> int:
                 print(f"registered {spec.name} ({spec.kind}, {mode})")
         elif args.apps_cmd == "list":
             for spec in sorted((e.value for e in await state.apps.scan()), key=lambda s: s.name):
-                mode = f"{spec.sharing:12} pool={spec.pool.size}" if spec.kind == "viz" else ""
-                mode += f" +schedule({len(spec.schedule)})" if spec.schedule else ""
-                print(f"{spec.name:40} {spec.kind:4} {mode}".rstrip())
+                size, windows = spec.pool.size, len(spec.schedule)
+                print(publishing.app_line(spec.name, spec.kind, spec.sharing, size, windows))
         elif args.apps_cmd == "rm":
             if await state.apps.get(args.name) is None:
                 print(f"error: no app named {args.name!r}", file=sys.stderr)
@@ -149,12 +142,17 @@ async def _cmd_apps(args, settings: Settings) -> int:
 
 
 async def _cmd_secrets(args, settings: Settings) -> int:
+    return await _print_lines(secrets_cli.run(args, settings))
+
+
+async def _print_lines(lines: Awaitable[list[str]]) -> int:
+    """Print a subcommand's lines; its `CommandError` as `error: ...` and its exit code."""
     try:
-        lines = await secrets_cli.run(args, settings)
-    except secrets_cli.SecretsError as exc:
+        done = await lines
+    except cliargs.CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    for line in lines:
+    for line in done:
         print(line)
     return 0
 

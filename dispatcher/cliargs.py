@@ -1,4 +1,5 @@
-"""Values from `spinyard` command-line arguments: the event `publish` sends, a duration.
+"""Values from `spinyard` command-line arguments (the event `publish` sends, a duration), and
+the error a subcommand ends with.
 
 Bad input ends the command with its message (SystemExit), as argparse's own errors do.
 """
@@ -9,6 +10,15 @@ import json
 from pydantic import BaseModel, ValidationError
 
 from schemas.codec import decode_event
+
+
+class CommandError(Exception):
+    """A subcommand cannot be done: `error: <message>` on stderr and `exit_code` (2: bad input
+    or nothing to talk to; 1: refused or not found)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def event(args: argparse.Namespace) -> BaseModel:

@@ -13,15 +13,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from dispatcher.cliargs import CommandError
 from spinyard import ApiError, AsyncClient, SpecError, Unreachable
 
 
-class PublishError(Exception):
+class PublishError(CommandError):
     """The gateway refused a request (its error code and message), or could not be reached."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 async def run(args: Any, url: str, token: str | None) -> list[str]:
@@ -41,6 +38,13 @@ async def run(args: Any, url: str, token: str | None) -> list[str]:
         raise PublishError(exc.message, 2) from exc
 
 
+def app_line(name: str, kind: str, sharing: str, pool: int, windows: int) -> str:
+    """One line of `spinyard apps list` (through a gateway or over NATS alike)."""
+    mode = f"{sharing:12} pool={pool}" if kind == "viz" else ""
+    mode += f" +schedule({windows})" if windows else ""
+    return f"{name:40} {kind:4} {mode}".rstrip()
+
+
 async def _apps(api: AsyncClient, args: Any) -> list[str]:
     lines: list[str] = []
     if args.apps_cmd == "add":
@@ -50,9 +54,8 @@ async def _apps(api: AsyncClient, args: Any) -> list[str]:
             lines.append(f"{what} {got.app} revision {got.revision}")
     elif args.apps_cmd == "list":
         for app in await api.apps():
-            mode = f"{app.sharing:12} pool={app.pool.size}" if app.kind == "viz" else ""
-            mode += f" +schedule({len(app.pool.schedule)})" if app.pool.schedule else ""
-            lines.append(f"{app.name:40} {app.kind:4} {mode}".rstrip())
+            windows = len(app.pool.schedule or [])
+            lines.append(app_line(app.name, app.kind, app.sharing, app.pool.size, windows))
     elif args.apps_cmd == "rm":
         await api.remove(args.name)
         lines.append(f"removed {args.name}")

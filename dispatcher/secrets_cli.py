@@ -19,18 +19,15 @@ import os
 import sys
 from typing import Any
 
+from dispatcher.cliargs import CommandError
 from dispatcher.settings import Settings
 from handlers.errors import PermanentError, RetryableError
 from schemas.names import check_app, check_secret_name
 from spinyard import ApiError, AsyncClient, Unreachable
 
 
-class SecretsError(Exception):
+class SecretsError(CommandError):
     """The command cannot be done: bad input (exit 2), refused or not found (1)."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def read_value(args: Any) -> str:
