@@ -106,6 +106,16 @@ VIZ_HOST, PYTHON = "0.0.0.0", "python"  # what {host} and {python} are in a cont
 # -- viz instances --
 
 
+def _readiness(path: str, port: str, failures: int) -> client.V1Probe:
+    """An HTTP GET readiness probe of `path` on the named `port`, every READINESS_PERIOD_S."""
+    return client.V1Probe(
+        http_get=client.V1HTTPGetAction(path=path, port=port),
+        period_seconds=READINESS_PERIOD_S,
+        timeout_seconds=2,
+        failure_threshold=failures,
+    )
+
+
 def make_viz_deployment(
     spec: AppSpec,
     instance_id: str,
@@ -149,12 +159,7 @@ def make_viz_deployment(
     container.env = pods.with_secrets(env, spec)
     container.ports = [client.V1ContainerPort(name="http", container_port=spec.port)]
     container.resources = pods.resources(spec)
-    container.readiness_probe = client.V1Probe(
-        http_get=client.V1HTTPGetAction(path=prefix.rstrip("/") + spec.readiness_path, port="http"),
-        period_seconds=READINESS_PERIOD_S,
-        timeout_seconds=2,
-        failure_threshold=3,
-    )
+    container.readiness_probe = _readiness(prefix.rstrip("/") + spec.readiness_path, "http", 3)
     return client.V1Deployment(
         api_version="apps/v1",
         kind="Deployment",
@@ -324,12 +329,7 @@ def make_warm_pod(
     container.env = [*env, client.V1EnvVar(name=f"{RUNNER_PREFIX}HOST", value_from=pod_ip)]
     container.resources = pods.resources(spec)
     container.ports = [client.V1ContainerPort(name=RUNNER_PORT_NAME, container_port=port)]
-    container.readiness_probe = client.V1Probe(
-        http_get=client.V1HTTPGetAction(path="/healthz", port=RUNNER_PORT_NAME),
-        period_seconds=READINESS_PERIOD_S,
-        timeout_seconds=2,
-        failure_threshold=1,
-    )
+    container.readiness_probe = _readiness("/healthz", RUNNER_PORT_NAME, 1)
     return client.V1Pod(
         api_version="v1",
         kind="Pod",
