@@ -49,6 +49,11 @@ class History(BaseModel):
         return self.find(self.current) if self.current else None
 
 
+def not_kept(app: str, revision: int) -> str:
+    """What a run pinned to a revision the history no longer keeps is told."""
+    return f"{app} has no revision {revision} (only kept revisions can run)"
+
+
 def canonical(spec: dict[str, Any]) -> bytes:
     """The spec's canonical JSON: sorted keys, no spaces, UTF-8."""
     return json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

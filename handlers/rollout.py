@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from handlers import activity
+from handlers import activity, revisions
 from handlers.deployments import SHARED, Deployment, session_slot, slot_key
 from handlers.errors import Rejected
 from schemas import errors as codes
@@ -185,8 +185,7 @@ async def spec_at(ctx: Context, app: str, revision: int) -> AppSpec:
     history = await ctx.state.revisions.get(app) if ctx.state.revisions else None
     kept = history.find(revision) if history else None
     if kept is None:
-        message = f"{app} has no revision {revision} (only kept revisions can run)"
-        raise Rejected(message, code=codes.UNKNOWN_REVISION)
+        raise Rejected(revisions.not_kept(app, revision), code=codes.UNKNOWN_REVISION)
     try:
         spec = AppSpec.model_validate(kept.spec)
     except ValidationError as exc:

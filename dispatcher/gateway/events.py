@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from dispatcher import logs
 from dispatcher.gateway import EVENT, SESSION, GatewayError
 from dispatcher.gateway.keys import AUTH, JS, METRICS, SETTINGS, SPECS, STATE
+from handlers import revisions
 from handlers.errors import PublicError
 from schemas import codec, subjects
 from schemas import errors as codes
@@ -149,8 +150,7 @@ async def _check_revision(request: web.Request, app: str, revision: int) -> None
         return
     history = await records.get(app)
     if history is None or history.find(revision) is None:
-        message = f"{app} has no revision {revision} (only kept revisions can run)"
-        raise GatewayError(404, codes.UNKNOWN_REVISION, message)
+        raise GatewayError(404, codes.UNKNOWN_REVISION, revisions.not_kept(app, revision))
 
 
 async def post_event(request: web.Request) -> web.Response:
