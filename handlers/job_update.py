@@ -49,8 +49,8 @@ async def job_update(ctx: Context, event: JobUpdate) -> None:
             ctx,
             job.job_id,
             lambda j: (
-                None
-                if j.state.terminal
+                None  # ended, or reported running already (by run_start, for a warm start)
+                if j.state.terminal or j.state == JobState.RUNNING
                 else j.model_copy(update={"state": state, "phases": phases})
             ),
         )

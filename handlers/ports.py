@@ -18,6 +18,11 @@ from schemas.spec import AppSpec
 
 JobReport = Callable[[JobUpdate], Awaitable[None]]
 
+# What a warm runner did with a run handed to it (`Backend.submit_warm`): "running",
+# its process has started (the handler records the run running at once); "taken", it
+# has the run, whose start the backend reports as it reports a cold run's.
+WarmHandOver = Literal["running", "taken"]
+
 
 @dataclass(frozen=True)
 class Instance:
@@ -93,10 +98,14 @@ class Backend(abc.ABC):
         """
         raise StartFailed(f"the {self.name} backend keeps no warm runners", code=START_FAILED)
 
-    async def submit_warm(self, launch: "JobLaunch", spec: AppSpec, instance_id: str) -> bool:
-        """Start a job on a claimed warm runner; False if it could not take the run (then
-        the runner is stopped and the caller starts the job cold with `submit_job`)."""
-        return False
+    async def submit_warm(
+        self, launch: "JobLaunch", spec: AppSpec, instance_id: str
+    ) -> WarmHandOver | None:
+        """Start a job on a claimed warm runner: "running" once its process has started,
+        "taken" if the runner has it but did not say it started (a run it had already,
+        say); None if it could not take the run (then the runner is stopped and the
+        caller starts the job cold with `submit_job`)."""
+        return None
 
     def phases(self, instance_id: str) -> dict[str, float]:
         """Unix times the backend itself saw for the instance (e.g. a pod's scheduled,

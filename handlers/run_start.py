@@ -13,7 +13,7 @@ from handlers.context import Context
 from handlers.errors import PermanentError, Rejected, RetryableError, public_info
 from handlers.ports import JobLaunch
 from handlers.registry import handler
-from handlers.state import cas_loop
+from handlers.state import Entry, cas_loop
 from schemas import errors as codes
 from schemas import subjects
 from schemas.errors import ErrorInfo
@@ -56,9 +56,9 @@ async def run_start(ctx: Context, event: RunStart) -> None:
             info = ErrorInfo(code=codes.UNKNOWN_APP, message=f"{event.app} is not registered")
             await _fail(ctx, event.job_id, info)
         return
-    job = await ctx.state.jobs.get(event.job_id) if event.job_id else None
-    if job is not None and job.state != JobState.QUEUED:
-        job = None  # cancelled while the start was on its way, or started already
+    read = await ctx.state.jobs.read(event.job_id) if event.job_id else None
+    job = read.value if read and read.value.state == JobState.QUEUED else None
+    # (None: cancelled while the start was on its way, or started already)
     before, after, full = await _claim(ctx, spec, job, event.id)
     if full and job is not None:
         message = QUEUE_FULL.format(app=spec.name, n=len(before.waiting))
@@ -67,7 +67,7 @@ async def run_start(ctx: Context, event: RunStart) -> None:
     took_warm = False
     for job_id, c in after.claimed.items():
         if c.by == event.id:
-            took_warm |= await _start(ctx, spec, job_id)
+            took_warm |= await _start(ctx, spec, job_id, read if job_id == event.job_id else None)
     if took_warm:  # once per event, after its starts: a burst's starts come first
         await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
 
@@ -118,16 +118,22 @@ async def _claim(
     raise RetryableError(f"the run queue of {spec.name} kept changing under us", delay=0.2)
 
 
-async def _start(ctx: Context, spec: AppSpec, job_id: str) -> bool:
+async def _start(
+    ctx: Context, spec: AppSpec, job_id: str, known: Entry[jobs.Job] | None = None
+) -> bool:
     """Hand one claimed run to the backend (again, on a redelivery: a no-op there).
 
     A run of another revision than the current one starts cold, with that
     revision's spec; warm runners run the current one (`handlers.rollout`).
 
+    `known` is the run's record as read before the claim, if it was: its writes
+    here then start from it (one round trip fewer each, unless it changed since).
+
     Returns whether it took a warm runner from the app's pool.
     """
     current = spec.revision
-    job = await ctx.state.jobs.get(job_id)
+    entry = known or await ctx.state.jobs.read(job_id)
+    job = entry.value if entry else None
     if job is None or job.state != JobState.QUEUED:
         if job is None or job.state.terminal:  # it ended while claimed: free its place
             await runq.release(ctx, spec.name, job_id)
@@ -142,8 +148,8 @@ async def _start(ctx: Context, spec: AppSpec, job_id: str) -> bool:
     if job.phases.started is None:
         if pools.keeps_pool(spec) and ctx.backend.warm_runners and spec.revision == current:
             member = await pools.claim(ctx, spec.name, used_at=now, revision=spec.revision)
-        job = await _mark_started(ctx, job_id, now, warm=member is not None)
-        if job is None:
+        entry = await _mark_started(ctx, job_id, now, warm=member is not None, known=entry)
+        if entry is None:
             if member is not None:
                 await ctx.backend.stop_viz(member.instance)
             return member is not None
@@ -152,17 +158,20 @@ async def _start(ctx: Context, spec: AppSpec, job_id: str) -> bool:
         job_id=job_id, inputs=job.inputs, upload_urls=urls, deadline_s=spec.deadline_s
     )
     try:
-        warm = member is not None and await ctx.backend.submit_warm(launch, spec, member.instance)
-        if member is not None and not warm:  # it died since the claim: start cold
+        handed = member is not None and await ctx.backend.submit_warm(launch, spec, member.instance)
+        if member is not None and not handed:  # it died since the claim: start cold
             ctx.log.warning("warm_runner_lost", job_id=job_id, instance=member.instance)
             await _mark_started(ctx, job_id, now, warm=False)
-        if not warm:
+        if not handed:
             await ctx.backend.submit_job(launch, spec)
     except PermanentError as exc:  # this run's start failed; the others still start
         ctx.log.warning("job_start_failed", job_id=job_id, error=exc.message)
         await _fail(ctx, job_id, public_info(exc))
         return member is not None
-    now_job = await ctx.state.jobs.get(job_id)
+    if handed == "running":  # a warm runner started it: no wait for the backend's report
+        now_job = await _mark_running(ctx, job_id, known=entry)
+    else:
+        now_job = await ctx.state.jobs.get(job_id)
     if now_job is None or now_job.state.terminal:  # cancelled while it was being started
         await ctx.backend.cancel_job(job_id)
         ctx.log.info("job_start_undone", job_id=job_id)
@@ -171,7 +180,30 @@ async def _start(ctx: Context, spec: AppSpec, job_id: str) -> bool:
     return member is not None
 
 
-async def _mark_started(ctx: Context, job_id: str, now: float, warm: bool) -> jobs.Job | None:
+async def _mark_running(
+    ctx: Context, job_id: str, known: Entry[jobs.Job] | None
+) -> jobs.Job | None:
+    """Record a run a warm runner has started as `running` and tell its page; the
+    backend's own report of the start, which follows, then changes nothing
+    (`job_update`). The run as it is now (None if its record is gone)."""
+    now = ctx.now()
+
+    def running(job: jobs.Job) -> jobs.Job | None:
+        if job.state != JobState.QUEUED:
+            return None  # reported running already, or ended (cancelled, or it was quick)
+        phases = job.phases.model_copy(update={"running": now})
+        return job.model_copy(update={"state": JobState.RUNNING, "phases": phases})
+
+    written = await ctx.state.jobs.change(job_id, running, known=known)
+    if written is None:
+        return await ctx.state.jobs.get(job_id)
+    await jobs.moved(ctx, written.value)
+    return written.value
+
+
+async def _mark_started(
+    ctx: Context, job_id: str, now: float, warm: bool, known: Entry[jobs.Job] | None = None
+) -> Entry[jobs.Job] | None:
     """Record that the run's start is handed to the backend (and whether warm), while it is
     queued; None if it is not queued any more."""
 
@@ -182,4 +214,4 @@ async def _mark_started(ctx: Context, job_id: str, now: float, warm: bool) -> jo
         phases = job.phases.model_copy(update={"started": started, "warm": warm})
         return job.model_copy(update={"phases": phases})
 
-    return await jobs.advance(ctx, job_id, mark)
+    return await ctx.state.jobs.change(job_id, mark, known=known)

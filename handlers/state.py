@@ -135,6 +135,7 @@ class Records(Generic[M]):
         change: Callable[[M], M | None],
         *,
         default: Callable[[], M] | None = None,
+        known: Entry[M] | None = None,
     ) -> Entry[M] | None:
         """Read, apply `change`, write back at the revision read; re-read on conflict.
 
@@ -143,6 +144,8 @@ class Records(Generic[M]):
             change: returns the new value, or None to leave the record alone.
             default: makes a first value for a missing record (then it is
                 created); without it a missing record is left alone.
+            known: the record as the caller last read or wrote it, tried first
+                in place of a read: if nobody changed it since, one write.
 
         Returns:
             What was written, or None if nothing was.
@@ -151,7 +154,7 @@ class Records(Generic[M]):
             RetryableError: the record kept changing for every try.
         """
         async for _ in cas_loop():
-            entry = await self.read(id)
+            entry, known = known or await self.read(id), None
             if entry is None and default is None:
                 return None
             new = change(entry.value if entry else default())

@@ -114,6 +114,19 @@ async def test_change_retries_on_conflict_and_creates_from_a_default(state):
     assert await state.pools.change("demo/y", lambda index: None) is None  # declined
 
 
+async def test_change_starts_from_a_known_entry_and_rereads_if_it_is_stale(state):
+    def add(index: PoolIndex) -> PoolIndex:
+        index.starting[f"i-{len(index.starting):016d}"] = 1.0
+        return index
+
+    first = await state.pools.change("demo/k", add, default=PoolIndex)
+    second = await state.pools.change("demo/k", add, known=first)  # still current: one write
+    assert second.revision > first.revision and second.value.size() == 2
+    third = await state.pools.change("demo/k", add, known=first)  # stale: read again
+    assert third.value.size() == 3  # nothing written over
+    assert (await state.pools.get("demo/k")).size() == 3
+
+
 async def test_a_record_this_version_cannot_read_is_skipped_not_fatal(state):
     """One bad spec (e.g. a job spec with `{port}`, valid before that was refused) must not
     stop the reaper's and the gateway's scans of every other app."""

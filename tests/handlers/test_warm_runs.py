@@ -68,12 +68,41 @@ async def test_a_run_takes_a_warm_runner_with_its_preloads_and_the_pool_refills(
     assert sorted(r["name"] for r in done["results"]) == sorted(OUTPUTS)
     running_status = await runs.wait_state(job, "running")
     assert running_status["phases"]["warm"] is True
+    # run_start reported it running; the backend's own report of it changed nothing
+    assert runs.states(job) == ["queued", "running", "succeeded"]
     seen = json.loads((tmp_path / f"modules-{job}").read_text())
     assert seen == ["colorsys", "xml.dom.minidom"]  # imported before the run
 
     after = await warm_members(runs, spec.name, 2)
     assert len(set(before) - set(after)) == 1  # one used up, one new in its place
     assert (tmp_path / "runs").read_text().split() == [job]
+
+
+class NoRunningReports(LocalBackend):
+    """The local backend with the watcher's `running` reports dropped (its ends kept)."""
+
+    async def watch_jobs(self, report, stopping):
+        async def ends_only(update):
+            if update.state != "running":
+                await report(update)
+
+        await super().watch_jobs(ends_only, stopping)
+
+
+async def test_a_warm_run_is_running_as_soon_as_its_runner_started_it(settings, s3_server):
+    async with running(settings, s3_server, backend_class=NoRunningReports) as runs:
+        spec = model_spec(name="demo/warmfast", pool={"size": 1})
+        await runs.state.apps.put(spec.name, spec)
+        await warm_members(runs, spec.name, 1)
+        job = await runs.request(app=spec.name, inputs={"outputs": OUTPUTS})
+        done = await runs.wait_state(job, "succeeded")
+        assert runs.states(job) == ["queued", "running", "succeeded"]
+        phases = done["phases"]
+        assert phases["warm"] is True
+        assert phases["queued"] <= phases["started"] <= phases["running"] <= phases["finished"]
+        cold = await runs.request(inputs={"outputs": OUTPUTS})  # no pool: the backend reports
+        await runs.wait_state(cold, "succeeded")
+        assert runs.states(cold) == ["queued", "succeeded"]
 
 
 async def test_a_cold_app_says_its_runs_were_not_warm(runs):

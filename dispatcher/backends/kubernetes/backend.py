@@ -48,7 +48,7 @@ from dispatcher.backends.launch import check_id, check_job_id, last_answer, not_
 from dispatcher.backends.secrets import check_secrets
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import PermanentError, RetryableError, StartFailed
-from handlers.ports import JobReport
+from handlers.ports import JobReport, WarmHandOver
 from schemas import errors as codes
 from schemas.spec import AppSpec
 
@@ -297,9 +297,12 @@ class KubernetesBackend(Backend):
         await self._check_secrets(spec)
         await self._warm.start(instance_id, spec, self._templates["job"], timeout)
 
-    async def submit_warm(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> bool:
-        """Hand a run to a claimed warm runner's pod (one PATCH, one POST to the pod)."""
-        return await self._warm.hand(launch, spec, instance_id)
+    async def submit_warm(
+        self, launch: JobLaunch, spec: AppSpec, instance_id: str
+    ) -> WarmHandOver | None:
+        """Hand a run to a claimed warm runner's pod (one PATCH, one POST to the pod); the
+        pod's runner answers once it has started the model, so the run is "running"."""
+        return "running" if await self._warm.hand(launch, spec, instance_id) else None
 
     # -- runs --
 

@@ -47,14 +47,14 @@ from dispatcher.backends.launch import (
 from dispatcher.backends.local import processes, readiness
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
 from dispatcher.backends.local.jobfiles import JobDir, job_ids, notify, remove_stale_staging
-from dispatcher.backends.local.jobrunner import CLAIMED
+from dispatcher.backends.local.jobrunner import CLAIMED, RUNNING
 from dispatcher.backends.local.jobwatch import JobWatcher
 from dispatcher.backends.local.secrets import SecretFiles
 from dispatcher.backends.local.staging import stage_job, start_runner
 from dispatcher.backends.local.warm import WarmRunners
 from dispatcher.settings import LocalBackendSettings
 from handlers.errors import StartFailed
-from handlers.ports import JobReport
+from handlers.ports import JobReport, WarmHandOver
 from schemas import errors as codes
 from schemas.events import JobUpdate
 from schemas.spec import AppSpec
@@ -293,28 +293,32 @@ class LocalBackend(Backend):
         self._mkdirs()
         await self._warm.start(instance_id, spec, timeout, self._secrets.resolve(spec))
 
-    async def submit_warm(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> bool:
+    async def submit_warm(
+        self, launch: JobLaunch, spec: AppSpec, instance_id: str
+    ) -> WarmHandOver | None:
         """Hand the job to the claimed warm runner `instance_id`, prepared as `submit_job`
-        prepares it; returns once the runner has taken it on (a few ms).
+        prepares it; returns once the runner has started the model (a few ms).
 
         Returns:
-            False if the runner could not take it (it died, say); the runner is
-            stopped either way once this returns, and the job is not started.
+            "running" once the model has started; "taken" if the job existed (a
+            redelivered start) or was claimed but did not start (its result says
+            why); None if the runner could not take it (it died, say), and the job
+            is not started. The runner is stopped either way once this returns.
         """
         job = self._job(launch.job_id)
         stage = self._stage(job, launch, spec)
         if stage is None:  # the job exists: the runner is not needed
             await self.stop_viz(instance_id)
-            return True
+            return "taken"
         answer = await self._warm.hand(instance_id, stage.path)
         if answer is None:
             shutil.rmtree(stage.path, ignore_errors=True)
             self._log.warning("warm_runner_lost", instance=instance_id, job_id=job.id)
-            return False
-        if answer == CLAIMED:
+            return None
+        if answer in (RUNNING, CLAIMED):
             notify(self._socket, job.id)
             self._log.info("job_runner_warm", job_id=job.id, app=spec.name, instance=instance_id)
-        return True
+        return "running" if answer == RUNNING else "taken"
 
     def _stage(self, job: JobDir, launch: JobLaunch, spec: AppSpec) -> JobDir | None:
         """`staging.stage` with this backend's interpreter, grace and watcher socket."""

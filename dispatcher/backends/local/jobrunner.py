@@ -71,6 +71,7 @@ from dispatcher.backends.local.joblog import CappedLog
 CPU_KILL_AFTER_S = 5  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL this much later
 STOP = (signal.SIGTERM, signal.SIGINT)  # what tells the runner to cancel its run
 CLAIMED, EXISTS = b"claimed\n", b"exists\n"  # what a runner tells its submitter
+RUNNING = b"running\n"  # what a warm runner tells its submitter once the model has started
 CODE_ROOT = Path(__file__).resolve().parents[3]  # where `-m dispatcher...` is found
 _CHUNK = 64 * 1024  # bytes of the model's output read at once
 DEFAULT_LOG_BYTES = 10 * 2**20  # a job.json written before the spec had max_log_bytes
@@ -326,11 +327,13 @@ def run(
     signals: Signals | None = None,
     answer: Callable[[bytes], None] = _tell,
     start: Callable[[JobDir, dict], tuple] = start_exec,
+    started: Callable[[], None] = lambda: None,
 ) -> int:
     """Claim the job prepared in `staging`, then run it to its end; the runner's exit code.
 
     A warm runner (`warmrunner.py`) passes the signals it set up when it started, answers
-    its submitter on its socket, and may fork the model rather than exec it (`start`).
+    its submitter on its socket, may fork the model rather than exec it (`start`), and
+    is told when the model has started (`started`, not called if it did not start).
     """
     signals = signals or Signals()  # first: a cancel that comes early must not be lost
     spec = read_json(staging / "job.json")
@@ -352,6 +355,7 @@ def run(
         started_at = time.time()
         job.write("model.json", model._asdict() | {"started_at": started_at})
         notify(spec["socket"], job.id)
+        started()
         why, status = _supervise(popen, model, output, spec, signals)
         state, code = _outcome(job, spec, why, status)
         job.finish(state, code, started_at)

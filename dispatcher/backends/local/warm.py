@@ -25,14 +25,14 @@ from structlog.typing import FilteringBoundLogger
 from dispatcher.backends.launch import argv, check_id, fill, job_values
 from dispatcher.backends.local import processes
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
-from dispatcher.backends.local.jobrunner import CLAIMED, CODE_ROOT, EXISTS
+from dispatcher.backends.local.jobrunner import CLAIMED, CODE_ROOT, EXISTS, RUNNING
 from dispatcher.backends.local.warmrunner import READY, SOCKET, forks
 from handlers.errors import StartFailed
 from schemas import errors as codes
 from schemas.spec import AppSpec
 
 _CONNECT_S = 1.0  # to connect to a waiting runner's socket (loopback: well under 1 ms)
-_ANSWER_S = 5.0  # for its answer: it reads job.json, renames a directory, writes one file
+_ANSWER_S = 5.0  # for its answer: it reads job.json, renames a directory, forks the model
 _TAIL_LINES = 10
 
 
@@ -151,8 +151,9 @@ class WarmRunners:
         return True
 
     async def hand(self, instance_id: str, stage: Path) -> bytes | None:
-        """Hand the job prepared in `stage` to the runner: its answer (`CLAIMED`, `EXISTS`),
-        or None if it could not take it (gone, dead, or it did not answer; then it is
+        """Hand the job prepared in `stage` to the runner: its answer (`RUNNING` once the
+        model has started, `CLAIMED` if it took the run but the model did not start,
+        `EXISTS`), or None if it could not take it (gone, dead, or it did not answer; then it is
         stopped). Either way the runner is no longer a warm runner."""
         check_id(instance_id)
         async with self._instances.locked(instance_id) as lock_path:
@@ -161,7 +162,7 @@ class WarmRunners:
             if state is not None and state.kind == "warm" and processes.alive(state.process):
                 with contextlib.suppress(OSError, TimeoutError):
                     answer = await self._send(instance_id, stage)
-                if answer not in (CLAIMED, EXISTS):
+                if answer not in (RUNNING, CLAIMED, EXISTS):
                     answer = None
                     await processes.terminate(state.process, 0)
             self._forget(instance_id, lock_path)

@@ -19,16 +19,18 @@ it changes to the app's workdir, puts the script's directory first on
 binds its socket and writes `ready` on stdout.
 
 A run hands it the path of a job directory prepared as for a cold start
-(`jobfiles.prepare`); from then on it is that job's runner (`jobrunner.run`):
-it claims the job, answers `claimed` or `exists` on the socket, and starts
-the model. A Python model is forked from the runner: the child makes a
-session of its own, takes the run's environment, cwd, stdin, limits and
-`sys.argv`, and runs the script with runpy, so the preloaded modules are
-imported already; any other command is exec'd as a cold runner does (the
-runner's own start is saved). Deadline, cancel, log cap and result files
-are the cold runner's. One run per warm runner; a SIGTERM while it waits
-ends it. Like the job runner it imports nothing of spinyard but the job
-runner's modules, so any interpreter that runs the model can run it.
+(`jobfiles.prepare`); from then on it is that job's runner
+(`jobrunner.run`): it claims the job and starts the model, then answers
+`running` on the socket (`exists` if another runner has the job; `claimed`
+if the model did not start, which the run's result then tells). A Python
+model is forked from the runner: the child makes a session of its own, takes
+the run's environment, cwd, stdin, limits and `sys.argv`, and runs the
+script with runpy, so the preloaded modules are imported already; any other
+command is exec'd as a cold runner does (the runner's own start is saved).
+Deadline, cancel, log cap and result files are the cold runner's. One run
+per warm runner; a SIGTERM while it waits ends it. Like the job runner it
+imports nothing of spinyard but the job runner's modules, so any interpreter
+that runs the model can run it.
 """
 
 import atexit
@@ -171,15 +173,44 @@ class _Warm:
         return staging
 
     def answer(self, data: bytes) -> None:
-        """Answer the submitter on the socket; a claimed run's runner.log takes our stderr."""
+        """Answer the submitter on the socket; a claimed run's runner.log takes our stderr.
+
+        `claimed` is held back until the model has started (`started`: then the answer
+        is `running`, so the submitter may report the run running without waiting for
+        the watcher) or until the run ended without starting (`flush`).
+        """
+        if data == jobrunner.CLAIMED:
+            if self.job_dir is not None:
+                with (
+                    contextlib.suppress(OSError),
+                    processes.open_log(self.job_dir / "runner.log") as f,
+                ):
+                    os.dup2(f.fileno(), 2)
+            os.dup2(2, 1)
+            self._held = data
+            return
+        self._send(data)
+
+    def started(self) -> None:
+        """The model has started: tell the submitter, which is waiting for it."""
+        self._held = None
+        self._send(jobrunner.RUNNING)
+
+    def flush(self) -> None:
+        """Send a held answer (the run was claimed, and ended before its model started)."""
+        if self._held is not None:
+            self._send(self._held)
+
+    def _send(self, data: bytes) -> None:
         assert self.conn is not None
-        if data == jobrunner.CLAIMED and self.job_dir is not None:
-            with contextlib.suppress(OSError), processes.open_log(self.job_dir / "runner.log") as f:
-                os.dup2(f.fileno(), 2)
+        if self.conn.fileno() < 0:
+            return
         with contextlib.suppress(OSError):
             self.conn.sendall(data)
         self.conn.close()
         os.dup2(2, 1)
+
+    _held: bytes | None = None
 
     job_dir: Path | None = None
 
@@ -197,7 +228,8 @@ class _Warm:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(spec, stdin, write, (read, *self.signals.fds))
+            held = (self.conn.fileno(),) if self.conn is not None else ()  # the submitter's
+            _child(spec, stdin, write, (read, *self.signals.fds, *held))
         os.close(write)
         os.close(stdin)
         log = CappedLog(job.log, int(spec.get("max_log_bytes") or jobrunner.DEFAULT_LOG_BYTES))
@@ -218,7 +250,12 @@ def run(root: Path) -> int:
     job_dir = (read_json(staging / "job.json") or {}).get("job_dir")
     warm.job_dir = Path(job_dir) if job_dir else None
     start = warm.start_forked if warm.config.get("fork") else jobrunner.start_exec
-    return jobrunner.run(staging, signals=warm.signals, answer=warm.answer, start=start)
+    try:
+        return jobrunner.run(
+            staging, signals=warm.signals, answer=warm.answer, start=start, started=warm.started
+        )
+    finally:
+        warm.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

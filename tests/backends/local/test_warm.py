@@ -104,6 +104,42 @@ async def test_a_python_model_is_forked_with_its_preloads_and_gets_what_a_cold_r
     assert not (data_dir / "local" / "warm" / warm).exists()  # used up, its files gone
 
 
+async def test_the_hand_over_answers_once_the_model_has_started(backend, watcher, data_dir):
+    spec = model_spec("--sleep", "600")
+    jid = new_job_id()
+    warm = new_id()
+    await backend.start_warm(warm, spec, READY_S)
+    assert await backend.claim(warm)
+    assert await backend.submit_warm(launch(jid, spec), spec, warm) == "running"
+    model = json.loads((job_dir(data_dir, jid) / "model.json").read_text())  # there already
+    assert procs.alive(model["pid"])
+    fds = f"/proc/{model['pid']}/fd"
+    held = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)]
+    assert not [s for s in held if s.startswith("socket:")]  # not the submitter's
+    again = new_id()
+    await backend.start_warm(again, spec, READY_S)
+    assert await backend.claim(again)
+    assert await backend.submit_warm(launch(jid, spec), spec, again) == "taken"  # it has one
+    await backend.cancel_job(jid)
+    await watcher.until(jid, "cancelled")
+
+
+async def test_a_warm_run_whose_model_cannot_start_is_taken_and_fails(backend, watcher, tmp_path):
+    workdir = tmp_path / "app"
+    workdir.mkdir()
+    (workdir / JOB_MODEL.name).write_bytes(JOB_MODEL.read_bytes())
+    spec = model_spec().model_copy(update={"workdir": str(workdir)})
+    warm = new_id()
+    await backend.start_warm(warm, spec, READY_S)
+    (workdir / JOB_MODEL.name).unlink()
+    workdir.rmdir()  # the app's working directory went away while the runner waited
+    jid = new_job_id()
+    assert await backend.claim(warm)
+    assert await backend.submit_warm(launch(jid, spec), spec, warm) == "taken"
+    failed = await watcher.until(jid, "failed")
+    assert "does not exist" in failed.log_tail
+
+
 async def test_a_cold_run_of_the_same_spec_is_execd_and_sees_no_preloads(
     backend, watcher, data_dir
 ):
