@@ -300,9 +300,8 @@ class KubernetesBackend(Backend):
     async def submit_warm(
         self, launch: JobLaunch, spec: AppSpec, instance_id: str
     ) -> WarmHandOver | None:
-        """Hand a run to a claimed warm runner's pod (one PATCH, one POST to the pod); the
-        pod's runner answers once it has started the model, so the run is "running"."""
-        return "running" if await self._warm.hand(launch, spec, instance_id) else None
+        """Hand a run to a claimed warm runner's pod (see `WarmPods.hand`)."""
+        return await self._warm.hand(launch, spec, instance_id)
 
     # -- runs --
 

@@ -39,7 +39,7 @@ from dispatcher.backends.launch import check_id, check_job_id
 from dispatcher.logs import get as get_logger
 from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import RetryableError, StartFailed
-from handlers.ports import Instance, JobReport
+from handlers.ports import Instance, JobReport, WarmHandOver
 from schemas import errors as codes
 from schemas.events import JobUpdate
 from schemas.spec import AppSpec
@@ -227,9 +227,11 @@ class WarmPods:
             return None
         return waiting(pod)
 
-    async def hand(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> bool:
-        """Relabel the warm pod as the run's and hand it the launch; False if it did not take
-        it (then it is deleted, and the run is the caller's to start cold)."""
+    async def hand(self, launch: JobLaunch, spec: AppSpec, instance_id: str) -> WarmHandOver | None:
+        """Relabel the warm pod as the run's and hand it the launch (one PATCH, one POST to
+        the pod): "running", as the pod's runner answers once it has started the model;
+        None if it did not take it (then it is deleted, and the run is the caller's to
+        start cold)."""
         check_id(instance_id)
         check_job_id(launch.job_id)
         self._pods.start()  # run_start's own cache, so the next claim needs no GET
@@ -237,7 +239,7 @@ class WarmPods:
         if pod is None or not waiting(pod) or _image(pod) != spec.image:
             if pod is not None:
                 await self.stop(instance_id, pod)  # ended, or of an older image
-            return False
+            return None
         started = status.timestamp((pod.get("status") or {}).get("startTime")) or time.time()
         deadline = math.ceil(max(0.0, time.time() - started) + launch.deadline_s)
         patch = {
@@ -247,17 +249,17 @@ class WarmPods:
         name = objects.object_name(instance_id)
         pod = await self._api.patch(PODS, name, patch)
         if pod is None:
-            return False
+            return None
         self._pods.note(pod)
         if await self._launch(pod, objects.warm_launch(launch, spec)):
             self._log.info("warm_pod_launched", instance=instance_id, job_id=launch.job_id)
-            return True
+            return "running"
         undo = {"metadata": {"labels": {objects.INSTANCE: instance_id, objects.POOLED: "true"}}}
         with contextlib.suppress(ApiError, RetryableError):
             await self._api.patch(PODS, name, undo)
         await self._api.delete(PODS, name)
         self._log.warning("warm_pod_launch_failed", instance=instance_id, job_id=launch.job_id)
-        return False
+        return None
 
     async def _launch(self, pod: dict, body: dict) -> bool:
         """POST the launch to the pod's runner; whether it took it."""

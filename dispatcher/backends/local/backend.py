@@ -296,15 +296,11 @@ class LocalBackend(Backend):
     async def submit_warm(
         self, launch: JobLaunch, spec: AppSpec, instance_id: str
     ) -> WarmHandOver | None:
-        """Hand the job to the claimed warm runner `instance_id`, prepared as `submit_job`
-        prepares it; returns once the runner has started the model (a few ms).
-
-        Returns:
-            "running" once the model has started; "taken" if the job existed (a
-            redelivered start) or was claimed but did not start (its result says
-            why); None if the runner could not take it (it died, say), and the job
-            is not started. The runner is stopped either way once this returns.
-        """
+        """Hand the job, prepared as `submit_job` prepares it, to the claimed warm runner
+        `instance_id`: "running" once it has started the model (a few ms); "taken" if the
+        job existed (a redelivered start) or its model did not start (its result says
+        why); None if the runner could not take it (it died, say). Either way the
+        runner is no warm runner any more once this returns."""
         job = self._job(launch.job_id)
         stage = self._stage(job, launch, spec)
         if stage is None:  # the job exists: the runner is not needed
