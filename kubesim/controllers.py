@@ -250,9 +250,11 @@ class Cluster:
         container = job["spec"]["template"]["spec"]["containers"][0]
         if not await self._fill_env(pod["metadata"]["name"], container):
             return
+        # The pod runs first, then the Job counts it (ready), as on a cluster: whoever
+        # sees the Job active finds its pod running.
+        await self.patch_status(PODS, pod["metadata"]["name"], pod_running("job", True))
         running = {"active": 1, "ready": 1, "startTime": now_rfc3339()}
         await self.patch_status(JOBS, name, running)
-        await self.patch_status(PODS, pod["metadata"]["name"], pod_running("job", True))
         command = job["spec"]["template"]["spec"]["containers"][0].get("command") or []
         if any(arg.endswith("job_model.py") for arg in command):
             deadline = float(job["spec"].get("activeDeadlineSeconds") or 3600)
