@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+from tests.backends.local.procs import kill_left_processes
 from tests.helpers import ROOT, free_port
 
 EXAMPLES = (ROOT / "examples" / "hello", ROOT / "examples" / "epidemic")
@@ -86,9 +87,17 @@ def start_up(data, extra_env: dict[str, str], apps=EXAMPLES, args: tuple[str, ..
 
 
 def stop_up(stack: dict) -> None:
-    """Kill what is left of a stack, process group and all."""
+    """Stop a stack as a user does (SIGTERM: it stops its apps and runs, then itself), or
+    kill it, process group and all, if that takes over 30 s; then kill any app or run
+    still running under its data dir (they have sessions of their own: a killed stack
+    leaves them behind)."""
     proc = stack["proc"]
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     proc.stdout.close()
+    kill_left_processes(stack["data"])
