@@ -46,7 +46,7 @@ from dispatcher.backends.launch import (
 )
 from dispatcher.backends.local import processes, readiness
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
-from dispatcher.backends.local.jobfiles import JobDir, job_ids, notify, remove_stale_staging
+from dispatcher.backends.local.jobfiles import JobDir, Listings, notify, remove_stale_staging
 from dispatcher.backends.local.jobrunner import CLAIMED, RUNNING
 from dispatcher.backends.local.jobwatch import JobWatcher
 from dispatcher.backends.local.secrets import SecretFiles
@@ -77,6 +77,7 @@ class LocalBackend(Backend):
         self._settings = settings
         self._logs = Path(data_dir) / "local" / "logs"
         self._jobs = Path(data_dir) / "local" / "jobs"
+        self._listings = Listings(self._jobs)
         self._socket = Path(data_dir) / "local" / "jobs.sock"
         self._public_url = public_url.rstrip("/")
         self._python = settings.python or sys.executable
@@ -257,9 +258,7 @@ class LocalBackend(Backend):
         processes.reap()
         found = [s.instance(alive=processes.alive(s.process)) for s in self._instances.all()]
         remove_stale_staging(self._jobs, _STALE_STAGING_S)
-        for job in map(self._job, job_ids(self._jobs)):
-            if (fields := job.listing()) is not None:  # else being submitted, or half removed
-                found.append(Instance(id=job.id, kind="job", **fields))
+        found += [Instance(id=j, kind="job", **fields) for j, fields in self._listings.all()]
         return found
 
     # -- jobs --

@@ -153,6 +153,30 @@ def job_ids(root: Path) -> list[str]:
     return [n for n in names if JOB_ID_RE.match(n)]
 
 
+class Listings:
+    """Jobs as `list_instances` shows them, for a reaper that lists every pass: a job that
+    has ended and whose runner has exited no longer changes, so its files are read once;
+    one that is gone from the directory is forgotten."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._ended: dict[str, dict] = {}
+
+    def all(self) -> list[tuple[str, dict]]:
+        """(job id, `JobDir.listing`) of every job started, in directory order."""
+        ids = job_ids(self._root)
+        self._ended = {j: self._ended[j] for j in ids if j in self._ended}
+        found = []
+        for job_id in ids:
+            fields = self._ended.get(job_id) or JobDir(self._root, job_id).listing()
+            if fields is None:  # being submitted, or half removed
+                continue
+            if not fields["alive"] and fields["labels"]["state"] not in ("starting", "running"):
+                self._ended[job_id] = fields
+            found.append((job_id, fields))
+        return found
+
+
 def read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_bytes())

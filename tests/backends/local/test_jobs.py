@@ -7,6 +7,7 @@ the local backend does, against real processes.
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -19,6 +20,7 @@ import pytest
 
 from dispatcher.backends.local import jobwatch, processes
 from dispatcher.backends.local.backend import LocalBackend
+from dispatcher.backends.local.jobfiles import JobDir, Listings
 from dispatcher.store import ObjectStore
 from handlers.errors import StartFailed
 from tests.backends.contract import (
@@ -519,3 +521,35 @@ async def test_a_long_data_dir_path_still_works(local_settings, tmp_path):
         await watcher.stop()
         await stop_all(backend)
         await backend.cleanup()
+
+
+def test_listings_read_an_ended_job_once_and_follow_a_running_one(tmp_path):
+    root = tmp_path / "jobs"
+    me = processes.current(os.getpid())._asdict()
+    gone = me | {"start_time": me["start_time"] + 1}  # a runner that has exited
+
+    def job(job_id: str, runner: dict, state: str | None) -> JobDir:
+        path = root / job_id
+        path.mkdir(parents=True)
+        found = JobDir(root, job_id, path)
+        found.write("runner.json", runner | {"app": "demo/x", "created_at": 1.0})
+        if state:
+            found.write("result.json", {"state": state, "exit_code": 0, "log_tail": ""})
+        return found
+
+    ended, running = new_job_id(), new_job_id()
+    job(ended, gone, "succeeded")
+    live = job(running, me, None)
+    listings = Listings(root)
+    first = dict(listings.all())
+    assert first[ended]["labels"]["state"] == "succeeded" and not first[ended]["alive"]
+    assert first[running]["labels"]["state"] == "starting" and first[running]["alive"]
+
+    (root / ended / "result.json").unlink()  # an ended job's files are not read again
+    live.write("model.json", me)
+    second = dict(listings.all())
+    assert second[ended]["labels"]["state"] == "succeeded"
+    assert second[running]["labels"]["state"] == "running"  # a live one is
+
+    shutil.rmtree(root / ended)  # removed (past its retention): forgotten
+    assert [j for j, _ in listings.all()] == [running]
