@@ -4,11 +4,12 @@ spinyard: this process publishes `RunRequest`s for a job app whose command
 is a trivial Python model (it computes a number and exits 0; no outputs)
 and records when each run's `queued`, `running` and terminal status arrive
 on a core subscription to `spinyard.v1.status.job.>`. The handlers run in
-two subprocesses, as a deployment scales them (k8s/ has a Deployment per
-kind): `run_request` alone (acceptance), and `run_start job_update
-run_cancel pool_refill reaper_tick` with the local backend, which starts one
-OS process per run; a moto S3 server (in this process, on a loopback
-thread) is the object store.
+three subprocesses, as a deployment scales them (k8s/ has a Deployment per
+kind): `run_request` alone (acceptance); `run_start job_update run_cancel`
+with the local backend, which starts one OS process per run; and
+`pool_refill reaper_tick` (warm runners' starts and the reaper's passes, so
+neither stalls the starts' event loop). A moto S3 server (in this process,
+on a loopback thread) is the object store.
 
 - latency: runs one after another (each waits for the previous to end);
 - rates: `burst` requests published at once (concurrent acked JetStream
@@ -17,9 +18,9 @@ thread) is the object store.
   `running` and an end state, each counted from the first publish.
 
 Warm runners (issue 10): the same again for job apps with a warm pool
-(`pool.size`, the model's `json` preloaded), in the same handler process
-once the cold figures are taken, with `pool_refill` and `reaper_tick` also
-running (reaper every 0.5 s, up to 20 refills per app per pass): the sequential
+(`pool.size`, the model's `json` preloaded), with the same handler processes
+once the cold figures are taken (reaper every 0.5 s, up to 20 refills per
+app per pass): the sequential
 runs take a pool of `Sizes.seq_pool` (4), the burst a pool of `Sizes.pool`
 (100, the most a spec allows, filled before the burst; runs past it start
 cold or on refills). Each figure says how many runs started warm
@@ -28,7 +29,8 @@ so the warm one is forked from its runner; the cold one is exec'd as ever.
 
 Phases: from each sequential run's last status, `queued -> started` (the
 run_start handler: queue, slots, the claim of a warm runner) and `started ->
-running` (the backend's start and the watcher's report), in ms.
+running` (the backend's start and its report: for a warm start, the
+runner's answer to the hand-over), in ms.
 
 Celery (`bench.celery_peer`) does the same with a trivial task; the ratios
 are spinyard / Celery.
@@ -60,7 +62,8 @@ from schemas.spec import AppSpec
 APP = "bench/model"
 WARM_APP, BURST_APP = "bench/warm", "bench/warmburst"
 ACCEPT = ["run_request"]  # in a process of its own: acceptance does not wait for starts
-KINDS = ["run_start", "job_update", "run_cancel", "pool_refill", "reaper_tick"]
+KINDS = ["run_start", "job_update", "run_cancel"]
+KEEPERS = ["pool_refill", "reaper_tick"]  # the pools and the reaper, in a third process
 MODEL = "import json\njson.dumps({'answer': sum(range(1000))})\n"
 TIMEOUT_S = 120.0
 ENDS = ("succeeded", "failed", "cancelled", "timed_out")
@@ -269,11 +272,17 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
                 ACCEPT, server.url, data_dir, tmp_path / "accept", **settings
             ).start()
             stack.callback(accept.stop)
+            (tmp_path / "keepers").mkdir()
+            keepers = handlers_process(
+                KEEPERS, server.url, data_dir, tmp_path / "keepers", **settings
+            ).start()
+            stack.callback(keepers.stop)
             handlers = handlers_process(KINDS, server.url, data_dir, tmp_path, **settings).start()
             stack.push_async_callback(stop_instances, data_dir)
             stack.callback(handlers.stop)
             await wait_consumers(js, subjects.EVENTS_STREAM, ACCEPT, accept)
             await wait_consumers(js, subjects.EVENTS_STREAM, KINDS, handlers)
+            await wait_consumers(js, subjects.EVENTS_STREAM, KEEPERS, keepers)
             jobs = Jobs()
             await nc.subscribe(subjects.job_status("*"), cb=jobs.on_msg)
 
@@ -282,6 +291,7 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
             rates, _ = await _burst(js, jobs, sizes.burst, first=min(sizes.pool, 100))
             warm = await _warm_half(state, js, jobs, tmp_path, sizes)
             accept.check()
+            keepers.check()
             handlers.check()
     return {
         "latency": _latencies(took, missed),
