@@ -121,6 +121,13 @@ class LocalBackendSettings(BaseModel):
     python: str | None = Field(
         None, description="Interpreter for '{python}' in commands; default: ours"
     )
+    run_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Niceness added to runs (job runners, warm runners and the models they "
+        "start), so a machine busy with runs still serves events and apps first (0: none)",
+    )
 
 
 class KubernetesBackendSettings(BaseModel):

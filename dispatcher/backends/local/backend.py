@@ -87,6 +87,7 @@ class LocalBackend(Backend):
         self._warm = WarmRunners(
             Path(data_dir) / "local" / "warm", self._jobs, self._instances, self._python, self._log
         )
+        self._warm.nice = settings.run_nice
 
     async def setup(self) -> None:
         """Create the state, log and job directories.
@@ -280,7 +281,7 @@ class LocalBackend(Backend):
         if stage is None:
             return
         try:
-            claimed = await start_runner(stage)
+            claimed = await start_runner(stage, nice=self._settings.run_nice)
         except processes.SpawnError as exc:
             raise StartFailed(str(exc), code=codes.START_FAILED) from exc
         if claimed:

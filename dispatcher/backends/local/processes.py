@@ -189,10 +189,13 @@ def spawn(
     log_path: Path,
     stdin: int = subprocess.DEVNULL,
     stdout: int | None = None,
+    nice: int = 0,
 ) -> tuple[subprocess.Popen, Process]:
     """Start `argv` in a new session with stderr (and stdout, unless given) appended to `log_path`.
 
-    The handle is kept until the child is reaped, so any caller may stop it.
+    `nice` is added to our niceness (at most 19) right after the start, before the child
+    has got far into its interpreter's start; what it starts inherits it. The handle is
+    kept until the child is reaped, so any caller may stop it.
 
     Raises:
         SpawnError: the program or the working directory does not exist.
@@ -212,6 +215,10 @@ def spawn(
             )
         except OSError as exc:
             raise SpawnError(f"could not run {argv[0]!r}: {exc.strerror or exc}") from exc
+    if nice > 0:
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        with contextlib.suppress(OSError):  # it exited already: nothing to lower
+            os.setpriority(os.PRIO_PROCESS, popen.pid, min(ours + nice, 19))
     proc = current(popen.pid)  # an unreaped child keeps its /proc entry even if it exited
     _children[popen.pid] = (popen, proc.start_time)
     return popen, proc

@@ -71,8 +71,9 @@ def stage_job(
     return stage
 
 
-async def start_runner(staging: JobDir) -> bool:
-    """Start a runner for the job prepared in `staging`: True if it took the job on.
+async def start_runner(staging: JobDir, nice: int = 0) -> bool:
+    """Start a runner for the job prepared in `staging` (`nice`: see `processes.spawn`):
+    True if it took the job on.
 
     The runner claims the job by renaming `staging` to the job's directory, with
     its runner.json in it; if the job's directory exists, it removes `staging`
@@ -88,7 +89,7 @@ async def start_runner(staging: JobDir) -> bool:
     env = processes.child_env({})
     try:
         popen, runner = processes.spawn(
-            argv, env, CODE_ROOT, staging.runner_log, stdout=subprocess.PIPE
+            argv, env, CODE_ROOT, staging.runner_log, stdout=subprocess.PIPE, nice=nice
         )
     except processes.SpawnError:
         shutil.rmtree(staging.path, ignore_errors=True)

@@ -39,6 +39,8 @@ _TAIL_LINES = 10
 class WarmRunners:
     """Warm runners under one data dir."""
 
+    nice = 0  # added to the runners' niceness (`backend.local.run_nice`)
+
     def __init__(
         self,
         root: Path,
@@ -136,8 +138,9 @@ class WarmRunners:
         command = [interpreter, "-m", "dispatcher.backends.local.warmrunner", str(directory)]
         try:
             return processes.spawn(
-                command, env, CODE_ROOT, directory / "warm.log", stdout=subprocess.PIPE
-            )
+                command, env, CODE_ROOT, directory / "warm.log", stdout=subprocess.PIPE,
+                nice=self.nice,
+            )  # fmt: skip
         except processes.SpawnError as exc:
             shutil.rmtree(directory, ignore_errors=True)
             raise StartFailed(str(exc), code=codes.START_FAILED) from exc

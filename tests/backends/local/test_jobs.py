@@ -21,6 +21,7 @@ import pytest
 from dispatcher.backends.local import jobwatch, processes
 from dispatcher.backends.local.backend import LocalBackend
 from dispatcher.backends.local.jobfiles import JobDir, Listings
+from dispatcher.settings import LocalBackendSettings
 from dispatcher.store import ObjectStore
 from handlers.errors import StartFailed
 from tests.backends.contract import (
@@ -553,3 +554,29 @@ def test_listings_read_an_ended_job_once_and_follow_a_running_one(tmp_path):
 
     shutil.rmtree(root / ended)  # removed (past its retention): forgotten
     assert [j for j, _ in listings.all()] == [running]
+
+
+async def test_runs_run_niced_and_so_does_what_they_start(backend, watch, data_dir):
+    niced = min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)  # run_nice's default
+
+    def nice_of(pid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, pid)
+
+    spec, jid, watcher = job_spec("--sleep", "600"), new_job_id(), watch()
+    await backend.submit_job(launch(jid, spec), spec)
+    await watcher.until(jid, "running")
+    here = job_dir(data_dir, jid)
+    runner = json.loads((here / "runner.json").read_text())["pid"]
+    model = json.loads((here / "model.json").read_text())["pid"]
+    assert nice_of(runner) == nice_of(model) == niced
+    await backend.cancel_job(jid)
+    await watcher.until(jid, "cancelled")
+
+    off = LocalBackend(LocalBackendSettings(run_nice=0), data_dir, PUBLIC_URL)
+    other = new_job_id()
+    await off.submit_job(launch(other, spec), spec)
+    await watcher.until(other, "running")
+    pid = json.loads((job_dir(data_dir, other) / "model.json").read_text())["pid"]
+    assert nice_of(pid) == os.getpriority(os.PRIO_PROCESS, 0)
+    await off.cancel_job(other)
+    await watcher.until(other, "cancelled")
