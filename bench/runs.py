@@ -272,13 +272,15 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
                 ACCEPT, server.url, data_dir, tmp_path / "accept", **settings
             ).start()
             stack.callback(accept.stop)
+            # Every instance is stopped once no handler process runs (the pools' keeper
+            # would refill them): callbacks run last to first.
+            stack.push_async_callback(stop_instances, data_dir)
             (tmp_path / "keepers").mkdir()
             keepers = handlers_process(
                 KEEPERS, server.url, data_dir, tmp_path / "keepers", **settings
             ).start()
             stack.callback(keepers.stop)
             handlers = handlers_process(KINDS, server.url, data_dir, tmp_path, **settings).start()
-            stack.push_async_callback(stop_instances, data_dir)
             stack.callback(handlers.stop)
             await wait_consumers(js, subjects.EVENTS_STREAM, ACCEPT, accept)
             await wait_consumers(js, subjects.EVENTS_STREAM, KINDS, handlers)

@@ -7,6 +7,8 @@ of the runs bench is exercised by the bench itself (it needs redis-server).
 """
 
 import math
+import os
+from pathlib import Path
 
 from bench import fanout, gateway, handlers, runs, sporadic, stats, viz
 
@@ -38,9 +40,23 @@ async def test_viz_bench_runs_and_reports_every_figure():
     assert "page load -> ready (warm, shared app)" in text and "ratio p50" in text
 
 
+def _runs_bench_processes() -> set[int]:
+    """Processes of any runs bench (their command lines name its temp dir)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"spinyard-bench-runs-" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(int(pid))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
 async def test_runs_bench_spinyard_half_runs_and_reports_rates():
     sizes = runs.Sizes(runs=3, burst=5, warmup=1, seq_pool=2, pool=5)
+    before = _runs_bench_processes()
     result = await runs.run(sizes, celery=False)
+    assert _runs_bench_processes() - before == set()  # no warm runner or run left behind
 
     figures = result["spinyard"]
     assert "error" not in figures, figures.get("error")
