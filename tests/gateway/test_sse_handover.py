@@ -163,6 +163,50 @@ async def test_shutdown_ends_each_stream_with_its_last_chunk_and_cuts_a_stuck_on
     await wait_for(lambda: open_fds() == before, what="every socket of the streams to close")
 
 
+async def test_a_stream_after_other_requests_on_its_connection_is_handed_over_too(env):
+    runner = await gateway(env, sse_linger_s=0)
+    await publish(env, 1)
+    u = URL(runner.url)
+    reader, writer = await asyncio.open_connection(u.host, u.port)
+    try:
+        for _ in range(2):  # keep-alive: answered by aiohttp as usual
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+        writer.write(REQUEST)
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        await read_k(reader, 1)
+        await wait_for(lambda: not runner.server.connections, what="aiohttp to let go of it")
+        await publish(env, 2)
+        await read_k(reader, 2)
+    finally:
+        writer.close()
+    await wait_for(lambda: runner.app[STREAMS].clients == 0, what="the client to leave")
+
+
+async def test_an_http_1_0_stream_is_not_chunked_and_ends_with_its_connection(env):
+    runner = await gateway(env, sse_linger_s=0, sse_keepalive_s=0.1)
+    await publish(env, 1)
+    u = URL(runner.url)
+    reader, writer = await asyncio.open_connection(u.host, u.port)
+    try:
+        writer.write(REQUEST.replace(b"HTTP/1.1", b"HTTP/1.0"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head
+        assert (await read_k(reader, 1)).startswith(b"retry: 2000\n\nid: ")
+        await publish(env, 2)
+        assert (await read_k(reader, 2)).startswith(b"\n\nid: ")  # nothing but SSE
+        await asyncio.wait_for(reader.readuntil(b"\n\n: keepalive\n\n"), 5)
+        await asyncio.wait_for(runner.cleanup(), 5)
+        env.runners.remove(runner)
+        rest = await read_to_end(reader)  # up to the connection's end: no last chunk
+        assert reader.at_eof() and LAST_CHUNK not in rest
+    finally:
+        writer.close()
+
+
 async def test_a_client_sending_more_after_its_stream_began_is_ended(env):
     runner = await gateway(env, sse_linger_s=0)
     await publish(env, 1)
