@@ -10,9 +10,9 @@ last status it delivered, already framed as an SSE event; each client is a
 `Client`, a few slots and its own small backlog, which once its headers are
 sent is its connection's protocol: aiohttp has let the connection go
 (`protocol.detach`) and the fan-out writes to the socket itself. An open
-stream is then its socket's transport and a `Client`, about 1.5 KB in all,
+stream is then its socket's transport and a `Client`, about 1.7 KB in all,
 where aiohttp's connection handler, parser, request, response and two tasks
-held 10 KB more.
+held 11 KB more (docs/benchmarks.md, fanout).
 
 Why nothing is lost between the snapshot and the first change, and nothing
 goes backwards:
