@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from bench import fanout, gateway, handlers, runs, sporadic, stats, viz
+from bench import fanout, gateway, handlers, runs, sporadic, sse_memory, stats, viz
 
 
 def _check_latency_rows(rows: list[dict]) -> None:
@@ -113,6 +113,16 @@ async def test_fanout_bench_runs_and_reports_against_raw_aiohttp():
         assert result[side]["closed_streams"] == 40
     assert set(result["goals"]) == {"rss_per_stream_kb", "change_to_all_p50_ms", "open_p50_ms"}
     assert "one change -> all streams" in fanout.format_result(result)
+
+
+async def test_sse_memory_reports_what_an_open_stream_holds_and_whose():
+    result = await sse_memory.measure(20, trace=True, top=3)
+
+    assert result["streams"] == 20 and result["closed"] == 20
+    assert result["traced_bytes_per_stream"] > 0 and len(result["top"]) == 3
+    for row in result["top"]:
+        assert row["file"] and isinstance(row["bytes_per_stream"], float)
+    assert "bytes of Python objects per stream" in sse_memory.format_result(result)
 
 
 async def test_handlers_bench_drains_each_backlog_and_reports_against_raw_pull():

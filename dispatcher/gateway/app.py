@@ -369,7 +369,8 @@ async def start_gateway(
         secrets=secrets,
     )
     # No access log: its request line would carry `?token=`. Handlers are cancelled when
-    # their client goes, so an SSE stream unsubscribes at once.
+    # their client goes, so an SSE stream still waiting for its subscription leaves at once
+    # (an open one is no longer aiohttp's: its `fanout.Client` sees the client go).
     runner = GatewayRunner(
         app,
         read_timeout_s=settings.read_timeout_s,

@@ -7,7 +7,12 @@ browser (creation refused past about a thousand of them) and the gateway
 one ordered push consumer (deliver policy LAST_PER_SUBJECT, filtered on the
 subject) that every client of that subject on this gateway shares, and the
 last status it delivered, already framed as an SSE event; each client is a
-`Client`, a few slots and its own small backlog.
+`Client`, a few slots and its own small backlog, which once its headers are
+sent is its connection's protocol: aiohttp has let the connection go
+(`protocol.detach`) and the fan-out writes to the socket itself. An open
+stream is then its socket's transport and a `Client`, about 1.7 KB in all,
+where aiohttp's connection handler, parser, request, response and two tasks
+held 11 KB more (docs/benchmarks.md, fanout).
 
 Why nothing is lost between the snapshot and the first change, and nothing
 goes backwards:
@@ -25,9 +30,13 @@ goes backwards:
   ignores any message at or below the last one it passed on, so a consumer
   that nats-py re-creates (after missed heartbeats, a NATS restart, a
   reconnect) may re-deliver but never moves a client back.
-- A slow client's backlog keeps the newest `QUEUE_SIZE` statuses (older ones
-  are dropped): status is last-value, so it misses only stale states, and
-  the fan-out never waits for any client.
+- A slow client's socket takes what it can and its transport buffers up to
+  its high-water mark (64 KiB); past that (`pause_writing`), its backlog keeps
+  the newest `QUEUE_SIZE` statuses (older ones are dropped) until the socket
+  drains (`resume_writing`): status is last-value, so it misses only stale
+  states, and the fan-out never waits for any client.
+- A status reaches a client in order whichever way it goes: written at once
+  only when nothing is queued before it, else queued behind what is.
 
 The consumer is deleted when the last client of its subject has been gone
 for `linger_s` (a page that reloads finds it still there). The alternative
@@ -54,8 +63,8 @@ log = logs.get("spinyard.gateway")
 
 # Status is last-value: a client that falls this far behind only misses stale states.
 QUEUE_SIZE = 64
-END = object()  # what `Client.take` returns once the client is ended
 KEEPALIVE = b": keepalive\n\n"
+KEEPALIVE_CHUNK = b"%x\r\n%b\r\n" % (len(KEEPALIVE), KEEPALIVE)
 
 
 def to_json(data: bytes | None) -> str | None:
@@ -74,46 +83,56 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
-class Client:
-    """One SSE stream's side of a topic: the statuses not yet written, newest `QUEUE_SIZE`,
-    whether a keep-alive comment is due, and, once its headers are sent, its transport."""
+class Client(asyncio.Protocol):
+    """One SSE stream of a topic. Until its headers are sent, the statuses offered to it wait
+    in `pending`; then it takes its connection over from aiohttp (`attach`) and is the
+    transport's protocol: statuses and keep-alives are written to the socket from the
+    fan-out loop and the keep-alive timer, with no task, coroutine or aiohttp object per
+    open stream (what they cost is in docs/benchmarks.md, fanout)."""
 
-    __slots__ = ("chunked", "ended", "pending", "ping", "transport", "waiter")
+    __slots__ = ("chunked", "ended", "paused", "pending", "topic", "transport")
 
     def __init__(self) -> None:
-        # A list, made when needed: a client mostly has nothing or one status waiting, and a
-        # deque's first block alone is 600 bytes, a lot next to an SSE stream's ~10 KB.
+        # A list, made when needed: a client mostly has nothing waiting, and a deque's
+        # first block alone is 600 bytes, a lot next to an open stream's few KB.
         self.pending: list[bytes] | None = None
-        self.waiter: asyncio.Future | None = None
+        self.topic: Topic | None = None
+        self.transport: asyncio.Transport | None = None
+        self.chunked = False  # the answer is HTTP/1.1 chunked: each write is one chunk
+        self.paused = False  # the socket is backed up (the transport's flow control)
         self.ended = False
-        self.ping = False
-        self.transport: asyncio.WriteTransport | None = None
-        self.chunked = False
 
-    def attach(self, transport: asyncio.WriteTransport | None, chunked: bool) -> None:
-        """Let statuses be written straight to `transport` while the stream is idle (its
-        headers are sent; `chunked`: the response uses HTTP/1.1 chunked encoding)."""
-        self.transport, self.chunked = transport, chunked
+    def attach(self, transport: asyncio.Transport, *, chunked: bool, paused: bool) -> None:
+        """Own `transport` from now on (the answer's headers are sent and aiohttp has let it
+        go: `protocol.detach`), and write what is waiting.
 
-    def offer(self, chunk: bytes, framed: bytes | None = None) -> None:
-        """Send `chunk` (`framed`: the same as one HTTP chunk), or queue it, dropping the
-        oldest when `QUEUE_SIZE` are waiting.
-
-        A client parked in `wait()` with nothing queued and an empty write buffer is
-        written to here, at once: 10,000 of them cost 10,000 socket writes, not also
-        10,000 task wake-ups through aiohttp's writer. Anything else (headers not sent
-        yet, the socket backed up, statuses already queued) queues, so order holds and a
-        slow client never holds up the loop.
+        Args:
+            transport: the stream's connection.
+            chunked: the answer uses HTTP/1.1 chunked encoding.
+            paused: the transport had asked its former protocol to stop writing.
         """
-        transport = self.transport
-        if (
-            transport is not None
-            and self.waiter is not None
-            and not self.pending
-            and not transport.get_write_buffer_size()
-            and not transport.is_closing()
-        ):
-            transport.write(framed if self.chunked and framed is not None else chunk)
+        transport.set_protocol(self)
+        self.transport, self.chunked, self.paused = transport, chunked, paused
+        if not transport.is_reading():
+            transport.resume_reading()  # a client's close is seen by reading
+        if self.ended:
+            self.end()
+        else:
+            self._flush()
+
+    def offer(self, chunk: bytes, framed: bytes | None) -> None:
+        """Send `chunk` (`framed`: the same as one HTTP chunk, when the caller has it), or
+        queue it, dropping the oldest when `QUEUE_SIZE` are waiting.
+
+        It is written at once when the stream is attached, its socket is not backed up and
+        nothing is queued before it: one socket write per stream, not also a task wake-up.
+        Otherwise it waits (for the headers, or for the socket to drain), so order holds
+        and a slow client never holds up the loop.
+        """
+        if self.ended:
+            return
+        if self.transport is not None and not self.paused and not self.pending:
+            self._write(chunk, framed)
             return
         pending = self.pending
         if pending is None:
@@ -122,54 +141,77 @@ class Client:
             if len(pending) >= QUEUE_SIZE:
                 del pending[0]
             pending.append(chunk)
-        self._wake()
 
     def keepalive(self) -> None:
-        """Ask for a keep-alive comment, unless a status is about to be written anyway."""
-        if not self.pending:
-            self.ping = True
-            self._wake()
+        """Write a keep-alive comment, unless the stream is not idle (not attached yet,
+        statuses waiting, the socket backed up)."""
+        if self.transport is not None and not (self.paused or self.pending or self.ended):
+            self._write(KEEPALIVE, KEEPALIVE_CHUNK)
 
     def end(self) -> None:
+        """End the stream (the gateway is shutting down, or the client sent more): its last
+        chunk, then a close once what is buffered is sent (before `attach`: once attached)."""
         self.ended = True
-        self._wake()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if self.chunked:
+                transport.write(b"0\r\n\r\n")
+            transport.close()
 
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+    def abort(self) -> None:
+        """Close the connection at once, dropping what its socket has not taken."""
+        if self.transport is not None:
+            self.transport.abort()
 
-    def take(self) -> bytes | object | None:
-        """What to write next: a status, `KEEPALIVE`, `END` once ended, or None: `wait()`."""
-        if self.ended:
-            return END
-        pending = self.pending
-        if pending:
-            chunk = pending.pop(0)
-            if not pending:
+    def leave(self) -> None:
+        """Leave the topic (once: the client went, or its request failed)."""
+        topic, self.topic = self.topic, None
+        if topic is not None:
+            topic.fanout.leave(topic, self)
+
+    def _write(self, chunk: bytes, framed: bytes | None) -> None:
+        assert self.transport is not None
+        if self.chunked:
+            self.transport.write(framed or b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self.transport.write(chunk)
+
+    def _flush(self) -> None:
+        while self.pending and not self.paused and self.transport is not None:
+            chunk = self.pending.pop(0)
+            if not self.pending:
                 self.pending = None
-            return chunk
-        if self.ping:
-            self.ping = False
-            return KEEPALIVE
-        return None
+            self._write(chunk, None)
 
-    def wait(self) -> asyncio.Future:
-        """A future done when there is something to `take()` (awaited as is: no coroutine
-        frame per waiting stream)."""
-        self.waiter = waiter = asyncio.get_running_loop().create_future()
-        return waiter
+    # asyncio.Protocol, once attached
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if not self.ended:
+            self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        """A stream's client has nothing more to send: anything (a pipelined request) is
+        one that would never be answered, so the stream ends."""
+        self.end()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.ended = True
+        self.leave()
 
 
 class Topic:
     """One status subject on this gateway: its shared subscription, last status and clients."""
 
-    __slots__ = ("chunk", "clients", "framed", "linger", "ready", "seq", "subject")
+    __slots__ = ("chunk", "clients", "fanout", "framed", "linger", "ready", "seq", "subject")
 
-    def __init__(self, subject: str) -> None:
+    def __init__(self, subject: str, fanout: "Fanout") -> None:
         self.subject = subject
+        self.fanout = fanout
         self.clients: set[Client] = set()
         self.seq = 0  # stream sequence of the last status passed on
         self.chunk: bytes | None = None  # that status as an SSE event
@@ -178,8 +220,9 @@ class Topic:
         self.linger: asyncio.TimerHandle | None = None
 
     def join(self, client: Client) -> None:
+        client.topic = self
         if self.chunk is not None:
-            client.offer(self.chunk)
+            client.offer(self.chunk, self.framed)
         self.clients.add(client)
 
     async def on_msg(self, msg: Msg) -> None:
@@ -229,7 +272,7 @@ class Fanout:
             self._ticker = asyncio.create_task(self._keepalives(), name="sse keep-alives")
         topic = self.topics.get(subject)
         if topic is None:
-            topic = self.topics[subject] = Topic(subject)
+            topic = self.topics[subject] = Topic(subject, self)
             topic.ready = asyncio.create_task(self._subscribe(topic), name=f"subscribe {subject}")
         elif topic.linger is not None:
             topic.linger.cancel()
@@ -265,12 +308,15 @@ class Fanout:
                 client.end()
 
     async def close(self) -> None:
-        """Drop every topic now and wait until their consumers are gone."""
+        """Close what streams are left (ended, but their sockets never took what was
+        buffered), drop every topic now and wait until their consumers are gone."""
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         for topic in list(self.topics.values()):
+            for client in topic.clients:
+                client.abort()
             if topic.linger is not None:
                 topic.linger.cancel()
             self._drop(topic, force=True)

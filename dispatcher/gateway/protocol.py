@@ -16,9 +16,16 @@ aiohttp answers it with a text body that quotes the offending bytes (and logs
 them). Here it gets the gateway's JSON error body with a fixed message, and
 a log line naming only the kind of error.
 
+An SSE status stream, once its headers are sent, has no more use for
+aiohttp: `detach` takes its connection away, and aiohttp's objects for it
+(the connection's handler and parser, the request, the response and the two
+tasks, about 7 KB a stream) are freed; the stream writes to the socket
+itself (`fanout.Client`).
+
 `RequestHandler` and `Server` are aiohttp's low-level classes; this module
 relies on their `_request_count`, `_messages`, `_request_in_progress`,
-`_upgraded`, `_loop` and `_kwargs`, which the gateway tests exercise.
+`_upgraded`, `_manager`, `_loop` and `_kwargs`, which the gateway tests
+exercise.
 """
 
 import asyncio
@@ -114,6 +121,30 @@ class Connection(RequestHandler):
         response = web.json_response(body, status=status)
         response.force_close()
         return response
+
+
+def detach(handler: RequestHandler) -> asyncio.Transport | None:
+    """Take `handler`'s connection from aiohttp, during a request whose answer's headers are
+    sent and whose rest the caller writes; None if the connection is already gone.
+
+    aiohttp then ends its request loop after this request, writing and closing nothing
+    (its `transport` is None to it), and forgets the connection: the server no longer
+    lists it (nor shuts it down: that is the new owner's), and no timer of it is left, so
+    the handler, its parser, the request and their tasks are freed once the request's
+    handler returns. Requests pipelined behind this one are dropped unanswered; they
+    would never have been answered behind a stream that does not end.
+    """
+    transport = handler.transport
+    if transport is None or transport.is_closing():
+        return None
+    if isinstance(handler, Connection):
+        handler._stop_clock()
+    handler.keep_alive(False)  # cancels its keep-alive timer, which would hold it
+    if handler._manager is not None:
+        handler._manager.connection_lost(handler)  # dropped once its request loop ends
+    handler.transport = None
+    handler.force_close()  # with no transport: only "no further request"
+    return transport
 
 
 class Server(web.Server):

@@ -10,12 +10,15 @@ clients, whose last status is kept in memory. A new client is sent that
 status at once (the first client of a subject, the stream's last message
 for the subject, from the consumer), then every change, in order, with
 nothing lost between the two; `fanout` says why. Headers are sent once the
-subscription exists, so a client that got them misses no change. Every
-stream is ended when the gateway shuts down, and a comment line keeps an
-idle stream open through proxies.
+subscription exists, so a client that got them misses no change. Then the
+handler returns: the stream's `Client` takes its connection over from
+aiohttp (`protocol.detach`) and writes the statuses itself, so an open
+stream holds no task, request or response. Every stream is ended when the
+gateway shuts down (its last chunk, then a close; a client that stopped
+reading is cut at cleanup), and a comment line keeps an idle stream open
+through proxies.
 """
 
-import contextlib
 from collections.abc import Awaitable, Callable
 
 import nats.errors
@@ -25,7 +28,8 @@ from nats.js.errors import NotFoundError
 
 from dispatcher import logs
 from dispatcher.gateway import SESSION, GatewayError, error_response
-from dispatcher.gateway.fanout import END, KEEPALIVE, Client, Fanout, to_json
+from dispatcher.gateway.fanout import Client, Fanout, to_json
+from dispatcher.gateway.protocol import detach
 from schemas import errors as codes
 from schemas import subjects
 from schemas.names import JOB_ID_RE, check_app, check_session
@@ -46,10 +50,6 @@ Authorize = Callable[[web.Request, str | None, str | None], Awaitable[None]]
 def wants_sse(request: web.Request) -> bool:
     """A stream for a GET that accepts one; HEAD gets the snapshot's headers."""
     return request.method == "GET" and "text/event-stream" in request.headers.get("Accept", "")
-
-
-def _gone(request: web.Request) -> bool:
-    return request.transport is None or request.transport.is_closing()
 
 
 class StatusStreams:
@@ -159,7 +159,12 @@ class StatusStreams:
         return web.Response(text=data, content_type="application/json")
 
     async def stream(self, request: web.Request, subject: str) -> web.StreamResponse:
-        """Answer with the current status on `subject`, then each change, until the client goes."""
+        """Answer with the current status on `subject`, then each change, until the client goes.
+
+        The handler returns once the headers are sent: from then on the stream is its
+        `Client`'s, which owns the connection. It counts in the request metrics then, as
+        answered (200); a client that goes before that is a 499.
+        """
         if self._closing:
             return error_response(503, codes.UNAVAILABLE, "the gateway is shutting down")
         client = Client()
@@ -169,25 +174,29 @@ class StatusStreams:
                 await self.fanout.ready(topic)
             except (nats.errors.Error, ConnectionError):
                 return error_response(503, codes.UNAVAILABLE, "the event bus is not reachable")
-            response = web.StreamResponse(headers=HEADERS)
+            if client.ended:
+                return error_response(503, codes.UNAVAILABLE, "the gateway is shutting down")
+            response = Handover(headers=HEADERS)
             await response.prepare(request)
             await response.write(f"retry: {RETRY_MS}\n\n".encode())  # sends the headers too
-            chunked = response.headers.get("Transfer-Encoding") == "chunked"  # HTTP/1.1
-            client.attach(request.transport, chunked)
-            # One loop, no helper coroutines: each frame would be kept by every open stream.
-            while (chunk := client.take()) is not END:
-                if chunk is None:
-                    await client.wait()
-                    continue
-                if chunk is KEEPALIVE and _gone(request):
-                    break
-                try:
-                    await response.write(chunk)  # type: ignore[arg-type]
-                except ConnectionError:
-                    break
-            client.attach(None, False)  # nothing may follow the last chunk
-            with contextlib.suppress(ConnectionError):
-                await response.write_eof()
+            paused = request.protocol.writing_paused
+            transport = detach(request.protocol)
+            if transport is not None:
+                response.handed_over = True
+                chunked = response.headers.get("Transfer-Encoding") == "chunked"  # HTTP/1.1
+                client.attach(transport, chunked=chunked, paused=paused)
             return response
         finally:
-            self.fanout.leave(topic, client)
+            if client.transport is None:
+                client.leave()
+
+
+class Handover(web.StreamResponse):
+    """An SSE answer whose end, once its connection is handed over, is the stream's `Client`'s
+    to write: aiohttp's own end of the request then writes nothing."""
+
+    handed_over = False
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if not self.handed_over:
+            await super().write_eof(data)

@@ -4,6 +4,7 @@ import asyncio
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 
 from dispatcher import bus
@@ -105,3 +106,11 @@ async def upstream():
     seen["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
     yield seen
     await runner.cleanup()
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """The event loops a gateway test runs on: asyncio's, and uvloop too for tests marked
+    `uvloop` (`spinyard up` runs its gateway on uvloop)."""
+    if item.get_closest_marker("uvloop") is not None:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
