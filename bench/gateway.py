@@ -32,6 +32,7 @@ import aiohttp
 import nats
 
 from bench import gateway_peer, stats
+from bench.handlers import cpu_seconds
 from bench.stack import (
     ROOT,
     BenchError,
@@ -123,16 +124,21 @@ async def dead_letters(js) -> int:
     return (await js.stream_info(subjects.DEAD_STREAM)).state.messages
 
 
-async def load_level(http, js, gw: str, metrics_url: str, peer: str, count: int, sizes: Sizes):
+async def load_level(
+    http, js, gw: str, metrics_url: str, peer: str, count: int, sizes: Sizes, pids=None
+):
     """One load level: raw aiohttp accepting, then spinyard's figures at `count` viewers.
 
     With `js` the backlog is the consumers' pending + unacked messages; without (the
-    `spinyard up` variant, whose NATS needs a password) it is accepted - settled."""
+    `spinyard up` variant, whose NATS needs a password) it is accepted - settled.
+    `pids` ({name: pid}) are processes whose CPU per accepted event is reported, from
+    spinyard's load start until its backlog drained (`<name>_cpu_ms_per_event`)."""
     raw, _ = await viewers(
         http, f"{peer}/events", lambda v, i: (event("heartbeat", f"s-{v}"), {}), count,
         sizes.load_s,
     )  # fmt: skip
     before = (await outcomes(http, metrics_url, LOADED))["settled"]
+    cpu = {name: cpu_seconds(pid) for name, pid in (pids or {}).items()}
     app = SHARED if js is not None else UP_APP
     accepted, refused = await viewers(
         http, f"{gw}/v1/events", viewer_events(app, gw), count, sizes.load_s
@@ -150,8 +156,10 @@ async def load_level(http, js, gw: str, metrics_url: str, peer: str, count: int,
     with contextlib.suppress(BenchError):  # not drained in time: reported as None
         await wait_until(lambda: zero(left), sizes.drain_timeout_s, "the backlog to drain", 0.05)
         drained = time.perf_counter() - t0
+    spent = {name: cpu_seconds(pid) - cpu[name] for name, pid in (pids or {}).items()}
     after = await outcomes(http, metrics_url, LOADED)
     return {
+        **{f"{name}_cpu_ms_per_event": 1000 * s / max(accepted, 1) for name, s in spent.items()},
         "viewers": count,
         "raw_accepted_per_s": raw / sizes.load_s,
         "accepted_per_s": accepted / sizes.load_s,
