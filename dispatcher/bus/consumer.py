@@ -33,6 +33,7 @@ from structlog.typing import FilteringBoundLogger
 from dispatcher import logs
 from dispatcher.bus import deadletter
 from dispatcher.bus.connect import transient
+from dispatcher.bus.pull import Puller
 from dispatcher.metrics import BUCKETS, new_registry
 from dispatcher.settings import HandlerSettings
 from handlers.context import Context
@@ -122,15 +123,15 @@ class Consumer:
         self._failing_since = 0.0
 
     async def run(self) -> None:
-        sub = await self.js.pull_subscribe_bind(durable=self.spec.id, stream=subjects.EVENTS_STREAM)
+        puller = Puller(self.js, subjects.EVENTS_STREAM, self.spec.id, self._start)
+        await puller.start()
         self.log.debug("consumer_started", concurrency=self.concurrency)  # (handlers_started)
         # Idle, the loop long-polls for ONE message; it asks for a batch only while the
-        # last message said more were waiting (`num_pending`). A batch pull that finds
-        # the stream empty waits on the server, and a message that then arrives is
-        # delivered but held by nats-py until the batch fills or the pull expires: that
-        # held sporadic page loads 0.2-0.9 s (docs/benchmarks.md, "sporadic"). A
-        # one-message pull ends with its message; a batch pull that meets an emptied
-        # backlog (another replica took it) expires after DRAIN_TIMEOUT_S at most.
+        # last message said more were waiting (`num_pending`), so an idle replica does
+        # not take a crowd of new messages that other replicas could be handling. A
+        # batch pull that meets an emptied backlog (another replica took it) ends after
+        # DRAIN_TIMEOUT_S at most; its messages are handled as they arrive meanwhile
+        # (`Puller`: none is held until the batch fills, issue 8).
         backlog = False
         keep_alive = asyncio.create_task(self._keep_alive(), name=f"{self.spec.id}-keepalive")
         try:
@@ -141,10 +142,10 @@ class Consumer:
                     continue
                 batch = min(free, self.settings.fetch_batch) if backlog else 1
                 try:
-                    msgs = await sub.fetch(
-                        batch, timeout=DRAIN_TIMEOUT_S if batch > 1 else FETCH_TIMEOUT_S
+                    got = await puller.pull(
+                        batch, DRAIN_TIMEOUT_S if batch > 1 else FETCH_TIMEOUT_S
                     )
-                except TimeoutError:  # nats-py raises both its own and asyncio's: no messages
+                except TimeoutError:  # no answer at all: as a pull that found nothing
                     self._fetch_worked()  # (a consumer without a leader answers 503 instead)
                     backlog = False
                     continue
@@ -155,22 +156,24 @@ class Consumer:
                         await self._fetch_failed(exc)
                     continue
                 self._fetch_worked()
-                backlog = bool(msgs) and msgs[-1].metadata.num_pending > 0
-                for msg in msgs:
-                    if self.stopping.is_set():
-                        await msg.nak()  # hand it straight to another replica
-                        continue
-                    seq = msg.metadata.sequence.stream
-                    task = asyncio.create_task(self._handle(msg), name=f"{self.spec.id}#{seq}")
-                    self.inflight.add(task)
-                    task.add_done_callback(self.inflight.discard)
+                backlog = got > 0 and puller.num_pending > 0
         finally:
+            # Unsubscribe before the connection drains, or drain waits on the inbox.
+            with contextlib.suppress(Exception):
+                await puller.stop()
             await self._finish_inflight()
             keep_alive.cancel()
-            # Unsubscribe before the connection drains, or drain waits on the pull.
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
             self.log.info("consumer_stopped")
+
+    def _start(self, msg: Msg) -> None:
+        """Handle a delivered message in a task of its own (nak it if stopping)."""
+        if self.stopping.is_set():
+            task = asyncio.create_task(msg.nak(), name=f"{self.spec.id}-nak")  # to another replica
+        else:
+            seq = msg.metadata.sequence.stream
+            task = asyncio.create_task(self._handle(msg), name=f"{self.spec.id}#{seq}")
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
 
     async def _fetch_failed(self, exc: Exception) -> None:
         """Mark the consumer unhealthy, say so, and pause before the next fetch (or a stop)."""
