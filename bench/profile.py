@@ -47,6 +47,7 @@ STEPS = (
     ("log lines", "BoundLoggerLazyProxy"),
     ("SSE status streams", "StatusStreams."),
     ("fetch (pull requests)", "JetStreamContext.PullSubscription.fetch"),
+    ("pull requests (Puller)", "Puller."),
     ("decode + validate (handlers)", "decode ("),
     ("KV reads", "Records.read ("),
     ("KV writes", "Records.put ("),

@@ -49,8 +49,8 @@ class HandlerSettings(BaseModel):
     fetch_batch: int = Field(
         16,
         ge=1,
-        description="Most messages asked for per pull request while a backlog waits "
-        "(an idle consumer asks for one at a time)",
+        description="Most messages asked for per pull request (each is handled as it "
+        "arrives; a pull asks for no more than the handler's free concurrency)",
     )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="In-flight work may finish for this long"
