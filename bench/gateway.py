@@ -32,7 +32,6 @@ import aiohttp
 import nats
 
 from bench import gateway_peer, stats
-from bench.handlers import cpu_seconds
 from bench.stack import (
     ROOT,
     BenchError,
@@ -124,21 +123,18 @@ async def dead_letters(js) -> int:
     return (await js.stream_info(subjects.DEAD_STREAM)).state.messages
 
 
-async def load_level(
-    http, js, gw: str, metrics_url: str, peer: str, count: int, sizes: Sizes, pids=None
-):
+async def load_level(http, js, gw, metrics_url, peer, count: int, sizes: Sizes, pids=None):
     """One load level: raw aiohttp accepting, then spinyard's figures at `count` viewers.
 
     With `js` the backlog is the consumers' pending + unacked messages; without (the
     `spinyard up` variant, whose NATS needs a password) it is accepted - settled.
-    `pids` ({name: pid}) are processes whose CPU per accepted event is reported, from
-    spinyard's load start until its backlog drained (`<name>_cpu_ms_per_event`)."""
+    `<name>_cpu_ms_per_event`: CPU of `pids[name]` from the load's start to the drain."""
     raw, _ = await viewers(
         http, f"{peer}/events", lambda v, i: (event("heartbeat", f"s-{v}"), {}), count,
         sizes.load_s,
     )  # fmt: skip
     before = (await outcomes(http, metrics_url, LOADED))["settled"]
-    cpu = {name: cpu_seconds(pid) for name, pid in (pids or {}).items()}
+    cpu = {name: stats.cpu_seconds(pid) for name, pid in (pids or {}).items()}
     app = SHARED if js is not None else UP_APP
     accepted, refused = await viewers(
         http, f"{gw}/v1/events", viewer_events(app, gw), count, sizes.load_s
@@ -156,7 +152,7 @@ async def load_level(
     with contextlib.suppress(BenchError):  # not drained in time: reported as None
         await wait_until(lambda: zero(left), sizes.drain_timeout_s, "the backlog to drain", 0.05)
         drained = time.perf_counter() - t0
-    spent = {name: cpu_seconds(pid) - cpu[name] for name, pid in (pids or {}).items()}
+    spent = {name: stats.cpu_seconds(pid) - cpu[name] for name, pid in (pids or {}).items()}
     after = await outcomes(http, metrics_url, LOADED)
     return {
         **{f"{name}_cpu_ms_per_event": 1000 * s / max(accepted, 1) for name, s in spent.items()},
@@ -176,10 +172,6 @@ async def load_level(
 
 async def zero(count) -> bool:
     return await count() == 0
-
-
-async def backlog_zero(js) -> bool:
-    return await backlog(js) == 0
 
 
 async def run(sizes: Sizes = FULL) -> dict:
@@ -309,7 +301,7 @@ async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
         sizes.opens,
         sizes.block,
     )
-    await wait_until(lambda: backlog_zero(js), sizes.drain_timeout_s, "the backlog to drain")
+    await wait_until(lambda: zero(lambda: backlog(js)), sizes.drain_timeout_s, "the drain")
 
     raw_post_row = stats.latency("raw aiohttp POST -> 202", samples["raw_post"])
     raw_line_row = stats.latency("raw aiohttp POST -> SSE line", samples["raw_line"])

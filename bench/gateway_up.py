@@ -29,10 +29,28 @@ from pathlib import Path
 import aiohttp
 
 from bench import stats
-from bench.gateway import FULL, HELLO_SPEC, LOAD_COLUMNS, SECRET, UP_APP, Sizes, event, load_level
+from bench.gateway import (
+    FULL,
+    HELLO_SPEC,
+    LOAD_COLUMNS,
+    SECRET,
+    UP_APP,
+    Sizes,
+    event,
+    load_level,
+)  # fmt: skip
 from bench.stack import Process, clean_env, free_port, wait_until
 from bench.viewers import SseStream, answers, post
 from dispatcher.gateway.auth import mint
+
+# The `spinyard up` row adds CPU per accepted event of its process, its nats-server and the
+# bench's clients (bench/gateway_up.py).
+UP_COLUMNS = (
+    *LOAD_COLUMNS,
+    ("up CPU ms/event", "up_cpu_ms_per_event"),
+    ("nats CPU ms/event", "nats_cpu_ms_per_event"),
+    ("bench CPU ms/event", "bench_cpu_ms_per_event"),
+)
 
 
 def nats_server_pid(parent: int) -> int | None:
@@ -87,19 +105,11 @@ async def up_load(tmp: Path, sizes: Sizes, started=lambda pid: None) -> dict:
         return level
 
 
-CPU_COLUMNS = (
-    ("up CPU ms/event", "up_cpu_ms_per_event"),
-    ("nats CPU ms/event", "nats_cpu_ms_per_event"),
-    ("bench CPU ms/event", "bench_cpu_ms_per_event"),
-)
-
-
-async def run(sizes: Sizes) -> dict:
+async def run(sizes: Sizes, started=lambda pid: None) -> dict:
+    """The `up` phase alone; `started(pid)` as in `up_load`."""
     machine = stats.machine()
     with tempfile.TemporaryDirectory(prefix="spinyard-bench-up-") as tmp:
-        level = await up_load(
-            Path(tmp), sizes, lambda pid: print(f"spinyard up pid {pid}", flush=True)
-        )
+        level = await up_load(Path(tmp), sizes, started)
     return {
         "bench": "gateway_up",
         "machine": machine,
@@ -107,6 +117,15 @@ async def run(sizes: Sizes) -> dict:
         "sizes": asdict(sizes),
         "up": level,
     }
+
+
+def format_result(result: dict) -> str:
+    return "\n".join([
+        f"spinyard up, {result['sizes']['up_viewers']} viewers, "
+        f"{result['sizes']['load_s']:g} s (raw: the aiohttp peer, same clients, just before)",
+        stats.table([result["up"]], UP_COLUMNS),
+        stats.load_line(result),
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,10 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result here")
     args = parser.parse_args(argv)
     sizes = replace(FULL, up_viewers=args.viewers, load_s=args.seconds)
-    result = asyncio.run(run(sizes))
+    result = asyncio.run(run(sizes, lambda pid: print(f"spinyard up pid {pid}", flush=True)))
     level = result["up"]
-    print(stats.table([level], (*LOAD_COLUMNS, *CPU_COLUMNS)))
-    print(stats.load_line(result))
+    print(format_result(result), flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 0 if level["settled"] == level["accepted"] and not level["dead_lettered_total"] else 1

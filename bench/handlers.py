@@ -26,7 +26,6 @@ sessions, each accepted (recorded `queued`, its status published and its
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from bench.stack import (
     wait_consumers,
     wait_until,
 )
+from bench.stats import cpu_seconds
 from bench.viz import SHARED, Watch, bench_specs, page_load
 from dispatcher.bus import provision
 from dispatcher.embedded.natsserver import NatsServer
@@ -65,7 +65,6 @@ RAW_STREAM, RAW_SUBJECT, RAW_DURABLE = "BENCH_PULL", "bench.pull.in", "bench-pul
 RAW_BATCH = 64  # the raw loop's pull size (its fastest of 16/64/256 here)
 PUBLISH_WINDOW = 2000  # publishes sent before their flush
 GOALS = {"page_load": 2000.0, "heartbeat": 3000.0, "run_request": 1000.0}  # /s, issues 9, 10
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -79,12 +78,6 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(events=300)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds `pid` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
 async def publish_backlog(nc, subject: str, events: list) -> None:

@@ -12,6 +12,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -67,6 +68,15 @@ def add_ratios(rows: list[dict], baseline: dict) -> list[dict]:
         row["ratio_p50"] = ratio(row["p50_ms"], baseline["p50_ms"])
         row["ratio_p99"] = ratio(row["p99_ms"], baseline["p99_ms"])
     return rows
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
 def machine() -> dict:

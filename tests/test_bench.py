@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from bench import fanout, gateway, handlers, runs, sporadic, sse_memory, stats, viz
+from bench import fanout, gateway, gateway_up, handlers, runs, sporadic, sse_memory, stats, viz
 
 
 def _check_latency_rows(rows: list[dict]) -> None:
@@ -163,3 +163,17 @@ async def test_gateway_bench_runs_and_reports_its_rows_and_load_levels():
     assert result["dead_letters"] == 0
     text = gateway.format_result(result)
     assert "spinyard POST /v1/events -> 202" in text and "accepted/s" in text
+
+
+async def test_the_up_phase_runs_on_its_own_and_reports_cpu_per_event():
+    sizes = gateway.Sizes(load_s=0.5, up_viewers=2)
+    result = await gateway_up.run(sizes)
+
+    level = result["up"]
+    assert level["viewers"] == 2 and level["accepted"] > 0 and level["raw_accepted_per_s"] > 0
+    assert level["settled"] == level["accepted"] and level["refused"] == 0, level
+    assert level["dead_lettered_total"] == 0
+    for name in ("up", "nats", "bench"):  # CPU is counted in clock ticks: may be 0
+        assert math.isfinite(level[f"{name}_cpu_ms_per_event"]), level
+        assert level[f"{name}_cpu_ms_per_event"] >= 0, level
+    assert "up CPU ms/event" in gateway_up.format_result(result)

@@ -129,12 +129,11 @@ class Consumer:
         # The loop asks for as many messages as it has room for (up to `fetch_batch`) and
         # `Puller` hands each over as it arrives, so a lone message is not held until the
         # batch fills (issue 8: nats-py's fetch did that, and the loop asked for one at a
-        # time while idle). A pull asked for only one message per loop turn under steady
-        # traffic: in `spinyard up` that cost the handlers 0.6 ms of CPU per event against
-        # 0.4 ms with batches (docs/benchmarks.md, "gateway"). Idle, a pull waits
-        # FETCH_TIMEOUT_S on the server; while the last message said more were waiting
-        # (`num_pending`), DRAIN_TIMEOUT_S, so a pull that meets an emptied backlog (another
-        # replica took it) ends soon and the next one asks for what room there is then.
+        # time while idle). Under steady traffic a one-message pull cost a pull request
+        # per event (docs/benchmarks.md, "`spinyard up`: handling that keeps up"). Idle,
+        # a pull waits FETCH_TIMEOUT_S on the server; while the last message said more
+        # were waiting (`num_pending`), DRAIN_TIMEOUT_S, so a pull that meets an emptied
+        # backlog (another replica took it) ends soon and the next asks for the room then.
         backlog = False
         keep_alive = asyncio.create_task(self._keep_alive(), name=f"{self.spec.id}-keepalive")
         try:
