@@ -37,6 +37,7 @@ from pathlib import Path
 import aiohttp
 import msgpack
 import nats
+from nats.aio.client import Client
 
 from bench import stats
 from bench.stack import BenchError, Process, clean_env, free_port, spinyard_env, wait_until
@@ -44,6 +45,7 @@ from dispatcher.bus import provision
 from dispatcher.embedded.natsserver import NatsServer
 from dispatcher.gateway.auth import mint
 from dispatcher.settings import NatsSettings
+from handlers.state import State
 from schemas import subjects
 from schemas.spec import AppSpec
 
@@ -223,16 +225,23 @@ async def run(sizes: Sizes = FULL) -> dict:
             return await _run(Path(tmp), sizes, stack) | {"machine": machine, "fd_limit": fd_limit}
 
 
-async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
+async def hall(tmp: Path, stack: AsyncExitStack, name: str) -> tuple[NatsServer, Client, State]:
+    """nats-server with spinyard's streams, buckets and the hall's app; a connection to it."""
     server = NatsServer(tmp / "nats").start()
     stack.callback(server.stop)
-    nc = await nats.connect(server.url, name="bench-fanout")
+    nc = await nats.connect(server.url, name=name)
     stack.push_async_callback(nc.close)
     js = nc.jetstream()
     nsettings = NatsSettings(url=server.url)
     await provision.ensure_streams(js, nsettings)
     state = await provision.ensure_state(js, nsettings)
     await state.apps.put(HALL, AppSpec(name=HALL, kind="viz", command=["x"]))
+    return server, nc, state
+
+
+async def _run(tmp: Path, sizes: Sizes, stack: AsyncExitStack) -> dict:
+    server, nc, _ = await hall(tmp, stack, "bench-fanout")
+    js = nc.jetstream()
     subject = subjects.app_status(HALL)
 
     port = free_port()

@@ -24,17 +24,21 @@ import tracemalloc
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-import nats
-
-from bench.fanout import HALL, SECRET, go, payload, raise_fd_limit, start_workers, vmrss_kb
-from dispatcher.bus import provision
-from dispatcher.embedded.natsserver import NatsServer
+from bench.fanout import (
+    HALL,
+    SECRET,
+    go,
+    hall,
+    payload,
+    raise_fd_limit,
+    start_workers,
+    vmrss_kb,
+)
 from dispatcher.gateway.app import start_gateway
 from dispatcher.gateway.auth import mint
 from dispatcher.gateway.security import Guard
-from dispatcher.settings import AuthSettings, GatewaySettings, NatsSettings
+from dispatcher.settings import AuthSettings, GatewaySettings
 from schemas import subjects
-from schemas.spec import AppSpec
 
 
 async def measure(streams: int, trace: bool = False, top: int = 12) -> dict:
@@ -50,15 +54,8 @@ async def measure(streams: int, trace: bool = False, top: int = 12) -> dict:
     result: dict = {"streams": streams}
     with tempfile.TemporaryDirectory(prefix="spinyard-bench-sse-memory-") as tmp:
         async with AsyncExitStack() as stack:
-            server = NatsServer(Path(tmp) / "nats").start()
-            stack.callback(server.stop)
-            nc = await nats.connect(server.url, name="bench-sse-memory")
-            stack.push_async_callback(nc.close)
+            _, nc, state = await hall(Path(tmp), stack, "bench-sse-memory")
             js = nc.jetstream()
-            nsettings = NatsSettings(url=server.url)
-            await provision.ensure_streams(js, nsettings)
-            state = await provision.ensure_state(js, nsettings)
-            await state.apps.put(HALL, AppSpec(name=HALL, kind="viz", command=["x"]))
             await js.publish(subjects.app_status(HALL), payload(0))
             guard = Guard(AuthSettings(hs256_secret=SECRET), state, "http://127.0.0.1")
             settings = GatewaySettings(port=0, sse_linger_s=60.0)
