@@ -24,6 +24,7 @@ CLUSTER_NOT_READY = {
     10008,  # JetStream system temporarily unavailable
     10009,  # JetStream cluster can not handle request (no leader)
     10023,  # insufficient resources (too few nodes up for the replicas)
+    10049,  # error creating store for stream (a node still removing a deleted one's store)
 }
 
 

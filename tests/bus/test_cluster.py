@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from dispatcher import bus, compose
 from dispatcher.bus import provision
+from dispatcher.bus.connect import transient
 from dispatcher.embedded.natscluster import NatsCluster
 from dispatcher.runtime import Handlers
 from handlers.registry import Registry, handler
@@ -293,3 +294,15 @@ async def test_replicated_buckets_are_read_from_their_leader_even_if_made_for_di
             assert records.kv._direct is False  # nats-py asks the leader ($JS.API.STREAM.MSG.GET)
     finally:
         await nc.close()
+
+
+def test_what_a_cluster_says_while_it_settles_is_retried_and_a_refusal_is_not():
+    def api_error(code: int, err_code: int) -> nats.js.errors.APIError:
+        return nats.js.errors.ServerError(code=code, err_code=err_code, description="...")
+
+    # a replica's store not made yet (a node still removing a just-deleted stream's):
+    assert transient(api_error(500, 10049))
+    assert transient(api_error(503, 10008))
+    assert transient(nats.js.errors.ServiceUnavailableError(code=503, description="no leader"))
+    # a stream of that name with another configuration: no wait makes it go away
+    assert not transient(api_error(400, 10058))
