@@ -558,9 +558,10 @@ async def test_a_backlog_is_pulled_in_batches_and_a_lone_message_is_not_held(
     or the pull expired (a page load 10 ms after another waited up to 0.96 s in 10 of 30
     tries; docs/benchmarks.md, "sporadic"). The consumer's pulls hand each message over
     as it arrives (`dispatcher.bus.pull`): here an idle consumer's pull, made to wait on
-    the server for 30 s, still delivers a lone message at once, and no other pull is
-    made for it. A backlog is taken in batches of `fetch_batch`."""
-    monkeypatch.setattr(consumer, "FETCH_TIMEOUT_S", 30.0)
+    the server for 8 s, still delivers a lone message well before that, and no other
+    pull is made for it. A backlog is taken in batches of `fetch_batch`. (A stop waits
+    for the pull to end: the longer it is, the longer the test.)"""
+    monkeypatch.setattr(consumer, "FETCH_TIMEOUT_S", 8.0)
     registry = Registry()
     handled = []
 
@@ -586,12 +587,12 @@ async def test_a_backlog_is_pulled_in_batches_and_a_lone_message_is_not_held(
     try:
         await wait_for(lambda: len(handled) == 40, what="the backlog handled")
         assert {batch for batch, _ in pulls} == {settings.handlers.fetch_batch}
-        # Idle now: the next pull waits 30 s for up to a batch; a lone message ends
+        # Idle now: the next pull waits 8 s for up to a batch; a lone message ends
         # nothing, it is handed over at once.
-        await wait_for(lambda: pulls[-1][1] > 10e9, what="the idle pull")
+        await wait_for(lambda: pulls[-1][1] > 7e9, what="the idle pull")
         idle = len(pulls)
         await _publish(js, PageLoad(app="a/b", session="alone"))
-        await wait_for(lambda: "alone" in handled, what="the lone message handled")
+        await wait_for(lambda: "alone" in handled, timeout=4, what="the lone message handled")
         assert len(pulls) == idle  # by the pull that was waiting, not a new one
     finally:
         await spy.unsubscribe()
