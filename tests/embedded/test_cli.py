@@ -8,6 +8,7 @@ import sys
 
 import aiohttp
 
+from tests.backends.local.procs import kill_left_processes
 from tests.helpers import ROOT, wait_for
 
 
@@ -131,6 +132,7 @@ async def test_handlers_and_gateway_as_separate_processes_serve_a_page_load(nats
     finally:
         codes = [_stop(gateway), _stop(handlers)]
         spinyard_stop = spinyard("apps", "rm", "demo/hello", **env)
+        kill_left_processes(tmp_path / "data")  # handlers leave their instances running
     assert [code for code, _ in codes] == [0, 0], [err[-2000:] for _, err in codes]
     assert spinyard_stop.returncode == 0
 
