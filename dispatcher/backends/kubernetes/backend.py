@@ -303,8 +303,6 @@ class KubernetesBackend(Backend):
         """Hand a run to a claimed warm runner's pod (see `WarmPods.hand`)."""
         return await self._warm.hand(launch, spec, instance_id)
 
-    # -- runs --
-
     async def submit_job(self, launch: JobLaunch, spec: AppSpec) -> None:
         """Create the run's Job (suspended), its inputs Secret owned by it, then resume it.
 
