@@ -128,6 +128,15 @@ class LocalBackendSettings(BaseModel):
         description="Niceness added to runs (job runners, warm runners and the models they "
         "start), so a machine busy with runs still serves events and apps first (0: none)",
     )
+    warm_fork_max_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="A new warm runner is forked from a waiting one of the same app, revision, "
+        "command and environment whose first interpreter started less than this long ago "
+        "(a fork, not an interpreter start and the preloads' imports); older ones are not "
+        "forked from, so code changed on disk under an unchanged spec is picked up within "
+        "this age (0: every warm runner starts its own interpreter)",
+    )
 
 
 class KubernetesBackendSettings(BaseModel):

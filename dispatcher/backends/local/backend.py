@@ -84,10 +84,11 @@ class LocalBackend(Backend):
         self._secrets = SecretFiles.under(data_dir)  # what the gateway and the CLI write
         self._log = logs.get("spinyard.backend.local")
         self._instances = InstanceFiles(Path(data_dir) / "local" / "instances", self._log)
+        warm = Path(data_dir) / "local" / "warm"
         self._warm = WarmRunners(
-            Path(data_dir) / "local" / "warm", self._jobs, self._instances, self._python, self._log
-        )
-        self._warm.nice = settings.run_nice
+            warm, self._jobs, self._instances, self._python, self._log,
+            nice=settings.run_nice, fork_max_age_s=settings.warm_fork_max_age_s,
+        )  # fmt: skip
 
     async def setup(self) -> None:
         """Create the state, log and job directories.

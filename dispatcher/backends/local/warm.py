@@ -7,10 +7,19 @@ claims and stops it as it does a viz pool member; its own files are under
 prepares a run's directory as a cold start does and hands its path to the
 runner over its socket (`hand`); from then on the run is an ordinary job
 and the runner is no pool member any more (its state file and directory go).
+
+A new runner is forked from a waiting one when one may be (`_fork`): same
+app, revision, command, workdir, preloads, memory and environment (a digest
+of it: warm.json holds no values), and its first interpreter started less
+than `backend.local.warm_fork_max_age_s` ago, so a pool that refills after
+every run pays a fork, not an interpreter's start and its imports, while
+code on disk that changed under an unchanged spec is picked up within that
+age. Otherwise it is started as ever (`_spawn`).
 """
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,8 +34,9 @@ from structlog.typing import FilteringBoundLogger
 from dispatcher.backends.launch import argv, check_id, fill, job_values
 from dispatcher.backends.local import processes
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
+from dispatcher.backends.local.jobfiles import read_json
 from dispatcher.backends.local.jobrunner import CLAIMED, CODE_ROOT, EXISTS, RUNNING
-from dispatcher.backends.local.warmrunner import READY, SOCKET, forks
+from dispatcher.backends.local.warmrunner import FORK, FORKED, READY, SOCKET, forks
 from handlers.errors import StartFailed
 from schemas import errors as codes
 from schemas.spec import AppSpec
@@ -39,8 +49,6 @@ _TAIL_LINES = 10
 class WarmRunners:
     """Warm runners under one data dir."""
 
-    nice = 0  # added to the runners' niceness (`backend.local.run_nice`)
-
     def __init__(
         self,
         root: Path,
@@ -48,9 +56,15 @@ class WarmRunners:
         instances: InstanceFiles,
         python: str,
         log: FilteringBoundLogger,
+        nice: int = 0,
+        fork_max_age_s: float = 0.0,
     ) -> None:
+        """`nice` is added to the runners' niceness (`backend.local.run_nice`); a runner is
+        forked from a waiting one whose interpreter is younger than `fork_max_age_s` (0:
+        never)."""
         self.root, self._jobs, self._instances = root, jobs, instances
-        self._python, self._log = python, log
+        self._python, self._log, self._nice = python, log, nice
+        self._fork_max_age_s = fork_max_age_s
 
     def dir(self, instance_id: str) -> Path:
         return self.root / instance_id
@@ -90,13 +104,21 @@ class WarmRunners:
                 return
             if old is not None:
                 processes.signal_group(old.process, signal.SIGKILL)
-            popen, proc = self._spawn(directory, spec, memory, secrets)
+            config, env = self._config(directory, spec, memory, secrets)
+            popen, seed = None, self._seed(instance_id, config)
+            proc = await self._fork(seed, directory, config) if seed else None
+            if proc is None:
+                popen, proc = self._spawn(directory, config, env)
             state = InstanceState(
                 id=instance_id, app=spec.name, kind="warm", pid=proc.pid, port=0, host="",
                 start_time=proc.start_time, boot_id=proc.boot_id, pooled=True,
                 created_at=time.time(),
             )  # fmt: skip
             self._instances.write(state)
+        if popen is None:
+            assert seed is not None
+            self._log.info("warm_runner_started", forked_from=seed[0].id, **state.fields())
+            return
         reading = asyncio.ensure_future(asyncio.to_thread(popen.stdout.readline))
         reading.add_done_callback(lambda _: popen.stdout.close())
         try:
@@ -115,14 +137,13 @@ class WarmRunners:
             raise StartFailed(message, code=codes.START_TIMEOUT, log_tail=tail)
         raise StartFailed("the warm runner exited at start", code=codes.START_FAILED, log_tail=tail)
 
-    def _spawn(
+    def _config(
         self, directory: Path, spec: AppSpec, memory: int, secrets: dict[str, str]
-    ) -> tuple[subprocess.Popen, processes.Process]:
-        shutil.rmtree(directory, ignore_errors=True)
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.mkdir(mode=0o700)
+    ) -> tuple[dict, dict[str, str]]:
+        """What the runner's warm.json says (less `born`), and its environment."""
         values = job_values(python=self._python)
         fork = forks(spec.command)
+        env = processes.child_env({k: fill(v, values) for k, v in spec.env.items()} | secrets)
         config = {
             "app": spec.name,
             "argv": argv(spec, values),
@@ -131,15 +152,80 @@ class WarmRunners:
             "fork": fork,
             "memory_bytes": memory,
             "jobs": str(self._jobs),
+            # what else decides whether a runner may be forked from another (`_seed`)
+            "interpreter": self._python if fork else sys.executable,
+            "revision": spec.revision,
+            "env_sha256": hashlib.sha256(json.dumps(sorted(env.items())).encode()).hexdigest(),
         }
+        return config, env
+
+    def _seed(self, instance_id: str, config: dict) -> tuple[InstanceState, float] | None:
+        """A waiting pool runner started for the same `config` as `instance_id` (the cwd
+        aside: a spec without a workdir runs in the runner's directory) and young enough to
+        fork from, with its interpreter's start time; None if there is none."""
+        if self._fork_max_age_s <= 0:
+            return None
+        oldest = time.time() - self._fork_max_age_s
+        ours = _comparable(config, self.dir(instance_id))
+        for state in self._instances.all():
+            if state.kind != "warm" or not state.pooled or state.app != config["app"]:
+                continue
+            theirs = read_json(self.dir(state.id) / "warm.json") or {}
+            born = theirs.get("born", 0.0)
+            if born > oldest and _comparable(theirs, self.dir(state.id)) == ours:
+                if state.id != instance_id and self.waiting(state):
+                    return state, born
+        return None
+
+    async def _fork(
+        self, seed: tuple[InstanceState, float], directory: Path, config: dict
+    ) -> processes.Process | None:
+        """Ask the waiting runner `seed` for a sibling in `directory` (`warmrunner.py`): the
+        sibling once it waits for a run, or None if it could not be had (then nothing of
+        it is left running)."""
+        state, born = seed
+        self._fresh(directory, config | {"born": born})
+        proc = None
+        try:
+            with processes.unix_address(self.dir(state.id) / SOCKET) as address:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(address), _CONNECT_S
+                )
+            try:
+                writer.write(FORK + os.fsencode(directory) + b"\n")
+                word, _, pid = (await asyncio.wait_for(reader.readline(), _ANSWER_S)).partition(
+                    b" "
+                )
+                if word == READY.strip() and pid.strip().isdigit():
+                    proc = processes.current(int(pid))
+                    writer.write(FORKED)  # it goes on only once it has this
+                    await writer.drain()
+                    return proc
+            finally:
+                writer.close()  # a sibling that has no word from us then ends
+        except (OSError, TimeoutError):
+            if proc is not None:
+                processes.signal_group(proc, signal.SIGKILL)
+        self._log.warning("warm_runner_fork_failed", app=config["app"], seed=state.id)
+        return None
+
+    def _fresh(self, directory: Path, config: dict) -> None:
+        """A new, empty `directory` for a runner, with its warm.json."""
+        shutil.rmtree(directory, ignore_errors=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700)
         processes.write_atomic(directory / "warm.json", json.dumps(config).encode())
-        env = processes.child_env({k: fill(v, values) for k, v in spec.env.items()} | secrets)
-        interpreter = self._python if fork else sys.executable
-        command = [interpreter, "-m", "dispatcher.backends.local.warmrunner", str(directory)]
+
+    def _spawn(
+        self, directory: Path, config: dict, env: dict[str, str]
+    ) -> tuple[subprocess.Popen, processes.Process]:
+        """Start a runner with an interpreter of its own."""
+        self._fresh(directory, config | {"born": time.time()})
+        command = [config["interpreter"], "-m", "dispatcher.backends.local.warmrunner"]
         try:
             return processes.spawn(
-                command, env, CODE_ROOT, directory / "warm.log", stdout=subprocess.PIPE,
-                nice=self.nice,
+                [*command, str(directory)], env, CODE_ROOT, directory / "warm.log",
+                stdout=subprocess.PIPE, nice=self._nice,
             )  # fmt: skip
         except processes.SpawnError as exc:
             shutil.rmtree(directory, ignore_errors=True)
@@ -190,3 +276,10 @@ class WarmRunners:
 
     def remove_dir(self, instance_id: str) -> None:
         shutil.rmtree(self.dir(instance_id), ignore_errors=True)
+
+
+def _comparable(config: dict, directory: Path) -> dict:
+    """A runner's warm.json as `_seed` compares it: without its `born`, and its cwd as "."
+    when that is its own directory."""
+    cwd = config.get("cwd")
+    return config | {"born": None, "cwd": "." if cwd == str(directory) else cwd}

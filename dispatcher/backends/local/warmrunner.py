@@ -5,6 +5,7 @@ dispatcher.backends.local.warmrunner <dir>` in a new session, in a directory
 of its own, `<data_dir>/local/warm/<instance>/` (0700):
 
     warm.json   what it was started for: app, argv, cwd, preload, fork, memory_bytes, jobs
+                (and, for the backend only, what decides who may fork it: `warm.py`)
     sock        the unix stream socket it waits on (0600)
     warm.log    its stderr until it has a run (then the run's runner.log)
 
@@ -31,6 +32,17 @@ Deadline, cancel, log cap and result files are the cold runner's. One run
 per warm runner; a SIGTERM while it waits ends it. Like the job runner it
 imports nothing of spinyard but the job runner's modules, so any interpreter
 that runs the model can run it.
+
+While it waits it may also be asked for a sibling: `fork <dir>` on the
+socket, `<dir>` a new runner's directory beside its own, with a warm.json
+the backend wrote (`WarmRunners.start` asks only a runner started for the
+same spec, revision and environment). It forks twice, so the new runner is
+no child of its own: that one makes a session of its own, a new signal
+pipe, its log and its socket in `<dir>`, then answers `ready <pid>` on the
+connection, and once the asker says `ok` (it recorded the runner; without
+it the sibling exits) waits for a run as any warm runner does. It costs a fork (a
+millisecond or two), not an interpreter's start and the preloads' imports,
+and it has everything imported that its parent has.
 """
 
 import atexit
@@ -50,6 +62,8 @@ from dispatcher.backends.local.jobfiles import JobDir, read_json
 from dispatcher.backends.local.joblog import CappedLog
 
 READY = b"ready\n"  # what a warm runner writes on stdout once it waits for a run
+FORK = b"fork "  # what asks a waiting runner for a sibling: `fork <dir>`
+FORKED = b"ok\n"  # the asker's word that it recorded the sibling's `ready <pid>`
 SOCKET = "sock"
 _HAND_TIMEOUT_S = 5.0  # how long a connected submitter may take to name its job
 
@@ -91,12 +105,23 @@ def _python_main(argv: list[str]) -> None:
         runpy.run_path(argv[1], run_name="__main__")
 
 
+def _reseed() -> None:
+    """Seed numpy's global generator anew, if a preload imported numpy: runs forked from
+    one lineage of runners would all draw the same numbers from it (Python's `random`
+    is reseeded at every fork by Python itself)."""
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        with contextlib.suppress(Exception):
+            numpy_random.seed()
+
+
 def _child(spec: dict, stdin: int, out: int, closing: tuple[int, ...]) -> None:
     """The forked model: a session, stdio, cwd, limits and environment of its own; never
     returns."""
     code = 1
     try:
         os.setsid()
+        _reseed()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -135,6 +160,8 @@ class _Warm:
         self.config = read_json(root / "warm.json") or {}
         self.sock: socket.socket | None = None
         self.conn: socket.socket | None = None
+        self.job_dir: Path | None = None  # the run's, once it is handed one
+        self._held: bytes | None = None  # an answer held until the model starts (`answer`)
 
     def prepare(self) -> None:
         """Lower the memory limit, import the preloads, bind the socket."""
@@ -145,32 +172,94 @@ class _Warm:
             sys.path[0] = _script_dir(self.config["argv"], cwd)
             for name in self.config.get("preload", []):
                 importlib.import_module(name)
+        self.bind()
+
+    def bind(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         with processes.unix_address(self.root / SOCKET) as address:
             self.sock.bind(address)
             os.chmod(address, 0o600)
-        self.sock.listen(1)
+        self.sock.listen(8)
 
     def wait(self) -> Path | None:
-        """The staging directory the submitter names, or None if told to stop first."""
-        assert self.sock is not None
+        """The staging directory the submitter names, or None if told to stop first; asked
+        for a sibling meanwhile, forks one (`fork`) and waits on (in both processes)."""
         while True:
+            assert self.sock is not None
             got = self.signals.wait(3600, also=(self.sock.fileno(),))
             if got & set(jobrunner.STOP):
                 return None
-            with contextlib.suppress(BlockingIOError, InterruptedError):
+            try:
                 self.sock.setblocking(False)
-                self.conn, _ = self.sock.accept()
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                conn.settimeout(_HAND_TIMEOUT_S)
+                line = conn.makefile("rb").readline(4096).strip()
+                if not line:  # it went without a word
+                    conn.close()
+                    continue
+                if line.startswith(FORK):
+                    self.fork(conn, Path(os.fsdecode(line[len(FORK) :])))
+                    conn.close()
+                    continue
                 break
+            conn.close()  # it went, or said nothing in time: not our run
+        self.conn = conn
         self.sock.close()  # one run: nobody else gets in
         (self.root / SOCKET).unlink(missing_ok=True)
-        self.conn.settimeout(_HAND_TIMEOUT_S)
-        line = self.conn.makefile("rb").readline(4096).strip()
         staging = Path(os.fsdecode(line))
         if staging.parent != Path(self.config["jobs"]) or not staging.is_dir():
             sys.stderr.write(f"warmrunner: {staging} is not a job being submitted\n")
             return None
         return staging
+
+    def fork(self, conn: socket.socket, root: Path) -> None:
+        """Start a sibling warm runner in `root` (a directory beside ours holding its
+        warm.json); it answers `ready <pid>` on `conn` once it waits, or nothing if it
+        could not start (the asker then starts one the usual way)."""
+        if root.parent != self.root.parent or not (root / "warm.json").is_file():
+            sys.stderr.write(f"warmrunner: {root} is not a warm runner's directory\n")
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:  # us: the go-between exits at once, leaving the sibling to init
+            os.waitpid(pid, 0)
+            return
+        try:
+            if os.fork():
+                os._exit(0)
+            self._become(root)
+            conn.sendall(b"%s %d\n" % (READY.strip(), os.getpid()))
+            if conn.makefile("rb").readline(16) != FORKED:
+                os._exit(0)  # the asker gave up on us: nobody would know that we wait
+            conn.close()
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        # the sibling goes on in our caller's loop, waiting on its own socket
+
+    def _become(self, root: Path) -> None:
+        """Turn this fresh fork into the warm runner of `root`: its session, signal pipe,
+        log and socket."""
+        os.setsid()
+        old = self.signals.fds
+        self.signals = jobrunner.Signals()
+        assert self.sock is not None
+        self.sock.close()
+        for fd in old:
+            os.close(fd)
+        with processes.open_log(root / "warm.log") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+        self.root = root
+        self.config = read_json(root / "warm.json") or self.config
+        if self.config.get("fork"):  # a spec without a workdir runs in the runner's directory
+            os.chdir(self.config["cwd"])
+            sys.path[0] = _script_dir(self.config["argv"], self.config["cwd"])
+        self.bind()
 
     def answer(self, data: bytes) -> None:
         """Answer the submitter on the socket; a claimed run's runner.log takes our stderr.
@@ -210,10 +299,6 @@ class _Warm:
         self.conn.close()
         os.dup2(2, 1)
 
-    _held: bytes | None = None
-
-    job_dir: Path | None = None
-
     def start_forked(
         self, job: JobDir, spec: dict
     ) -> tuple[jobrunner.Forked, processes.Process, jobrunner.Output]:
@@ -223,15 +308,20 @@ class _Warm:
         if spec["argv"] != self.config["argv"]:  # the app changed since: run what it says now
             return jobrunner.start_exec(job, spec)
         read, write = os.pipe2(os.O_CLOEXEC)
+        set_up, setting_up = os.pipe2(os.O_CLOEXEC)  # ends once the child has closed its fds
         stdin = os.open(job.inputs, os.O_RDONLY | os.O_CLOEXEC)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             held = (self.conn.fileno(),) if self.conn is not None else ()  # the submitter's
-            _child(spec, stdin, write, (read, *self.signals.fds, *held))
-        os.close(write)
-        os.close(stdin)
+            _child(spec, stdin, write, (read, set_up, setting_up, *self.signals.fds, *held))
+        for fd in (write, stdin, setting_up):
+            os.close(fd)
+        # The model is "running" once it has its session and signals: a cancel that
+        # follows at once then reaches it as it would a cold run's.
+        os.read(set_up, 1)
+        os.close(set_up)
         log = CappedLog(job.log, int(spec.get("max_log_bytes") or jobrunner.DEFAULT_LOG_BYTES))
         return jobrunner.Forked(pid), processes.current(pid), jobrunner.Output(read, log)
 

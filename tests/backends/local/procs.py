@@ -48,14 +48,15 @@ def boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-def _processes_logging_to(directory: Path) -> list[int]:
-    """Live processes whose stdout is a file under `directory`: apps started there, and theirs."""
+def processes_logging_to(directory: Path, fd: int = 1) -> list[int]:
+    """Live processes whose stdout (or `fd`) is a file under `directory`: apps started
+    there, and theirs."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            stdout = os.readlink(f"/proc/{name}/fd/1")
+            stdout = os.readlink(f"/proc/{name}/fd/{fd}")
             stat = Path(f"/proc/{name}/stat").read_bytes()
         except OSError:
             continue
@@ -68,7 +69,7 @@ def _processes_logging_to(directory: Path) -> list[int]:
 def kill_left_processes(data_dir: Path) -> list[int]:
     """Kill what still runs of apps, jobs' models and job runners started under `data_dir`
     (all of them write their output there), so none outlives the test; their pids."""
-    left = _processes_logging_to(data_dir)
+    left = processes_logging_to(data_dir)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     return left

@@ -5,10 +5,12 @@ fork of a Python model with its preloads, the exec of any other command,
 the hand-over's hygiene, the log cap, and runners that die or fail to start.
 """
 
+import asyncio
 import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -244,3 +246,130 @@ async def test_a_warm_runner_holds_no_credentials(backend, data_dir, monkeypatch
     files = data_dir / "local" / "warm" / warm
     modes = [os.stat(path).st_mode & 0o777 for path in (files, files / "sock", files / "warm.json")]
     assert modes == [0o700, 0o600, 0o600]  # its own, owner only
+
+
+# -- refills forked from a waiting runner --
+
+
+def born(data_dir, warm: str) -> float:
+    """When the first interpreter of the runner's lineage started (its warm.json)."""
+    return json.loads((data_dir / "local" / "warm" / warm / "warm.json").read_text())["born"]
+
+
+async def pid_of(backend, warm: str) -> int:
+    return int((await find(backend, warm)).labels["pid"])
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+async def test_a_new_runner_is_forked_from_a_waiting_one_and_outlives_it(
+    backend, watcher, data_dir
+):
+    spec = model_spec(preload=["colorsys"], env={"JOB_SEE_MODULES": "colorsys"})
+    seed, sibling = new_id(), new_id()
+    await backend.start_warm(seed, spec, READY_S)
+    await backend.start_warm(sibling, spec, READY_S)
+    assert born(data_dir, sibling) == born(data_dir, seed)  # no interpreter of its own
+    pid = await pid_of(backend, sibling)
+    assert procs.session_of(pid) == pid  # stoppable on its own
+    assert parent_of(pid) not in (os.getpid(), await pid_of(backend, seed))
+    assert (data_dir / "local" / "warm" / sibling / "warm.log").exists()
+
+    await backend.stop_viz(seed)
+    assert procs.alive(pid)
+    jid = new_job_id()
+    assert await backend.claim(sibling)
+    assert await backend.submit_warm(launch(jid, spec), spec, sibling) == "running"
+    assert (await watcher.until(jid, "succeeded")).exit_code == 0
+    seen = await seen_by_model(data_dir, jid)
+    assert seen["preloaded"] == ["colorsys"]
+    assert seen["cwd"] == str(JOB_MODEL.parent)
+
+
+async def test_a_runner_is_forked_only_from_one_of_the_same_spec_and_environment(backend, data_dir):
+    spec = model_spec()
+    first = new_id()
+    await backend.start_warm(first, spec, READY_S)
+    others = [
+        spec.model_copy(update={"env": {"JOB_OTHER": "1"}}),
+        spec.model_copy(update={"revision": 2}),
+        model_spec(preload=["colorsys"]),
+        model_spec("--write"),
+        spec.model_copy(update={"name": "test/other"}),
+    ]
+    for other in others:
+        warm = new_id()
+        await backend.start_warm(warm, other, READY_S)
+        assert born(data_dir, warm) > born(data_dir, first), other
+
+
+async def test_a_runner_past_the_age_limit_is_not_forked_from(local_settings, tmp_path):
+    data_dir = tmp_path / "aged"
+    settings = local_settings.model_copy(update={"warm_fork_max_age_s": 0.5})
+    backend = LocalBackend(settings, data_dir, PUBLIC_URL)
+    await backend.setup()
+    try:
+        spec = model_spec()
+        first, young, old = new_id(), new_id(), new_id()
+        await backend.start_warm(first, spec, READY_S)
+        await backend.start_warm(young, spec, READY_S)
+        assert born(data_dir, young) == born(data_dir, first)
+        await asyncio.sleep(0.6)
+        await backend.start_warm(old, spec, READY_S)
+        assert born(data_dir, old) > born(data_dir, first) + 0.5
+    finally:
+        await stop_all(backend)
+        await backend.cleanup()
+
+
+async def test_a_seed_that_does_not_answer_leaves_a_runner_started_the_usual_way(backend, data_dir):
+    spec = model_spec()
+    seed, warm = new_id(), new_id()
+    await backend.start_warm(seed, spec, READY_S)
+    stuck = await pid_of(backend, seed)
+    os.kill(stuck, signal.SIGSTOP)  # connects, but answers nothing within the backend's wait
+    try:
+        await backend.start_warm(warm, spec, READY_S)
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    assert born(data_dir, warm) > born(data_dir, seed)
+    pid = await pid_of(backend, warm)
+    assert parent_of(pid) == os.getpid()  # spawned, as ever
+    # The seed now forks the sibling it was asked for; with no word from the backend, the
+    # sibling exits, and nothing but the spawned runner serves that directory.
+    await wait_for(
+        lambda: procs.processes_logging_to(data_dir / "local" / "warm" / warm, fd=2) == [pid],
+        READY_S,
+        what="the unanswered sibling's exit",
+    )
+    jid = new_job_id()
+    assert await backend.claim(warm)
+    assert await backend.submit_warm(launch(jid, spec), spec, warm) == "running"
+
+
+NUMPY_DRAW = "import numpy\nprint('draw', numpy.random.random(), flush=True)\n"
+
+
+async def test_runs_forked_from_one_lineage_draw_different_random_numbers(
+    backend, watcher, tmp_path
+):
+    (tmp_path / "draw.py").write_text(NUMPY_DRAW)
+    spec = job_spec(
+        workdir=str(tmp_path),
+        pool={"size": 1},
+        preload=["numpy"],
+        env={"OPENBLAS_NUM_THREADS": "1"},
+        resources={"memory": "1Gi"},
+    ).model_copy(update={"command": ["{python}", "draw.py"]})
+    seed = new_id()
+    await backend.start_warm(seed, spec, READY_S)
+    draws = []
+    for _ in range(3):
+        jid = new_job_id()
+        await warm_run(backend, spec, jid)  # on a runner forked from `seed`
+        done = await watcher.until(jid, "succeeded")
+        draws.append(next(x for x in done.log_tail.splitlines() if x.startswith("draw ")))
+    assert len(set(draws)) == 3, draws
