@@ -13,7 +13,7 @@ from handlers.context import Context
 from handlers.errors import PermanentError, Rejected, RetryableError, public_info
 from handlers.ports import JobLaunch
 from handlers.registry import handler
-from handlers.state import Entry, cas_loop
+from handlers.state import Entry, Turn, cas_loop
 from schemas import errors as codes
 from schemas import subjects
 from schemas.errors import ErrorInfo
@@ -81,8 +81,18 @@ async def _claim(
         The queue before and after, and whether `job` found the queue full.
     """
     now = ctx.now()
+    async with ctx.state.queues.turn(spec.name) as turn:  # see `Records.turn`
+        return await _claim_in_turn(ctx, spec, job, by, now, turn)
+
+
+async def _claim_in_turn(
+    ctx: Context, spec: AppSpec, job: jobs.Job | None, by: str, now: float, turn: Turn
+) -> tuple[runq.RunQueue, runq.RunQueue, bool]:
+    guess = ctx.state.queues.guess(spec.name, turn)  # the claim before ours wrote it
+    turn.last = None
     async for _ in cas_loop():
-        entry = await ctx.state.queues.read(spec.name)
+        guessed = guess is not None
+        entry, guess = guess or await ctx.state.queues.read(spec.name), None
         queue = entry.value if entry else runq.RunQueue()
         new, full = queue, False
         if (
@@ -107,12 +117,15 @@ async def _claim(
         if chosen:
             new = runq.claim(new, chosen, by, now)
         if new is queue:
+            if guessed:  # nothing to do, by what we did not read: decide again on the record
+                continue
             return queue, queue, full
         if entry is None:
             written = await ctx.state.queues.create(spec.name, new)
         else:
             written = await ctx.state.queues.update(spec.name, new, entry.revision)
         if written is not None:
+            ctx.state.queues.remember(turn, new, written)
             return queue, new, full
         await runq.free_slots(ctx, slotted)  # lost the race: the slots were for nothing
     raise RetryableError(f"the run queue of {spec.name} kept changing under us", delay=0.2)

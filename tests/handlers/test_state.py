@@ -127,6 +127,47 @@ async def test_change_starts_from_a_known_entry_and_rereads_if_it_is_stale(state
     assert (await state.pools.get("demo/k")).size() == 3
 
 
+def add_one(index: PoolIndex) -> PoolIndex:
+    index.starting[f"i-{len(index.starting):016d}"] = 1.0
+    return index
+
+
+async def test_changes_of_one_record_in_one_process_take_turns_without_conflicts(state):
+    updates = []
+    update = state.pools.update
+
+    async def counted(id, value, revision):
+        updates.append(await update(id, value, revision))
+        return updates[-1]
+
+    state.pools.update = counted
+    await state.pools.change("demo/t", add_one, default=PoolIndex)
+    entries = await asyncio.gather(*(state.pools.change("demo/t", add_one) for _ in range(20)))
+    assert sorted(e.value.size() for e in entries) == list(range(2, 22))
+    assert len(updates) == 20 and None not in updates  # one write each, none lost to a race
+    assert len({id(e.value) for e in entries}) == 20  # each its own value, not one shared
+    assert state.pools._turns == {}  # forgotten once nobody waits
+
+
+async def test_a_change_declined_on_the_last_turns_write_is_decided_again_on_the_record(state):
+    first = await state.pools.change("demo/g", add_one, default=PoolIndex)
+
+    def add_past_four(index: PoolIndex) -> PoolIndex | None:
+        return add_one(index) if index.size() >= 4 else None
+
+    async with state.pools.turn("demo/g") as turn:
+        state.pools.remember(turn, first.value, first.revision)  # as a change in turn would
+        waiting = asyncio.create_task(state.pools.change("demo/g", add_past_four))
+        await asyncio.sleep(0.05)  # it waits for the turn
+        assert not waiting.done()
+        other = await state.pools.read("demo/g")  # another replica writes meanwhile
+        four = other.value.model_copy(update={"starting": {f"i-{n:016d}": 1.0 for n in range(4)}})
+        assert await state.pools.update("demo/g", four, other.revision) is not None
+    written = await waiting
+    assert written is not None and written.value.size() == 5
+    assert (await state.pools.get("demo/g")).size() == 5
+
+
 async def test_a_record_this_version_cannot_read_is_skipped_not_fatal(state):
     """One bad spec (e.g. a job spec with `{port}`, valid before that was refused) must not
     stop the reaper's and the gateway's scans of every other app."""

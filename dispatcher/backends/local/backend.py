@@ -260,6 +260,7 @@ class LocalBackend(Backend):
         processes.reap()
         found = [s.instance(alive=processes.alive(s.process)) for s in self._instances.all()]
         remove_stale_staging(self._jobs, _STALE_STAGING_S)
+        self._warm.sweep(_STALE_STAGING_S)
         found += [Instance(id=j, kind="job", **fields) for j, fields in self._listings.all()]
         return found
 
@@ -278,7 +279,7 @@ class LocalBackend(Backend):
                 the runner could not be started.
         """
         job = self._job(launch.job_id)
-        stage = self._stage(job, launch, spec)
+        stage = await asyncio.to_thread(self._stage, job, launch, spec)  # file writes: off the loop
         if stage is None:
             return
         try:
@@ -303,7 +304,7 @@ class LocalBackend(Backend):
         why); None if the runner could not take it (it died, say). Either way the
         runner is no warm runner any more once this returns."""
         job = self._job(launch.job_id)
-        stage = self._stage(job, launch, spec)
+        stage = await asyncio.to_thread(self._stage, job, launch, spec)  # file writes: off the loop
         if stage is None:  # the job exists: the runner is not needed
             await self.stop_viz(instance_id)
             return "taken"

@@ -254,7 +254,11 @@ class WarmRunners:
                 if answer not in (RUNNING, CLAIMED, EXISTS):
                     answer = None
                     await processes.terminate(state.process, 0)
-            self._forget(instance_id, lock_path)
+            if answer is None:
+                self._forget(instance_id, lock_path)
+            else:  # it removes its own directory once it has answered, off the start's path
+                self._instances.remove(instance_id)
+                lock_path.unlink(missing_ok=True)
         return answer
 
     async def _send(self, instance_id: str, stage: Path) -> bytes:
@@ -276,6 +280,18 @@ class WarmRunners:
 
     def remove_dir(self, instance_id: str) -> None:
         shutil.rmtree(self.dir(instance_id), ignore_errors=True)
+
+    def sweep(self, older_than_s: float) -> None:
+        """Remove the directories of runners that are no instances any more and were not
+        touched for `older_than_s` (a runner handed its run removes its own; one that
+        died before it did leaves it)."""
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root) as entries:
+            for entry in entries:
+                if self._instances.path(entry.name).exists():
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - entry.stat().st_mtime > older_than_s:
+                        shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _comparable(config: dict, directory: Path) -> dict:

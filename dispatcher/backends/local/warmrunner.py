@@ -9,6 +9,8 @@ of its own, `<data_dir>/local/warm/<instance>/` (0700):
     sock        the unix stream socket it waits on (0600)
     warm.log    its stderr until it has a run (then the run's runner.log)
 
+The runner removes the directory itself once it has answered its run.
+
 It runs with the app's environment as a cold runner's model would have it
 without the run's own variables: the handler's environment minus every
 SPINYARD_* variable (no credentials), then the spec's `env`. Its address
@@ -50,6 +52,7 @@ import contextlib
 import importlib
 import os
 import runpy
+import shutil
 import signal
 import socket
 import sys
@@ -298,6 +301,7 @@ class _Warm:
             self.conn.sendall(data)
         self.conn.close()
         os.dup2(2, 1)
+        shutil.rmtree(self.root, ignore_errors=True)  # no warm runner's any more: ours to remove
 
     def start_forked(
         self, job: JobDir, spec: dict

@@ -10,11 +10,13 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from dispatcher.backends.local.backend import LocalBackend
+from dispatcher.backends.local.warmrunner import SOCKET
 from handlers.errors import StartFailed
 from schemas import errors as codes
 from tests.backends.contract import (
@@ -373,3 +375,20 @@ async def test_runs_forked_from_one_lineage_draw_different_random_numbers(
         done = await watcher.until(jid, "succeeded")
         draws.append(next(x for x in done.log_tail.splitlines() if x.startswith("draw ")))
     assert len(set(draws)) == 3, draws
+
+
+async def test_a_directory_left_by_a_runner_that_died_after_its_answer_is_swept(backend, data_dir):
+    warm = new_id()
+    await backend.start_warm(warm, model_spec(), READY_S)
+    root = data_dir / "local" / "warm"
+    left, fresh = root / new_id(), root / new_id()
+    for directory in (left, fresh):
+        directory.mkdir()
+        (directory / "warm.log").write_text("its last words\n")
+    long_ago = time.time() - 2 * 3600
+    os.utime(left, (long_ago, long_ago))
+    os.utime(root / warm, (long_ago, long_ago))  # waiting a long time, but an instance
+    await backend.list_instances()  # the reaper's pass
+    assert not left.exists()
+    assert fresh.exists()  # maybe a runner being started right now
+    assert (root / warm / SOCKET).exists()
