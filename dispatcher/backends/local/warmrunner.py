@@ -49,6 +49,7 @@ and it has everything imported that its parent has.
 
 import atexit
 import contextlib
+import gc
 import importlib
 import os
 import runpy
@@ -175,6 +176,10 @@ class _Warm:
             sys.path[0] = _script_dir(self.config["argv"], cwd)
             for name in self.config.get("preload", []):
                 importlib.import_module(name)
+        # What is imported now is shared with every fork, the model's and a sibling's:
+        # the collector leaves it alone, so forks do not copy its pages to visit it.
+        gc.collect()
+        gc.freeze()
         self.bind()
 
     def bind(self) -> None:
