@@ -203,10 +203,13 @@ class WarmRunners:
                     return proc
             finally:
                 writer.close()  # a sibling that has no word from us then ends
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError) as exc:
             if proc is not None:
                 processes.signal_group(proc, signal.SIGKILL)
-        self._log.warning("warm_runner_fork_failed", app=config["app"], seed=state.id)
+            why = type(exc).__name__
+        else:
+            why = "no sibling"  # it went, or was handed its run, before it answered
+        self._log.warning("warm_runner_fork_failed", app=config["app"], seed=state.id, why=why)
         return None
 
     def _fresh(self, directory: Path, config: dict) -> None:

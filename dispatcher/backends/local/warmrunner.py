@@ -187,7 +187,7 @@ class _Warm:
         with processes.unix_address(self.root / SOCKET) as address:
             self.sock.bind(address)
             os.chmod(address, 0o600)
-        self.sock.listen(8)
+        self.sock.listen(64)  # a burst of refills may ask it for siblings at once
 
     def wait(self) -> Path | None:
         """The staging directory the submitter names, or None if told to stop first; asked
