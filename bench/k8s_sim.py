@@ -41,7 +41,7 @@ from bench import k8s_warm
 from dispatcher import logs
 from dispatcher.backends.base import JobLaunch
 from dispatcher.backends.kubernetes.backend import KubernetesBackend
-from dispatcher.settings import KubernetesBackendSettings
+from dispatcher.backends.settings import KubernetesBackendSettings
 from schemas.spec import AppSpec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import kubesim
 from dispatcher.backends.base import JobLaunch
 from dispatcher.backends.kubernetes.backend import KubernetesBackend
-from dispatcher.settings import KubernetesBackendSettings
+from dispatcher.backends.settings import KubernetesBackendSettings
 from schemas.events import JobUpdate
 from schemas.spec import AppSpec
 

@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 from dispatcher import waits
 from dispatcher.backends import launch
 from dispatcher.backends.local.backend import LocalBackend
-from dispatcher.settings import LocalBackendSettings
+from dispatcher.backends.settings import LocalBackendSettings
 from schemas.spec import AppSpec
 
 ROOT = Path(__file__).resolve().parent.parent

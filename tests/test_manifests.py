@@ -25,9 +25,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from dispatcher.backends.settings import KubernetesBackendSettings
 from dispatcher.bus import permissions
 from dispatcher.embedded.natsserver import NatsServer, find_binary
-from dispatcher.settings import KubernetesBackendSettings, Settings
+from dispatcher.settings import Settings
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
 from handlers.registry import default_registry
 from schemas import subjects

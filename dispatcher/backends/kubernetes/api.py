@@ -47,7 +47,7 @@ from kubernetes.watch.watch import iter_resp_lines
 from dispatcher import logs
 from dispatcher.backends.kubernetes.clientconfig import load_configuration
 from dispatcher.backends.kubernetes.resources import PODS, Resource
-from dispatcher.settings import KubernetesBackendSettings
+from dispatcher.backends.settings import KubernetesBackendSettings
 from handlers.errors import PermanentError, RetryableError
 from schemas import errors as codes
 

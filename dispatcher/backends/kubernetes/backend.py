@@ -46,7 +46,7 @@ from dispatcher.backends.kubernetes.secrets import SecretObjects
 from dispatcher.backends.kubernetes.warm import WarmPods
 from dispatcher.backends.launch import check_id, check_job_id, last_answer, not_ready_message
 from dispatcher.backends.secrets import check_secrets
-from dispatcher.settings import KubernetesBackendSettings
+from dispatcher.backends.settings import KubernetesBackendSettings
 from handlers.errors import PermanentError, RetryableError, StartFailed
 from handlers.ports import JobReport, WarmHandOver
 from schemas import errors as codes

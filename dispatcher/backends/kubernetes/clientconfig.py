@@ -4,7 +4,7 @@ settings). Loaded when the backend connects, never at import."""
 
 from kubernetes import client, config
 
-from dispatcher.settings import KubernetesBackendSettings
+from dispatcher.backends.settings import KubernetesBackendSettings
 
 
 def load_configuration(settings: KubernetesBackendSettings) -> client.Configuration:

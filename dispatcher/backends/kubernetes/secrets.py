@@ -30,7 +30,7 @@ from dispatcher.backends.kubernetes.meta import (
 )
 from dispatcher.backends.kubernetes.resources import SECRETS
 from dispatcher.backends.secrets import SecretStore
-from dispatcher.settings import KubernetesBackendSettings
+from dispatcher.backends.settings import KubernetesBackendSettings
 
 COMPONENT_SECRETS = "secrets"
 

@@ -36,8 +36,8 @@ from dispatcher.backends.kubernetes.informer import Informer
 from dispatcher.backends.kubernetes.logtail import PodLogs
 from dispatcher.backends.kubernetes.resources import PODS
 from dispatcher.backends.launch import check_id, check_job_id
+from dispatcher.backends.settings import KubernetesBackendSettings
 from dispatcher.logs import get as get_logger
-from dispatcher.settings import KubernetesBackendSettings
 from handlers.errors import RetryableError, StartFailed
 from handlers.ports import Instance, JobReport, WarmHandOver
 from schemas import errors as codes

@@ -52,7 +52,7 @@ from dispatcher.backends.local.jobwatch import JobWatcher
 from dispatcher.backends.local.secrets import SecretFiles
 from dispatcher.backends.local.staging import stage_job, start_runner
 from dispatcher.backends.local.warm import WarmRunners
-from dispatcher.settings import LocalBackendSettings
+from dispatcher.backends.settings import LocalBackendSettings
 from handlers.errors import StartFailed
 from handlers.ports import JobReport, WarmHandOver
 from schemas import errors as codes

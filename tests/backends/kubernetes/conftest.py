@@ -4,7 +4,7 @@ import pytest
 
 import kubesim
 from dispatcher.backends.kubernetes.backend import KubernetesBackend
-from dispatcher.settings import KubernetesBackendSettings
+from dispatcher.backends.settings import KubernetesBackendSettings
 from tests.backends.kubernetes.support import PUBLIC_URL
 from tests.helpers import ROOT
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.settings import LocalBackendSettings
+from dispatcher.backends.settings import LocalBackendSettings
 from tests.backends.local.procs import kill_left_processes
 
 

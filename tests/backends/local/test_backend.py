@@ -313,7 +313,7 @@ class TestLocalBackend(BackendContract, JobContract, WarmJobContract):
             import asyncio, sys, time
             from pathlib import Path
             from dispatcher.backends.local.backend import LocalBackend
-            from dispatcher.settings import LocalBackendSettings
+            from dispatcher.backends.settings import LocalBackendSettings
             from tests.backends.contract import echo_spec
 
             backend = LocalBackend(LocalBackendSettings(), Path(sys.argv[1]), "http://x")

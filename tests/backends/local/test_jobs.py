@@ -21,7 +21,7 @@ import pytest
 from dispatcher.backends.local import jobwatch, processes
 from dispatcher.backends.local.backend import LocalBackend
 from dispatcher.backends.local.jobfiles import JobDir, Listings
-from dispatcher.settings import LocalBackendSettings
+from dispatcher.backends.settings import LocalBackendSettings
 from dispatcher.store import ObjectStore
 from handlers.errors import StartFailed
 from tests.backends.contract import (
@@ -390,7 +390,7 @@ async def test_concurrent_submissions_from_processes_run_once(backend, watch, da
         import asyncio, sys, time
         from pathlib import Path
         from dispatcher.backends.local.backend import LocalBackend
-        from dispatcher.settings import LocalBackendSettings
+        from dispatcher.backends.settings import LocalBackendSettings
         from tests.backends.contract import job_spec, launch
 
         backend = LocalBackend(LocalBackendSettings(), Path(sys.argv[1]), "http://x")
