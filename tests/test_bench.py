@@ -10,7 +10,18 @@ import math
 import os
 from pathlib import Path
 
-from bench import fanout, gateway, gateway_up, handlers, runs, sporadic, sse_memory, stats, viz
+from bench import (
+    fanout,
+    gateway,
+    gateway_up,
+    handlers,
+    runs,
+    sporadic,
+    sse_memory,
+    stats,
+    viz,
+    warm_local,
+)
 
 
 def _check_latency_rows(rows: list[dict]) -> None:
@@ -177,3 +188,17 @@ async def test_the_up_phase_runs_on_its_own_and_reports_cpu_per_event():
         assert math.isfinite(level[f"{name}_cpu_ms_per_event"]), level
         assert level[f"{name}_cpu_ms_per_event"] >= 0, level
     assert "up CPU ms/event" in gateway_up.format_result(result)
+
+
+async def test_warm_local_bench_times_refills_against_spawns_and_hands_over_at_once():
+    result = await warm_local.run(refill_count=2, burst_size=3)
+    spawned, forked = result["latency"]
+    assert (spawned["n"], forked["n"]) == (2, 2)
+    assert spawned["ratio_p50"] == 1.0
+    _check_latency_rows(result["latency"])
+    sleeping, trivial, floor = result["rates"]
+    assert sleeping["n"] == trivial["n"] == 3  # every hand-over answered "running"
+    assert floor["n"] == 200
+    for row in result["rates"]:
+        assert math.isfinite(row["per_s"]) and row["per_s"] > 0, row
+    assert "start_warm, forked" in warm_local.format_result(result)
