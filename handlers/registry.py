@@ -54,8 +54,10 @@ class HandlerSpec:
 
     @property
     def max_deliver(self) -> int:
-        """JetStream's limit of deliveries: none for a patient handler (the consumer counts)."""
-        return -1 if self.patient else self.tries
+        """JetStream's limit of deliveries: one past the tries, so that the consumer
+        sees (and dead-letters) the delivery after a last try that was never settled;
+        none for a patient handler. (The consumer counts tries: dispatcher.bus.requeue.)"""
+        return -1 if self.patient else self.tries + 1
 
     def backoff(self, attempt: int) -> float:
         """Delay before try `attempt + 1`, given `attempt` tries so far (1-based)."""

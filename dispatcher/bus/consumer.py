@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 from structlog.typing import FilteringBoundLogger
 
 from dispatcher import logs
-from dispatcher.bus import deadletter
+from dispatcher.bus import deadletter, requeue
 from dispatcher.bus.connect import transient
 from dispatcher.bus.pull import Puller
 from dispatcher.metrics import BUCKETS, new_registry
@@ -46,6 +46,10 @@ from schemas.codec import DecodeError, decode
 FETCH_TIMEOUT_S = 1.0  # long-poll length; also bounds how fast a stop is noticed
 DRAIN_TIMEOUT_S = 0.1  # a batch pull taken only while a backlog is known (see `run`)
 FETCH_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses after failed fetches in a row
+
+
+class Unsettled(SpinyardError):
+    """A delivery came after the last try: that try's process died or stalled unsettled."""
 
 
 class HandlerMetrics:
@@ -118,6 +122,7 @@ class Consumer:
         self.log = logs.get("spinyard.consumer", handler=spec.id)
         self.inflight: set[asyncio.Task] = set()
         self._working: dict[int, tuple[Msg, float]] = {}  # id(msg): (msg, when it was fetched)
+        self._parked: list[Msg] = []  # delivered while stopping: handed back once pulls end
         self.healthy = True  # False while fetching fails (the bus is away)
         self._failures = 0  # failed fetches in a row
         self._failing_since = 0.0
@@ -158,20 +163,28 @@ class Consumer:
                 self._fetch_worked()
                 backlog = got > 0 and puller.num_pending > 0
         finally:
-            # Unsubscribe before the connection drains, or drain waits on the inbox.
+            # Unsubscribe before the connection drains, or drain waits on the inbox. The
+            # last pull has ended, so the copies handed back now cannot come back to it.
             with contextlib.suppress(Exception):
                 await puller.stop()
+            parked, self._parked = self._parked, []
+            await asyncio.gather(*(self._hand_back(msg) for msg in parked))
             await self._finish_inflight()
             keep_alive.cancel()
             self.log.info("consumer_stopped")
 
     def _start(self, msg: Msg) -> None:
-        """Handle a delivered message in a task of its own (nak it if stopping)."""
+        """Handle a delivered message in a task of its own (park it if stopping).
+
+        A message that arrives on the last pull after a stop began is handed
+        back once that pull has ended, not nak'ed at once: a nak'ed message
+        would be redelivered to the same pull and use up its tries in a blink.
+        """
         if self.stopping.is_set():
-            task = asyncio.create_task(msg.nak(), name=f"{self.spec.id}-nak")  # to another replica
-        else:
-            seq = msg.metadata.sequence.stream
-            task = asyncio.create_task(self._handle(msg), name=f"{self.spec.id}#{seq}")
+            self._parked.append(msg)
+            return
+        seq = msg.metadata.sequence.stream
+        task = asyncio.create_task(self._handle(msg), name=f"{self.spec.id}#{seq}")
         self.inflight.add(task)
         task.add_done_callback(self.inflight.discard)
 
@@ -203,7 +216,7 @@ class Consumer:
             return
         _, pending = await asyncio.wait(self.inflight, timeout=self.settings.shutdown_grace_s)
         for task in pending:
-            task.cancel()  # _handle naks the message on cancellation
+            task.cancel()  # _handle hands the message back on cancellation
         if pending:
             await asyncio.wait(pending)
             self.log.warning("inflight_cancelled", count=len(pending))
@@ -230,7 +243,7 @@ class Consumer:
     async def _handle(self, msg: Msg) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        attempt = msg.metadata.num_delivered
+        attempt = requeue.attempt(msg)
         try:
             event = decode(self.spec.schema, msg.data)
         except (DecodeError, ValidationError) as exc:
@@ -250,11 +263,16 @@ class Consumer:
         self._working[id(msg)] = (msg, started)  # its ack deadline is extended meanwhile
         outcome = "ok"
         try:
+            if attempt > self.spec.tries and not self.spec.patient:
+                # The delivery after the last try: that try was never settled.
+                outcome = "dead_lettered"
+                unsettled = Unsettled(deadletter.UNSETTLED)
+                await self._give_up(ctx, log, msg, event, unsettled, attempt - 1)
+                return
             await self._call(ctx, event, log)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await msg.nak()
             outcome = "cancelled"
+            await self._hand_back(msg, attempt)
             raise
         except PermanentError as exc:
             outcome = "failed"
@@ -326,6 +344,9 @@ class Consumer:
 
         A patient handler's `RetryableError` with `until` has tries until then.
         """
+        if self.stopping.is_set() and transient(exc):  # the bus went as the process stops
+            await self._hand_back(msg, attempt)
+            return "cancelled"
         until = getattr(exc, "until", None) if self.spec.patient else None
         if attempt < self.spec.tries or (until is not None and time.time() < until):
             await msg.nak(delay=delay)
@@ -360,6 +381,16 @@ class Consumer:
                 log.error("failure_hook_raised", error=repr(hook_exc))
         await self._dead_letter(msg, code, detail, attempt)
         await msg.term()
+
+    async def _hand_back(self, msg: Msg, attempt: int | None = None) -> None:
+        """Return `msg` to the stream, its try unused (`requeue`), or nak it if that fails."""
+        attempt = requeue.attempt(msg) if attempt is None else attempt
+        kept = await requeue.hand_back(self.js, msg, attempt)
+        (self.log.info if kept else self.log.warning)(
+            "message_handed_back" if kept else "message_nak_on_stop",
+            subject=msg.subject,
+            attempt=attempt,
+        )
 
     async def _dead_letter(self, msg: Msg, code: str, reason: str, attempt: int) -> None:
         letter = deadletter.headers(self.spec.id, msg.subject, code, reason, attempt)

@@ -5,9 +5,11 @@ with headers that say why (`headers()` below is the one place they are
 written): the handler, the original subject, an error code, a reason for
 operators and the number of tries.
 
-When a handler process crashes while handling a message's last delivery,
-JetStream stops redelivering it and announces that with a max-deliveries
-advisory; the consumer loop never sees the message again. Every handler
+When a handler's last try is never settled (its process died), the next
+delivery, one past the handler's tries, is dead-lettered by the consumer loop
+that receives it (`requeue` tells why there is one). Should that delivery be
+lost too, JetStream stops redelivering and announces it with a
+max-deliveries advisory; the consumer loop never sees the message again. Every handler
 process listens for those advisories, copies the stuck event to the dead
 letter subject (de-duplicated by stream sequence, so many replicas make one
 copy) and removes it from the events stream.
@@ -26,6 +28,7 @@ from schemas import subjects
 
 ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{subjects.EVENTS_STREAM}.*"
 log = logs.get("spinyard.advisories")
+UNSETTLED = "the handler stopped (crashed or was killed) during its last try"
 
 
 def headers(handler: str, subject: str, code: str, reason: str, attempts: int) -> dict[str, str]:
@@ -68,9 +71,8 @@ async def _dead_letter(js: JetStreamContext, consumer: str, seq: int, deliveries
     except NotFoundError:
         return  # another replica got there first
     kind = stuck.subject.split(".")[3] if stuck.subject.count(".") >= 3 else consumer
-    reason = "the handler stopped (crashed or was killed) during its last try"
     letter = {"Nats-Msg-Id": f"exhausted-{seq}"} | headers(
-        consumer, stuck.subject, codes.INTERNAL, reason, deliveries
+        consumer, stuck.subject, codes.INTERNAL, UNSETTLED, deliveries
     )
     await js.publish(subjects.dead(kind), stuck.data or b"", headers=letter)
     try:

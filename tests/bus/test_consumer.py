@@ -437,9 +437,9 @@ async def _scrape(http, base):
     return metrics if metrics.get(key) == 1 else None
 
 
-async def test_message_whose_handler_dies_on_its_last_try_is_dead_lettered(settings, nats):
-    """A consumer that never settles (as a crashed handler) exhausts the tries;
-    the advisory watcher of a running handler service dead-letters the event."""
+async def test_message_whose_deliveries_all_go_unsettled_is_dead_lettered(settings, nats):
+    """A consumer that never settles (as handlers that all crash) exhausts JetStream's
+    deliveries; the advisory watcher of a running handler service dead-letters the event."""
     from dispatcher import bus as spinyard_bus
     from handlers.registry import HandlerSpec
 
@@ -462,7 +462,7 @@ async def test_message_whose_handler_dies_on_its_last_try_is_dead_lettered(setti
     event = PageLoad(app="a/b", session="s1")
     await _publish(js, event)
     sub = await js.pull_subscribe_bind(durable="page_load", stream=subjects.EVENTS_STREAM)
-    for _ in range(2):  # both deliveries taken and dropped, as by a process that died
+    for _ in range(crashing.max_deliver):  # all taken and dropped, as by processes that died
         (await sub.fetch(1, timeout=5))[0]
 
     async def pull_and_look():
@@ -520,7 +520,7 @@ async def test_an_error_with_until_is_tried_past_the_retries_of_a_patient_handle
         dead = await wait_for(lambda: _dead_letters(js, subjects.PAGE_LOAD), what="dead letter")
         assert len(dead) == 1 and len(calls) == 2
     info = await js.consumer_info(subjects.EVENTS_STREAM, "page_load")
-    assert info.config.max_deliver == (-1 if patient else 2)
+    assert info.config.max_deliver == (-1 if patient else 3)  # tries + 1 (dispatcher.bus.requeue)
     service.stop()
     await task
 
@@ -598,3 +598,135 @@ async def test_a_backlog_is_pulled_in_batches_and_a_lone_message_is_not_held(
         await spy.unsubscribe()
         service.stop()
         await task
+
+
+async def _count_dead(js, kind):
+    return len(await _dead_letters(js, kind))
+
+
+async def _stream_messages(js):
+    info = await js.stream_info(subjects.EVENTS_STREAM)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        with contextlib.suppress(Exception):
+            out.append(await js.get_msg(subjects.EVENTS_STREAM, seq))
+    return [m for m in out if m.data]
+
+
+async def test_a_last_try_interrupted_by_a_stop_is_handed_back_not_dead_lettered(settings, nats):
+    """Stopped during its only try (the grace period ran out), the event goes back to the
+    stream with that try unused, and the next handler process runs it as try 1."""
+    settings.handlers.shutdown_grace_s = 0.2
+    registry = Registry()
+    runs = []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, registry=registry, retries=0)
+    async def stuck(ctx, event):
+        runs.append(event.id)
+        await asyncio.sleep(60)
+
+    js = nats.jetstream()
+    service, task = await _run(settings, registry, nats)
+    dead_before = await _count_dead(js, subjects.PAGE_LOAD)
+    event = PageLoad(app="a/b", session="s1")
+    await _publish(js, event)
+    await wait_for(lambda: runs, what="the handler runs")
+    with capture_logs() as logs:
+        service.stop()
+        await task
+    assert [e["attempt"] for e in logs if e["event"] == "message_handed_back"] == [1]
+    copies = await _stream_messages(js)
+    assert [decode(PageLoad, m.data).id for m in copies] == [event.id]
+    assert copies[0].headers["Spinyard-Tries-Used"] == "0"
+
+    finished = []
+    registry2 = Registry()
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, registry=registry2, retries=0)
+    async def quick(ctx, event):
+        finished.append(event.id)
+
+    with capture_logs() as logs:
+        service, task = await _run(settings, registry2, nats)
+        await wait_for(lambda: finished, what="the handed-back event runs")
+        await wait_for(lambda: _stream_empty(js), what="and is acked")
+        service.stop()
+        await task
+    assert finished == [event.id]
+    handled = [e for e in logs if e["event"] == "message_handled"]
+    assert [(e["attempt"], e["outcome"]) for e in handled] == [(1, "ok")]
+    assert await _count_dead(js, subjects.PAGE_LOAD) == dead_before
+
+
+async def test_a_message_arriving_as_the_stop_begins_is_handed_back_once(settings, nats):
+    """The last pull may still deliver after a stop begins; such a message is handed back
+    after that pull ends, not nak'ed into the same pull until its tries are gone."""
+    registry = Registry()
+    runs = []
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, registry=registry, retries=0)
+    async def never(ctx, event):
+        runs.append(event.id)
+
+    js = nats.jetstream()
+    service, task = await _run(settings, registry, nats)
+    dead_before = await _count_dead(js, subjects.PAGE_LOAD)
+    await asyncio.sleep(0.2)  # the idle pull is waiting on the server
+    event = PageLoad(app="a/b", session="s1")
+    with capture_logs() as logs:
+        service.stop()
+        await _publish(js, event)  # delivered to the pull that is still open
+        await task
+    assert runs == []
+    assert [e["event"] for e in logs if "handed_back" in e["event"]] == ["message_handed_back"]
+    copies = await _stream_messages(js)
+    assert [decode(PageLoad, m.data).id for m in copies] == [event.id]
+    info = await js.consumer_info(subjects.EVENTS_STREAM, "page_load")
+    assert info.num_ack_pending == 0
+    assert await _count_dead(js, subjects.PAGE_LOAD) == dead_before
+    # Leave the stream empty for the next test.
+    sub = await js.pull_subscribe_bind(durable="page_load", stream=subjects.EVENTS_STREAM)
+    for msg in await sub.fetch(1, timeout=5):
+        await msg.ack()
+    await sub.unsubscribe()
+
+
+async def test_the_delivery_after_an_unsettled_last_try_is_dead_lettered_unrun(settings, nats):
+    """A last try whose process died leaves one more delivery; the consumer that gets
+    it dead-letters the event without running it, and the page hears `failed`."""
+    from dispatcher import bus as spinyard_bus
+    from handlers.registry import HandlerSpec
+
+    settings.handlers.ack_wait_s = 0.5
+    registry = Registry()
+    runs, hooks = [], []
+
+    async def failed(ctx, event, info):
+        hooks.append(info.code)
+
+    @handler(subjects.PAGE_LOAD, schema=PageLoad, registry=registry, retries=1, on_failure=failed)
+    async def ok(ctx, event):
+        runs.append(event.id)
+
+    spec = registry.select(None)[0]
+    assert isinstance(spec, HandlerSpec) and spec.max_deliver == spec.tries + 1
+    js = nats.jetstream()
+    await spinyard_bus.ensure(js, settings.nats, [spec], settings.handlers)
+    dead_before = await _count_dead(js, subjects.PAGE_LOAD)
+    event = PageLoad(app="a/b", session="s1")
+    await _publish(js, event)
+    sub = await js.pull_subscribe_bind(durable="page_load", stream=subjects.EVENTS_STREAM)
+    for _ in range(spec.tries):  # every try taken and never settled, as by processes that died
+        await sub.fetch(1, timeout=5)
+    await sub.unsubscribe()
+    service, task = await _run(settings, registry, nats)
+    await wait_for(lambda: _stream_empty(js), timeout=10, what="the event settled")
+    service.stop()
+    await task
+    assert runs == []
+    assert hooks == ["internal"]
+    dead = await _dead_letters(js, subjects.PAGE_LOAD)
+    assert len(dead) == dead_before + 1
+    assert dead[-1].data == encode(event)
+    assert "last try" in dead[-1].headers["Spinyard-Reason"]
+    assert dead[-1].headers["Spinyard-Attempts"] == str(spec.tries)
