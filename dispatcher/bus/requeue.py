@@ -11,7 +11,9 @@ its earlier copies used (header `Spinyard-Tries-Used`, absent on a first
 copy) plus JetStream's delivery count. An interrupted delivery is handed
 back by publishing a copy of the event whose header counts only the tries
 before this one, and then acking the original. The copy's message id is
-derived from the original's stream sequence, so a process that dies between
+derived from the original's stream sequence and the time it was stored
+(the same on every delivery, and unique even if the stream is ever made
+anew), so a process that dies between
 the two steps and is interrupted again on the redelivery publishes nothing
 twice (JetStream drops the copy within `nats.dedup_window_s`). When the copy
 cannot be published (the bus is away), the delivery is nak'ed instead, as
@@ -46,7 +48,8 @@ async def hand_back(js: JetStreamContext, msg: Msg, this_try: int) -> bool:
     """Return `msg`'s event to the stream without using up `this_try`; False if only nak'ed."""
     headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
     headers[TRIES_USED] = str(this_try - 1)
-    headers["Nats-Msg-Id"] = f"requeued-{msg.metadata.sequence.stream}"
+    stored_us = round(msg.metadata.timestamp.timestamp() * 1e6)  # with the sequence: unique
+    headers["Nats-Msg-Id"] = f"requeued-{msg.metadata.sequence.stream}-{stored_us}"
     try:
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
             await js.publish(msg.subject, msg.data, headers=headers)
