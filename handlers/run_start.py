@@ -8,6 +8,8 @@ event), then hands each claimed run to the backend; a redelivery hands this
 event's claims out again, which backends treat as a no-op for a run they have.
 """
 
+import asyncio
+
 from handlers import jobs, pools, rollout, runq
 from handlers.context import Context
 from handlers.errors import PermanentError, Rejected, RetryableError, public_info
@@ -50,13 +52,17 @@ async def _start_failed(ctx: Context, event: RunStart, error: ErrorInfo) -> None
     on_failure=_start_failed,
 )
 async def run_start(ctx: Context, event: RunStart) -> None:
-    spec = await ctx.state.apps.get(event.app)
+    if event.job_id:  # both reads at once: one round trip, not two
+        spec, read = await asyncio.gather(
+            ctx.state.apps.get(event.app), ctx.state.jobs.read(event.job_id)
+        )
+    else:
+        spec, read = await ctx.state.apps.get(event.app), None
     if spec is None or spec.kind != "job":
         if event.job_id:
             info = ErrorInfo(code=codes.UNKNOWN_APP, message=f"{event.app} is not registered")
             await _fail(ctx, event.job_id, info)
         return
-    read = await ctx.state.jobs.read(event.job_id) if event.job_id else None
     job = read.value if read and read.value.state == JobState.QUEUED else None
     # (None: cancelled while the start was on its way, or started already)
     before, after, full = await _claim(ctx, spec, job, event.id)
