@@ -400,7 +400,12 @@ class JobContract:
         spec, jid, watcher = make_job_spec(), new_job_id(), watch()
         await backend.submit_job(launch(jid, spec), spec)
         await watcher.until(jid, "succeeded")
-        before = await find(backend, jid)
+
+        async def ended() -> Instance | None:  # reported first, then its runner (or pod) ends
+            found = await find(backend, jid)
+            return found if found is not None and not found.alive else None
+
+        before = await wait_for(ended, what="the finished job's runner gone")
         await backend.submit_job(launch(jid, spec), spec)
         assert await find(backend, jid) == before
 

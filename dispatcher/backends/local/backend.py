@@ -44,7 +44,7 @@ from dispatcher.backends.launch import (
     viz_env,
     viz_values,
 )
-from dispatcher.backends.local import processes, readiness
+from dispatcher.backends.local import locks, processes, readiness
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
 from dispatcher.backends.local.jobfiles import JobDir, Listings, notify, remove_stale_staging
 from dispatcher.backends.local.jobrunner import CLAIMED, RUNNING
@@ -344,7 +344,7 @@ class LocalBackend(Backend):
         """
         job = self._job(job_id)
         self._mkdirs()
-        async with processes.locked(job.lock):
+        async with locks.locked(job.lock):
             runner = job.runner()
             if runner is not None and job.result() is None:
                 grace = self._settings.stop_grace_s

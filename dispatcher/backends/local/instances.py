@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from structlog.typing import FilteringBoundLogger
 
-from dispatcher.backends.local import processes
+from dispatcher.backends.local import locks, processes
 from handlers.ports import Instance
 
 
@@ -124,5 +124,5 @@ class InstanceFiles:
     async def locked(self, instance_id: str) -> AsyncIterator[Path]:
         """Hold the instance's lock file (shared by every process on this data dir)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        async with processes.locked(self.root / f"{instance_id}.lock") as path:
+        async with locks.locked(self.root / f"{instance_id}.lock") as path:
             yield path

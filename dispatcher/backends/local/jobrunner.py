@@ -173,6 +173,8 @@ def _signal_tree(model: processes.Process, sig: signal.Signals) -> bool:
     Returns whether anything was left to signal.
     """
     sent = processes.signal_group(model, sig)
+    if processes.childless_subreaper():
+        return sent
     for pid in processes.descendants(os.getpid()):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
@@ -255,11 +257,15 @@ def _supervise(
             _reap_adopted(popen.pid)
         if why is None and got & set(STOP):
             why = "cancelled"
-    _signal_tree(model, signal.SIGKILL)  # leftovers; the model's pid is not free yet
+    # Its group's leftovers, while the model's pid is not free yet; what left the group
+    # (setsid) is found below the runner once the model is reaped.
+    processes.signal_group(model, signal.SIGKILL)
     status = popen.wait()
     ends = time.monotonic() + processes.KILL_WAIT_S
     while time.monotonic() < ends:
         _reap_adopted(popen.pid)
+        if processes.childless_subreaper():  # nothing of the model's is left (see there)
+            break
         if not _signal_tree(model, signal.SIGKILL) and not processes.group_runs(model.pid):
             break
         output.pump()  # a process blocked on a full pipe must not outlast its SIGKILL

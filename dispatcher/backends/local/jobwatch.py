@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from dispatcher import logs
-from dispatcher.backends.local import processes
+from dispatcher.backends.local import locks, processes
 from dispatcher.backends.local.jobfiles import JobDir, job_ids
 from schemas.names import JOB_ID_RE
 
@@ -58,7 +58,7 @@ class JobWatcher:
         """Own the socket (once it is free) and report until `stopping` is set."""
         owner = self._sock_path.with_name(self._sock_path.name + ".lock")
         waited = False
-        while (fd := processes.lock(owner, wait=False)) is None:
+        while (fd := locks.lock(owner, wait=False)) is None:
             if not waited:
                 self._log.info("job_watcher_waiting", socket=str(self._sock_path))
                 waited = True
@@ -135,7 +135,7 @@ class JobWatcher:
 
     async def _runner_died(self, job: JobDir) -> dict | None:
         """The result of a job whose runner has gone: its own, or `failed` if it left none."""
-        async with processes.locked(job.lock):
+        async with locks.locked(job.lock):
             runner = job.runner()
             if job.result() is not None or runner is None or processes.alive(runner):
                 return job.result()

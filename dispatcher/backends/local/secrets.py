@@ -15,7 +15,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from dispatcher.backends.local import processes
+from dispatcher.backends.local import locks, processes
 from dispatcher.backends.secrets import SecretStore, missing_secret
 from schemas.names import split_app
 from schemas.spec import AppSpec
@@ -77,7 +77,7 @@ class SecretFiles(SecretStore):
         for directory in (self.root, path.parent):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             directory.chmod(0o700)
-        async with processes.locked(path.with_suffix(".lock")):
+        async with locks.locked(path.with_suffix(".lock")):
             before = self.read(app)
             have = dict(before)
             yield have
