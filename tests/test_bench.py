@@ -191,7 +191,7 @@ async def test_the_up_phase_runs_on_its_own_and_reports_cpu_per_event():
 
 
 async def test_warm_local_bench_times_refills_against_spawns_and_hands_over_at_once():
-    result = await warm_local.run(refill_count=2, burst_size=3)
+    result = await warm_local.run(refill_count=2, burst_size=3, cpu_runs=2)
     spawned, forked = result["latency"]
     assert (spawned["n"], forked["n"]) == (2, 2)
     assert spawned["ratio_p50"] == 1.0
@@ -201,4 +201,8 @@ async def test_warm_local_bench_times_refills_against_spawns_and_hands_over_at_o
     assert floor["n"] == 200
     for row in result["rates"]:
         assert math.isfinite(row["per_s"]) and row["per_s"] > 0, row
+    warm, bare = result["cpu"]
+    assert warm["n"] == bare["n"] == 2  # each handed over and run to its end
+    assert warm["machine_cpu_ms"] > 0 and warm["handler_cpu_ms"] > 0, warm
     assert "start_warm, forked" in warm_local.format_result(result)
+    assert "machine CPU ms each" in warm_local.format_result(result)
