@@ -290,8 +290,12 @@ async def test_a_queued_load_leaves_the_line_when_its_viewer_goes(stack, mode):
     else:
         assert second["error"]["code"] == "at_capacity"
     assert [i.id for i in await stack.viz_instances()] == [first["instance"]]
-    gate = await stack.state.gates.get(subjects.viz_app_gate_key(CLASS))
-    assert list(gate.held) == [first["instance"]] and gate.waiting == []  # out of the line
+
+    async def out_of_the_line():  # the reaper leaves the gates just after `stopped`
+        gate = await stack.state.gates.get(subjects.viz_app_gate_key(CLASS))
+        return list(gate.held) == [first["instance"]] and gate.waiting == []
+
+    await wait_for(out_of_the_line, timeout=5, what="the second load out of the app's gate")
 
 
 async def test_a_lost_wake_up_is_sent_again_by_the_reaper(stack):
