@@ -272,7 +272,7 @@ class Consumer:
             await self._call(ctx, event, log)
         except asyncio.CancelledError:
             outcome = "cancelled"
-            await self._hand_back(msg, attempt)
+            await self._hand_back(msg)
             raise
         except PermanentError as exc:
             outcome = "failed"
@@ -345,7 +345,7 @@ class Consumer:
         A patient handler's `RetryableError` with `until` has tries until then.
         """
         if self.stopping.is_set() and transient(exc):  # the bus went as the process stops
-            await self._hand_back(msg, attempt)
+            await self._hand_back(msg)
             return "cancelled"
         until = getattr(exc, "until", None) if self.spec.patient else None
         if attempt < self.spec.tries or (until is not None and time.time() < until):
@@ -382,9 +382,9 @@ class Consumer:
         await self._dead_letter(msg, code, detail, attempt)
         await msg.term()
 
-    async def _hand_back(self, msg: Msg, attempt: int | None = None) -> None:
+    async def _hand_back(self, msg: Msg) -> None:
         """Return `msg` to the stream, its try unused (`requeue`), or nak it if that fails."""
-        attempt = requeue.attempt(msg) if attempt is None else attempt
+        attempt = requeue.attempt(msg)
         kept = await requeue.hand_back(self.js, msg, attempt)
         (self.log.info if kept else self.log.warning)(
             "message_handed_back" if kept else "message_nak_on_stop",

@@ -600,10 +600,6 @@ async def test_a_backlog_is_pulled_in_batches_and_a_lone_message_is_not_held(
         await task
 
 
-async def _count_dead(js, kind):
-    return len(await _dead_letters(js, kind))
-
-
 async def _stream_messages(js):
     info = await js.stream_info(subjects.EVENTS_STREAM)
     out = []
@@ -627,7 +623,7 @@ async def test_a_last_try_interrupted_by_a_stop_is_handed_back_not_dead_lettered
 
     js = nats.jetstream()
     service, task = await _run(settings, registry, nats)
-    dead_before = await _count_dead(js, subjects.PAGE_LOAD)
+    dead_before = len(await _dead_letters(js, subjects.PAGE_LOAD))
     event = PageLoad(app="a/b", session="s1")
     await _publish(js, event)
     await wait_for(lambda: runs, what="the handler runs")
@@ -655,7 +651,7 @@ async def test_a_last_try_interrupted_by_a_stop_is_handed_back_not_dead_lettered
     assert finished == [event.id]
     handled = [e for e in logs if e["event"] == "message_handled"]
     assert [(e["attempt"], e["outcome"]) for e in handled] == [(1, "ok")]
-    assert await _count_dead(js, subjects.PAGE_LOAD) == dead_before
+    assert len(await _dead_letters(js, subjects.PAGE_LOAD)) == dead_before
 
 
 async def test_a_message_arriving_as_the_stop_begins_is_handed_back_once(settings, nats):
@@ -670,7 +666,7 @@ async def test_a_message_arriving_as_the_stop_begins_is_handed_back_once(setting
 
     js = nats.jetstream()
     service, task = await _run(settings, registry, nats)
-    dead_before = await _count_dead(js, subjects.PAGE_LOAD)
+    dead_before = len(await _dead_letters(js, subjects.PAGE_LOAD))
     await asyncio.sleep(0.2)  # the idle pull is waiting on the server
     event = PageLoad(app="a/b", session="s1")
     with capture_logs() as logs:
@@ -683,7 +679,7 @@ async def test_a_message_arriving_as_the_stop_begins_is_handed_back_once(setting
     assert [decode(PageLoad, m.data).id for m in copies] == [event.id]
     info = await js.consumer_info(subjects.EVENTS_STREAM, "page_load")
     assert info.num_ack_pending == 0
-    assert await _count_dead(js, subjects.PAGE_LOAD) == dead_before
+    assert len(await _dead_letters(js, subjects.PAGE_LOAD)) == dead_before
     # Leave the stream empty for the next test.
     sub = await js.pull_subscribe_bind(durable="page_load", stream=subjects.EVENTS_STREAM)
     for msg in await sub.fetch(1, timeout=5):
@@ -712,7 +708,7 @@ async def test_the_delivery_after_an_unsettled_last_try_is_dead_lettered_unrun(s
     assert isinstance(spec, HandlerSpec) and spec.max_deliver == spec.tries + 1
     js = nats.jetstream()
     await spinyard_bus.ensure(js, settings.nats, [spec], settings.handlers)
-    dead_before = await _count_dead(js, subjects.PAGE_LOAD)
+    dead_before = len(await _dead_letters(js, subjects.PAGE_LOAD))
     event = PageLoad(app="a/b", session="s1")
     await _publish(js, event)
     sub = await js.pull_subscribe_bind(durable="page_load", stream=subjects.EVENTS_STREAM)

@@ -173,8 +173,6 @@ def _signal_tree(model: processes.Process, sig: signal.Signals) -> bool:
     Returns whether anything was left to signal.
     """
     sent = processes.signal_group(model, sig)
-    if processes.childless_subreaper():
-        return sent
     for pid in processes.descendants(os.getpid()):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)

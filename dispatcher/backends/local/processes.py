@@ -3,11 +3,11 @@
 The local backend (`backend.py`) and the job runner (`jobrunner.py`) share
 these helpers: start a command in a new session, tell a live process from a
 recycled pid (by its start time in /proc/<pid>/stat and the boot id), signal
-and stop a whole process group, write files atomically, and turn Kubernetes resource quantities
-into the numbers `setrlimit` takes. Only the standard library, so the job
-runner stays small; asyncio is imported only by the async helpers, which the
-runners never call (importing it was a third of a runner's start). Linux only:
-it reads /proc.
+and stop a whole process group, write files atomically, and turn Kubernetes
+resource quantities into the numbers `setrlimit` takes. Only the standard
+library, so the job runner stays small; asyncio is imported only by the async
+helpers, which the runners never call (importing it was a third of a runner's
+start). Linux only: it reads /proc.
 """
 
 import contextlib
@@ -127,9 +127,9 @@ def childless_subreaper() -> bool:
 
     Then nothing runs below it, whatever group or session it joined: an orphan
     is reparented to its nearest subreaper, so every live descendant has a live
-    chain of parents up to here. That answers `descendants(os.getpid())` and
-    `group_runs` of a group started below it without reading all of /proc
-    (a few ms with a hundred processes on the machine).
+    chain of parents up to here. So a job runner whose model is reaped asks
+    this before it looks for leftovers (`descendants`, `group_runs`), which
+    read all of /proc: a few ms with a hundred processes on the machine.
     """
     try:
         os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
