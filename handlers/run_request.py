@@ -13,6 +13,8 @@ its request pins (`revision`); it starts with that revision's spec
 (`handlers.rollout`). A pinned revision not kept fails `unknown_revision`.
 """
 
+import asyncio
+
 from handlers import jobs, rollout
 from handlers.context import Context
 from handlers.errors import Rejected
@@ -77,17 +79,23 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
         phases=JobPhases(queued=now),
         revision=spec.revision,
     )
+    start = RunStart(app=event.app, job_id=job_id)
+    start_subject = subjects.event(subjects.RUN_START, event.app)
     if await ctx.state.jobs.create(job_id, job) is not None:
         ctx.log.info("job_queued", job_id=job_id)
-        await jobs.publish(ctx, job)
-    else:
-        existing = await jobs.load(ctx, job_id)
-        if existing.event_id != event.id or existing.state != JobState.QUEUED:
-            # The same idempotency key again: the page gets the run's current status.
-            ctx.log.info("job_request_repeated", job_id=job_id, state=existing.state)
-            await jobs.publish(ctx, existing)
-            return
-        ctx.log.info("job_start_resumed", job_id=job_id)
+        # `queued` and the ask for its start go out together, in this order on one
+        # connection (a round trip, not two): `queued` is stored before run_start hears of
+        # the run. Its start is run_start's: acceptance does not wait for it (or a slot).
+        await asyncio.gather(
+            jobs.publish(ctx, job), ctx.emit(start_subject, start, msg_id=f"start-{job_id}")
+        )
+        return
+    existing = await jobs.load(ctx, job_id)
+    if existing.event_id != event.id or existing.state != JobState.QUEUED:
+        # The same idempotency key again: the page gets the run's current status.
+        ctx.log.info("job_request_repeated", job_id=job_id, state=existing.state)
+        await jobs.publish(ctx, existing)
+        return
+    ctx.log.info("job_start_resumed", job_id=job_id)
     # Its start is run_start's: acceptance does not wait for it (or for a free slot).
-    start = RunStart(app=event.app, job_id=job_id)
-    await ctx.emit(subjects.event(subjects.RUN_START, event.app), start, msg_id=f"start-{job_id}")
+    await ctx.emit(start_subject, start, msg_id=f"start-{job_id}")

@@ -13,7 +13,7 @@ import asyncio
 from handlers import jobs, pools, rollout, runq
 from handlers.context import Context
 from handlers.errors import PermanentError, Rejected, RetryableError, public_info
-from handlers.ports import JobLaunch
+from handlers.ports import JobLaunch, WarmHandOver
 from handlers.registry import handler
 from handlers.state import Entry, Turn, cas_loop
 from schemas import errors as codes
@@ -167,17 +167,21 @@ async def _start(
     if job.phases.started is None:
         if pools.keeps_pool(spec) and ctx.backend.warm_runners and spec.revision == current:
             member = await pools.claim(ctx, spec.name, used_at=now, revision=spec.revision)
-        entry = await _mark_started(ctx, job_id, now, warm=member is not None, known=entry)
-        if entry is None:
-            if member is not None:
-                await ctx.backend.stop_viz(member.instance)
-            return member is not None
+        if member is None:
+            entry = await _mark_started(ctx, job_id, now, warm=False, known=entry)
+            if entry is None:
+                return False
     urls = ctx.store.upload_urls(job_id, spec.outputs) if spec.outputs and ctx.store else {}
     launch = JobLaunch(
         job_id=job_id, inputs=job.inputs, upload_urls=urls, deadline_s=spec.deadline_s
     )
     try:
-        handed = member is not None and await ctx.backend.submit_warm(launch, spec, member.instance)
+        handed: WarmHandOver | bool | None = False
+        if member is not None:  # the hand-over and its record at once: no wait for the write
+            handed, entry = await asyncio.gather(
+                ctx.backend.submit_warm(launch, spec, member.instance),
+                _mark_started(ctx, job_id, now, warm=True, known=entry),
+            )
         if member is not None and not handed:  # it died since the claim: start cold
             ctx.log.warning("warm_runner_lost", job_id=job_id, instance=member.instance)
             await _mark_started(ctx, job_id, now, warm=False)

@@ -50,7 +50,7 @@ from dispatcher.backends.local.jobfiles import JobDir, Listings, notify, remove_
 from dispatcher.backends.local.jobrunner import CLAIMED, RUNNING
 from dispatcher.backends.local.jobwatch import JobWatcher
 from dispatcher.backends.local.secrets import SecretFiles
-from dispatcher.backends.local.staging import stage_job, start_runner
+from dispatcher.backends.local.staging import job_instructions, stage, start_runner
 from dispatcher.backends.local.warm import WarmRunners
 from dispatcher.backends.settings import LocalBackendSettings
 from handlers.errors import StartFailed
@@ -298,19 +298,18 @@ class LocalBackend(Backend):
     async def submit_warm(
         self, launch: JobLaunch, spec: AppSpec, instance_id: str
     ) -> WarmHandOver | None:
-        """Hand the job, prepared as `submit_job` prepares it, to the claimed warm runner
-        `instance_id`: "running" once it has started the model (a few ms); "taken" if the
-        job existed (a redelivered start) or its model did not start (its result says
-        why); None if the runner could not take it (it died, say). Either way the
-        runner is no warm runner any more once this returns."""
+        """Hand the job to the claimed warm runner `instance_id`, which writes its files
+        as `submit_job` would and starts it: "running" once the model's process is there
+        (a few ms); "taken" if the job existed (a redelivered start) or its model did not
+        start (its result says why); None if the runner could not take it (it died, say).
+        Either way the runner is no warm runner any more once this returns."""
         job = self._job(launch.job_id)
-        stage = await asyncio.to_thread(self._stage, job, launch, spec)  # file writes: off the loop
-        if stage is None:  # the job exists: the runner is not needed
+        if job.path.exists():  # the job exists: the runner is not needed
             await self.stop_viz(instance_id)
             return "taken"
-        answer = await self._warm.hand(instance_id, stage.path)
+        instructions = self._instructions(job, launch, spec)
+        answer = await self._warm.hand(instance_id, launch, instructions)
         if answer is None:
-            shutil.rmtree(stage.path, ignore_errors=True)
             self._log.warning("warm_runner_lost", instance=instance_id, job_id=job.id)
             return None
         if answer in (RUNNING, CLAIMED):
@@ -318,18 +317,17 @@ class LocalBackend(Backend):
             self._log.info("job_runner_warm", job_id=job.id, app=spec.name, instance=instance_id)
         return "running" if answer == RUNNING else "taken"
 
+    def _instructions(self, job: JobDir, launch: JobLaunch, spec: AppSpec) -> dict:
+        """`staging.job_instructions` with this backend's interpreter, grace and socket."""
+        how = {"python": self._python, "stop_grace_s": self._settings.stop_grace_s}
+        secrets = self._secrets.resolve(spec)
+        return job_instructions(job, launch, spec, **how, socket=self._socket, secrets=secrets)
+
     def _stage(self, job: JobDir, launch: JobLaunch, spec: AppSpec) -> JobDir | None:
-        """`staging.stage` with this backend's interpreter, grace and watcher socket."""
+        """The job's files in a staging directory (`staging.stage`); None if the job exists."""
         self._mkdirs()
-        return stage_job(
-            job,
-            launch,
-            spec,
-            python=self._python,
-            stop_grace_s=self._settings.stop_grace_s,
-            socket=self._socket,
-            secrets=self._secrets.resolve(spec),
-        )
+        instructions = self._instructions(job, launch, spec)  # bad resources raise, job or not
+        return None if job.path.exists() else stage(job, launch, instructions)
 
     async def cancel_job(self, job_id: str) -> None:
         """Stop a running job (it ends `cancelled`), or remove the files of a finished one.

@@ -332,15 +332,17 @@ def run(
     answer: Callable[[bytes], None] = _tell,
     start: Callable[[JobDir, dict], tuple] = start_exec,
     started: Callable[[], None] = lambda: None,
+    spec: dict | None = None,
 ) -> int:
     """Claim the job prepared in `staging`, then run it to its end; the runner's exit code.
 
     A warm runner (`warmrunner.py`) passes the signals it set up when it started, answers
-    its submitter on its socket, may fork the model rather than exec it (`start`), and
-    is told when the model has started (`started`, not called if it did not start).
+    its submitter on its socket, may fork the model rather than exec it (`start`), is
+    told when the model has started (`started`, not called if it did not start), and
+    passes the job.json it wrote (`spec`).
     """
     signals = signals or Signals()  # first: a cancel that comes early must not be lost
-    spec = read_json(staging / "job.json")
+    spec = spec or read_json(staging / "job.json")
     if spec is None:
         sys.stderr.write(f"jobrunner: {staging}/job.json is missing or unreadable\n")
         return 1
@@ -356,10 +358,10 @@ def run(
     popen = model = None
     try:
         popen, model, output = start(job, spec)
+        started()  # (a forked model's runner has said so already: `warmrunner.start_forked`)
         started_at = time.time()
         job.write("model.json", model._asdict() | {"started_at": started_at})
         notify(spec["socket"], job.id)
-        started()
         why, status = _supervise(popen, model, output, spec, signals)
         state, code = _outcome(job, spec, why, status)
         job.finish(state, code, started_at)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dispatcher.backends.launch import argv, job_env, job_values
 from dispatcher.backends.local import processes
-from dispatcher.backends.local.jobfiles import JobDir, cpu_seconds, prepare
+from dispatcher.backends.local.jobfiles import JobDir, cpu_seconds, fill, instructions
 from dispatcher.backends.local.jobrunner import CLAIMED, CODE_ROOT, EXISTS
 from handlers.errors import StartFailed
 from handlers.ports import JobLaunch
@@ -20,7 +20,7 @@ from schemas import errors as codes
 from schemas.spec import AppSpec
 
 
-def stage_job(
+def job_instructions(
     job: JobDir,
     launch: JobLaunch,
     spec: AppSpec,
@@ -29,9 +29,8 @@ def stage_job(
     stop_grace_s: float,
     socket: Path,
     secrets: dict[str, str],
-) -> JobDir | None:
-    """The job's files and its runner's instructions in a new staging directory beside
-    `job`'s; None if the job exists already (it is running or has run).
+) -> dict:
+    """What the job's runner is to do (job.json, `jobfiles.instructions`): no file is written.
 
     `secrets` (the values of the secrets the spec names) go in the run's environment,
     so in its job.json: a 0600 file in the 0700 jobs directory.
@@ -44,8 +43,6 @@ def stage_job(
         cores = processes.quantity(spec.resources.cpu)
     except ValueError as exc:
         raise StartFailed(f"the app's resources: {exc}", code=codes.START_FAILED) from exc
-    if job.path.exists():
-        return None
     values = job_values(python=python)
     paths = {"inputs": str(job.inputs), "uploads": str(job.uploads), "output_dir": str(job.work)}
     run = {
@@ -62,13 +59,19 @@ def stage_job(
         "max_log_bytes": spec.max_log_bytes,
         "socket": str(socket),
     }
-    stage = JobDir.staging(job.path.parent, job.id)  # filled here, moved into place by a runner
+    return instructions(job, run)
+
+
+def stage(job: JobDir, launch: JobLaunch, spec: dict) -> JobDir:
+    """The job's files and its runner's instructions `spec` (`job_instructions`) in a new
+    staging directory beside `job`'s, for a runner to claim."""
+    staged = JobDir.staging(job.path.parent, job.id)  # filled here, moved into place by a runner
     try:
-        prepare(stage, job, launch.inputs, launch.upload_urls, run)
+        fill(staged, launch.inputs, launch.upload_urls, spec)
     except BaseException:
-        shutil.rmtree(stage.path, ignore_errors=True)
+        shutil.rmtree(staged.path, ignore_errors=True)
         raise
-    return stage
+    return staged
 
 
 async def start_runner(staging: JobDir, nice: int = 0) -> bool:

@@ -4,9 +4,11 @@ A warm runner (`warmrunner.py` says what it does) is an instance of kind
 `warm` in the instance state files (`instances.py`), so the reaper lists,
 claims and stops it as it does a viz pool member; its own files are under
 `<data_dir>/local/warm/<instance>/` (0700). `LocalBackend.submit_warm`
-prepares a run's directory as a cold start does and hands its path to the
-runner over its socket (`hand`); from then on the run is an ordinary job
-and the runner is no pool member any more (its state file and directory go).
+hands the runner the run over its socket (`hand`): what a cold start would
+write in the job's directory, which the runner writes itself (so the
+handler's event loop does no file work on the start's path); from then on
+the run is an ordinary job and the runner is no pool member any more (its
+state file and directory go).
 
 A new runner is forked from a waiting one when one may be (`_fork`): same
 app, revision, command, workdir, preloads, memory and environment (a digest
@@ -33,16 +35,18 @@ from structlog.typing import FilteringBoundLogger
 
 from dispatcher.backends.launch import argv, check_id, fill, job_values
 from dispatcher.backends.local import processes
+from dispatcher.backends.local.forkedmodel import forks
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
 from dispatcher.backends.local.jobfiles import read_json
 from dispatcher.backends.local.jobrunner import CLAIMED, CODE_ROOT, EXISTS, RUNNING
-from dispatcher.backends.local.warmrunner import FORK, FORKED, READY, SOCKET, forks
+from dispatcher.backends.local.warmrunner import FORK, FORKED, READY, SOCKET, run_message
 from handlers.errors import StartFailed
+from handlers.ports import JobLaunch
 from schemas import errors as codes
 from schemas.spec import AppSpec
 
 _CONNECT_S = 1.0  # to connect to a waiting runner's socket (loopback: well under 1 ms)
-_ANSWER_S = 5.0  # for its answer: it reads job.json, renames a directory, forks the model
+_ANSWER_S = 5.0  # for its answer: it writes the job's files, renames them in, forks the model
 _TAIL_LINES = 10
 
 
@@ -59,7 +63,9 @@ class WarmRunners:
         nice: int = 0,
         fork_max_age_s: float = 0.0,
     ) -> None:
-        """`nice` is added to the runners' niceness (`backend.local.run_nice`); a runner is
+        """`nice` is added to a runner's niceness once it is handed its run, and to the
+        model's (`backend.local.run_nice`): a waiting runner and its hand-over run at
+        ours, so a start does not wait behind runs that keep the cores busy; a runner is
         forked from a waiting one whose interpreter is younger than `fork_max_age_s` (0:
         never)."""
         self.root, self._jobs, self._instances = root, jobs, instances
@@ -152,6 +158,7 @@ class WarmRunners:
             "fork": fork,
             "memory_bytes": memory,
             "jobs": str(self._jobs),
+            "nice": self._nice,  # taken once it has its run (`warmrunner.py`)
             # what else decides whether a runner may be forked from another (`_seed`)
             "interpreter": self._python if fork else sys.executable,
             "revision": spec.revision,
@@ -228,7 +235,7 @@ class WarmRunners:
         try:
             return processes.spawn(
                 [*command, str(directory)], env, CODE_ROOT, directory / "warm.log",
-                stdout=subprocess.PIPE, nice=self._nice,
+                stdout=subprocess.PIPE,
             )  # fmt: skip
         except processes.SpawnError as exc:
             shutil.rmtree(directory, ignore_errors=True)
@@ -242,18 +249,21 @@ class WarmRunners:
             self._instances.write(state.model_copy(update={"pooled": False}))
         return True
 
-    async def hand(self, instance_id: str, stage: Path) -> bytes | None:
-        """Hand the job prepared in `stage` to the runner: its answer (`RUNNING` once the
-        model has started, `CLAIMED` if it took the run but the model did not start,
-        `EXISTS`), or None if it could not take it (gone, dead, or it did not answer; then it is
-        stopped). Either way the runner is no longer a warm runner."""
+    async def hand(self, instance_id: str, launch: JobLaunch, spec: dict) -> bytes | None:
+        """Hand the run to the runner: its job id, inputs, upload URLs and instructions
+        (`spec`, job.json's); the runner writes the job's files and starts it. Its answer
+        (`RUNNING` once the model's process is there, `CLAIMED` if it took the run but
+        the model did not start, `EXISTS`), or None if it could not take it (gone, dead,
+        or it did not answer; then it is stopped). Either way the runner is no longer a
+        warm runner."""
         check_id(instance_id)
+        message = run_message(launch.job_id, launch.inputs, launch.upload_urls, spec)
         async with self._instances.locked(instance_id) as lock_path:
             state = self._instances.load(instance_id)
             answer = None
             if state is not None and state.kind == "warm" and processes.alive(state.process):
                 with contextlib.suppress(OSError, TimeoutError):
-                    answer = await self._send(instance_id, stage)
+                    answer = await self._send(instance_id, message)
                 if answer not in (RUNNING, CLAIMED, EXISTS):
                     answer = None
                     await processes.terminate(state.process, 0)
@@ -264,13 +274,13 @@ class WarmRunners:
                 lock_path.unlink(missing_ok=True)
         return answer
 
-    async def _send(self, instance_id: str, stage: Path) -> bytes:
+    async def _send(self, instance_id: str, message: bytes) -> bytes:
         with processes.unix_address(self.dir(instance_id) / SOCKET) as address:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(address), _CONNECT_S
             )
         try:
-            writer.write(os.fsencode(stage) + b"\n")
+            writer.write(message)
             return await asyncio.wait_for(reader.readline(), _ANSWER_S)
         finally:
             writer.close()

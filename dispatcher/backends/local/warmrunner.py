@@ -4,7 +4,8 @@
 dispatcher.backends.local.warmrunner <dir>` in a new session, in a directory
 of its own, `<data_dir>/local/warm/<instance>/` (0700):
 
-    warm.json   what it was started for: app, argv, cwd, preload, fork, memory_bytes, jobs
+    warm.json   what it was started for: app, argv, cwd, preload, fork, memory_bytes, jobs,
+                nice
                 (and, for the backend only, what decides who may fork it: `warm.py`)
     sock        the unix stream socket it waits on (0600)
     warm.log    its stderr until it has a run (then the run's runner.log)
@@ -19,17 +20,26 @@ so what it preloads counts toward the run's memory). For a Python model
 (`fork`: a command of `{python} script.py ...` or `{python} -m module ...`)
 it changes to the app's workdir, puts the script's directory first on
 `sys.path` as Python would, and imports each `preload` module. Then it
-binds its socket and writes `ready` on stdout.
+binds its socket and writes `ready` on stdout. It waits, and takes its run,
+at the niceness of the handler that started it; the model it starts, and
+the runner once it has, take `nice` more (`backend.local.run_nice`), as a
+cold run does: a start does not wait behind runs that keep the cores busy.
 
-A run hands it the path of a job directory prepared as for a cold start
-(`jobfiles.prepare`); from then on it is that job's runner
-(`jobrunner.run`): it claims the job and starts the model, then answers
-`running` on the socket (`exists` if another runner has the job; `claimed`
-if the model did not start, which the run's result then tells). A Python
-model is forked from the runner: the child makes a session of its own, takes
-the run's environment, cwd, stdin, limits and `sys.argv`, and runs the
-script with runpy, so the preloaded modules are imported already; any other
-command is exec'd as a cold runner does (the runner's own start is saved).
+A run comes as `run <n>` on the socket and n bytes of JSON (`run_message`):
+the job's id, inputs, upload URLs and the instructions a cold start writes
+to job.json. The runner writes the job's files itself in a staging
+directory beside the job's, as the backend does for a cold start, so the
+handler's event loop has no file work on the start's path; from then on it
+is that job's runner (`jobrunner.run`): it claims the job (the rename that
+makes any number of submissions start one run) and starts the model, then
+answers on the socket: `running` as soon as the model's process is there
+(forked, or exec'd), before its record and set-up (`exists` if another
+runner has the job; `claimed` if the model did not start, which the run's
+result then tells). A Python model is forked from the runner
+(`forkedmodel.py`): the child makes a session of its own, takes the run's
+environment, cwd, stdin, limits and `sys.argv`, and runs the script with
+runpy, so the preloaded modules are imported already; any other command is
+exec'd as a cold runner does (the runner's own start is saved).
 Deadline, cancel, log cap and result files are the cold runner's. One run
 per warm runner; a SIGTERM while it waits ends it. Like the job runner it
 imports nothing of spinyard but the job runner's modules, so any interpreter
@@ -47,112 +57,54 @@ millisecond or two), not an interpreter's start and the preloads' imports,
 and it has everything imported that its parent has.
 """
 
-import atexit
 import contextlib
 import gc
 import importlib
+import json
 import os
-import runpy
 import shutil
-import signal
 import socket
+import subprocess
 import sys
-import threading
 import traceback
 from pathlib import Path
+from typing import BinaryIO
 
-from dispatcher.backends.local import jobrunner, processes
-from dispatcher.backends.local.jobfiles import JobDir, read_json
+from dispatcher.backends.local import forkedmodel, jobrunner, processes
+from dispatcher.backends.local.jobfiles import JobDir, fill, read_json
 from dispatcher.backends.local.joblog import CappedLog
+from schemas.names import JOB_ID_RE
 
 READY = b"ready\n"  # what a warm runner writes on stdout once it waits for a run
+RUN = b"run "  # what hands a waiting runner its run: `run <n>`, then n bytes of JSON
 FORK = b"fork "  # what asks a waiting runner for a sibling: `fork <dir>`
 FORKED = b"ok\n"  # the asker's word that it recorded the sibling's `ready <pid>`
 SOCKET = "sock"
-_HAND_TIMEOUT_S = 5.0  # how long a connected submitter may take to name its job
+_HAND_TIMEOUT_S = 5.0  # how long a connected submitter may take to send its run
+_MAX_RUN_BYTES = 16 * 2**20  # a run's message: inputs (at most 1 MiB packed), URLs, job.json
 
 
-def forks(argv: list[str]) -> bool:
-    """Whether a run of `argv` (the spec's command, unfilled) is forked from a warm runner:
-    `{python} script.py ...` or `{python} -m module ...`; any other option is exec'd."""
-    if len(argv) < 2 or argv[0] != "{python}":
-        return False
-    return (argv[1] == "-m" and len(argv) > 2) or not argv[1].startswith("-")
+def run_message(job_id: str, inputs: dict, upload_urls: dict, spec: dict) -> bytes:
+    """What hands a runner its run: the job's id, inputs, upload URLs and instructions
+    (job.json's, `jobfiles.instructions`)."""
+    body = {"job_id": job_id, "inputs": inputs, "uploads": upload_urls, "job": spec}
+    data = json.dumps(body).encode()
+    return RUN + b"%d\n" % len(data) + data
 
 
-def _script_dir(argv: list[str], cwd: str) -> str:
-    """What Python puts first on `sys.path` for `argv`: the script's directory, or cwd for -m."""
-    if argv[1] == "-m":
-        return cwd
-    return os.path.dirname(os.path.join(cwd, argv[1]))
-
-
-def _exit_code(exc: SystemExit) -> int:
-    if exc.code is None:
-        return 0
-    if isinstance(exc.code, int):
-        return exc.code & 0xFF
-    # As the interpreter does for `sys.exit("message")`: the message goes to the model's
-    # stderr (its log), not to spinyard's logging; this runs in the forked model.
-    sys.stderr.write(f"{exc.code}\n")
-    return 1
-
-
-def _python_main(argv: list[str]) -> None:
-    """Run the model's script or module as `__main__`, as `python` would."""
-    sys.path[0] = _script_dir(argv, os.getcwd())
-    if argv[1] == "-m":
-        sys.argv = [argv[2], *argv[3:]]
-        runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = argv[1:]
-        runpy.run_path(argv[1], run_name="__main__")
-
-
-def _reseed() -> None:
-    """Seed numpy's global generator anew, if a preload imported numpy: runs forked from
-    one lineage of runners would all draw the same numbers from it (Python's `random`
-    is reseeded at every fork by Python itself)."""
-    numpy_random = sys.modules.get("numpy.random")
-    if numpy_random is not None:
-        with contextlib.suppress(Exception):
-            numpy_random.seed()
-
-
-def _child(spec: dict, stdin: int, out: int, closing: tuple[int, ...]) -> None:
-    """The forked model: a session, stdio, cwd, limits and environment of its own; never
-    returns."""
-    code = 1
+def _read_run(reader: BinaryIO, line: bytes) -> dict | None:
+    """The run a `run <n>` line announces, read on; None if it is not one."""
+    size = line[len(RUN) :]
+    if not size.isdigit() or int(size) > _MAX_RUN_BYTES:
+        return None
+    data = reader.read(int(size))
+    if len(data) != int(size):
+        return None
     try:
-        os.setsid()
-        _reseed()
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.dup2(stdin, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        for fd in {stdin, out, *closing}:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        os.chdir(spec["cwd"])
-        jobrunner.set_limits(spec.get("memory_bytes"), spec.get("cpu_seconds"))
-        os.environ.clear()
-        os.environ.update(spec["env"])
-        _python_main(spec["argv"])
-        code = 0
-    except SystemExit as exc:
-        code = _exit_code(exc)
-    except BaseException:  # the model's error goes to its log, as python's would
-        traceback.print_exc()
-    finally:
-        with contextlib.suppress(BaseException):
-            threading._shutdown()  # type: ignore[attr-defined]  # non-daemon threads, as at exit
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+        run = json.loads(data)
+    except ValueError:
+        return None
+    return run if isinstance(run, dict) else None
 
 
 class _Warm:
@@ -166,6 +118,7 @@ class _Warm:
         self.conn: socket.socket | None = None
         self.job_dir: Path | None = None  # the run's, once it is handed one
         self._held: bytes | None = None  # an answer held until the model starts (`answer`)
+        self._niced = False
 
     def prepare(self) -> None:
         """Lower the memory limit, import the preloads, bind the socket."""
@@ -173,7 +126,7 @@ class _Warm:
         if self.config.get("fork"):
             cwd = self.config["cwd"]
             os.chdir(cwd)
-            sys.path[0] = _script_dir(self.config["argv"], cwd)
+            sys.path[0] = forkedmodel.script_dir(self.config["argv"], cwd)
             for name in self.config.get("preload", []):
                 importlib.import_module(name)
         # What is imported now is shared with every fork, the model's and a sibling's:
@@ -189,9 +142,10 @@ class _Warm:
             os.chmod(address, 0o600)
         self.sock.listen(64)  # a burst of refills may ask it for siblings at once
 
-    def wait(self) -> Path | None:
-        """The staging directory the submitter names, or None if told to stop first; asked
-        for a sibling meanwhile, forks one (`fork`) and waits on (in both processes)."""
+    def wait(self) -> dict | None:
+        """The run the submitter sends (`run_message`), or None if told to stop first or
+        sent something else; asked for a sibling meanwhile, forks one (`fork`) and waits
+        on (in both processes)."""
         while True:
             assert self.sock is not None
             got = self.signals.wait(3600, also=(self.sock.fileno(),))
@@ -204,7 +158,8 @@ class _Warm:
                 continue
             with contextlib.suppress(OSError, ValueError):
                 conn.settimeout(_HAND_TIMEOUT_S)
-                line = conn.makefile("rb").readline(4096).strip()
+                reader = conn.makefile("rb")  # the run's JSON is read on from it
+                line = reader.readline(4096).strip()
                 if not line:  # it went without a word
                     conn.close()
                     continue
@@ -217,11 +172,29 @@ class _Warm:
         self.conn = conn
         self.sock.close()  # one run: nobody else gets in
         (self.root / SOCKET).unlink(missing_ok=True)
-        staging = Path(os.fsdecode(line))
-        if staging.parent != Path(self.config["jobs"]) or not staging.is_dir():
-            sys.stderr.write(f"warmrunner: {staging} is not a job being submitted\n")
+        with contextlib.suppress(OSError, ValueError):
+            if line.startswith(RUN):
+                return _read_run(reader, line)
+        return None
+
+    def stage(self, run: dict) -> Path | None:
+        """Write the job's files (as `submit_job` would) in a new staging directory beside
+        its directory-to-be, which `jobrunner.run` claims; None if `run` names no job
+        of ours."""
+        jobs, job_id, spec = Path(self.config["jobs"]), run.get("job_id"), run.get("job")
+        if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id) or not isinstance(spec, dict):
+            sys.stderr.write("warmrunner: the run names no job\n")
             return None
-        return staging
+        if spec.get("job_dir") != str(jobs / job_id):
+            sys.stderr.write(f"warmrunner: {spec.get('job_dir')} is not a job of {jobs}\n")
+            return None
+        staged = JobDir.staging(jobs, job_id)
+        try:
+            fill(staged, run.get("inputs") or {}, run.get("uploads") or {}, spec)
+        except BaseException:
+            shutil.rmtree(staged.path, ignore_errors=True)
+            raise
+        return staged.path
 
     def fork(self, conn: socket.socket, root: Path) -> None:
         """Start a sibling warm runner in `root` (a directory beside ours holding its
@@ -266,7 +239,7 @@ class _Warm:
         self.config = read_json(root / "warm.json") or self.config
         if self.config.get("fork"):  # a spec without a workdir runs in the runner's directory
             os.chdir(self.config["cwd"])
-            sys.path[0] = _script_dir(self.config["argv"], self.config["cwd"])
+            sys.path[0] = forkedmodel.script_dir(self.config["argv"], self.config["cwd"])
         self.bind()
 
     def answer(self, data: bytes) -> None:
@@ -308,14 +281,28 @@ class _Warm:
         os.dup2(2, 1)
         shutil.rmtree(self.root, ignore_errors=True)  # no warm runner's any more: ours to remove
 
+    def nice(self) -> None:
+        """Take the niceness of runs (`backend.local.run_nice`), which a runner waits and
+        is handed its run without, so its start does not wait behind busy runs."""
+        if not self._niced:
+            self._niced = True
+            os.nice(self.config.get("nice", 0))
+
+    def start_exec(
+        self, job: JobDir, spec: dict
+    ) -> tuple[subprocess.Popen, processes.Process, jobrunner.Output]:
+        """Exec the model as a cold runner does (`jobrunner.start_exec`), niced first."""
+        self.nice()
+        return jobrunner.start_exec(job, spec)
+
     def start_forked(
         self, job: JobDir, spec: dict
     ) -> tuple[jobrunner.Forked, processes.Process, jobrunner.Output]:
-        """Fork the model from this runner (`_child`): its handle, record and output."""
+        """Fork the model from this runner (`forkedmodel.child`): its handle, record and output."""
         if not Path(spec["cwd"]).is_dir():
             raise processes.SpawnError(f"the app's working directory {spec['cwd']} does not exist")
         if spec["argv"] != self.config["argv"]:  # the app changed since: run what it says now
-            return jobrunner.start_exec(job, spec)
+            return self.start_exec(job, spec)
         read, write = os.pipe2(os.O_CLOEXEC)
         set_up, setting_up = os.pipe2(os.O_CLOEXEC)  # ends once the child has closed its fds
         stdin = os.open(job.inputs, os.O_RDONLY | os.O_CLOEXEC)
@@ -324,11 +311,14 @@ class _Warm:
         pid = os.fork()
         if pid == 0:
             held = (self.conn.fileno(),) if self.conn is not None else ()  # the submitter's
-            _child(spec, stdin, write, (read, set_up, setting_up, *self.signals.fds, *held))
+            closing = (read, set_up, setting_up, *self.signals.fds, *held)
+            forkedmodel.child(spec, stdin, write, closing, nice=self.config.get("nice", 0))
         for fd in (write, stdin, setting_up):
             os.close(fd)
-        # The model is "running" once it has its session and signals: a cancel that
-        # follows at once then reaches it as it would a cold run's.
+        self.started()  # its process is there: the submitter need not wait for the rest
+        self.nice()
+        # Supervised once it has its session and signals: a cancel that follows at once
+        # then reaches it as it would a cold run's.
         os.read(set_up, 1)
         os.close(set_up)
         log = CappedLog(job.log, int(spec.get("max_log_bytes") or jobrunner.DEFAULT_LOG_BYTES))
@@ -343,15 +333,20 @@ def run(root: Path) -> int:
         return 1
     warm.prepare()
     os.write(1, READY)
-    staging = warm.wait()
-    if staging is None:
+    given = warm.wait()
+    staging = warm.stage(given) if given is not None else None
+    if given is None or staging is None:
         return 0
-    job_dir = (read_json(staging / "job.json") or {}).get("job_dir")
-    warm.job_dir = Path(job_dir) if job_dir else None
-    start = warm.start_forked if warm.config.get("fork") else jobrunner.start_exec
+    warm.job_dir = Path(given["job"]["job_dir"])
+    start = warm.start_forked if warm.config.get("fork") else warm.start_exec
     try:
         return jobrunner.run(
-            staging, signals=warm.signals, answer=warm.answer, start=start, started=warm.started
+            staging,
+            signals=warm.signals,
+            answer=warm.answer,
+            start=start,
+            started=warm.started,
+            spec=given["job"],
         )
     finally:
         warm.flush()

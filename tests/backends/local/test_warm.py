@@ -108,20 +108,28 @@ async def test_a_python_model_is_forked_with_its_preloads_and_gets_what_a_cold_r
     assert not (data_dir / "local" / "warm" / warm).exists()  # used up, its files gone
 
 
-async def test_the_hand_over_answers_once_the_model_has_started(backend, watcher, data_dir):
+async def test_the_hand_over_answers_once_the_models_process_is_there(backend, watcher, data_dir):
     spec = model_spec("--sleep", "600")
     jid = new_job_id()
     warm = new_id()
     await backend.start_warm(warm, spec, READY_S)
+    waiting = int((await find(backend, warm)).labels["pid"])
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, waiting) == ours  # waits at the handlers' niceness
     assert await backend.claim(warm)
     assert await backend.submit_warm(launch(jid, spec), spec, warm) == "running"
     here = job_dir(data_dir, jid)
-    model = json.loads((here / "model.json").read_text())["pid"]  # there already
-    assert procs.alive(model)
+    assert json.loads((here / "job.json").read_text())["job_dir"] == str(here)  # claimed
     runner = json.loads((here / "runner.json").read_text())["pid"]
-    niced = min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)  # run_nice's default
-    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in (runner, model)] == [niced, niced]
+    # The answer comes as soon as the model is forked: its record follows.
+    record = here / "model.json"
+    await wait_for(record.exists, timeout=5, what="the model's record")
+    model = json.loads(record.read_text())["pid"]
+    assert procs.parent_of(model) == runner  # forked by the runner
+    assert procs.alive(model)
     await seen_by_model(data_dir, jid)  # the model runs: the fork's set-up is done
+    niced = min(ours + 10, 19)  # run_nice's default, once the run has started
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in (runner, model)] == [niced, niced]
     fds = f"/proc/{model}/fd"
     held = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)]
     assert not [s for s in held if s.startswith("socket:")]  # not the submitter's
@@ -193,9 +201,8 @@ async def test_the_log_cap_holds_on_a_warm_run(backend, watcher, data_dir):
 
 
 async def test_a_non_python_command_is_execd(backend, watcher, data_dir):
-    spec = job_spec(pool={"size": 1}).model_copy(
-        update={"command": ["/bin/sh", "-c", 'echo "sh ran $SPINYARD_JOB_ID"; exit 4']}
-    )
+    script = 'echo "sh ran $SPINYARD_JOB_ID at $(cut -d" " -f19 /proc/$$/stat)"; exit 4'
+    spec = job_spec(pool={"size": 1}).model_copy(update={"command": ["/bin/sh", "-c", script]})
     warm = new_id()
     await backend.start_warm(warm, spec, READY_S)
     config = json.loads((data_dir / "local" / "warm" / warm / "warm.json").read_text())
@@ -205,7 +212,8 @@ async def test_a_non_python_command_is_execd(backend, watcher, data_dir):
     assert await backend.submit_warm(launch(jid, spec), spec, warm)
     failed = await watcher.until(jid, "failed")
     assert failed.exit_code == 4
-    assert f"sh ran {jid}" in failed.log_tail
+    niced = min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)  # run_nice's default
+    assert f"sh ran {jid} at {niced}" in failed.log_tail.splitlines()  # niced as it ran
 
 
 async def test_a_warm_runner_killed_while_waiting_is_not_claimed(backend, watcher):
@@ -392,3 +400,58 @@ async def test_a_directory_left_by_a_runner_that_died_after_its_answer_is_swept(
     assert not left.exists()
     assert fresh.exists()  # maybe a runner being started right now
     assert (root / warm / SOCKET).exists()
+
+
+async def test_a_cancel_right_after_the_answer_stops_the_model(backend, watcher, data_dir):
+    spec = model_spec("--sleep", "600")
+    jid = new_job_id()
+    warm = new_id()
+    await backend.start_warm(warm, spec, READY_S)
+    assert await backend.claim(warm)
+    assert await backend.submit_warm(launch(jid, spec), spec, warm) == "running"
+    await backend.cancel_job(jid)  # maybe before the forked model has its session
+    assert (await watcher.until(jid, "cancelled")).state == "cancelled"
+    await wait_for(lambda: not procs.processes_logging_to(job_dir(data_dir, jid)), timeout=5)
+
+
+def _bad_runs(data_dir: Path, jid: str) -> dict[str, bytes]:
+    """Messages a waiting runner must not take as a run (the socket is 0600: a defence)."""
+    good = {"job_id": jid, "inputs": {}, "uploads": {}}
+    job = {"job_dir": str(data_dir / "local" / "jobs" / jid)}
+    elsewhere = {"job_dir": str(data_dir / "elsewhere" / jid)}
+
+    def framed(body: object) -> bytes:
+        data = json.dumps(body).encode()
+        return b"run %d\n" % len(data) + data
+
+    return {
+        "a path, as runners once took": str(data_dir / "local" / "jobs").encode() + b"\n",
+        "no size": b"run \n{}",
+        "too large": b"run 999999999999\n",
+        "short": b"run 100\n{}",
+        "not JSON": b"run 3\nabc",
+        "not an object": framed([1, 2]),
+        "no job id": framed({"inputs": {}, "job": job}),
+        "a bad job id": framed(good | {"job_id": "../x", "job": job}),
+        "a job dir elsewhere": framed(good | {"job": elsewhere}),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", list(_bad_runs(Path("/d"), "j-" + "0" * 24)), ids=lambda c: c.replace(" ", "-")
+)
+async def test_a_runner_sent_something_other_than_a_run_starts_nothing(backend, data_dir, case):
+    jid = new_job_id()
+    warm = new_id()
+    await backend.start_warm(warm, model_spec(), READY_S)
+    pid = int((await find(backend, warm)).labels["pid"])
+    reader, writer = await asyncio.open_unix_connection(data_dir / "local" / "warm" / warm / SOCKET)
+    writer.write(_bad_runs(data_dir, jid)[case])
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), READY_S) == b""  # no answer: it went
+    writer.close()
+    await wait_for(lambda: not procs.alive(pid), timeout=5, what="the runner's exit")
+    jobs = data_dir / "local" / "jobs"
+    assert not list(jobs.glob(f"*{jid}*"))  # nothing written for the job
+    assert not (data_dir / "elsewhere").exists()
+    await backend.stop_viz(warm)
