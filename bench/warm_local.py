@@ -19,7 +19,8 @@ model is `{python} model.py` with `json` preloaded, in `TMPDIR`.
   warm runs of the trivial model handed over one
   after another, each waited for to its end (result.json), with the
   machine's busy CPU time (/proc/stat: every process and the kernel, so the
-  runner, the model, their exits and this process) divided by the runs;
+  runner, the model, their exits and this process) divided by the runs,
+  and each hand-over's time (`submit_warm` until it says `running`);
   the floor above is measured the same way in the same run. Run it on an
   otherwise idle machine: whatever else runs is counted too.
 
@@ -148,11 +149,13 @@ async def cpu_per_run(root: Path, count: int) -> list[dict]:
         assert await backend.claim(instance)
     await asyncio.sleep(0.5)  # the runners' set-up is over
     jobs = root / "cpu" / "local" / "jobs"
-    busy, ours = busy_cpu_s(), time.process_time()
+    busy, ours, took = busy_cpu_s(), time.process_time(), []
     for instance in ids:
         job_id = _ids(1, "j-", 24)[0]
         launch = JobLaunch(job_id=job_id, inputs={}, upload_urls={}, deadline_s=60)
-        await backend.submit_warm(launch, spec, instance)
+        start = time.perf_counter()
+        assert await backend.submit_warm(launch, spec, instance) == "running"
+        took.append(time.perf_counter() - start)
         done = jobs / job_id / "result.json"
         await wait_until(done.exists, READY_S, f"{job_id} to end", interval=0.002)
     await asyncio.sleep(0.2)  # the runners' exits
@@ -162,10 +165,12 @@ async def cpu_per_run(root: Path, count: int) -> list[dict]:
     for _ in range(count):
         _floor_once()
     floor = busy_cpu_s() - floor_busy
+    took.sort()
     return [
         {"name": "warm run to its end, one after another", "n": count,
          "machine_cpu_ms": machine * 1e3 / count, "handler_cpu_ms": ours * 1e3 / count,
-         "x_floor": machine / floor if floor > 0 else None},
+         "x_floor": machine / floor if floor > 0 else None,
+         "hand_over_p50_ms": took[len(took) // 2] * 1e3},
         {"name": "bare fork + trivial model + exit (floor)", "n": count,
          "machine_cpu_ms": floor * 1e3 / count},
     ]  # fmt: skip
@@ -203,7 +208,8 @@ def format_result(result: dict) -> str:
                     ("per s", "per_s"), ("handler CPU ms each", "handler_cpu_ms"))),
         stats.table(result["cpu"], (("name", "name"), ("n", "n"),
                     ("machine CPU ms each", "machine_cpu_ms"), ("ratio to floor", "x_floor"),
-                    ("handler CPU ms each", "handler_cpu_ms"))),
+                    ("handler CPU ms each", "handler_cpu_ms"),
+                    ("submit_warm -> running p50 ms", "hand_over_p50_ms"))),
         stats.load_line(result),
     ])  # fmt: skip
 
