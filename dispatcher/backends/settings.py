@@ -22,10 +22,8 @@ class LocalBackendSettings(BaseModel):
         10,
         ge=0,
         le=19,
-        description="Niceness added to runs (job runners and the models they start; a warm "
-        "runner waits and takes its run at the handlers' niceness and adds this once its "
-        "model is started), so a machine busy with runs still serves events and apps first "
-        "(0: none)",
+        description="Niceness added to runs (job runners, warm runners and the models they "
+        "start), so a machine busy with runs still serves events and apps first (0: none)",
     )
     warm_fork_max_age_s: float = Field(
         300.0,

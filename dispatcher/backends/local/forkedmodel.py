@@ -68,13 +68,12 @@ def _reseed() -> None:
             numpy_random.seed()
 
 
-def child(spec: dict, stdin: int, out: int, closing: tuple[int, ...], nice: int = 0) -> None:
+def child(spec: dict, stdin: int, out: int, closing: tuple[int, ...]) -> None:
     """The forked model: a session, stdio, cwd, limits and environment of its own; never
     returns."""
     code = 1
     try:
         os.setsid()
-        os.nice(nice)  # (`backend.local.run_nice`)
         _reseed()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

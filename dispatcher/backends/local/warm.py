@@ -63,9 +63,7 @@ class WarmRunners:
         nice: int = 0,
         fork_max_age_s: float = 0.0,
     ) -> None:
-        """`nice` is added to a runner's niceness once it is handed its run, and to the
-        model's (`backend.local.run_nice`): a waiting runner and its hand-over run at
-        ours, so a start does not wait behind runs that keep the cores busy; a runner is
+        """`nice` is added to the runners' niceness (`backend.local.run_nice`); a runner is
         forked from a waiting one whose interpreter is younger than `fork_max_age_s` (0:
         never)."""
         self.root, self._jobs, self._instances = root, jobs, instances
@@ -158,7 +156,6 @@ class WarmRunners:
             "fork": fork,
             "memory_bytes": memory,
             "jobs": str(self._jobs),
-            "nice": self._nice,  # taken once it has its run (`warmrunner.py`)
             # what else decides whether a runner may be forked from another (`_seed`)
             "interpreter": self._python if fork else sys.executable,
             "revision": spec.revision,
@@ -235,7 +232,7 @@ class WarmRunners:
         try:
             return processes.spawn(
                 [*command, str(directory)], env, CODE_ROOT, directory / "warm.log",
-                stdout=subprocess.PIPE,
+                stdout=subprocess.PIPE, nice=self._nice,
             )  # fmt: skip
         except processes.SpawnError as exc:
             shutil.rmtree(directory, ignore_errors=True)

@@ -4,8 +4,7 @@
 dispatcher.backends.local.warmrunner <dir>` in a new session, in a directory
 of its own, `<data_dir>/local/warm/<instance>/` (0700):
 
-    warm.json   what it was started for: app, argv, cwd, preload, fork, memory_bytes, jobs,
-                nice
+    warm.json   what it was started for: app, argv, cwd, preload, fork, memory_bytes, jobs
                 (and, for the backend only, what decides who may fork it: `warm.py`)
     sock        the unix stream socket it waits on (0600)
     warm.log    its stderr until it has a run (then the run's runner.log)
@@ -20,10 +19,7 @@ so what it preloads counts toward the run's memory). For a Python model
 (`fork`: a command of `{python} script.py ...` or `{python} -m module ...`)
 it changes to the app's workdir, puts the script's directory first on
 `sys.path` as Python would, and imports each `preload` module. Then it
-binds its socket and writes `ready` on stdout. It waits, and takes its run,
-at the niceness of the handler that started it; the model it starts, and
-the runner once it has, take `nice` more (`backend.local.run_nice`), as a
-cold run does: a start does not wait behind runs that keep the cores busy.
+binds its socket and writes `ready` on stdout.
 
 A run comes as `run <n>` on the socket and n bytes of JSON (`run_message`):
 the job's id, inputs, upload URLs and the instructions a cold start writes
@@ -64,7 +60,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -118,7 +113,6 @@ class _Warm:
         self.conn: socket.socket | None = None
         self.job_dir: Path | None = None  # the run's, once it is handed one
         self._held: bytes | None = None  # an answer held until the model starts (`answer`)
-        self._niced = False
 
     def prepare(self) -> None:
         """Lower the memory limit, import the preloads, bind the socket."""
@@ -281,20 +275,6 @@ class _Warm:
         os.dup2(2, 1)
         shutil.rmtree(self.root, ignore_errors=True)  # no warm runner's any more: ours to remove
 
-    def nice(self) -> None:
-        """Take the niceness of runs (`backend.local.run_nice`), which a runner waits and
-        is handed its run without, so its start does not wait behind busy runs."""
-        if not self._niced:
-            self._niced = True
-            os.nice(self.config.get("nice", 0))
-
-    def start_exec(
-        self, job: JobDir, spec: dict
-    ) -> tuple[subprocess.Popen, processes.Process, jobrunner.Output]:
-        """Exec the model as a cold runner does (`jobrunner.start_exec`), niced first."""
-        self.nice()
-        return jobrunner.start_exec(job, spec)
-
     def start_forked(
         self, job: JobDir, spec: dict
     ) -> tuple[jobrunner.Forked, processes.Process, jobrunner.Output]:
@@ -302,7 +282,7 @@ class _Warm:
         if not Path(spec["cwd"]).is_dir():
             raise processes.SpawnError(f"the app's working directory {spec['cwd']} does not exist")
         if spec["argv"] != self.config["argv"]:  # the app changed since: run what it says now
-            return self.start_exec(job, spec)
+            return jobrunner.start_exec(job, spec)
         read, write = os.pipe2(os.O_CLOEXEC)
         set_up, setting_up = os.pipe2(os.O_CLOEXEC)  # ends once the child has closed its fds
         stdin = os.open(job.inputs, os.O_RDONLY | os.O_CLOEXEC)
@@ -312,11 +292,10 @@ class _Warm:
         if pid == 0:
             held = (self.conn.fileno(),) if self.conn is not None else ()  # the submitter's
             closing = (read, set_up, setting_up, *self.signals.fds, *held)
-            forkedmodel.child(spec, stdin, write, closing, nice=self.config.get("nice", 0))
+            forkedmodel.child(spec, stdin, write, closing)
         for fd in (write, stdin, setting_up):
             os.close(fd)
         self.started()  # its process is there: the submitter need not wait for the rest
-        self.nice()
         # Supervised once it has its session and signals: a cancel that follows at once
         # then reaches it as it would a cold run's.
         os.read(set_up, 1)
@@ -338,7 +317,7 @@ def run(root: Path) -> int:
     if given is None or staging is None:
         return 0
     warm.job_dir = Path(given["job"]["job_dir"])
-    start = warm.start_forked if warm.config.get("fork") else warm.start_exec
+    start = warm.start_forked if warm.config.get("fork") else jobrunner.start_exec
     try:
         return jobrunner.run(
             staging,
