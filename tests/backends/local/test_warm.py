@@ -61,11 +61,11 @@ def model_spec(*args: str, **fields):
 
 
 async def warm_run(backend, spec, jid: str, inputs: dict | None = None) -> str:
-    """Start a warm runner, claim it and hand it the job; the runner's id."""
+    """Start a warm runner, claim it and hand it the job, which it starts; the runner's id."""
     warm = new_id()
     await backend.start_warm(warm, spec, READY_S)
     assert await backend.claim(warm)
-    assert await backend.submit_warm(launch(jid, spec, inputs), spec, warm)
+    assert await backend.submit_warm(launch(jid, spec, inputs), spec, warm) == "running"
     return warm
 
 
@@ -111,10 +111,7 @@ async def test_a_python_model_is_forked_with_its_preloads_and_gets_what_a_cold_r
 async def test_the_hand_over_answers_once_the_models_process_is_there(backend, watcher, data_dir):
     spec = model_spec("--sleep", "600")
     jid = new_job_id()
-    warm = new_id()
-    await backend.start_warm(warm, spec, READY_S)
-    assert await backend.claim(warm)
-    assert await backend.submit_warm(launch(jid, spec), spec, warm) == "running"
+    await warm_run(backend, spec, jid, {"n": 1})
     here = job_dir(data_dir, jid)
     assert json.loads((here / "job.json").read_text())["job_dir"] == str(here)  # claimed
     runner = json.loads((here / "runner.json").read_text())["pid"]
@@ -402,10 +399,7 @@ async def test_a_directory_left_by_a_runner_that_died_after_its_answer_is_swept(
 async def test_a_cancel_right_after_the_answer_stops_the_model(backend, watcher, data_dir):
     spec = model_spec("--sleep", "600")
     jid = new_job_id()
-    warm = new_id()
-    await backend.start_warm(warm, spec, READY_S)
-    assert await backend.claim(warm)
-    assert await backend.submit_warm(launch(jid, spec), spec, warm) == "running"
+    await warm_run(backend, spec, jid)
     await backend.cancel_job(jid)  # maybe before the forked model has its session
     assert (await watcher.until(jid, "cancelled")).state == "cancelled"
     await wait_for(lambda: not procs.processes_logging_to(job_dir(data_dir, jid)), timeout=5)
