@@ -1,8 +1,11 @@
-"""A run's files, prepared for its runner: the same for a cold start and a warm runner.
+"""A run's instructions and files, prepared for its runner: the same for a cold and a warm start.
 
-`LocalBackend.submit_job` hands the prepared directory to a new runner
-(`start_runner`), `LocalBackend.submit_warm` to a waiting warm
-runner (`warm.py`); either claims it by renaming it into place (`jobrunner.py`).
+`job_instructions` says what job.json holds. For a cold start,
+`LocalBackend.submit_job` writes the job's files in a staging directory
+(`stage`) and starts a runner on it (`start_runner`); for a warm start,
+`LocalBackend.submit_warm` sends the instructions to a waiting runner
+(`warm.py`), which writes the same files itself. Either runner claims the
+directory by renaming it into place (`jobrunner.py`).
 """
 
 import shutil
