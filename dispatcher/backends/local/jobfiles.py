@@ -203,24 +203,9 @@ def notify(sock_path: str | Path, job_id: str) -> None:
         sock.sendto(job_id.encode(), address)
 
 
-def instructions(job: JobDir, run: dict) -> dict:
-    """What job.json holds: `run`, with the paths of `job` and its environment filled in.
-
-    `run` holds the app, argv, cwd (None: the output dir), env (`launch.job_env`,
-    naming `job`'s paths), deadline_s, stop_grace_s, memory_bytes, cpu_seconds,
-    max_log_bytes and the watcher's socket. The run's environment is ours
-    without spinyard's settings, then `env`. The deadline counts from now.
-    """
-    return run | {
-        "job_dir": str(job.path),
-        "created_at": time.time(),
-        "cwd": run["cwd"] or str(job.work),
-        "env": processes.child_env(run["env"]),
-    }
-
-
 def fill(stage: JobDir, inputs: dict, upload_urls: dict, spec: dict) -> None:
-    """Write a run's files and its runner's instructions (`instructions`) into `stage`."""
+    """Write a run's files and its runner's instructions (job.json: `spec`, as
+    `staging.job_instructions` makes it) into `stage`."""
     processes.write_atomic(stage.inputs, json.dumps(inputs).encode())
     processes.write_atomic(stage.uploads, json.dumps(upload_urls).encode())
     stage.write("job.json", spec)

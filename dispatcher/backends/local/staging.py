@@ -11,11 +11,12 @@ directory by renaming it into place (`jobrunner.py`).
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dispatcher.backends.launch import argv, job_env, job_values
 from dispatcher.backends.local import processes
-from dispatcher.backends.local.jobfiles import JobDir, cpu_seconds, fill, instructions
+from dispatcher.backends.local.jobfiles import JobDir, cpu_seconds, fill
 from dispatcher.backends.local.jobrunner import CLAIMED, CODE_ROOT, EXISTS
 from handlers.errors import StartFailed
 from handlers.ports import JobLaunch
@@ -33,10 +34,14 @@ def job_instructions(
     socket: Path,
     secrets: dict[str, str],
 ) -> dict:
-    """What the job's runner is to do (job.json, `jobfiles.instructions`): no file is written.
+    """What the job's runner is to do, as job.json holds it; no file is written.
 
-    `secrets` (the values of the secrets the spec names) go in the run's environment,
-    so in its job.json: a 0600 file in the 0700 jobs directory.
+    The app, argv, cwd (the spec's workdir, else the job's output dir), the run's
+    environment (ours without spinyard's settings, then `launch.job_env`, naming
+    `job`'s paths), deadline (counted from now), grace, limits, log cap, the job's
+    directory and the watcher's socket. `secrets` (the values of the secrets the spec
+    names) go in the environment, so in job.json: a 0600 file in the 0700 jobs
+    directory.
 
     Raises:
         handlers.errors.StartFailed: the spec's resources are not quantities.
@@ -48,13 +53,14 @@ def job_instructions(
         raise StartFailed(f"the app's resources: {exc}", code=codes.START_FAILED) from exc
     values = job_values(python=python)
     paths = {"inputs": str(job.inputs), "uploads": str(job.uploads), "output_dir": str(job.work)}
-    run = {
+    env = job_env(spec, job.id, values, **paths, deadline_s=launch.deadline_s, secrets=secrets)
+    return {
         "app": spec.name,
         "argv": argv(spec, values),
-        "cwd": spec.workdir,
-        "env": job_env(
-            spec, job.id, values, **paths, deadline_s=launch.deadline_s, secrets=secrets
-        ),
+        "cwd": spec.workdir or str(job.work),
+        "env": processes.child_env(env),
+        "job_dir": str(job.path),
+        "created_at": time.time(),
         "deadline_s": launch.deadline_s,
         "stop_grace_s": stop_grace_s,
         "memory_bytes": memory,
@@ -62,7 +68,6 @@ def job_instructions(
         "max_log_bytes": spec.max_log_bytes,
         "socket": str(socket),
     }
-    return instructions(job, run)
 
 
 def stage(job: JobDir, launch: JobLaunch, spec: dict) -> JobDir:

@@ -247,14 +247,14 @@ class WarmRunners:
         return True
 
     async def hand(self, instance_id: str, launch: JobLaunch, spec: dict) -> bytes | None:
-        """Hand the run to the runner: its job id, inputs, upload URLs and instructions
-        (`spec`, job.json's); the runner writes the job's files and starts it. Its answer
+        """Hand the run to the runner: its inputs, upload URLs and instructions (`spec`,
+        job.json's); the runner writes the job's files and starts it. Its answer
         (`RUNNING` once the model's process is there, `CLAIMED` if it took the run but
         the model did not start, `EXISTS`), or None if it could not take it (gone, dead,
         or it did not answer; then it is stopped). Either way the runner is no longer a
         warm runner."""
         check_id(instance_id)
-        message = run_message(launch.job_id, launch.inputs, launch.upload_urls, spec)
+        message = run_message(launch.inputs, launch.upload_urls, spec)
         async with self._instances.locked(instance_id) as lock_path:
             state = self._instances.load(instance_id)
             answer = None

@@ -22,10 +22,11 @@ it changes to the app's workdir, puts the script's directory first on
 binds its socket and writes `ready` on stdout.
 
 A run comes as `run <n>` on the socket and n bytes of JSON (`run_message`):
-the job's id, inputs, upload URLs and the instructions a cold start writes
-to job.json. The runner writes the job's files itself in a staging
-directory beside the job's, as the backend does for a cold start, so the
-handler's event loop has no file work on the start's path; from then on it
+its inputs, upload URLs and the instructions a cold start writes to
+job.json (whose job directory, under the runner's jobs directory, names
+the job). The runner writes the job's files itself in a staging directory
+beside the job's, as the backend does for a cold start, so the handler's
+event loop has no file work on the start's path; from then on it
 is that job's runner (`jobrunner.run`): it claims the job (the rename that
 makes any number of submissions start one run) and starts the model, then
 answers on the socket: `running` as soon as the model's process is there
@@ -79,10 +80,10 @@ _HAND_TIMEOUT_S = 5.0  # how long a connected submitter may take to send its run
 _MAX_RUN_BYTES = 16 * 2**20  # a run's message: inputs (at most 1 MiB packed), URLs, job.json
 
 
-def run_message(job_id: str, inputs: dict, upload_urls: dict, spec: dict) -> bytes:
-    """What hands a runner its run: the job's id, inputs, upload URLs and instructions
-    (job.json's, `jobfiles.instructions`)."""
-    body = {"job_id": job_id, "inputs": inputs, "uploads": upload_urls, "job": spec}
+def run_message(inputs: dict, upload_urls: dict, spec: dict) -> bytes:
+    """What hands a runner its run: its inputs, upload URLs and instructions (job.json's,
+    `staging.job_instructions`, which name the job's directory and so its id)."""
+    body = {"inputs": inputs, "uploads": upload_urls, "job": spec}
     data = json.dumps(body).encode()
     return RUN + b"%d\n" % len(data) + data
 
@@ -175,14 +176,12 @@ class _Warm:
         """Write the job's files (as `submit_job` would) in a new staging directory beside
         its directory-to-be, which `jobrunner.run` claims; None if `run` names no job
         of ours."""
-        jobs, job_id, spec = Path(self.config["jobs"]), run.get("job_id"), run.get("job")
-        if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id) or not isinstance(spec, dict):
-            sys.stderr.write("warmrunner: the run names no job\n")
+        jobs, spec = Path(self.config["jobs"]), run.get("job")
+        job_dir = Path(str(spec.get("job_dir"))) if isinstance(spec, dict) else None
+        if job_dir is None or job_dir.parent != jobs or not JOB_ID_RE.match(job_dir.name):
+            sys.stderr.write(f"warmrunner: the run names no job directory in {jobs}\n")
             return None
-        if spec.get("job_dir") != str(jobs / job_id):
-            sys.stderr.write(f"warmrunner: {spec.get('job_dir')} is not a job of {jobs}\n")
-            return None
-        staged = JobDir.staging(jobs, job_id)
+        staged = JobDir.staging(jobs, job_dir.name)
         try:
             fill(staged, run.get("inputs") or {}, run.get("uploads") or {}, spec)
         except BaseException:
@@ -256,7 +255,9 @@ class _Warm:
         self._send(data)
 
     def started(self) -> None:
-        """The model has started: tell the submitter, which is waiting for it."""
+        """The model has started: tell the submitter, which is waiting for it (once: a
+        forked model's runner says so right after the fork, and `jobrunner.run`'s call
+        that follows then finds the connection closed)."""
         self._held = None
         self._send(jobrunner.RUNNING)
 
@@ -313,8 +314,8 @@ def run(root: Path) -> int:
     warm.prepare()
     os.write(1, READY)
     given = warm.wait()
-    staging = warm.stage(given) if given is not None else None
-    if given is None or staging is None:
+    staging = given and warm.stage(given)
+    if not staging:
         return 0
     warm.job_dir = Path(given["job"]["job_dir"])
     start = warm.start_forked if warm.config.get("fork") else jobrunner.start_exec

@@ -407,9 +407,8 @@ async def test_a_cancel_right_after_the_answer_stops_the_model(backend, watcher,
 
 def _bad_runs(data_dir: Path, jid: str) -> dict[str, bytes]:
     """Messages a waiting runner must not take as a run (the socket is 0600: a defence)."""
-    good = {"job_id": jid, "inputs": {}, "uploads": {}}
-    job = {"job_dir": str(data_dir / "local" / "jobs" / jid)}
-    elsewhere = {"job_dir": str(data_dir / "elsewhere" / jid)}
+    good = {"inputs": {}, "uploads": {}}
+    jobs, elsewhere = data_dir / "local" / "jobs", data_dir / "elsewhere"
 
     def framed(body: object) -> bytes:
         data = json.dumps(body).encode()
@@ -422,9 +421,9 @@ def _bad_runs(data_dir: Path, jid: str) -> dict[str, bytes]:
         "short": b"run 100\n{}",
         "not JSON": b"run 3\nabc",
         "not an object": framed([1, 2]),
-        "no job id": framed({"inputs": {}, "job": job}),
-        "a bad job id": framed(good | {"job_id": "../x", "job": job}),
-        "a job dir elsewhere": framed(good | {"job": elsewhere}),
+        "no job dir": framed(good | {"job": {}}),
+        "a bad job id": framed(good | {"job": {"job_dir": str(jobs / f"x-{jid}")}}),
+        "a job dir elsewhere": framed(good | {"job": {"job_dir": str(elsewhere / jid)}}),
     }
 
 
