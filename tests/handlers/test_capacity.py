@@ -253,7 +253,10 @@ async def test_the_reaper_gives_back_a_place_whose_holder_is_gone(stack):
     await stack.state.gates.put(subjects.viz_app_gate_key(CLASS), gone)
     await stack.page_load(CLASS, session="kim")
     subject = subjects.app_status(CLASS, "kim")
-    queued = await stack.wait_state(subject, "queued")
+    # `queued` lasts only until the reaper's next pass (0.2 s, often less): look for it in
+    # what was published, not in the last status.
+    await wait_for(lambda: "queued" in stack.statuses.states(subject), what="kim queued")
+    queued = next(s for s in stack.statuses.by_subject[subject] if s["state"] == "queued")
     assert queued["position"] == 1
     await stack.wait_state(subject, "ready")
     record = await stack.state.deployments.get(slot_key(CLASS, session_slot("kim")))
