@@ -71,6 +71,11 @@ class Job(BaseModel):
         description="The app's revision it runs: the current one when accepted, or the one"
         " its request pinned (`handlers.rollout`)",
     )
+    in_queue: bool = Field(
+        True,
+        description="Its start may have gone through its app's run queue (a limit applied),"
+        " so its end frees its place there; False once it started with no limit to wait for",
+    )
 
 
 def status_of(job: Job) -> JobStatus:
@@ -98,7 +103,7 @@ async def moved(ctx: Context, job: Job) -> None:
     """`job` has just changed state: publish its status, and if it ended, free its place
     in its app's run queue so the next run can start (`handlers.runq`)."""
     await publish(ctx, job)
-    if job.state.terminal:
+    if job.state.terminal and job.in_queue:
         await runq.release(ctx, job.app, job.job_id)
 
 

@@ -9,6 +9,7 @@ event's claims out again, which backends treat as a no-op for a run they have.
 """
 
 import asyncio
+from collections.abc import Callable
 
 from handlers import jobs, pools, rollout, runq
 from handlers.context import Context
@@ -65,6 +66,11 @@ async def run_start(ctx: Context, event: RunStart) -> None:
         return
     job = read.value if read and read.value.state == JobState.QUEUED else None
     # (None: cancelled while the start was on its way, or started already)
+    if job is not None and not runq.limited(spec, ctx.knobs.run_slots):
+        # Nothing to wait for: it starts now, with no queue record to change (`runq.limited`).
+        if await _start(ctx, spec, job.job_id, read, in_queue=False):
+            await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
+        return
     before, after, full = await _claim(ctx, spec, job, event.id)
     if full and job is not None:
         message = QUEUE_FULL.format(app=spec.name, n=len(before.waiting))
@@ -138,7 +144,12 @@ async def _claim_in_turn(
 
 
 async def _start(
-    ctx: Context, spec: AppSpec, job_id: str, known: Entry[jobs.Job] | None = None
+    ctx: Context,
+    spec: AppSpec,
+    job_id: str,
+    known: Entry[jobs.Job] | None = None,
+    *,
+    in_queue: bool = True,
 ) -> bool:
     """Hand one claimed run to the backend (again, on a redelivery: a no-op there).
 
@@ -147,6 +158,8 @@ async def _start(
 
     `known` is the run's record as read before the claim, if it was: its writes
     here then start from it (one round trip fewer each, unless it changed since).
+    `in_queue=False`: it was not claimed in its app's queue (no limit), and its
+    record says so, so its end leaves the queue alone.
 
     Returns whether it took a warm runner from the app's pool.
     """
@@ -154,7 +167,7 @@ async def _start(
     entry = known or await ctx.state.jobs.read(job_id)
     job = entry.value if entry else None
     if job is None or job.state != JobState.QUEUED:
-        if job is None or job.state.terminal:  # it ended while claimed: free its place
+        if (job is None or job.state.terminal) and in_queue:  # it ended while claimed
             await runq.release(ctx, spec.name, job_id)
         return False
     now = ctx.now()
@@ -168,7 +181,7 @@ async def _start(
         if pools.keeps_pool(spec) and ctx.backend.warm_runners and spec.revision == current:
             member = await pools.claim(ctx, spec.name, used_at=now, revision=spec.revision)
         if member is None:
-            entry = await _mark_started(ctx, job_id, now, warm=False, known=entry)
+            entry = await _mark(ctx, job_id, _started(now, False, in_queue), known=entry)
             if entry is None:
                 return False
     urls = ctx.store.upload_urls(job_id, spec.outputs) if spec.outputs and ctx.store else {}
@@ -176,24 +189,27 @@ async def _start(
         job_id=job_id, inputs=job.inputs, upload_urls=urls, deadline_s=spec.deadline_s
     )
     try:
-        handed: WarmHandOver | bool | None = False
-        if member is not None:  # the hand-over and its record at once: no wait for the write
-            handed, entry = await asyncio.gather(
-                ctx.backend.submit_warm(launch, spec, member.instance),
-                _mark_started(ctx, job_id, now, warm=True, known=entry),
-            )
-        if member is not None and not handed:  # it died since the claim: start cold
-            ctx.log.warning("warm_runner_lost", job_id=job_id, instance=member.instance)
-            await _mark_started(ctx, job_id, now, warm=False)
-        if not handed:
+        handed: WarmHandOver | None = None
+        written = None
+        if member is not None:
+            handed = await ctx.backend.submit_warm(launch, spec, member.instance)
+            if handed == "running":  # one write: started on a warm runner, and running
+                mark = _running(now, ctx.now(), in_queue)
+            else:  # "taken": the backend reports its start; None: it died, start cold
+                mark = _started(now, handed is not None, in_queue)
+            written = await _mark(ctx, job_id, mark, known=entry)
+        if handed is None:
+            if member is not None:
+                ctx.log.warning("warm_runner_lost", job_id=job_id, instance=member.instance)
             await ctx.backend.submit_job(launch, spec)
     except PermanentError as exc:  # this run's start failed; the others still start
         ctx.log.warning("job_start_failed", job_id=job_id, error=exc.message)
         await _fail(ctx, job_id, public_info(exc))
         return member is not None
-    if handed == "running":  # a warm runner started it: no wait for the backend's report
-        now_job = await _mark_running(ctx, job_id, known=entry)
-    else:
+    if handed == "running" and written is not None:  # no wait for the backend's report
+        await jobs.moved(ctx, written.value)
+        now_job: jobs.Job | None = written.value
+    else:  # read after the start: a cancel that came meanwhile is seen here
         now_job = await ctx.state.jobs.get(job_id)
     if now_job is None or now_job.state.terminal:  # cancelled while it was being started
         await ctx.backend.cancel_job(job_id)
@@ -203,38 +219,43 @@ async def _start(
     return member is not None
 
 
-async def _mark_running(
-    ctx: Context, job_id: str, known: Entry[jobs.Job] | None
-) -> jobs.Job | None:
-    """Record a run a warm runner has started as `running` and tell its page; the
-    backend's own report of the start, which follows, then changes nothing
-    (`job_update`). The run as it is now (None if its record is gone)."""
-    now = ctx.now()
-
-    def running(job: jobs.Job) -> jobs.Job | None:
-        if job.state != JobState.QUEUED:
-            return None  # reported running already, or ended (cancelled, or it was quick)
-        phases = job.phases.model_copy(update={"running": now})
-        return job.model_copy(update={"state": JobState.RUNNING, "phases": phases})
-
-    written = await ctx.state.jobs.change(job_id, running, known=known)
-    if written is None:
-        return await ctx.state.jobs.get(job_id)
-    await jobs.moved(ctx, written.value)
-    return written.value
-
-
-async def _mark_started(
-    ctx: Context, job_id: str, now: float, warm: bool, known: Entry[jobs.Job] | None = None
-) -> Entry[jobs.Job] | None:
-    """Record that the run's start is handed to the backend (and whether warm), while it is
-    queued; None if it is not queued any more."""
+def _started(now: float, warm: bool, in_queue: bool) -> Callable[[jobs.Job], jobs.Job | None]:
+    """The change that records a queued run's start as handed to the backend (and whether
+    warm); the backend then reports it running."""
 
     def mark(job: jobs.Job) -> jobs.Job | None:
         if job.state != JobState.QUEUED:
             return None
-        started = job.phases.started or now
-        phases = job.phases.model_copy(update={"started": started, "warm": warm})
-        return job.model_copy(update={"phases": phases})
+        phases = job.phases.model_copy(update={"started": job.phases.started or now, "warm": warm})
+        return job.model_copy(update={"phases": phases, "in_queue": in_queue})
 
+    return mark
+
+
+def _running(now: float, running: float, in_queue: bool) -> Callable[[jobs.Job], jobs.Job | None]:
+    """The change that records a queued run a warm runner has started: started (warm) and
+    running at once. The backend's own report of the start, which follows, then changes
+    nothing (`job_update`)."""
+
+    def mark(job: jobs.Job) -> jobs.Job | None:
+        if job.state != JobState.QUEUED:
+            return None  # ended (cancelled, or it was quick) or reported running already
+        started = job.phases.started or now
+        update = {"started": started, "warm": True, "running": running}
+        return job.model_copy(
+            update={
+                "state": JobState.RUNNING,
+                "phases": job.phases.model_copy(update=update),
+                "in_queue": in_queue,
+            }
+        )
+
+    return mark
+
+
+async def _mark(
+    ctx: Context, job_id: str, mark: Callable[[jobs.Job], jobs.Job | None], known: Entry | None
+) -> Entry[jobs.Job] | None:
+    """Compare-and-set `mark` on the run's record, from `known` if it is still current; None
+    if `mark` declined (the run is not queued any more)."""
     return await ctx.state.jobs.change(job_id, mark, known=known)

@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 
 from schemas import subjects
 from schemas.events import RunStart
+from schemas.spec import AppSpec
 from schemas.status import JobPhases, JobState, JobStatus
 
 if TYPE_CHECKING:
@@ -75,6 +76,17 @@ class Slots(BaseModel):
 
     held: dict[str, Hold] = Field(default_factory=dict)
     blocked: list[str] = Field(default_factory=list)
+
+
+def limited(spec: AppSpec, run_slots: int) -> bool:
+    """Whether a run of the app may have to wait: only then does its start go through the
+    queue. Runs of an app with no limit (nor a total) start at once, with no queue record
+    to change on their start or end: a limit set later counts the runs started after it."""
+    return (
+        spec.max_concurrent_runs is not None
+        or spec.max_runs_per_session is not None
+        or run_slots > 0
+    )
 
 
 def fair_order(queue: RunQueue) -> list[Waiting]:
@@ -231,6 +243,9 @@ async def heal(ctx: Context, runs: dict, now: float) -> int:
     - A claim whose start never reached the backend (the claimer crashed and its event
       was not redelivered) is claimed again by a new `run_start`, which starts it.
     - A queue with runs waiting is nudged (a nudge lost to a crash).
+    - A run still queued that no start took up (in no queue, not started: its
+      `run_start` was lost, say its last delivery died with its handler) is asked to
+      start again.
 
     Only entries older than `reconcile_grace_s` are judged: younger ones may belong to
     runs created after `runs` was read.
@@ -242,8 +257,10 @@ async def heal(ctx: Context, runs: dict, now: float) -> int:
         job = runs.get(job_id)
         return now - since > grace and (job is None or job.state.terminal)
 
+    held: set[str] = set()  # the runs some queue holds
     for entry in await ctx.state.queues.scan("queue.>"):  # the queues, not the runs
         app, queue = entry.key, entry.value
+        held |= {w.job_id for w in queue.waiting} | queue.claimed.keys()
         gone = {w.job_id for w in queue.waiting if over(w.job_id, w.queued_at)}
         gone |= {j for j, c in queue.claimed.items() if over(j, c.at)}
         if gone:
@@ -258,6 +275,18 @@ async def heal(ctx: Context, runs: dict, now: float) -> int:
                 mended += 1
         if queue.waiting:
             await nudge(ctx, app, f"heal-{app}-{int(now)}")
+    for job_id, job in runs.items():
+        if (
+            job.state == JobState.QUEUED
+            and job.phases.started is None
+            and job_id not in held
+            and now - job.created_at > grace
+        ):
+            event = RunStart(app=job.app, job_id=job_id)
+            subject = subjects.event(subjects.RUN_START, job.app)
+            await ctx.emit(subject, event, msg_id=f"heal-start-{job_id}")
+            ctx.log.warning("job_start_asked_again", job_id=job_id, app=job.app)
+            mended += 1
     slots = await ctx.state.slots.get("total")
     if slots is not None:
         stale = {j for j, h in slots.held.items() if over(j, h.at)}

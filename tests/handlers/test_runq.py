@@ -239,7 +239,7 @@ async def test_a_claim_whose_start_was_lost_is_started_by_the_reaper(settings, s
     settings.reaper.reconcile_grace_s = 0.5
     settings.reaper.interval_s = 0.5
     async with running(settings, s3_server) as runs:
-        spec = limited_spec()
+        spec = limited_spec(max_concurrent_runs=4)
         await runs.state.apps.put(spec.name, spec)
         now = time.time()
         job = Job(
@@ -262,3 +262,56 @@ async def test_a_claim_whose_start_was_lost_is_started_by_the_reaper(settings, s
         await runs.wait_state(job.job_id, "succeeded")
         assert started(tmp_path) == [job.job_id]
         await wait_for(lambda: _queue_empty(runs, spec.name), what="the queue emptied")
+
+
+async def test_runs_of_an_app_without_limits_start_with_no_queue_record(runs, tmp_path):
+    """Nothing can make such a run wait, so its start and its end change no queue record
+    (they cost no round trip there); one of a limited app goes through its queue."""
+    free = limited_spec("demo/free")
+    await runs.state.apps.put(free.name, free)
+    jobs = [await runs.request(free.name, waiting_run(tmp_path, f"f{i}")) for i in range(3)]
+    await wait_for(lambda: sorted(started(tmp_path)) == sorted(jobs), what="all three started")
+    for i, job in enumerate(jobs):
+        release(tmp_path, f"f{i}")
+        await runs.wait_state(job, "succeeded")
+        assert (await runs.state.jobs.get(job)).in_queue is False
+    assert await runs.state.queues.read(free.name) is None  # never made
+    limited = limited_spec(max_concurrent_runs=3)
+    await runs.state.apps.put(limited.name, limited)
+    job = await runs.request(limited.name, waiting_run(tmp_path, "l"))
+    await wait_for(lambda: job in started(tmp_path), what="the limited app's run started")
+    assert job in (await runs.state.queues.get(limited.name)).claimed
+    release(tmp_path, "l")
+    await runs.wait_state(job, "succeeded")
+    await wait_for(lambda: _queue_empty(runs, limited.name), what="its place freed")
+
+
+async def test_a_queued_run_whose_start_was_lost_is_started_by_the_reaper(
+    settings, s3_server, tmp_path
+):
+    """A run recorded `queued` whose run_start never did its work (its last delivery died
+    with its handler, say) is in no queue and not started: the reaper's pass asks for its
+    start again, and it runs, once."""
+    settings.reaper.reconcile_grace_s = 0.5
+    settings.reaper.interval_s = 0.5
+    async with running(settings, s3_server) as runs:
+        spec = limited_spec("demo/free")
+        await runs.state.apps.put(spec.name, spec)
+        now = time.time()
+        job = Job(
+            job_id="j-0000000000000000000000bb",
+            app=spec.name,
+            session="s-1",
+            state=JobState.QUEUED,
+            event_id="ev-lost-request",
+            inputs=waiting_run(tmp_path, "y"),
+            deadline_s=30,
+            retention_s=60,
+            created_at=now - 5,
+            phases=JobPhases(queued=now - 5),
+        )
+        await runs.state.jobs.create(job.job_id, job)
+        await wait_for(lambda: started(tmp_path) == [job.job_id], what="the lost start made")
+        release(tmp_path, "y")
+        await runs.wait_state(job.job_id, "succeeded")
+        assert started(tmp_path) == [job.job_id]

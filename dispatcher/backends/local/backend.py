@@ -44,7 +44,7 @@ from dispatcher.backends.launch import (
     viz_env,
     viz_values,
 )
-from dispatcher.backends.local import locks, processes, readiness
+from dispatcher.backends.local import jobfiles, locks, processes, readiness
 from dispatcher.backends.local.instances import InstanceFiles, InstanceState
 from dispatcher.backends.local.jobfiles import JobDir, Listings, notify, remove_stale_staging
 from dispatcher.backends.local.jobrunner import CLAIMED, RUNNING
@@ -306,14 +306,16 @@ class LocalBackend(Backend):
         job = self._job(launch.job_id)
         if job.path.exists():  # the job exists: the runner is not needed
             await self.stop_viz(instance_id)
+            notify(self._socket, job.id, jobfiles.UNTOLD)  # its start may be unrecorded
             return "taken"
         instructions = self._instructions(job, launch, spec)
+        notify(self._socket, job.id, jobfiles.TOLD)  # the caller records a start answered RUNNING
         answer = await self._warm.hand(instance_id, launch, instructions)
+        notify(self._socket, job.id, "" if answer == RUNNING else jobfiles.UNTOLD)
         if answer is None:
             self._log.warning("warm_runner_lost", instance=instance_id, job_id=job.id)
             return None
         if answer in (RUNNING, CLAIMED):
-            notify(self._socket, job.id)
             self._log.info("job_runner_warm", job_id=job.id, app=spec.name, instance=instance_id)
         return "running" if answer == RUNNING else "taken"
 

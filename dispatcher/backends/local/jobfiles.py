@@ -192,15 +192,22 @@ def _process(data: dict | None) -> processes.Process | None:
         return None
 
 
-def notify(sock_path: str | Path, job_id: str) -> None:
-    """Tell the watcher to look at the job; nobody listening is fine (it scans at start)."""
+# Words a datagram may add to its job id (`notify`): TOLD, whoever handed the run to a
+# warm runner records its start itself (the watcher then does not report it `running`);
+# UNTOLD, it does not after all (the watcher forgets TOLD and looks at the job).
+TOLD, UNTOLD = "told", "untold"
+
+
+def notify(sock_path: str | Path, job_id: str, word: str = "") -> None:
+    """Tell the watcher to look at the job (or, with a `word`, what the word says); nobody
+    listening is fine (it scans at start)."""
     with (
         contextlib.suppress(OSError),
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
         processes.unix_address(Path(sock_path)) as address,
     ):
         sock.settimeout(1.0)
-        sock.sendto(job_id.encode(), address)
+        sock.sendto(f"{job_id} {word}".rstrip().encode(), address)
 
 
 def fill(stage: JobDir, inputs: dict, upload_urls: dict, spec: dict) -> None:

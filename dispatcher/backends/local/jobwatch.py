@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dispatcher import logs
 from dispatcher.backends.local import locks, processes
-from dispatcher.backends.local.jobfiles import JobDir, job_ids
+from dispatcher.backends.local.jobfiles import TOLD, UNTOLD, JobDir, job_ids
 from schemas.names import JOB_ID_RE
 
 _RETRY_S, _RETRY_MAX_S = 0.5, 30.0  # backoff of a report that failed
@@ -34,6 +34,12 @@ class JobWatcher:
     a result ends its run `failed`. What was reported is remembered in memory
     while a job runs, and in its `reported` file once it has ended. A report
     that fails is tried again with backoff (the runs go on meanwhile).
+
+    A run handed to a warm runner whose answer was RUNNING has its start recorded
+    by the handler that handed it over (`Backend.submit_warm`): the backend's
+    datagram `<job_id> told`, sent before the hand-over, spares that report, and
+    `<job_id> untold` (sent if the answer was another, or when a start is handed
+    over again) takes that back.
     """
 
     takeover_s = 2.0
@@ -105,9 +111,15 @@ class JobWatcher:
                 data = sock.recv(256)
             except (BlockingIOError, InterruptedError):
                 return
-            job_id = data.decode(errors="replace").strip()
-            if JOB_ID_RE.match(job_id):
-                self._queue.put_nowait(job_id)
+            job_id, _, word = data.decode(errors="replace").strip().partition(" ")
+            if not JOB_ID_RE.match(job_id):
+                continue
+            if word == TOLD:  # its start is recorded by the handler that handed it over
+                self._reported.add((job_id, "running"))
+                continue
+            if word == UNTOLD:
+                self._reported.discard((job_id, "running"))
+            self._queue.put_nowait(job_id)
 
     async def _look_at(self, job: JobDir) -> None:
         """Report what the job's files say, unless that was reported already."""

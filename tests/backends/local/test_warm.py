@@ -135,6 +135,30 @@ async def test_the_hand_over_answers_once_the_models_process_is_there(backend, w
     await watcher.until(jid, "cancelled")
 
 
+async def test_a_start_answered_running_is_left_to_the_caller_unless_handed_over_again(
+    backend, watcher, data_dir
+):
+    """The caller records a start its runner answered "running" (run_start does), so the
+    watcher does not report it; it still reports how the run ends. A start handed over
+    again (a redelivered run_start, whose first try may not have recorded it) is reported."""
+    spec = model_spec("--sleep", "600")
+    quiet, again = new_job_id(), new_job_id()
+    for jid in (quiet, again):
+        await warm_run(backend, spec, jid)
+        record = job_dir(data_dir, jid) / "model.json"
+        await wait_for(record.exists, timeout=5, what="the model's record")
+    other = new_id()
+    await backend.start_warm(other, spec, READY_S)
+    assert await backend.claim(other)
+    assert await backend.submit_warm(launch(again, spec), spec, other) == "taken"
+    await watcher.until(again, "running")
+    for jid in (quiet, again):
+        await backend.cancel_job(jid)
+        await watcher.until(jid, "cancelled")
+    assert watcher.states(quiet) == ["cancelled"]
+    assert watcher.states(again) == ["running", "cancelled"]
+
+
 async def test_a_warm_run_whose_model_cannot_start_is_taken_and_fails(backend, watcher, tmp_path):
     workdir = tmp_path / "app"
     workdir.mkdir()
@@ -168,8 +192,9 @@ async def test_a_forked_model_runs_in_its_own_session_and_its_exit_code_counts(
 ):
     jid = new_job_id()
     await warm_run(backend, model_spec("--sleep", "600"), jid)
-    await watcher.until(jid, "running")
-    model = json.loads((job_dir(data_dir, jid) / "model.json").read_text())
+    record = job_dir(data_dir, jid) / "model.json"
+    await wait_for(record.exists, timeout=5, what="the model's record")
+    model = json.loads(record.read_text())
     runner = json.loads((job_dir(data_dir, jid) / "runner.json").read_text())
     assert procs.session_of(model["pid"]) == model["pid"] != runner["pid"]
     await backend.cancel_job(jid)
