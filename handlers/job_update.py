@@ -44,14 +44,15 @@ async def job_update(ctx: Context, event: JobUpdate) -> None:
     if state == JobState.RUNNING:
         if job.state == JobState.RUNNING:
             return
-        phases = job.phases.model_copy(update={"running": now})
         new = await jobs.advance(
             ctx,
             job.job_id,
             lambda j: (
                 None  # ended, or reported running already (by run_start, for a warm start)
                 if j.state.terminal or j.state == JobState.RUNNING
-                else j.model_copy(update={"state": state, "phases": phases})
+                else j.model_copy(  # its phases as they are now (run_start may write them)
+                    update={"state": state, "phases": j.phases.model_copy(update={"running": now})}
+                )
             ),
         )
     elif state == JobState.SUCCEEDED:

@@ -182,25 +182,82 @@ async def request_refill(
         new.clear()
         if spec.kind == "job" and index.used_at is None:
             index.used_at = now  # a new job pool counts as used when it begins
-        if unless_starting and index.starting:
-            return False
-        missing = min(target_size(ctx, spec, index, now) - index.size(), limit)
-        if missing <= 0:
-            return False
-        for _ in range(missing):
-            instance = new_instance_id()
-            index.starting[instance] = now
-            new.append(instance)
-        return True
+        return _reserve(ctx, spec, index, now, limit, unless_starting, new)
 
     if await change(ctx, spec.name, reserve) is None:
         return 0
-    for instance in new:
-        event = PoolRefill(app=spec.name, instance=instance)
-        await ctx.emit(
-            subjects.event(subjects.POOL_REFILL, spec.name), event, msg_id=f"refill-{instance}"
-        )
+    await ask_refills(ctx, spec.name, new)
     return len(new)
+
+
+def _reserve(
+    ctx: Context,
+    spec: AppSpec,
+    index: PoolIndex,
+    now: float,
+    limit: int,
+    unless_starting: bool,
+    new: list[str],
+) -> bool:
+    """Reserve up to `limit` places the pool lacks in `index` (none while one is starting,
+    with `unless_starting`), their ids appended to `new`; whether it reserved any."""
+    if unless_starting and index.starting:
+        return False
+    missing = min(target_size(ctx, spec, index, now) - index.size(), limit)
+    for _ in range(max(missing, 0)):
+        instance = new_instance_id()
+        index.starting[instance] = now
+        new.append(instance)
+    return missing > 0
+
+
+async def ask_refills(ctx: Context, app: str, instances: list[str]) -> None:
+    """Publish a `pool_refill` event for each place reserved."""
+    subject = subjects.event(subjects.POOL_REFILL, app)
+    for instance in instances:
+        event = PoolRefill(app=app, instance=instance)
+        await ctx.emit(subject, event, msg_id=f"refill-{instance}")
+
+
+async def pick_runner(ctx: Context, app: str, revision: int | None) -> PoolMember | None:
+    """The oldest warm runner of `revision` in a job app's pool, as its record lists it now:
+    a read, not a claim (`take_runner` takes it out while the backend is handed the run)."""
+    index = await ctx.state.pools.get(app)
+    fresh = [m for m in index.warm if not rollout.older(m.revision, revision)] if index else []
+    return fresh[0] if fresh else None
+
+
+async def take_runner(
+    ctx: Context, spec: AppSpec, instance: str | None, used_at: float
+) -> list[str]:
+    """Take the warm runner `instance` (`pick_runner`'s) out of the job pool's record, note
+    the pool's use, and reserve one refill unless one is starting: one write. The caller
+    asks for the refills (`ask_refills`) once its start is done.
+
+    This runs while the backend hands the runner its run, not before: a runner takes one
+    run only, so of two replicas that picked the same runner one gets it and the other
+    hears that it could not (and starts its run cold); the record only keeps count.
+    `instance` None: the pool had none, only its use is noted.
+
+    Returns:
+        The places reserved.
+    """
+    new: list[str] = []
+
+    def take(index: PoolIndex) -> bool:
+        new.clear()
+        touch = used_at - (index.used_at or 0.0) > _TOUCH_S
+        if touch:
+            index.used_at = used_at
+        if instance is None:
+            return touch
+        before = len(index.warm)
+        index.warm = [m for m in index.warm if m.instance != instance]
+        reserved = _reserve(ctx, spec, index, used_at, 1, True, new)
+        return touch or reserved or len(index.warm) != before
+
+    await change(ctx, spec.name, take)
+    return list(new)
 
 
 async def forget(ctx: Context, app: str, instance: str) -> None:

@@ -68,20 +68,19 @@ async def run_start(ctx: Context, event: RunStart) -> None:
     # (None: cancelled while the start was on its way, or started already)
     if job is not None and not runq.limited(spec, ctx.knobs.run_slots):
         # Nothing to wait for: it starts now, with no queue record to change (`runq.limited`).
-        if await _start(ctx, spec, job.job_id, read, in_queue=False):
-            await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
+        refills = await _start(ctx, spec, job.job_id, read, in_queue=False)
+        await pools.ask_refills(ctx, spec.name, refills)
         return
     before, after, full = await _claim(ctx, spec, job, event.id)
     if full and job is not None:
         message = QUEUE_FULL.format(app=spec.name, n=len(before.waiting))
         await _fail(ctx, job.job_id, ErrorInfo(code=codes.TOO_MANY, message=message))
     await runq.publish_moves(ctx, spec.name, before, after)
-    took_warm = False
+    refills: list[str] = []
     for job_id, c in after.claimed.items():
         if c.by == event.id:
-            took_warm |= await _start(ctx, spec, job_id, read if job_id == event.job_id else None)
-    if took_warm:  # once per event, after its starts: a burst's starts come first
-        await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
+            refills += await _start(ctx, spec, job_id, read if job_id == event.job_id else None)
+    await pools.ask_refills(ctx, spec.name, refills)  # after its starts: they come first
 
 
 async def _claim(
@@ -150,7 +149,7 @@ async def _start(
     known: Entry[jobs.Job] | None = None,
     *,
     in_queue: bool = True,
-) -> bool:
+) -> list[str]:
     """Hand one claimed run to the backend (again, on a redelivery: a no-op there).
 
     A run of another revision than the current one starts cold, with that
@@ -161,7 +160,8 @@ async def _start(
     `in_queue=False`: it was not claimed in its app's queue (no limit), and its
     record says so, so its end leaves the queue alone.
 
-    Returns whether it took a warm runner from the app's pool.
+    Returns the pool places reserved for a refill, when it took a warm runner: the caller
+    asks for them (`pools.ask_refills`) once its starts are done.
     """
     current = spec.revision
     entry = known or await ctx.state.jobs.read(job_id)
@@ -169,34 +169,40 @@ async def _start(
     if job is None or job.state != JobState.QUEUED:
         if (job is None or job.state.terminal) and in_queue:  # it ended while claimed
             await runq.release(ctx, spec.name, job_id)
-        return False
+        return []
     now = ctx.now()
-    member = None
+    member, refills = None, []
     try:
         spec = await rollout.spec_of_run(ctx, spec, job.revision)
     except Rejected as exc:  # its revision is no longer kept: this run fails, the others start
         await _fail(ctx, job_id, public_info(exc))
-        return False
+        return []
     if job.phases.started is None:
         if pools.keeps_pool(spec) and ctx.backend.warm_runners and spec.revision == current:
-            member = await pools.claim(ctx, spec.name, used_at=now, revision=spec.revision)
+            member = await pools.pick_runner(ctx, spec.name, spec.revision)
+            if member is None:  # its use, so that an idle pool fills again
+                await pools.take_runner(ctx, spec, None, used_at=now)
         if member is None:
             entry = await _mark(ctx, job_id, _started(now, False, in_queue), known=entry)
             if entry is None:
-                return False
+                return []
     urls = ctx.store.upload_urls(job_id, spec.outputs) if spec.outputs and ctx.store else {}
     launch = JobLaunch(
         job_id=job_id, inputs=job.inputs, upload_urls=urls, deadline_s=spec.deadline_s
     )
     try:
         handed: WarmHandOver | None = None
-        written = None
-        if member is not None:
-            handed = await ctx.backend.submit_warm(launch, spec, member.instance)
-            if handed == "running":  # one write: started on a warm runner, and running
-                mark = _running(now, ctx.now(), in_queue)
-            else:  # "taken": the backend reports its start; None: it died, start cold
-                mark = _started(now, handed is not None, in_queue)
+        written, at = None, None
+        if member is not None:  # handed over while the pool's record is told (see take_runner)
+            handed, refills = await asyncio.gather(
+                ctx.backend.submit_warm(launch, spec, member.instance),
+                pools.take_runner(ctx, spec, member.instance, used_at=now),
+            )
+            at = ctx.now() if handed == "running" else None  # one write: started and running
+            if handed is None:  # it died since it was picked: start cold
+                mark = _started(now, False, in_queue)
+            else:  # "taken": the backend reports its start
+                mark = _handed(now, at, in_queue)
             written = await _mark(ctx, job_id, mark, known=entry)
         if handed is None:
             if member is not None:
@@ -205,18 +211,18 @@ async def _start(
     except PermanentError as exc:  # this run's start failed; the others still start
         ctx.log.warning("job_start_failed", job_id=job_id, error=exc.message)
         await _fail(ctx, job_id, public_info(exc))
-        return member is not None
-    if handed == "running" and written is not None:  # no wait for the backend's report
-        await jobs.moved(ctx, written.value)
+        return refills
+    if handed == "running" and written and written.value.phases.running == at:  # ours
+        await jobs.moved(ctx, written.value)  # no wait for the backend's report
         now_job: jobs.Job | None = written.value
     else:  # read after the start: a cancel that came meanwhile is seen here
         now_job = await ctx.state.jobs.get(job_id)
     if now_job is None or now_job.state.terminal:  # cancelled while it was being started
         await ctx.backend.cancel_job(job_id)
         ctx.log.info("job_start_undone", job_id=job_id)
-        return member is not None
+        return refills
     ctx.log.info("job_submitted", job_id=job_id, warm=member is not None)
-    return member is not None
+    return refills
 
 
 def _started(now: float, warm: bool, in_queue: bool) -> Callable[[jobs.Job], jobs.Job | None]:
@@ -232,23 +238,26 @@ def _started(now: float, warm: bool, in_queue: bool) -> Callable[[jobs.Job], job
     return mark
 
 
-def _running(now: float, running: float, in_queue: bool) -> Callable[[jobs.Job], jobs.Job | None]:
-    """The change that records a queued run a warm runner has started: started (warm) and
-    running at once. The backend's own report of the start, which follows, then changes
+def _handed(
+    now: float, running: float | None, in_queue: bool
+) -> Callable[[jobs.Job], jobs.Job | None]:
+    """The change that records a run handed to a warm runner: started, warm, and (`running`
+    given: the runner said its model started) running. The backend's report of the
+    start may come first (it reports what it sees; a pod's phase, say): the run then
+    only gains what this adds. The report that follows a start written here changes
     nothing (`job_update`)."""
 
     def mark(job: jobs.Job) -> jobs.Job | None:
-        if job.state != JobState.QUEUED:
-            return None  # ended (cancelled, or it was quick) or reported running already
-        started = job.phases.started or now
-        update = {"started": started, "warm": True, "running": running}
-        return job.model_copy(
-            update={
-                "state": JobState.RUNNING,
-                "phases": job.phases.model_copy(update=update),
-                "in_queue": in_queue,
-            }
-        )
+        if job.state not in (JobState.QUEUED, JobState.RUNNING):
+            return None  # ended (cancelled, or it was quick)
+        update: dict = {"started": job.phases.started or now, "warm": True}
+        state = job.state
+        if running is not None and state == JobState.QUEUED:
+            state, update["running"] = JobState.RUNNING, running
+        phases = job.phases.model_copy(update=update)
+        if (state, phases, in_queue) == (job.state, job.phases, job.in_queue):
+            return None
+        return job.model_copy(update={"state": state, "phases": phases, "in_queue": in_queue})
 
     return mark
 
