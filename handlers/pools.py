@@ -182,41 +182,24 @@ async def request_refill(
         new.clear()
         if spec.kind == "job" and index.used_at is None:
             index.used_at = now  # a new job pool counts as used when it begins
-        return _reserve(ctx, spec, index, now, limit, unless_starting, new)
+        if unless_starting and index.starting:
+            return False
+        missing = min(target_size(ctx, spec, index, now) - index.size(), limit)
+        if missing <= 0:
+            return False
+        for _ in range(missing):
+            instance = new_instance_id()
+            index.starting[instance] = now
+            new.append(instance)
+        return True
 
     if await change(ctx, spec.name, reserve) is None:
         return 0
-    await ask_refills(ctx, spec.name, new)
-    return len(new)
-
-
-def _reserve(
-    ctx: Context,
-    spec: AppSpec,
-    index: PoolIndex,
-    now: float,
-    limit: int,
-    unless_starting: bool,
-    new: list[str],
-) -> bool:
-    """Reserve up to `limit` places the pool lacks in `index` (none while one is starting,
-    with `unless_starting`), their ids appended to `new`; whether it reserved any."""
-    if unless_starting and index.starting:
-        return False
-    missing = min(target_size(ctx, spec, index, now) - index.size(), limit)
-    for _ in range(max(missing, 0)):
-        instance = new_instance_id()
-        index.starting[instance] = now
-        new.append(instance)
-    return missing > 0
-
-
-async def ask_refills(ctx: Context, app: str, instances: list[str]) -> None:
-    """Publish a `pool_refill` event for each place reserved."""
-    subject = subjects.event(subjects.POOL_REFILL, app)
-    for instance in instances:
-        event = PoolRefill(app=app, instance=instance)
+    subject = subjects.event(subjects.POOL_REFILL, spec.name)
+    for instance in new:
+        event = PoolRefill(app=spec.name, instance=instance)
         await ctx.emit(subject, event, msg_id=f"refill-{instance}")
+    return len(new)
 
 
 async def pick_runner(ctx: Context, app: str, revision: int | None) -> PoolMember | None:
@@ -227,46 +210,23 @@ async def pick_runner(ctx: Context, app: str, revision: int | None) -> PoolMembe
     return fresh[0] if fresh else None
 
 
-async def take_runner(
-    ctx: Context, spec: AppSpec, instance: str | None, used_at: float
-) -> list[str]:
-    """Take the warm runner `instance` (`pick_runner`'s) out of the job pool's record, note
-    the pool's use, and reserve one refill unless one is starting: one write. The caller
-    asks for the refills (`ask_refills`) once its start is done.
+async def take_runner(ctx: Context, app: str, instance: str | None, used_at: float) -> None:
+    """Take the warm runner `instance` (`pick_runner`'s) out of the job pool's record and
+    note the pool's use: one compare-and-set. (The caller asks for a refill once its start
+    is done, `request_refill`: a refill decided then finds the last one started more often.)
 
     This runs while the backend hands the runner its run, not before: a runner takes one
     run only, so of two replicas that picked the same runner one gets it and the other
     hears that it could not (and starts its run cold); the record only keeps count.
     `instance` None: the pool had none, only its use is noted.
-
-    Returns:
-        The places reserved.
     """
-    new: list[str] = []
 
     def take(index: PoolIndex) -> bool:
-        new.clear()
         touch = used_at - (index.used_at or 0.0) > _TOUCH_S
         if touch:
             index.used_at = used_at
-        if instance is None:
-            return touch
         before = len(index.warm)
         index.warm = [m for m in index.warm if m.instance != instance]
-        reserved = _reserve(ctx, spec, index, used_at, 1, True, new)
-        return touch or reserved or len(index.warm) != before
+        return touch or len(index.warm) != before
 
-    await change(ctx, spec.name, take)
-    return list(new)
-
-
-async def forget(ctx: Context, app: str, instance: str) -> None:
-    """Drop an instance from the pool record, warm or starting."""
-
-    def drop(index: PoolIndex) -> bool:
-        before = index.size()
-        index.starting.pop(instance, None)
-        index.warm = [m for m in index.warm if m.instance != instance]
-        return index.size() != before
-
-    await change(ctx, app, drop)
+    await change(ctx, app, take)

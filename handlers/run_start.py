@@ -68,19 +68,20 @@ async def run_start(ctx: Context, event: RunStart) -> None:
     # (None: cancelled while the start was on its way, or started already)
     if job is not None and not runq.limited(spec, ctx.knobs.run_slots):
         # Nothing to wait for: it starts now, with no queue record to change (`runq.limited`).
-        refills = await _start(ctx, spec, job.job_id, read, in_queue=False)
-        await pools.ask_refills(ctx, spec.name, refills)
+        if await _start(ctx, spec, job.job_id, read, in_queue=False):
+            await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
         return
     before, after, full = await _claim(ctx, spec, job, event.id)
     if full and job is not None:
         message = QUEUE_FULL.format(app=spec.name, n=len(before.waiting))
         await _fail(ctx, job.job_id, ErrorInfo(code=codes.TOO_MANY, message=message))
     await runq.publish_moves(ctx, spec.name, before, after)
-    refills: list[str] = []
+    took_warm = False
     for job_id, c in after.claimed.items():
         if c.by == event.id:
-            refills += await _start(ctx, spec, job_id, read if job_id == event.job_id else None)
-    await pools.ask_refills(ctx, spec.name, refills)  # after its starts: they come first
+            took_warm |= await _start(ctx, spec, job_id, read if job_id == event.job_id else None)
+    if took_warm:  # once per event, after its starts: a burst's starts come first
+        await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
 
 
 async def _claim(
@@ -149,7 +150,7 @@ async def _start(
     known: Entry[jobs.Job] | None = None,
     *,
     in_queue: bool = True,
-) -> list[str]:
+) -> bool:
     """Hand one claimed run to the backend (again, on a redelivery: a no-op there).
 
     A run of another revision than the current one starts cold, with that
@@ -160,8 +161,7 @@ async def _start(
     `in_queue=False`: it was not claimed in its app's queue (no limit), and its
     record says so, so its end leaves the queue alone.
 
-    Returns the pool places reserved for a refill, when it took a warm runner: the caller
-    asks for them (`pools.ask_refills`) once its starts are done.
+    Returns whether it took a warm runner from the app's pool.
     """
     current = spec.revision
     entry = known or await ctx.state.jobs.read(job_id)
@@ -169,23 +169,23 @@ async def _start(
     if job is None or job.state != JobState.QUEUED:
         if (job is None or job.state.terminal) and in_queue:  # it ended while claimed
             await runq.release(ctx, spec.name, job_id)
-        return []
+        return False
     now = ctx.now()
-    member, refills = None, []
+    member = None
     try:
         spec = await rollout.spec_of_run(ctx, spec, job.revision)
     except Rejected as exc:  # its revision is no longer kept: this run fails, the others start
         await _fail(ctx, job_id, public_info(exc))
-        return []
+        return False
     if job.phases.started is None:
         if pools.keeps_pool(spec) and ctx.backend.warm_runners and spec.revision == current:
             member = await pools.pick_runner(ctx, spec.name, spec.revision)
             if member is None:  # its use, so that an idle pool fills again
-                await pools.take_runner(ctx, spec, None, used_at=now)
+                await pools.take_runner(ctx, spec.name, None, used_at=now)
         if member is None:
             entry = await _mark(ctx, job_id, _started(now, False, in_queue), known=entry)
             if entry is None:
-                return []
+                return False
     urls = ctx.store.upload_urls(job_id, spec.outputs) if spec.outputs and ctx.store else {}
     launch = JobLaunch(
         job_id=job_id, inputs=job.inputs, upload_urls=urls, deadline_s=spec.deadline_s
@@ -194,9 +194,9 @@ async def _start(
         handed: WarmHandOver | None = None
         written, at = None, None
         if member is not None:  # handed over while the pool's record is told (see take_runner)
-            handed, refills = await asyncio.gather(
+            handed, _ = await asyncio.gather(
                 ctx.backend.submit_warm(launch, spec, member.instance),
-                pools.take_runner(ctx, spec, member.instance, used_at=now),
+                pools.take_runner(ctx, spec.name, member.instance, used_at=now),
             )
             at = ctx.now() if handed == "running" else None  # one write: started and running
             if handed is None:  # it died since it was picked: start cold
@@ -211,7 +211,7 @@ async def _start(
     except PermanentError as exc:  # this run's start failed; the others still start
         ctx.log.warning("job_start_failed", job_id=job_id, error=exc.message)
         await _fail(ctx, job_id, public_info(exc))
-        return refills
+        return member is not None
     if handed == "running" and written and written.value.phases.running == at:  # ours
         await jobs.moved(ctx, written.value)  # no wait for the backend's report
         now_job: jobs.Job | None = written.value
@@ -220,9 +220,9 @@ async def _start(
     if now_job is None or now_job.state.terminal:  # cancelled while it was being started
         await ctx.backend.cancel_job(job_id)
         ctx.log.info("job_start_undone", job_id=job_id)
-        return refills
+        return member is not None
     ctx.log.info("job_submitted", job_id=job_id, warm=member is not None)
-    return refills
+    return member is not None
 
 
 def _started(now: float, warm: bool, in_queue: bool) -> Callable[[jobs.Job], jobs.Job | None]:
