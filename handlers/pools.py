@@ -195,38 +195,21 @@ async def request_refill(
 
     if await change(ctx, spec.name, reserve) is None:
         return 0
-    subject = subjects.event(subjects.POOL_REFILL, spec.name)
     for instance in new:
         event = PoolRefill(app=spec.name, instance=instance)
-        await ctx.emit(subject, event, msg_id=f"refill-{instance}")
+        await ctx.emit(
+            subjects.event(subjects.POOL_REFILL, spec.name), event, msg_id=f"refill-{instance}"
+        )
     return len(new)
 
 
-async def pick_runner(ctx: Context, app: str, revision: int | None) -> PoolMember | None:
-    """The oldest warm runner of `revision` in a job app's pool, as its record lists it now:
-    a read, not a claim (`take_runner` takes it out while the backend is handed the run)."""
-    index = await ctx.state.pools.get(app)
-    fresh = [m for m in index.warm if not rollout.older(m.revision, revision)] if index else []
-    return fresh[0] if fresh else None
+async def forget(ctx: Context, app: str, instance: str) -> None:
+    """Drop an instance from the pool record, warm or starting."""
 
-
-async def take_runner(ctx: Context, app: str, instance: str | None, used_at: float) -> None:
-    """Take the warm runner `instance` (`pick_runner`'s) out of the job pool's record and
-    note the pool's use: one compare-and-set. (The caller asks for a refill once its start
-    is done, `request_refill`: a refill decided then finds the last one started more often.)
-
-    This runs while the backend hands the runner its run, not before: a runner takes one
-    run only, so of two replicas that picked the same runner one gets it and the other
-    hears that it could not (and starts its run cold); the record only keeps count.
-    `instance` None: the pool had none, only its use is noted.
-    """
-
-    def take(index: PoolIndex) -> bool:
-        touch = used_at - (index.used_at or 0.0) > _TOUCH_S
-        if touch:
-            index.used_at = used_at
-        before = len(index.warm)
+    def drop(index: PoolIndex) -> bool:
+        before = index.size()
+        index.starting.pop(instance, None)
         index.warm = [m for m in index.warm if m.instance != instance]
-        return touch or len(index.warm) != before
+        return index.size() != before
 
-    await change(ctx, app, take)
+    await change(ctx, app, drop)

@@ -179,9 +179,7 @@ async def _start(
         return False
     if job.phases.started is None:
         if pools.keeps_pool(spec) and ctx.backend.warm_runners and spec.revision == current:
-            member = await pools.pick_runner(ctx, spec.name, spec.revision)
-            if member is None:  # its use, so that an idle pool fills again
-                await pools.take_runner(ctx, spec.name, None, used_at=now)
+            member = await pools.claim(ctx, spec.name, used_at=now, revision=spec.revision)
         if member is None:
             entry = await _mark(ctx, job_id, _started(now, False, in_queue), known=entry)
             if entry is None:
@@ -193,13 +191,10 @@ async def _start(
     try:
         handed: WarmHandOver | None = None
         written, at = None, None
-        if member is not None:  # handed over while the pool's record is told (see take_runner)
-            handed, _ = await asyncio.gather(
-                ctx.backend.submit_warm(launch, spec, member.instance),
-                pools.take_runner(ctx, spec.name, member.instance, used_at=now),
-            )
+        if member is not None:
+            handed = await ctx.backend.submit_warm(launch, spec, member.instance)
             at = ctx.now() if handed == "running" else None  # one write: started and running
-            if handed is None:  # it died since it was picked: start cold
+            if handed is None:  # it died since the claim: start cold
                 mark = _started(now, False, in_queue)
             else:  # "taken": the backend reports its start
                 mark = _handed(now, at, in_queue)

@@ -108,8 +108,7 @@ async def test_a_warm_run_is_running_as_soon_as_its_runner_started_it(settings, 
 async def test_two_runs_at_once_on_a_pool_of_one_get_one_warm_start_and_each_runs_once(
     runs, tmp_path
 ):
-    """Both starts may pick the pool's one runner (it is taken out of the pool's record
-    while it is handed its run): the runner takes one run, the other starts cold."""
+    """The pool's one runner goes to one of the two starts; the other starts cold."""
     spec = model_spec(name="demo/warmrace", pool={"size": 1}, outputs=[])
     await runs.state.apps.put(spec.name, spec)
     await warm_members(runs, spec.name, 1)
@@ -120,6 +119,19 @@ async def test_two_runs_at_once_on_a_pool_of_one_get_one_warm_start_and_each_run
     assert sorted(d["phases"]["warm"] for d in done) == [False, True]
     assert sorted((tmp_path / "runs").read_text().split()) == sorted(jobs)  # once each
     await warm_members(runs, spec.name, 1)  # and the pool fills again
+
+
+async def test_runs_at_once_each_take_a_warm_runner_of_their_own(runs, tmp_path):
+    """Starts that run at once (one handler's concurrency) claim distinct runners."""
+    spec = model_spec(name="demo/warmmany", pool={"size": 4}, outputs=[])
+    await runs.state.apps.put(spec.name, spec)
+    await warm_members(runs, spec.name, 4)
+    jobs = await asyncio.gather(
+        *(runs.request(app=spec.name, inputs={"marker_dir": str(tmp_path)}) for _ in range(4))
+    )
+    done = [await runs.wait_state(job, "succeeded") for job in jobs]
+    assert [d["phases"]["warm"] for d in done] == [True] * 4
+    assert sorted((tmp_path / "runs").read_text().split()) == sorted(jobs)
 
 
 async def test_a_cold_app_says_its_runs_were_not_warm(runs):
