@@ -34,9 +34,15 @@ runner's answer to the hand-over), in ms.
 
 Celery (`bench.celery_peer`) does the same with a trivial task; the ratios
 are spinyard / Celery.
+
+The local backend keeps its processes' state under the data dir (on the
+temporary directory's file system) unless `SPINYARD_BENCH_STATE_DIR` names a
+directory (say /dev/shm, a tmpfs) to make a fresh `backend.local.state_dir` in.
 """
 
 import asyncio
+import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -267,6 +273,12 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
                 "reaper__interval_s": "0.5",
                 "reaper__pool_refill_per_tick": "20",
             }
+            state_dir = None
+            if os.environ.get("SPINYARD_BENCH_STATE_DIR"):  # e.g. /dev/shm: see the docstring
+                base = os.environ["SPINYARD_BENCH_STATE_DIR"]
+                state_dir = Path(tempfile.mkdtemp(prefix="spinyard-bench-", dir=base))
+                stack.callback(shutil.rmtree, state_dir, True)  # last: after the stops below
+                settings["backend__local__state_dir"] = str(state_dir)
             (tmp_path / "accept").mkdir()
             accept = handlers_process(
                 ACCEPT, server.url, data_dir, tmp_path / "accept", **settings
@@ -274,7 +286,7 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
             stack.callback(accept.stop)
             # Every instance is stopped once no handler process runs (the pools' keeper
             # would refill them): callbacks run last to first.
-            stack.push_async_callback(stop_instances, data_dir)
+            stack.push_async_callback(stop_instances, data_dir, state_dir)
             (tmp_path / "keepers").mkdir()
             keepers = handlers_process(
                 KEEPERS, server.url, data_dir, tmp_path / "keepers", **settings
@@ -296,11 +308,26 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
             keepers.check()
             handlers.check()
     return {
+        "state": f"{state_dir.parent} (tmpfs: {_on_tmpfs(state_dir.parent)})"
+        if state_dir
+        else f"the data dir ({tempfile.gettempdir()}, tmpfs: {_on_tmpfs(tempfile.gettempdir())})",
         "latency": _latencies(took, missed),
         "rates": rates,
         "running_not_seen": missed,
         "warm": warm,
     }
+
+
+def _on_tmpfs(path) -> bool:
+    """Whether `path` is on a tmpfs (its longest mount point in /proc/mounts is one)."""
+    best, kind = "", ""
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, point, fstype = line.split()[:3]
+            inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, kind = point, fstype
+    return kind == "tmpfs"
 
 
 async def _warm_half(state, js, jobs: Jobs, workdir: Path, sizes: Sizes) -> dict:

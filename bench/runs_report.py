@@ -41,7 +41,10 @@ def format_result(result: dict) -> str:
         if part not in result:
             continue
         figures = result[part]
-        lines.append(f"-- {part}" + (f" ({figures['worker']})" if "worker" in figures else ""))
+        note = figures.get("worker") or (
+            f"local backend state in {figures['state']}" if "state" in figures else ""
+        )
+        lines.append(f"-- {part}" + (f" ({note})" if note else ""))
         if "error" in figures:
             lines.append(f"   FAILED: {figures['error']}")
             continue

@@ -160,13 +160,15 @@ async def wait_consumers(
     await wait_until(ready, timeout, f"{proc.name} consumers {durables} to pull", interval=0.05)
 
 
-async def stop_instances(data_dir: Path) -> int:
-    """Stop every app instance and job the local backend started under `data_dir`.
+async def stop_instances(data_dir: Path, state_dir: Path | None = None) -> int:
+    """Stop every app instance and job the local backend started under `data_dir` (its
+    `state_dir`, if the handlers had one).
 
     The handler process leaves instances running when it stops (by design, so
     a restart finds them); the bench must not.
     """
-    backend = LocalBackend(LocalBackendSettings(stop_grace_s=2.0), data_dir, "http://127.0.0.1:9")
+    settings = LocalBackendSettings(stop_grace_s=2.0, state_dir=state_dir)
+    backend = LocalBackend(settings, data_dir, "http://127.0.0.1:9")
     await backend.setup()
     instances = await backend.list_instances()
     for instance in instances:

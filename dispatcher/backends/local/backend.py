@@ -49,6 +49,7 @@ from dispatcher.backends.local.instances import InstanceFiles, InstanceState
 from dispatcher.backends.local.jobfiles import JobDir, Listings, notify, remove_stale_staging
 from dispatcher.backends.local.jobrunner import CLAIMED, RUNNING
 from dispatcher.backends.local.jobwatch import JobWatcher
+from dispatcher.backends.local.paths import LocalPaths
 from dispatcher.backends.local.secrets import SecretFiles
 from dispatcher.backends.local.staging import job_instructions, stage, start_runner
 from dispatcher.backends.local.warm import WarmRunners
@@ -75,18 +76,16 @@ class LocalBackend(Backend):
 
     def __init__(self, settings: LocalBackendSettings, data_dir: Path, public_url: str) -> None:
         self._settings = settings
-        self._logs = Path(data_dir) / "local" / "logs"
-        self._jobs = Path(data_dir) / "local" / "jobs"
+        self._paths = paths = LocalPaths.of(data_dir, settings.state_dir)
+        self._logs, self._jobs, self._socket = paths.logs, paths.jobs, paths.socket
         self._listings = Listings(self._jobs)
-        self._socket = Path(data_dir) / "local" / "jobs.sock"
         self._public_url = public_url.rstrip("/")
         self._python = settings.python or sys.executable
         self._secrets = SecretFiles.under(data_dir)  # what the gateway and the CLI write
         self._log = logs.get("spinyard.backend.local")
-        self._instances = InstanceFiles(Path(data_dir) / "local" / "instances", self._log)
-        warm = Path(data_dir) / "local" / "warm"
+        self._instances = InstanceFiles(paths.instances, self._log)
         self._warm = WarmRunners(
-            warm, self._jobs, self._instances, self._python, self._log,
+            paths.warm, self._jobs, self._instances, self._python, self._log,
             nice=settings.run_nice, fork_max_age_s=settings.warm_fork_max_age_s,
         )  # fmt: skip
 
@@ -94,7 +93,8 @@ class LocalBackend(Backend):
         """Create the state, log and job directories.
 
         Raises:
-            RuntimeError: this is not Linux (there is no /proc to read).
+            RuntimeError: this is not Linux (there is no /proc to read), or the
+                configured `state_dir` is not this user's alone (`paths.StateDirError`).
         """
         try:
             processes.boot_id()
@@ -394,6 +394,4 @@ class LocalBackend(Backend):
         return port
 
     def _mkdirs(self) -> None:
-        for directory in (self._instances.root, self._logs, self._jobs):
-            directory.mkdir(parents=True, exist_ok=True)
-        self._jobs.chmod(0o700)  # inputs and upload URLs are the runs' own
+        self._paths.make()
