@@ -232,6 +232,26 @@ async def test_acceptance_does_not_wait_for_the_start(settings, s3_server, tmp_p
         assert started(tmp_path) == [] and await runs.jobs_alive() == []
 
 
+async def queued_5s_ago(runs, job_id: str, app: str, tmp_path: Path, tag: str) -> Job:
+    """The record of a run accepted 5 s ago whose start never came (its run_request wrote
+    it, nothing else did)."""
+    now = time.time()
+    job = Job(
+        job_id=job_id,
+        app=app,
+        session="s-1",
+        state=JobState.QUEUED,
+        event_id="ev-lost-request",
+        inputs=waiting_run(tmp_path, tag),
+        deadline_s=30,
+        retention_s=60,
+        created_at=now - 5,
+        phases=JobPhases(queued=now - 5),
+    )
+    await runs.state.jobs.create(job.job_id, job)
+    return job
+
+
 async def test_a_claim_whose_start_was_lost_is_started_by_the_reaper(settings, s3_server, tmp_path):
     """A run_start handler claimed a run and died, and its event is gone (dead-lettered,
     say): the run is claimed in its queue but never reached the backend. The reaper's
@@ -242,19 +262,7 @@ async def test_a_claim_whose_start_was_lost_is_started_by_the_reaper(settings, s
         spec = limited_spec(max_concurrent_runs=4)
         await runs.state.apps.put(spec.name, spec)
         now = time.time()
-        job = Job(
-            job_id="j-0000000000000000000000aa",
-            app=spec.name,
-            session="s-1",
-            state=JobState.QUEUED,
-            event_id="ev-lost-request",
-            inputs=waiting_run(tmp_path, "x"),
-            deadline_s=30,
-            retention_s=60,
-            created_at=now - 5,
-            phases=JobPhases(queued=now - 5),
-        )
-        await runs.state.jobs.create(job.job_id, job)
+        job = await queued_5s_ago(runs, "j-0000000000000000000000aa", spec.name, tmp_path, "x")
         lost = RunQueue(claimed={job.job_id: Claim(session="s-1", at=now - 5, by="ev-lost")})
         await runs.state.queues.put(spec.name, lost)
         await wait_for(lambda: started(tmp_path) == [job.job_id], what="the lost start made")
@@ -297,20 +305,7 @@ async def test_a_queued_run_whose_start_was_lost_is_started_by_the_reaper(
     async with running(settings, s3_server) as runs:
         spec = limited_spec("demo/free")
         await runs.state.apps.put(spec.name, spec)
-        now = time.time()
-        job = Job(
-            job_id="j-0000000000000000000000bb",
-            app=spec.name,
-            session="s-1",
-            state=JobState.QUEUED,
-            event_id="ev-lost-request",
-            inputs=waiting_run(tmp_path, "y"),
-            deadline_s=30,
-            retention_s=60,
-            created_at=now - 5,
-            phases=JobPhases(queued=now - 5),
-        )
-        await runs.state.jobs.create(job.job_id, job)
+        job = await queued_5s_ago(runs, "j-0000000000000000000000bb", spec.name, tmp_path, "y")
         await wait_for(lambda: started(tmp_path) == [job.job_id], what="the lost start made")
         release(tmp_path, "y")
         await runs.wait_state(job.job_id, "succeeded")
