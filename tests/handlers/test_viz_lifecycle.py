@@ -25,10 +25,11 @@ from dispatcher.backends.local.backend import LocalBackend
 from dispatcher.runtime import Handlers
 from handlers.deployments import SHARED, slot_key
 from handlers.errors import PermanentError
+from handlers.pools import PoolIndex
 from handlers.registry import default_registry
 from schemas import subjects
 from schemas.codec import encode
-from schemas.events import Heartbeat, PageLoad
+from schemas.events import Heartbeat, PageLoad, PoolRefill
 from schemas.spec import AppSpec, IdleLimits, Pool
 from tests.helpers import ROOT, wait_for
 
@@ -319,6 +320,32 @@ async def test_warm_pool_is_filled_claimed_and_refilled(stack):
     refilled = await wait_for(lambda: _len_is(warm, 2), timeout=30, what="pool refilled")
     assert ready["instance"] not in refilled
     assert len(await stack.viz_instances()) == 3
+
+
+async def test_a_pool_refill_that_fails_or_lost_its_place_leaves_nothing_reserved(settings):
+    """A refill whose instance cannot start gives its place in the pool back (the reaper
+    asks again later), and one whose place is gone starts nothing."""
+    async with running_stack(settings, ["pool_refill"]) as stack:  # no reaper: no new asks
+        broken = hello_spec(
+            name="demo/brokenpool",
+            pool=Pool(size=1),
+            command=["{python}", "-c", "raise SystemExit(3)"],
+        )
+        await stack.register(broken)
+        failing, unreserved = "i-00000000000000f1", "i-00000000000000f2"
+        await stack.state.pools.put(broken.name, PoolIndex(starting={failing: time.time()}))
+        subject = subjects.event(subjects.POOL_REFILL, broken.name)
+        for instance in (failing, unreserved):
+            event = PoolRefill(app=broken.name, instance=instance)
+            await stack.nc.jetstream().publish(subject, encode(event))
+
+        async def given_back() -> bool:
+            index = await stack.state.pools.get(broken.name)
+            return index is not None and not index.starting and not index.warm
+
+        await wait_for(given_back, timeout=15, what="the failed refill's place given back")
+        await wait_for(lambda: _none_alive(stack), timeout=10, what="nothing left running")
+        assert not (settings.data_dir / "local" / "instances" / f"{unreserved}.json").exists()
 
 
 async def _len_is(fn, n):
