@@ -307,10 +307,10 @@ async def run_spinyard(sizes: Sizes = FULL) -> dict:
             accept.check()
             keepers.check()
             handlers.check()
+    where = state_dir.parent if state_dir else Path(tempfile.gettempdir())  # (the data dir's)
     return {
-        "state": f"{state_dir.parent} (tmpfs: {_on_tmpfs(state_dir.parent)})"
-        if state_dir
-        else f"the data dir ({tempfile.gettempdir()}, tmpfs: {_on_tmpfs(tempfile.gettempdir())})",
+        "state": f"{'a state dir in' if state_dir else 'the data dir, in'} {where} "
+        f"(tmpfs: {_on_tmpfs(where)})",
         "latency": _latencies(took, missed),
         "rates": rates,
         "running_not_seen": missed,

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dispatcher import cliargs, logs, publishing, secrets_cli
+from dispatcher.backends.local.paths import StateDirError
 from dispatcher.bus import NatsUnavailable
 from dispatcher.embedded.natsserver import NatsServerError
 from dispatcher.settings import Settings, SettingsError
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_service(args.run(args, settings), settings.event_loop)
         return asyncio.run(args.run(args, settings))
-    except (SettingsError, NatsUnavailable, NatsServerError) as exc:
+    except (SettingsError, StateDirError, NatsUnavailable, NatsServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -181,7 +181,7 @@ async def _start(
         if pools.keeps_pool(spec) and ctx.backend.warm_runners and spec.revision == current:
             member = await pools.claim(ctx, spec.name, used_at=now, revision=spec.revision)
         if member is None:
-            entry = await _mark(ctx, job_id, _started(now, False, in_queue), known=entry)
+            entry = await ctx.state.jobs.change(job_id, _started(now, False, in_queue), known=entry)
             if entry is None:
                 return False
     urls = ctx.store.upload_urls(job_id, spec.outputs) if spec.outputs and ctx.store else {}
@@ -198,7 +198,7 @@ async def _start(
                 mark = _started(now, False, in_queue)
             else:  # "taken": the backend reports its start
                 mark = _handed(now, at, in_queue)
-            written = await _mark(ctx, job_id, mark, known=entry)
+            written = await ctx.state.jobs.change(job_id, mark, known=entry)
         if handed is None:
             if member is not None:
                 ctx.log.warning("warm_runner_lost", job_id=job_id, instance=member.instance)
@@ -255,11 +255,3 @@ def _handed(
         return job.model_copy(update={"state": state, "phases": phases, "in_queue": in_queue})
 
     return mark
-
-
-async def _mark(
-    ctx: Context, job_id: str, mark: Callable[[jobs.Job], jobs.Job | None], known: Entry | None
-) -> Entry[jobs.Job] | None:
-    """Compare-and-set `mark` on the run's record, from `known` if it is still current; None
-    if `mark` declined (the run is not queued any more)."""
-    return await ctx.state.jobs.change(job_id, mark, known=known)

@@ -57,6 +57,21 @@ def test_a_bad_setting_names_the_variable():
     assert "SPINYARD_GATEWAY__PORT" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_state_dir_others_may_write_is_one_clear_line(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    out = spinyard(
+        "up",
+        SPINYARD_DATA_DIR=str(tmp_path / "data"),
+        SPINYARD_BACKEND__LOCAL__STATE_DIR=str(shared),
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"error: backend.local.state_dir {shared} is writable by others" in out.stderr
+    assert "name a directory of your own" in out.stderr
+    assert kill_left_processes(tmp_path / "data") == []
+
+
 def test_the_gateway_refuses_to_start_without_a_key():
     out = spinyard("gateway")
     assert out.returncode == 2

@@ -8,12 +8,12 @@ contract, `dispatcher.backends.launch`, with the values of the secrets its
 spec names from their 0600 files (`secrets.py`). Several handler processes may share
 one data dir, so all that is known about an instance lives on disk, in a
 state file (`instances.py`), never only in memory; the app's stdout and
-stderr go to `<data_dir>/local/logs/<id>.log`.
+stderr go to `<state_dir>/logs/<id>.log`.
 
 Each job is supervised by a runner process (`jobrunner.py`, which documents
-what a run gets; `jobfiles.py` the files under `<data_dir>/local/jobs/<job_id>/`);
+what a run gets; `jobfiles.py` the files under `<state_dir>/jobs/<job_id>/`);
 the runner tells `watch_jobs` (`jobwatch.py`) through the datagram socket
-`<data_dir>/local/jobs.sock` when the run starts and ends.
+`<state_dir>/jobs.sock` when the run starts and ends.
 
 Apps and runs outlive a crashed handler on purpose: a redelivered page load
 must find and reuse the instance rather than start a second one, and after a

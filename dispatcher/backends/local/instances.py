@@ -4,9 +4,9 @@ Several handler processes may share one data dir, and an instance outlives
 the handler that started it, so what is known about an instance lives in
 files, never only in memory:
 
-    <data_dir>/local/instances/<id>.json   pid, port, app, kind, pooled, created_at,
-                                           the process start time and boot id
-    <data_dir>/local/instances/<id>.lock   flock held while starting, stopping or relabelling
+    <state_dir>/instances/<id>.json   pid, port, app, kind, pooled, created_at,
+                                     the process start time and boot id
+    <state_dir>/instances/<id>.lock   flock held while starting, stopping or relabelling
 
 A state file is replaced atomically, so readers never see half of one, and
 re-read only when it changed (`target()` is on the gateway's path for every

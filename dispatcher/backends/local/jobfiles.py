@@ -1,6 +1,6 @@
 """The files of a local job: its directory, shared by the backend, the runner and the watcher.
 
-A job's directory, `<data_dir>/local/jobs/<job_id>/` (0700, files 0600):
+A job's directory, `<state_dir>/jobs/<job_id>/` (0700, files 0600):
 
     job.json      the runner's instructions (argv, cwd, env, limits, deadline)
     runner.json   the runner's pid, start time and boot id, the app, created_at
@@ -15,10 +15,10 @@ A job's directory, `<data_dir>/local/jobs/<job_id>/` (0700, files 0600):
 
 A job is prepared in a directory of a temporary name (`.<job_id>.<random>`)
 that its runner renames into place (`jobrunner.py` says how). The lock
-file `<data_dir>/local/jobs/<job_id>.lock` orders what may write
+file `<state_dir>/jobs/<job_id>.lock` orders what may write
 result.json besides the runner (a cancel, the watcher after a runner died)
 and removal. Whoever changes a job tells the watcher with a datagram naming
-it on `<data_dir>/local/jobs.sock` (`notify`).
+it on `<state_dir>/jobs.sock` (`notify`).
 
 `exit_code` is the model's, or 128 + the signal number that ended it (as a
 shell or Kubernetes reports it); null if it never ran. `log_tail` is the

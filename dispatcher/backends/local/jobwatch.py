@@ -2,7 +2,7 @@
 
 `LocalBackend.watch_jobs` runs a `JobWatcher`. Runners (`jobrunner.py`; a job's
 files are `jobfiles.py`'s) send a datagram naming their job to the unix
-socket `<data_dir>/local/jobs.sock` when the run starts and when it ends; the
+socket `<state_dir>/jobs.sock` when the run starts and when it ends; the
 watcher then reads the job's files and reports `running`, then the result.
 It also watches each running job's runner with a pidfd, so a runner that
 dies (and sends nothing) is noticed at once and its run reported `failed`.

@@ -1,7 +1,8 @@
 """Where the local backend keeps the state of the processes it runs.
 
-Under one root, `<data_dir>/local` unless `backend.local.state_dir` names
-another (secrets stay under the data dir either way: `secrets.py`):
+Under one root, `<state_dir>` in these modules' docstrings: `<data_dir>/local`
+unless `backend.local.state_dir` names another (secrets stay under the data
+dir either way: `secrets.py`):
 
     instances/   one state file per viz instance and warm runner (`instances.py`)
     warm/        each warm runner's directory (`warm.py`)
@@ -20,7 +21,6 @@ have made it first).
 import contextlib
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -28,36 +28,20 @@ class StateDirError(RuntimeError):
     """The configured state directory is not safe to keep runs' files in."""
 
 
-@dataclass(frozen=True)
 class LocalPaths:
-    root: Path
-    configured: bool = False  # named by `state_dir`, not the data dir's own
+    """The layout above, under `root`; `configured`: named by `state_dir`, not the data
+    dir's own."""
+
+    def __init__(self, root: Path, configured: bool = False) -> None:
+        self.root, self.configured = root, configured
+        self.instances, self.warm = root / "instances", root / "warm"
+        self.jobs, self.socket, self.logs = root / "jobs", root / "jobs.sock", root / "logs"
 
     @classmethod
     def of(cls, data_dir: Path, state_dir: Path | None) -> "LocalPaths":
         if state_dir is None:
             return cls(Path(data_dir) / "local")
         return cls(Path(state_dir).absolute(), configured=True)
-
-    @property
-    def instances(self) -> Path:
-        return self.root / "instances"
-
-    @property
-    def warm(self) -> Path:
-        return self.root / "warm"
-
-    @property
-    def jobs(self) -> Path:
-        return self.root / "jobs"
-
-    @property
-    def socket(self) -> Path:
-        return self.root / "jobs.sock"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
 
     def make(self) -> None:
         """Create the directories (the runs' own private to this user).
@@ -85,4 +69,7 @@ class LocalPaths:
         elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             problem = f"is writable by others (mode {stat.filemode(info.st_mode)})"
         if problem:
-            raise StateDirError(f"backend.local.state_dir {self.root} {problem}")
+            raise StateDirError(
+                f"backend.local.state_dir {self.root} {problem}: name a directory of your own "
+                "that no one else may write to (it is created 0700 if missing)"
+            )

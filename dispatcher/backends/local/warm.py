@@ -3,7 +3,7 @@
 A warm runner (`warmrunner.py` says what it does) is an instance of kind
 `warm` in the instance state files (`instances.py`), so the reaper lists,
 claims and stops it as it does a viz pool member; its own files are under
-`<data_dir>/local/warm/<instance>/` (0700). `LocalBackend.submit_warm`
+`<state_dir>/warm/<instance>/` (0700). `LocalBackend.submit_warm`
 hands the runner the run over its socket (`hand`): what a cold start would
 write in the job's directory, which the runner writes itself (so the
 handler's event loop does no file work on the start's path); from then on

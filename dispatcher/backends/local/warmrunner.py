@@ -2,7 +2,7 @@
 
 `LocalBackend.start_warm` (`warm.py`) starts `python -m
 dispatcher.backends.local.warmrunner <dir>` in a new session, in a directory
-of its own, `<data_dir>/local/warm/<instance>/` (0700):
+of its own, `<state_dir>/warm/<instance>/` (0700):
 
     warm.json   what it was started for: app, argv, cwd, preload, fork, memory_bytes, jobs
                 (and, for the backend only, what decides who may fork it: `warm.py`)
