@@ -26,12 +26,13 @@ from prometheus_client import CollectorRegistry
 from dispatcher import logs
 from dispatcher.bus.consumer import Consumer, HandlerMetrics
 from dispatcher.bus.deadletter import dead_letter_exhausted
-from dispatcher.bus.watch import watch_apps
+from dispatcher.bus.watch import watch_apps, watch_keys
 from dispatcher.metrics import exposition
 from dispatcher.settings import Settings, SettingsError
 from handlers import catalog  # noqa: F401 - registers the built-in handlers
 from handlers.context import Context, Knobs
-from handlers.memo import Memo
+from handlers.memo import Latest, Memo
+from handlers.pools import POOL_KEYS
 from handlers.ports import Backend, ObjectStore
 from handlers.registry import HandlerSpec, Registry, default_registry
 from handlers.state import State
@@ -229,6 +230,10 @@ class Handlers:
             if ctx.memo.spec_ttl_s > 0:  # a changed spec is dropped from memory at once
                 watch = await watch_apps(state.apps.kv, ctx.memo.forget)
                 stack.push_async_callback(watch.unsubscribe)
+            # Claims and refills start from a pool's record as the watch last saw it.
+            state.pools.latest = Latest()
+            pools_watch = await watch_keys(state.pools.kv, POOL_KEYS, state.pools.heard)
+            stack.push_async_callback(pools_watch.unsubscribe)
             await run_start_hooks(ctx, self.specs)
             consumers = [
                 Consumer(js, spec, ctx, self.settings.handlers, self.stopping, self.metrics)

@@ -107,3 +107,29 @@ class Memo:
         """Note that a write of activity key `key`, stamped `at`, has finished."""
         if self.activity_every_s > 0:
             self._written.set(key, at)
+
+
+class Latest:
+    """The newest revision of each record of one kind that this process saw, encoded.
+
+    Fed by a watch on the records' keys (`dispatcher.bus.watch`) and by the
+    process's own reads and writes (`handlers.state.Records`), it is a change's
+    first guess: if nobody wrote the record since, the change is one write,
+    not a read and a write. A guess that is behind costs a failed write and a
+    read (the compare-and-set decides, never this). A deletion is kept as
+    its revision, so a late copy of an older value is not taken for news.
+    """
+
+    def __init__(self, size: int = SIZE) -> None:
+        self._entries: Bounded[tuple[int, bytes | None]] = Bounded(size)
+
+    def saw(self, key: str, revision: int, data: bytes | None) -> None:
+        """`key` was at `revision` with `data` (None: deleted), unless we know a newer one."""
+        held = self._entries.get(key)
+        if held is None or held[0] < revision:
+            self._entries.set(key, (revision, data))
+
+    def get(self, key: str) -> tuple[int, bytes] | None:
+        """The newest revision and value seen of `key`, if it was not deleted then."""
+        held = self._entries.get(key)
+        return None if held is None or held[1] is None else (held[0], held[1])

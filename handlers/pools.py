@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the context holds the state, which holds these records
     from handlers.context import Context
 
 POOL = "pool"
+POOL_KEYS = f"*.*.{POOL}"  # the KV key pattern of every app's pool record
 _TOUCH_S = 1.0  # an empty pool's last use is written at most this often
 
 
@@ -124,12 +125,19 @@ def surplus(index: PoolIndex, target: int, gone: set[str]) -> set[str]:
 
 
 async def claim(
-    ctx: Context, app: str, used_at: float | None = None, revision: int | None = None
+    ctx: Context,
+    app: str,
+    used_at: float | None = None,
+    revision: int | None = None,
+    *,
+    exact: bool = False,
 ) -> PoolMember | None:
     """Take the oldest warm instance of `app`'s pool that is alive, or None if none is.
 
     Members of an older revision than `revision` (the spec's) are passed over:
-    the reaper replaces them (`handlers.rollout`).
+    the reaper replaces them (`handlers.rollout`). With `exact`, so are newer
+    ones (a run runs the revision it records, which a spec remembered a moment
+    too long may still name).
 
     Each one taken is claimed from the backend, which says whether it still
     serves; one that does not (its process died, say with a restarted `spinyard
@@ -144,7 +152,12 @@ async def claim(
         touch = used_at is not None and used_at - (index.used_at or 0.0) > _TOUCH_S
         if touch:
             index.used_at = used_at
-        fresh = [m for m in index.warm if not rollout.older(m.revision, revision)]
+        fresh = [
+            m
+            for m in index.warm
+            if not rollout.older(m.revision, revision)
+            and not (exact and rollout.older(revision, m.revision))
+        ]
         if not fresh:
             return touch
         taken.append(fresh[0])

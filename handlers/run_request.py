@@ -6,7 +6,10 @@ record is created with a KV create, so of any number of deliveries of
 requests for one job id only one is accepted; a redelivery of that same
 request asks for the start again (de-duplicated by the job id). The start
 itself, under the app's limits, is run_start's (`handlers.run_start`), so
-accepting runs as fast as the bus allows whatever the start rate.
+accepting runs as fast as the bus allows whatever the start rate. The ask
+for the start carries the record as created, with its revision, when the
+inputs are small (`CARRIED_INPUT_BYTES`): run_start starts an unlimited
+app's run from it without reading it.
 
 A run records the app's revision it runs: the current one, or the kept one
 its request pins (`revision`); it starts with that revision's spec
@@ -40,6 +43,10 @@ async def _run_request_failed(ctx: Context, event: RunRequest, error: ErrorInfo)
         job_id=job_id, app=event.app, state=JobState.FAILED, error=error, session=event.session
     )
     await ctx.publish_status(subjects.job_status(job_id), status)
+
+
+# A run whose inputs pack to at most this many bytes travels to run_start with its record.
+CARRIED_INPUT_BYTES = 16 * 2**10
 
 
 @handler(
@@ -79,10 +86,12 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
         phases=JobPhases(queued=now),
         revision=spec.revision,
     )
-    start = RunStart(app=event.app, job_id=job_id)
     start_subject = subjects.event(subjects.RUN_START, event.app)
-    if await ctx.state.jobs.create(job_id, job) is not None:
+    if (written := await ctx.state.jobs.create(job_id, job)) is not None:
         ctx.log.info("job_queued", job_id=job_id)
+        start = RunStart(app=event.app, job_id=job_id)
+        if size <= CARRIED_INPUT_BYTES:  # run_start starts from it: a read fewer
+            start.record, start.record_revision = job.model_dump(mode="json"), written
         # `queued` and the ask for its start go out together, in this order on one
         # connection (a round trip, not two): `queued` is stored before run_start hears of
         # the run. Its start is run_start's: acceptance does not wait for it (or a slot).
@@ -98,4 +107,5 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
         return
     ctx.log.info("job_start_resumed", job_id=job_id)
     # Its start is run_start's: acceptance does not wait for it (or for a free slot).
+    start = RunStart(app=event.app, job_id=job_id)
     await ctx.emit(start_subject, start, msg_id=f"start-{job_id}")

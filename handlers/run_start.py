@@ -24,6 +24,7 @@ from schemas.events import RunStart
 from schemas.spec import AppSpec
 from schemas.status import JobState
 
+CARRIED_FOR_S = 2.0  # a start event older than this reads its run's record afresh
 QUEUE_FULL = "{app} has {n} runs waiting, as many as it queues (max_queued_runs); try later"
 
 
@@ -53,12 +54,7 @@ async def _start_failed(ctx: Context, event: RunStart, error: ErrorInfo) -> None
     on_failure=_start_failed,
 )
 async def run_start(ctx: Context, event: RunStart) -> None:
-    if event.job_id:  # both reads at once: one round trip, not two
-        spec, read = await asyncio.gather(
-            ctx.state.apps.get(event.app), ctx.state.jobs.read(event.job_id)
-        )
-    else:
-        spec, read = await ctx.state.apps.get(event.app), None
+    spec, read = await _spec_and_run(ctx, event)
     if spec is None or spec.kind != "job":
         if event.job_id:
             info = ErrorInfo(code=codes.UNKNOWN_APP, message=f"{event.app} is not registered")
@@ -82,6 +78,47 @@ async def run_start(ctx: Context, event: RunStart) -> None:
             took_warm |= await _start(ctx, spec, job_id, read if job_id == event.job_id else None)
     if took_warm:  # once per event, after its starts: a burst's starts come first
         await pools.request_refill(ctx, spec, limit=1, unless_starting=True)
+
+
+async def _spec_and_run(
+    ctx: Context, event: RunStart
+) -> tuple[AppSpec | None, Entry[jobs.Job] | None]:
+    """The app's spec and the run's record (None for a nudge, or if it is gone).
+
+    For a run of an app without limits, the record is the one run_request
+    carried in the event (`_carried`), and the spec the one this process
+    remembers (`handlers.memo`) if it is the revision the run records: no read.
+    A carried record that changed since is found by the start's first
+    compare-and-set on it. A run that goes through its app's queue is read:
+    the queue must not take in a run that ended meanwhile. Otherwise both are
+    read at once, one round trip.
+    """
+    if not event.job_id:
+        return await ctx.state.apps.get(event.app), None
+    carried = _carried(ctx, event)
+    if carried is None:
+        return await asyncio.gather(
+            ctx.state.apps.get(event.app), ctx.state.jobs.read(event.job_id)
+        )
+    spec = await ctx.memo.spec(event.app, ctx.state.apps.get)
+    if spec is not None and spec.revision != carried.value.revision:  # changed: read it
+        spec = await ctx.state.apps.get(event.app)
+    if spec is not None and spec.kind == "job" and runq.limited(spec, ctx.knobs.run_slots):
+        return spec, await ctx.state.jobs.read(event.job_id)
+    return spec, carried
+
+
+def _carried(ctx: Context, event: RunStart) -> Entry[jobs.Job] | None:
+    """The record run_request carried in `event`, unless the event is older than
+    `CARRIED_FOR_S` (a redelivery: the run may have moved on since) or carries none."""
+    if event.record is None or not event.record_revision or not event.job_id:
+        return None
+    if not 0 <= ctx.now() - event.time < CARRIED_FOR_S:
+        return None
+    job = jobs.Job.model_validate(event.record)
+    if (job.job_id, job.app) != (event.job_id, event.app):
+        return None
+    return Entry(event.job_id, job, event.record_revision)
 
 
 async def _claim(
@@ -179,7 +216,9 @@ async def _start(
         return False
     if job.phases.started is None:
         if pools.keeps_pool(spec) and ctx.backend.warm_runners and spec.revision == current:
-            member = await pools.claim(ctx, spec.name, used_at=now, revision=spec.revision)
+            member = await pools.claim(
+                ctx, spec.name, used_at=now, revision=spec.revision, exact=True
+            )
         if member is None:
             entry = await ctx.state.jobs.change(job_id, _started(now, False, in_queue), known=entry)
             if entry is None:

@@ -45,6 +45,7 @@ from handlers.deployments import Deployment
 from handlers.errors import RetryableError
 from handlers.gates import Gate
 from handlers.jobs import Job
+from handlers.memo import Latest
 from handlers.pools import PoolIndex
 from handlers.revisions import History
 from handlers.runq import RunQueue, Slots
@@ -112,6 +113,19 @@ class Records(Generic[M]):
         self.model = model
         self._key, self._id, self._keep = key, id, keep
         self._turns: dict[str, Turn[M]] = {}
+        # What this process saw written, if a watch keeps it current (`heard`).
+        self.latest: Latest | None = None
+
+    def heard(self, key: str, revision: int, data: bytes | None) -> None:
+        """A watch saw `key` written at `revision` (`data` None: deleted); kept in `latest`
+        as the next change's first guess. Keys of another kind are ignored."""
+        if self.latest is not None and self._keep(key):
+            self.latest.saw(key, revision, data)
+
+    def _seen(self, id: str) -> Entry[M] | None:
+        """The newest value of the record this process saw (`latest`): unread, maybe stale."""
+        held = self.latest.get(self._key(id)) if self.latest is not None else None
+        return Entry(id, codec.decode(self.model, held[1]), held[0]) if held else None
 
     @contextlib.asynccontextmanager
     async def turn(self, id: str) -> AsyncIterator[Turn[M]]:
@@ -142,6 +156,8 @@ class Records(Generic[M]):
             entry = await self.kv.get(self._key(id))
         except KeyNotFoundError:
             return None
+        if self.latest is not None:
+            self.latest.saw(entry.key, entry.revision, entry.value or None)
         if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
             return None
         value = codec.decode(self.model, entry.value)
@@ -154,17 +170,25 @@ class Records(Generic[M]):
 
     async def create(self, id: str, value: M) -> int | None:
         """Write `value` only if the record is absent. The revision, or None if it exists."""
-        try:
-            return await self.kv.create(self._key(id), codec.encode(value))
-        except KeyWrongLastSequenceError:
-            return None
+        return await self._write(id, value, None)
 
     async def update(self, id: str, value: M, revision: int) -> int | None:
         """Write `value` only if the record is still at `revision`. None on conflict."""
+        return await self._write(id, value, revision)
+
+    async def _write(self, id: str, value: M, revision: int | None) -> int | None:
+        """Write `value` at `revision` (None: absent, or deleted); None on conflict."""
+        key, data = self._key(id), codec.encode(value)
         try:
-            return await self.kv.update(self._key(id), codec.encode(value), last=revision)
+            if revision is None:
+                written = await self.kv.create(key, data)
+            else:
+                written = await self.kv.update(key, data, last=revision)
         except KeyWrongLastSequenceError:
             return None
+        if self.latest is not None:
+            self.latest.saw(key, written, data)
+        return written
 
     async def put(self, id: str, value: M) -> int:
         """Write `value` whatever is there (for records one writer owns, like app specs)."""
@@ -209,7 +233,7 @@ class Records(Generic[M]):
             RetryableError: the record kept changing for every try.
         """
         async with self.turn(id) as turn:
-            guess = newest(known, self.guess(id, turn))  # unread: it may be stale
+            guess = newest(known, self.guess(id, turn), self._seen(id))  # unread: maybe stale
             async for _ in cas_loop():
                 entry = guess or await self.read(id)
                 if entry is None and default is None:

@@ -149,6 +149,12 @@ class RunStart(BaseEvent):
     type: Literal["run_start"] = "run_start"
     app: AppName
     job_id: JobId | None = None
+    record: dict[str, Any] | None = Field(
+        None,
+        description="The run's record as run_request created it (small inputs only), so the"
+        " start need not read it; its compare-and-set finds a change since",
+    )
+    record_revision: int | None = Field(None, description="The KV revision `record` was written at")
 
 
 class JobUpdate(BaseEvent):

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from handlers.memo import Bounded, Memo
+from handlers.memo import Bounded, Latest, Memo
 from schemas import subjects
 from schemas.spec import IdleLimits
 from tests.handlers.test_viz_lifecycle import hello_spec, running_stack
@@ -119,3 +119,18 @@ async def test_a_changed_spec_reaches_heartbeats_at_once_however_long_the_memory
         await wait_for(lambda: stack.handled("heartbeat", "ok") == 2, what="heartbeat handled")
         [after] = [e for e in await stack.state.activity.scan() if e.key.endswith("heartbeat")]
         assert after.revision == before.revision  # not counted: the new window was used
+
+
+def test_latest_keeps_the_newest_revision_and_a_deletion_hides_older_values():
+    latest = Latest(size=2)
+    latest.saw("demo.a.pool", 5, b"five")
+    latest.saw("demo.a.pool", 3, b"three")  # a late copy of an older value
+    assert latest.get("demo.a.pool") == (5, b"five")
+    latest.saw("demo.a.pool", 6, None)  # deleted
+    latest.saw("demo.a.pool", 5, b"five")
+    assert latest.get("demo.a.pool") is None
+    latest.saw("demo.a.pool", 7, b"seven")
+    assert latest.get("demo.a.pool") == (7, b"seven")
+    latest.saw("demo.b.pool", 1, b"b")
+    latest.saw("demo.c.pool", 1, b"c")  # bounded: the oldest key goes
+    assert latest.get("demo.a.pool") is None and latest.get("demo.c.pool") == (1, b"c")

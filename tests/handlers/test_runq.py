@@ -12,6 +12,7 @@ import pytest
 
 from handlers import runq
 from handlers.jobs import Job
+from handlers.run_request import CARRIED_INPUT_BYTES
 from handlers.runq import Claim, RunQueue, Waiting
 from schemas import codec, subjects
 from schemas.codec import encode
@@ -228,8 +229,65 @@ async def test_acceptance_does_not_wait_for_the_start(settings, s3_server, tmp_p
         msg = await runs.js.get_last_msg(
             subjects.EVENTS_STREAM, subjects.event(subjects.RUN_START, "demo/model")
         )
-        assert codec.decode(RunStart, msg.data).job_id == job
+        start = codec.decode(RunStart, msg.data)
+        assert start.job_id == job
         assert started(tmp_path) == [] and await runs.jobs_alive() == []
+        # It carries the run's record as written, so run_start need not read it...
+        entry = await runs.state.jobs.read(job)
+        assert start.record == entry.value.model_dump(mode="json")
+        assert start.record_revision == entry.revision
+        # ...unless its inputs are large: then run_start reads it.
+        big = await runs.request(inputs={"pad": "x" * (CARRIED_INPUT_BYTES + 1)})
+        await runs.wait_state(big, "queued")
+        msg = await runs.js.get_last_msg(
+            subjects.EVENTS_STREAM, subjects.event(subjects.RUN_START, "demo/model")
+        )
+        start = codec.decode(RunStart, msg.data)
+        assert start.job_id == big and start.record is None and start.record_revision is None
+
+
+@pytest.mark.parametrize("limit", [None, 3], ids=["no limit", "a limit"])
+async def test_a_start_carrying_a_record_that_changed_since_goes_by_the_record_in_kv(
+    runs, tmp_path, limit
+):
+    """The record a start event carries may be out of date (the run was cancelled after its
+    request): the run never starts, and a limited app's queue does not take it in."""
+    spec = limited_spec("demo/free", max_concurrent_runs=limit)
+    await runs.state.apps.put(spec.name, spec)
+    job = await queued_5s_ago(runs, "j-0000000000000000000000cc", spec.name, tmp_path, "z")
+    queued = await runs.state.jobs.read(job.job_id)
+    cancel = RunCancel(job_id=job.job_id)
+    await runs.js.publish(
+        subjects.event_for(subjects.RUN_CANCEL, job.job_id),
+        encode(cancel),
+        headers={"Nats-Msg-Id": cancel.id},
+    )
+    await runs.wait_state(job.job_id, "cancelled")
+    start = RunStart(
+        app=spec.name,
+        job_id=job.job_id,
+        record=queued.value.model_dump(mode="json"),
+        record_revision=queued.revision,
+    )
+    subject = subjects.event(subjects.RUN_START, spec.name)
+    ack = await runs.js.publish(subject, encode(start))
+    other = await runs.request(spec.name, waiting_run(tmp_path, "o"))  # starts after it
+    await wait_for(lambda: started(tmp_path) == [other], what="the other run started")
+
+    async def handled() -> bool:
+        info = await runs.js.consumer_info(subjects.EVENTS_STREAM, subjects.RUN_START)
+        return info.ack_floor.stream_seq >= ack.seq
+
+    await wait_for(handled, what="the stale start handled")
+    assert (await runs.state.jobs.get(job.job_id)).state == JobState.CANCELLED
+    queue = await runs.state.queues.get(spec.name)
+    held = {*queue.claimed, *(w.job_id for w in queue.waiting)} if queue else set()
+    assert job.job_id not in held  # not taken in (no place held until the reaper's pass)
+    assert [i.id for i in await runs.jobs_alive()] == [other]
+    release(tmp_path, "o")
+    await runs.wait_state(other, "succeeded")
+    if limit is not None:
+        await wait_for(lambda: _queue_empty(runs, spec.name), what="the queue emptied")
 
 
 async def queued_5s_ago(runs, job_id: str, app: str, tmp_path: Path, tag: str) -> Job:

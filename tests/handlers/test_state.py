@@ -7,11 +7,14 @@ import pytest
 import structlog.testing
 
 from dispatcher import bus
+from dispatcher.bus.watch import watch_keys
 from handlers.deployments import Deployment, session_slot, slot_key
-from handlers.pools import PoolIndex
-from handlers.state import SCAN_TIMEOUT_S
+from handlers.memo import Latest
+from handlers.pools import POOL_KEYS, PoolIndex, pool_key
+from handlers.state import SCAN_TIMEOUT_S, Records
 from schemas.spec import AppSpec
 from schemas.status import AppState
+from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -184,3 +187,40 @@ async def test_a_record_this_version_cannot_read_is_skipped_not_fatal(state):
         "demo.bad",
         "demo.junk",
     ]
+
+
+async def test_a_change_starts_from_what_the_watch_saw_and_a_missed_write_costs_a_read(state):
+    """With the pools' record watched, a change that another replica's write preceded is one
+    write, no read; a write the watch did not pass on is found by the compare-and-set."""
+    other = Records(state.pools.kv, PoolIndex, key=pool_key)  # another replica's view
+    await other.change("demo/w", add_one, default=PoolIndex)
+    state.pools.latest = Latest()
+    watch = await watch_keys(state.pools.kv, POOL_KEYS, state.pools.heard)
+    reads = []
+    read = state.pools.read
+
+    async def counted(id):
+        reads.append(id)
+        return await read(id)
+
+    state.pools.read = counted
+    try:
+        await state.deployments.put(slot_key("demo/w", "shared"), dep())  # not a pool: ignored
+        written = await other.change("demo/w", add_one)
+        await wait_for(
+            lambda: state.pools.latest.get(pool_key("demo/w")) is not None, what="the watch"
+        )
+        assert state.pools.latest.get(slot_key("demo/w", "shared")) is None
+        mine = await state.pools.change("demo/w", add_one)
+        assert mine.revision > written.revision and mine.value.size() == 3
+        assert reads == []  # one write, on what the watch saw
+        await watch.unsubscribe()
+        watch = None
+        missed = await other.change("demo/w", add_one)  # the watch is gone: unseen
+        again = await state.pools.change("demo/w", add_one)
+        assert again.revision > missed.revision and again.value.size() == 5
+        assert reads == ["demo/w"]  # the stale guess lost, the record was read
+    finally:
+        state.pools.read = read
+        if watch is not None:
+            await watch.unsubscribe()

@@ -13,8 +13,11 @@ import os
 import signal
 
 import pytest
+import structlog
 
 from dispatcher.backends.local.backend import LocalBackend
+from handlers import pools
+from handlers.context import Context
 from handlers.ports import Backend
 from schemas import subjects
 from schemas.codec import encode
@@ -222,3 +225,19 @@ async def test_on_a_backend_without_warm_runners_a_pool_is_ignored_and_runs_star
         assert await runs.state.pools.get(spec.name) is None  # nothing was ever reserved
         kinds = {i.kind for i in await runs.backend.list_instances()}
         assert "warm" not in kinds
+
+
+async def test_a_run_is_handed_no_warm_runner_of_another_revision(runs):
+    """A run runs the revision it records: a runner of a newer one (started after a publish
+    that a remembered spec has not caught up with) is not handed it, and stays warm."""
+    spec = model_spec(name="demo/rev", pool={"size": 1}, revision=2)
+    await runs.state.apps.put(spec.name, spec)
+    [member] = await warm_members(runs, spec.name, 1)
+    ctx = Context(
+        state=runs.state, backend=runs.backend, js=runs.js, log=structlog.get_logger("test")
+    )
+    assert await pools.claim(ctx, spec.name, revision=1, exact=True) is None
+    assert [m.instance for m in (await runs.state.pools.get(spec.name)).warm] == [member]
+    taken = await pools.claim(ctx, spec.name, revision=2, exact=True)
+    assert taken is not None and taken.instance == member
+    await runs.backend.stop_viz(member)
