@@ -25,16 +25,14 @@ if TYPE_CHECKING:  # the context holds the state, which holds these records
     from handlers.context import Context
 
 
-async def load_job_app(ctx: Context, name: str) -> AppSpec:
-    """The job app's current spec, read afresh (not through the spec memory).
-
-    A run records the revision it runs (`handlers.rollout`), so a run asked for
-    right after a publish must see the new spec: CI publishes, then runs.
+def job_app(name: str, spec: AppSpec | None) -> AppSpec:
+    """`spec`, just read as `name`'s, if it is a job app's. (A run records the revision it
+    runs, `handlers.rollout`, so a run asked for right after a publish must see the new
+    spec: CI publishes, then runs; `handlers.run_request` reads it afresh.)
 
     Raises:
         Rejected: no such app, or it is not a job app.
     """
-    spec = await ctx.state.apps.get(name)
     if spec is None:
         raise Rejected(f"no app named {name!r} is registered", code=codes.UNKNOWN_APP)
     if spec.kind != "job":

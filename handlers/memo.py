@@ -94,6 +94,18 @@ class Memo:
             self._specs.set(name, (now, value))
         return value
 
+    def remember(self, name: str, value: object) -> None:
+        """Keep `value`, just read, as `name`'s spec (if specs are remembered at all)."""
+        if self.spec_ttl_s > 0:
+            self._specs.set(name, (time.monotonic(), value))
+
+    def remembered(self, name: str) -> object | None:
+        """`name`'s spec if it was read less than `spec_ttl_s` ago (no read: None if not)."""
+        if self.spec_ttl_s <= 0 or self._epoch() != self._seen_epoch:
+            return None
+        hit = self._specs.get(name)
+        return hit[1] if hit is not None and time.monotonic() - hit[0] < self.spec_ttl_s else None
+
     def forget(self, name: str) -> None:
         """Drop `name`'s spec: it changed, and the next event reads it again."""
         self._specs.pop(name)

@@ -26,6 +26,7 @@ from schemas import codec, subjects
 from schemas import errors as codes
 from schemas.errors import ErrorInfo
 from schemas.events import RunRequest, RunStart, job_id_for
+from schemas.spec import AppSpec
 from schemas.status import JobPhases, JobState, JobStatus
 
 
@@ -58,36 +59,11 @@ CARRIED_INPUT_BYTES = 16 * 2**10
     on_failure=_run_request_failed,
 )
 async def run_request(ctx: Context, event: RunRequest) -> None:
-    spec = await jobs.load_job_app(ctx, event.app)
-    if event.revision is not None:  # a pinned revision's spec, from the app's history
-        spec = await rollout.spec_of_run(ctx, spec, event.revision)
-        if spec.kind != "job":
-            message = f"revision {event.revision} of {event.app!r} is a {spec.kind} app"
-            raise Rejected(message, code=codes.WRONG_KIND)
-    size = codec.packed_size(event.inputs)
-    if size > spec.max_input_bytes:
-        raise Rejected(
-            f"inputs are {size} bytes; {event.app} accepts at most {spec.max_input_bytes}",
-            code=codes.TOO_LARGE,
-        )
     job_id = event.job_id or job_id_for(event.app, event.session, event.idempotency_key, event.id)
-    now = ctx.now()
-    job = jobs.Job(
-        job_id=job_id,
-        app=event.app,
-        session=event.session,
-        state=JobState.QUEUED,
-        event_id=event.id,
-        inputs=event.inputs,
-        outputs=spec.outputs,
-        deadline_s=spec.deadline_s,
-        retention_s=spec.retention_s,
-        created_at=now,
-        phases=JobPhases(queued=now),
-        revision=spec.revision,
-    )
+    size = codec.packed_size(event.inputs)
+    job, written = await _create(ctx, event, job_id, size)
     start_subject = subjects.event(subjects.RUN_START, event.app)
-    if (written := await ctx.state.jobs.create(job_id, job)) is not None:
+    if written is not None:
         ctx.log.info("job_queued", job_id=job_id)
         start = RunStart(app=event.app, job_id=job_id)
         if size <= CARRIED_INPUT_BYTES:  # run_start starts from it: a read fewer
@@ -109,3 +85,79 @@ async def run_request(ctx: Context, event: RunRequest) -> None:
     # Its start is run_start's: acceptance does not wait for it (or for a free slot).
     start = RunStart(app=event.app, job_id=job_id)
     await ctx.emit(start_subject, start, msg_id=f"start-{job_id}")
+
+
+async def _create(
+    ctx: Context, event: RunRequest, job_id: str, size: int
+) -> tuple[jobs.Job, int | None]:
+    """Create the run's record, `queued`: the record and its revision (None if it existed).
+
+    The spec it is made from is read afresh (a run records the revision it
+    runs: CI publishes, then runs). If this process read it a moment ago
+    (`handlers.memo`), the record is made from that one and the spec is read
+    beside the create, one round trip instead of two; a spec that changed
+    meanwhile (a publish the watch had not passed on yet) makes the record
+    anew from it, or fails the run if it refuses it.
+
+    Raises:
+        Rejected: no such job app, revision or kind, or inputs too large.
+    """
+    remembered = ctx.memo.remembered(event.app) if event.revision is None else None
+    if (
+        not isinstance(remembered, AppSpec)
+        or remembered.kind != "job"
+        or size > remembered.max_input_bytes  # refused on the spec as it is, not as it was
+    ):
+        spec = jobs.job_app(event.app, await ctx.state.apps.get(event.app))
+        ctx.memo.remember(event.app, spec)
+        if event.revision is not None:  # a pinned revision's spec, from the app's history
+            spec = await rollout.spec_of_run(ctx, spec, event.revision)
+        job = _queued(event, job_id, _fits(event, spec, size), ctx.now())
+        return job, await ctx.state.jobs.create(job_id, job)
+    job = _queued(event, job_id, remembered, ctx.now())
+    written, read = await asyncio.gather(
+        ctx.state.jobs.create(job_id, job), ctx.state.apps.get(event.app)
+    )
+    if read == remembered:
+        return job, written
+    ctx.memo.forget(event.app)  # changed since: made anew from the spec as it is
+    spec = _fits(event, jobs.job_app(event.app, read), size)  # (a refusal fails the run)
+    job = _queued(event, job_id, spec, job.created_at)
+    if written is not None:
+        written = await ctx.state.jobs.update(job_id, job, written)
+    return job, written
+
+
+def _fits(event: RunRequest, spec: AppSpec, size: int) -> AppSpec:
+    """`spec`, if it is a job app's that takes inputs of `size` packed bytes.
+
+    Raises:
+        Rejected: it is a pinned revision of another kind, or the inputs are too large.
+    """
+    if spec.kind != "job":
+        message = f"revision {event.revision} of {event.app!r} is a {spec.kind} app"
+        raise Rejected(message, code=codes.WRONG_KIND)
+    if size > spec.max_input_bytes:
+        raise Rejected(
+            f"inputs are {size} bytes; {event.app} accepts at most {spec.max_input_bytes}",
+            code=codes.TOO_LARGE,
+        )
+    return spec
+
+
+def _queued(event: RunRequest, job_id: str, spec: AppSpec, now: float) -> jobs.Job:
+    """The record of a run of `spec` accepted at `now`, `queued`."""
+    return jobs.Job(
+        job_id=job_id,
+        app=event.app,
+        session=event.session,
+        state=JobState.QUEUED,
+        event_id=event.id,
+        inputs=event.inputs,
+        outputs=spec.outputs,
+        deadline_s=spec.deadline_s,
+        retention_s=spec.retention_s,
+        created_at=now,
+        phases=JobPhases(queued=now),
+        revision=spec.revision,
+    )
