@@ -33,10 +33,13 @@ answers on the socket: `running` as soon as the model's process is there
 (forked, or exec'd), before its record and set-up (`exists` if another
 runner has the job; `claimed` if the model did not start, which the run's
 result then tells). A Python model is forked from the runner
-(`forkedmodel.py`): the child makes a session of its own, takes the run's
-environment, cwd, stdin, limits and `sys.argv`, and runs the script with
-runpy, so the preloaded modules are imported already; any other command is
-exec'd as a cold runner does (the runner's own start is saved).
+(`forkedmodel.py`), ahead: the runner forks its spare once it waits
+(`forkedmodel.Spare`), which waits on a pipe for the run's instructions, so
+the start costs a write, not a fork. The child makes a session of its own,
+takes the run's environment, cwd, stdin, limits and `sys.argv`, and runs
+the script with runpy, so the preloaded modules are imported already; any
+other command is exec'd as a cold runner does (the runner's own start is
+saved).
 Deadline, cancel, log cap and result files are the cold runner's. One run
 per warm runner; a SIGTERM while it waits ends it. Like the job runner it
 imports nothing of spinyard but the job runner's modules, so any interpreter
@@ -57,6 +60,7 @@ and it has everything imported that its parent has.
 import contextlib
 import gc
 import importlib
+import io
 import json
 import os
 import shutil
@@ -114,6 +118,8 @@ class _Warm:
         self.conn: socket.socket | None = None
         self.job_dir: Path | None = None  # the run's, once it is handed one
         self._held: bytes | None = None  # an answer held until the model starts (`answer`)
+        self.spare: forkedmodel.Spare | None = None  # its model-to-be, forked ahead
+        self.rehearsed = True  # whether the pages a hand-over writes are ours (`rehearse`)
 
     def prepare(self) -> None:
         """Lower the memory limit, import the preloads, bind the socket."""
@@ -129,6 +135,37 @@ class _Warm:
         gc.collect()
         gc.freeze()
         self.bind()
+        self.fork_spare()
+
+    def fork_spare(self) -> None:
+        """Fork the next run's model ahead, for a Python model (`forkedmodel.Spare`)."""
+        if self.config.get("fork"):
+            assert self.sock is not None
+            self.spare = forkedmodel.Spare.fork((self.sock.fileno(), *self.signals.fds))
+            self.rehearsed = False
+
+    def rehearse(self) -> None:
+        """Go through a hand-over once with a made-up run, in a directory of our own.
+
+        After a fork, this runner shares its memory with the spare (and a sibling with
+        its seed): the first write to each page costs a copy. A hand-over writes
+        many (objects' reference counts, the allocator's pools), so they are copied
+        now, while the runner waits, not during a run's start. Whatever goes wrong
+        here is no matter: a run's start would then copy them.
+        """
+        self.rehearsed = True
+        jobs = self.root / "rehearsal"
+        job_id = "j-00000000"
+        with contextlib.suppress(Exception):
+            jobs.mkdir(mode=0o700, exist_ok=True)
+            spec = {"job_dir": str(jobs / job_id), "argv": ["{python}"], "env": {"A": "1"}}
+            message = run_message({"a": [1, 2.5, "x"]}, {"out.json": "http://h/p?q=1"}, spec)
+            reader = io.BufferedReader(io.BytesIO(message))  # type: ignore[arg-type]
+            run = _read_run(reader, reader.readline(4096).strip()) or {}
+            staged = JobDir.staging(jobs, job_id)
+            fill(staged, run["inputs"], run["uploads"], run["job"])
+            staged.write("runner.json", processes.current(os.getpid())._asdict())
+        shutil.rmtree(jobs, ignore_errors=True)
 
     def bind(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -143,6 +180,8 @@ class _Warm:
         on (in both processes)."""
         while True:
             assert self.sock is not None
+            if not self.rehearsed:  # once we wait (a run that comes meanwhile is queued)
+                self.rehearse()
             got = self.signals.wait(3600, also=(self.sock.fileno(),))
             if got & set(jobrunner.STOP):
                 return None
@@ -201,6 +240,7 @@ class _Warm:
         pid = os.fork()
         if pid:  # us: the go-between exits at once, leaving the sibling to init
             os.waitpid(pid, 0)
+            self.rehearsed = False  # our pages are shared with the sibling now
             return
         try:
             if os.fork():
@@ -219,6 +259,9 @@ class _Warm:
         """Turn this fresh fork into the warm runner of `root`: its session, signal pipe,
         log and socket."""
         os.setsid()
+        if self.spare is not None:  # our parent's: its ends are closed here, it is not ours
+            self.spare.drop()
+            self.spare = None
         old = self.signals.fds
         self.signals = jobrunner.Signals()
         assert self.sock is not None
@@ -234,6 +277,7 @@ class _Warm:
             os.chdir(self.config["cwd"])
             sys.path[0] = forkedmodel.script_dir(self.config["argv"], self.config["cwd"])
         self.bind()
+        self.fork_spare()
 
     def answer(self, data: bytes) -> None:
         """Answer the submitter on the socket; a claimed run's runner.log takes our stderr.
@@ -284,6 +328,10 @@ class _Warm:
             raise processes.SpawnError(f"the app's working directory {spec['cwd']} does not exist")
         if spec["argv"] != self.config["argv"]:  # the app changed since: run what it says now
             return jobrunner.start_exec(job, spec)
+        spare, self.spare = self.spare, None
+        if spare is not None and spare.start(spec, str(job.inputs)):  # forked ahead: no fork
+            self.started()
+            return self._supervised(job, spec, spare.pid, spare.out, spare.set_up)
         read, write = os.pipe2(os.O_CLOEXEC)
         set_up, setting_up = os.pipe2(os.O_CLOEXEC)  # ends once the child has closed its fds
         stdin = os.open(job.inputs, os.O_RDONLY | os.O_CLOEXEC)
@@ -297,12 +345,17 @@ class _Warm:
         for fd in (write, stdin, setting_up):
             os.close(fd)
         self.started()  # its process is there: the submitter need not wait for the rest
-        # Supervised once it has its session and signals: a cancel that follows at once
-        # then reaches it as it would a cold run's.
+        return self._supervised(job, spec, pid, read, set_up)
+
+    def _supervised(
+        self, job: JobDir, spec: dict, pid: int, out: int, set_up: int
+    ) -> tuple[jobrunner.Forked, processes.Process, jobrunner.Output]:
+        """The forked model `pid` once it has its session and signals (it closed `set_up`):
+        a cancel that follows at once then reaches it as it would a cold run's."""
         os.read(set_up, 1)
         os.close(set_up)
         log = CappedLog(job.log, int(spec.get("max_log_bytes") or jobrunner.DEFAULT_LOG_BYTES))
-        return jobrunner.Forked(pid), processes.current(pid), jobrunner.Output(read, log)
+        return jobrunner.Forked(pid), processes.current(pid), jobrunner.Output(out, log)
 
 
 def run(root: Path) -> int:

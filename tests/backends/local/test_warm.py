@@ -294,6 +294,55 @@ def parent_of(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2 :].split()[1])
 
 
+def children_of(pid: int) -> list[int]:
+    """The live processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if parent_of(int(entry.name)) == pid and procs.alive(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:  # it ended while we looked
+                continue
+    return found
+
+
+async def test_the_model_is_forked_ahead_and_one_killed_waiting_is_forked_anew(
+    backend, watcher, data_dir
+):
+    """A waiting runner of a Python model has forked the run's process already: the start
+    costs no fork. A spare that died while waiting is replaced by a fork at the start; a
+    runner stopped while waiting takes its spare with it."""
+    spec = model_spec()
+    warm = new_id()
+    await backend.start_warm(warm, spec, READY_S)
+    [spare] = children_of(await pid_of(backend, warm))
+    here = data_dir / "local" / "warm" / warm  # its hand-over rehearsed leaves nothing there:
+    await wait_for(lambda: sorted(os.listdir(here)) == ["sock", "warm.json", "warm.log"])
+    jid = new_job_id()
+    assert await backend.claim(warm)
+    assert await backend.submit_warm(launch(jid, spec), spec, warm) == "running"
+    assert (await watcher.until(jid, "succeeded")).exit_code == 0
+    assert json.loads((job_dir(data_dir, jid) / "model.json").read_text())["pid"] == spare
+
+    killed = new_id()
+    await backend.start_warm(killed, spec, READY_S)
+    [spare] = children_of(await pid_of(backend, killed))
+    os.kill(spare, signal.SIGKILL)
+    await wait_for(lambda: not procs.alive(spare), what="the spare to die")
+    jid = new_job_id()
+    assert await backend.claim(killed)
+    assert await backend.submit_warm(launch(jid, spec), spec, killed) == "running"
+    assert (await watcher.until(jid, "succeeded")).exit_code == 0
+    assert json.loads((job_dir(data_dir, jid) / "model.json").read_text())["pid"] != spare
+
+    stopped = new_id()
+    await backend.start_warm(stopped, spec, READY_S)
+    [spare] = children_of(await pid_of(backend, stopped))
+    await backend.stop_viz(stopped)
+    await wait_for(lambda: not procs.alive(spare), timeout=5, what="the spare to end")
+
+
 async def test_a_new_runner_is_forked_from_a_waiting_one_and_outlives_it(
     backend, watcher, data_dir
 ):
@@ -367,13 +416,15 @@ async def test_a_seed_that_does_not_answer_leaves_a_runner_started_the_usual_way
     assert born(data_dir, warm) > born(data_dir, seed)
     pid = await pid_of(backend, warm)
     assert parent_of(pid) == os.getpid()  # spawned, as ever
+
     # The seed now forks the sibling it was asked for; with no word from the backend, the
-    # sibling exits, and nothing but the spawned runner serves that directory.
-    await wait_for(
-        lambda: procs.processes_logging_to(data_dir / "local" / "warm" / warm, fd=2) == [pid],
-        READY_S,
-        what="the unanswered sibling's exit",
-    )
+    # sibling exits, and nothing but the spawned runner (and the model it forked ahead)
+    # serves that directory.
+    def serving() -> list[int]:
+        found = procs.processes_logging_to(data_dir / "local" / "warm" / warm, fd=2)
+        return [p for p in found if parent_of(p) != pid]
+
+    await wait_for(lambda: serving() == [pid], READY_S, what="the unanswered sibling's exit")
     jid = new_job_id()
     assert await backend.claim(warm)
     assert await backend.submit_warm(launch(jid, spec), spec, warm) == "running"
