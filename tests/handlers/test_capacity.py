@@ -248,16 +248,22 @@ async def _at_least(fn, n) -> bool:
 
 async def test_the_reaper_gives_back_a_place_whose_holder_is_gone(stack):
     await stack.register(class_spec(max_instances=1))
-    # A place held by an instance no deployment has (its handler died before the record).
-    gone = Gate(limit=1, held={"i-0000000000000000": Hold(key="x", at=time.time() - 60)})
-    await stack.state.gates.put(subjects.viz_app_gate_key(CLASS), gone)
+    # A place held by an instance no deployment has (its handler died before the record),
+    # too young yet for the reaper to judge (reconcile_grace_s), so kim queues behind it.
+    key, gone_instance = subjects.viz_app_gate_key(CLASS), "i-0000000000000000"
+    gone = Gate(limit=1, held={gone_instance: Hold(key="x", at=time.time())})
+    await stack.state.gates.put(key, gone)
     await stack.page_load(CLASS, session="kim")
     subject = subjects.app_status(CLASS, "kim")
-    # `queued` lasts only until the reaper's next pass (0.2 s, often less): look for it in
-    # what was published, not in the last status.
     await wait_for(lambda: "queued" in stack.statuses.states(subject), what="kim queued")
     queued = next(s for s in stack.statuses.by_subject[subject] if s["state"] == "queued")
     assert queued["position"] == 1
+
+    def aged(gate: Gate) -> Gate:  # a minute on: old enough to judge, its holder still gone
+        held = gate.held | {gone_instance: Hold(key="x", at=time.time() - 60)}
+        return gate.model_copy(update={"held": held})
+
+    await stack.state.gates.change(key, aged)
     await stack.wait_state(subject, "ready")
     record = await stack.state.deployments.get(slot_key(CLASS, session_slot("kim")))
     gate = await stack.state.gates.get(subjects.viz_app_gate_key(CLASS))
