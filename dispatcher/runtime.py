@@ -161,6 +161,9 @@ def make_knobs(settings: Settings) -> Knobs:
     )
 
 
+CLAIMERS = (subjects.PAGE_LOAD, subjects.RUN_START)  # the handlers that take pool members
+
+
 class Handlers:
     """A handler service: the named handlers (all if none) and, with the reaper, its ticker."""
 
@@ -230,10 +233,12 @@ class Handlers:
             if ctx.memo.spec_ttl_s > 0:  # a changed spec is dropped from memory at once
                 watch = await watch_apps(state.apps.kv, ctx.memo.forget)
                 stack.push_async_callback(watch.unsubscribe)
-            # Claims and refills start from a pool's record as the watch last saw it.
-            state.pools.latest = Latest()
-            pools_watch = await watch_keys(state.pools.kv, POOL_KEYS, state.pools.heard)
-            stack.push_async_callback(pools_watch.unsubscribe)
+            if any(spec.kind in CLAIMERS for spec in self.specs):
+                # Claims start from a pool's record as the watch last saw it. (Only where
+                # claims are made: each pool write costs every watching process a message.)
+                state.pools.latest = Latest()
+                pools_watch = await watch_keys(state.pools.kv, POOL_KEYS, state.pools.heard)
+                stack.push_async_callback(pools_watch.unsubscribe)
             await run_start_hooks(ctx, self.specs)
             consumers = [
                 Consumer(js, spec, ctx, self.settings.handlers, self.stopping, self.metrics)

@@ -223,6 +223,7 @@ async def test_a_full_queue_refuses_the_run_too_many(runs, tmp_path):
 async def test_acceptance_does_not_wait_for_the_start(settings, s3_server, tmp_path):
     """Without a run_start handler, a request still gets `queued`, and nothing starts."""
     async with running(settings, s3_server, ["run_request"]) as runs:
+        assert runs.state.pools.latest is None  # it takes no pool members: no pool watch
         job = await runs.request(inputs=waiting_run(tmp_path, "x"))
         await runs.wait_state(job, "queued")
         # Its start waits on the events stream for a run_start handler.

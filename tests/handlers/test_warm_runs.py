@@ -233,6 +233,7 @@ async def test_a_run_is_handed_no_warm_runner_of_another_revision(runs):
     spec = model_spec(name="demo/rev", pool={"size": 1}, revision=2)
     await runs.state.apps.put(spec.name, spec)
     [member] = await warm_members(runs, spec.name, 1)
+    assert runs.state.pools.latest is not None  # run_start's process watches the pools
     ctx = Context(
         state=runs.state, backend=runs.backend, js=runs.js, log=structlog.get_logger("test")
     )

@@ -80,6 +80,7 @@ RUN = b"run "  # what hands a waiting runner its run: `run <n>`, then n bytes of
 FORK = b"fork "  # what asks a waiting runner for a sibling: `fork <dir>`
 FORKED = b"ok\n"  # the asker's word that it recorded the sibling's `ready <pid>`
 SOCKET = "sock"
+_REHEARSE_AFTER_S = 0.05  # a runner rehearses a hand-over once nothing came for this long
 _HAND_TIMEOUT_S = 5.0  # how long a connected submitter may take to send its run
 _MAX_RUN_BYTES = 16 * 2**20  # a run's message: inputs (at most 1 MiB packed), URLs, job.json
 
@@ -145,7 +146,8 @@ class _Warm:
             self.rehearsed = False
 
     def rehearse(self) -> None:
-        """Go through a hand-over once with a made-up run, in a directory of our own.
+        """Go through a hand-over once with a made-up run, in a directory of our own,
+        once the runner has waited `_REHEARSE_AFTER_S` with nothing asked of it.
 
         After a fork, this runner shares its memory with the spare (and a sibling with
         its seed): the first write to each page costs a copy. A hand-over writes
@@ -180,15 +182,16 @@ class _Warm:
         on (in both processes)."""
         while True:
             assert self.sock is not None
-            if not self.rehearsed:  # once we wait (a run that comes meanwhile is queued)
-                self.rehearse()
-            got = self.signals.wait(3600, also=(self.sock.fileno(),))
+            quiet = 3600 if self.rehearsed else _REHEARSE_AFTER_S
+            got = self.signals.wait(quiet, also=(self.sock.fileno(),))
             if got & set(jobrunner.STOP):
                 return None
             try:
                 self.sock.setblocking(False)
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                if not self.rehearsed:  # a quiet moment (in a burst there is none: no cost)
+                    self.rehearse()
                 continue
             with contextlib.suppress(OSError, ValueError):
                 conn.settimeout(_HAND_TIMEOUT_S)
@@ -250,6 +253,7 @@ class _Warm:
             if conn.makefile("rb").readline(16) != FORKED:
                 os._exit(0)  # the asker gave up on us: nobody would know that we wait
             conn.close()
+            self.fork_spare()  # once the asker has us: a refill does not wait for it
         except BaseException:
             traceback.print_exc()
             os._exit(1)
@@ -277,7 +281,6 @@ class _Warm:
             os.chdir(self.config["cwd"])
             sys.path[0] = forkedmodel.script_dir(self.config["argv"], self.config["cwd"])
         self.bind()
-        self.fork_spare()
 
     def answer(self, data: bytes) -> None:
         """Answer the submitter on the socket; a claimed run's runner.log takes our stderr.
