@@ -60,7 +60,6 @@ and it has everything imported that its parent has.
 import contextlib
 import gc
 import importlib
-import io
 import json
 import os
 import shutil
@@ -80,7 +79,6 @@ RUN = b"run "  # what hands a waiting runner its run: `run <n>`, then n bytes of
 FORK = b"fork "  # what asks a waiting runner for a sibling: `fork <dir>`
 FORKED = b"ok\n"  # the asker's word that it recorded the sibling's `ready <pid>`
 SOCKET = "sock"
-_REHEARSE_AFTER_S = 0.05  # a runner rehearses a hand-over once nothing came for this long
 _HAND_TIMEOUT_S = 5.0  # how long a connected submitter may take to send its run
 _MAX_RUN_BYTES = 16 * 2**20  # a run's message: inputs (at most 1 MiB packed), URLs, job.json
 
@@ -120,7 +118,6 @@ class _Warm:
         self.job_dir: Path | None = None  # the run's, once it is handed one
         self._held: bytes | None = None  # an answer held until the model starts (`answer`)
         self.spare: forkedmodel.Spare | None = None  # its model-to-be, forked ahead
-        self.rehearsed = True  # whether the pages a hand-over writes are ours (`rehearse`)
 
     def prepare(self) -> None:
         """Lower the memory limit, import the preloads, bind the socket."""
@@ -143,31 +140,6 @@ class _Warm:
         if self.config.get("fork"):
             assert self.sock is not None
             self.spare = forkedmodel.Spare.fork((self.sock.fileno(), *self.signals.fds))
-            self.rehearsed = False
-
-    def rehearse(self) -> None:
-        """Go through a hand-over once with a made-up run, in a directory of our own,
-        once the runner has waited `_REHEARSE_AFTER_S` with nothing asked of it.
-
-        After a fork, this runner shares its memory with the spare (and a sibling with
-        its seed): the first write to each page costs a copy. A hand-over writes
-        many (objects' reference counts, the allocator's pools), so they are copied
-        now, while the runner waits, not during a run's start. Whatever goes wrong
-        here is no matter: a run's start would then copy them.
-        """
-        self.rehearsed = True
-        jobs = self.root / "rehearsal"
-        job_id = "j-00000000"
-        with contextlib.suppress(Exception):
-            jobs.mkdir(mode=0o700, exist_ok=True)
-            spec = {"job_dir": str(jobs / job_id), "argv": ["{python}"], "env": {"A": "1"}}
-            message = run_message({"a": [1, 2.5, "x"]}, {"out.json": "http://h/p?q=1"}, spec)
-            reader = io.BufferedReader(io.BytesIO(message))  # type: ignore[arg-type]
-            run = _read_run(reader, reader.readline(4096).strip()) or {}
-            staged = JobDir.staging(jobs, job_id)
-            fill(staged, run["inputs"], run["uploads"], run["job"])
-            staged.write("runner.json", processes.current(os.getpid())._asdict())
-        shutil.rmtree(jobs, ignore_errors=True)
 
     def bind(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -182,16 +154,13 @@ class _Warm:
         on (in both processes)."""
         while True:
             assert self.sock is not None
-            quiet = 3600 if self.rehearsed else _REHEARSE_AFTER_S
-            got = self.signals.wait(quiet, also=(self.sock.fileno(),))
+            got = self.signals.wait(3600, also=(self.sock.fileno(),))
             if got & set(jobrunner.STOP):
                 return None
             try:
                 self.sock.setblocking(False)
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
-                if not self.rehearsed:  # a quiet moment (in a burst there is none: no cost)
-                    self.rehearse()
                 continue
             with contextlib.suppress(OSError, ValueError):
                 conn.settimeout(_HAND_TIMEOUT_S)
@@ -243,7 +212,6 @@ class _Warm:
         pid = os.fork()
         if pid:  # us: the go-between exits at once, leaving the sibling to init
             os.waitpid(pid, 0)
-            self.rehearsed = False  # our pages are shared with the sibling now
             return
         try:
             if os.fork():
