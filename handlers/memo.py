@@ -1,23 +1,27 @@
 """What one handler process remembers between messages, to spare the bus reads and writes.
 
-Two things, both bounded (the oldest entry goes first) and both off unless
-the runtime turns them on (`handlers.spec_cache_s`, `handlers.activity_write_s`):
+Three things, all bounded (the oldest entry goes first):
 
-- App specs, for `spec_ttl_s` after they were read. page_load and
-  heartbeat read the app's spec for every event; a warm crowd of one app
-  then reads the same spec thousands of times a second. The runtime drops
-  an app from it as soon as a watch on the apps bucket sees its spec change
-  (`forget`), so a changed spec reaches page loads and heartbeats within
-  milliseconds; a reconnect empties it (`epoch`), and `spec_ttl_s` bounds
-  what the watch missed otherwise. An
-  app not found is not remembered (it may be registered a moment later). Nothing decides a
-  compare-and-set on a remembered spec: every record that is
-  compare-and-set (deployments, pools, jobs) is read from KV each time
-  (issue 8's stale-read lesson, docs/deploy-kubernetes.md).
-- When this process last wrote each activity key. A key written less than
-  `activity_every_s` ago is not written again: its value would move by less
-  than that, which no idle limit can tell (`handlers.activity`). The write
-  that is skipped is always one that came after a write that had finished.
+- App specs, for `spec_ttl_s` after they were read (`handlers.spec_cache_s`;
+  0 turns it off). page_load and heartbeat read the app's spec for every
+  event; a warm crowd of one app then reads the same spec thousands of times
+  a second. The runtime drops an app from it as soon as a watch on the apps
+  bucket sees its spec change (`forget`), so a changed spec reaches page
+  loads and heartbeats within milliseconds; a reconnect empties it
+  (`epoch`), and `spec_ttl_s` bounds what the watch missed otherwise. An app
+  not found is not remembered (it may be registered a moment later). A run
+  request reads the spec beside its create and checks the remembered one
+  against it; a run's start uses a remembered spec only if it is the
+  revision the run records.
+- When this process last wrote each activity key (`handlers.activity_write_s`).
+  A key written less than `activity_every_s` ago is not written again: its
+  value would move by less than that, which no idle limit can tell
+  (`handlers.activity`). The write that is skipped is always one that came
+  after a write that had finished.
+- The newest revision of records of one kind this process saw (`Latest`):
+  the first guess of a compare-and-set, never its judge (issue 8's
+  stale-read lesson, docs/deploy-kubernetes.md): a guess that is behind
+  makes the write fail, and the change reads the record and decides again.
 """
 
 import time
@@ -80,28 +84,29 @@ class Memo:
 
     async def spec(self, name: str, read: Callable[[str], Awaitable[V | None]]) -> V | None:
         """`name`'s spec: remembered if read less than `spec_ttl_s` ago, else `read(name)`."""
+        hit = self.remembered(name)
+        if hit is not None:
+            return hit  # type: ignore[return-value]
+        asked = time.monotonic()
+        value = await read(name)
+        if value is not None:
+            self.remember(name, value, asked)
+        return value
+
+    def remember(self, name: str, value: object, at: float | None = None) -> None:
+        """Keep `value`, read at `at` (monotonic; default now), as `name`'s spec (if specs
+        are remembered at all)."""
+        if self.spec_ttl_s > 0:
+            self._specs.set(name, (time.monotonic() if at is None else at, value))
+
+    def remembered(self, name: str) -> object | None:
+        """`name`'s spec if it was read less than `spec_ttl_s` ago (no read: None if not).
+        A new epoch forgets every spec first."""
         if self.spec_ttl_s <= 0:
-            return await read(name)
+            return None
         if (epoch := self._epoch()) != self._seen_epoch:
             self._seen_epoch = epoch
             self._specs = Bounded(self._specs.size)
-        now = time.monotonic()
-        hit = self._specs.get(name)
-        if hit is not None and now - hit[0] < self.spec_ttl_s:
-            return hit[1]  # type: ignore[return-value]
-        value = await read(name)
-        if value is not None:
-            self._specs.set(name, (now, value))
-        return value
-
-    def remember(self, name: str, value: object) -> None:
-        """Keep `value`, just read, as `name`'s spec (if specs are remembered at all)."""
-        if self.spec_ttl_s > 0:
-            self._specs.set(name, (time.monotonic(), value))
-
-    def remembered(self, name: str) -> object | None:
-        """`name`'s spec if it was read less than `spec_ttl_s` ago (no read: None if not)."""
-        if self.spec_ttl_s <= 0 or self._epoch() != self._seen_epoch:
             return None
         hit = self._specs.get(name)
         return hit[1] if hit is not None and time.monotonic() - hit[0] < self.spec_ttl_s else None

@@ -208,11 +208,10 @@ async def request_refill(
 
     if await change(ctx, spec.name, reserve) is None:
         return 0
+    subject = subjects.event(subjects.POOL_REFILL, spec.name)
     for instance in new:
         event = PoolRefill(app=spec.name, instance=instance)
-        await ctx.emit(
-            subjects.event(subjects.POOL_REFILL, spec.name), event, msg_id=f"refill-{instance}"
-        )
+        await ctx.emit(subject, event, msg_id=f"refill-{instance}")
     return len(new)
 
 

@@ -47,6 +47,19 @@ async def test_a_new_epoch_forgets_every_spec_and_forget_drops_one():
     assert await memo.spec("c/d", reads) == "v2" and reads.calls == 4
 
 
+def test_what_run_request_remembers_survives_a_new_epoch_once_kept_again():
+    """run_request's process keeps specs with `remember` and asks `remembered` (it never
+    calls `spec`): a reconnect forgets them, and the next spec kept is remembered again."""
+    epoch = [0]
+    memo = Memo(spec_ttl_s=60, epoch=lambda: epoch[0])
+    memo.remember("a/b", "v1")
+    assert memo.remembered("a/b") == "v1"
+    epoch[0] += 1
+    assert memo.remembered("a/b") is None  # forgotten with the epoch
+    memo.remember("a/b", "v2")
+    assert memo.remembered("a/b") == "v2"  # not forgotten again and again
+
+
 async def test_off_it_reads_every_time_and_writes_every_time():
     reads, memo = Reads(), Memo()
     for _ in range(3):
