@@ -8,6 +8,14 @@ readiness probe, or a job app's warm runner, until it waits for a run
 away leaves nothing running. A refill is a start: it takes a place under the
 handlers' `max_concurrent_starts` (`handlers.capacity`) for as long as it
 starts, and gives its reservation back when none is free.
+
+Runs ask for a job pool's refills one at a time (`pools.request_refill`'s
+`unless_starting`), so a job pool's refill that ends with its pool still
+short and no other place starting reserves the next place in the same write
+that lists it warm: runs that come faster than one refill each (one after
+another, each taking a runner) find the pool refilling back to back, not
+waiting for the next run or the reaper's pass to ask. A refill that failed
+or was deferred asks for nothing.
 """
 
 from handlers import capacity, pools
@@ -61,10 +69,15 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
         revision=spec.revision,
     )
 
+    following: list[str] = []
+
     def promote(index: pools.PoolIndex) -> bool:
         if index.starting.pop(event.instance, None) is None:
             return False
         index.warm.append(member)
+        if spec.kind == "job":  # the next one, in the same write (see the module's doc)
+            now = ctx.now()
+            following[:] = pools.reserve_places(ctx, spec, index, now, 1, unless_starting=True)
         return True
 
     if await pools.change(ctx, event.app, promote) is None:
@@ -72,3 +85,4 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
         await ctx.backend.stop_viz(event.instance)
         return
     ctx.log.info("pool_instance_ready", instance=event.instance, app=event.app)
+    await pools.ask_refills(ctx, event.app, following)

@@ -183,7 +183,8 @@ async def request_refill(
     With `unless_starting`, nothing is reserved while one of the pool's places
     is still starting: a burst of runs that takes a job pool's warm runners
     asks for one refill at a time, so refills (each a runner's start) do not
-    compete with the burst's own runs; the reaper tops the pool up later.
+    compete with the burst's own runs; each refill that ends asks for the next
+    (`handlers.pool_refill`), and the reaper tops the pool up too.
 
     Returns:
         How many refills were requested.
@@ -192,27 +193,44 @@ async def request_refill(
     now = ctx.now()
 
     def reserve(index: PoolIndex) -> bool:
-        new.clear()
-        if spec.kind == "job" and index.used_at is None:
-            index.used_at = now  # a new job pool counts as used when it begins
-        if unless_starting and index.starting:
-            return False
-        missing = min(target_size(ctx, spec, index, now) - index.size(), limit)
-        if missing <= 0:
-            return False
-        for _ in range(missing):
-            instance = new_instance_id()
-            index.starting[instance] = now
-            new.append(instance)
-        return True
+        new[:] = reserve_places(ctx, spec, index, now, limit, unless_starting=unless_starting)
+        return bool(new)  # (nothing to reserve: nothing is written)
 
     if await change(ctx, spec.name, reserve) is None:
         return 0
-    subject = subjects.event(subjects.POOL_REFILL, spec.name)
-    for instance in new:
-        event = PoolRefill(app=spec.name, instance=instance)
-        await ctx.emit(subject, event, msg_id=f"refill-{instance}")
+    await ask_refills(ctx, spec.name, new)
     return len(new)
+
+
+def reserve_places(
+    ctx: Context,
+    spec: AppSpec,
+    index: PoolIndex,
+    now: float,
+    limit: int,
+    *,
+    unless_starting: bool = False,
+) -> list[str]:
+    """Reserve up to `limit` places the pool lacks in `index` (changed in place): their
+    instance ids, to pass to `ask_refills` once the change is written (a job pool that
+    never began counts as used from `now` in it)."""
+    if spec.kind == "job" and index.used_at is None:
+        index.used_at = now  # a new job pool counts as used when it begins
+    if unless_starting and index.starting:
+        return []
+    missing = min(target_size(ctx, spec, index, now) - index.size(), limit)
+    new = [new_instance_id() for _ in range(max(missing, 0))]
+    for instance in new:
+        index.starting[instance] = now
+    return new
+
+
+async def ask_refills(ctx: Context, app: str, instances: list[str]) -> None:
+    """Publish a `pool_refill` event for each reserved place."""
+    subject = subjects.event(subjects.POOL_REFILL, app)
+    for instance in instances:
+        event = PoolRefill(app=app, instance=instance)
+        await ctx.emit(subject, event, msg_id=f"refill-{instance}")
 
 
 async def forget(ctx: Context, app: str, instance: str) -> None:

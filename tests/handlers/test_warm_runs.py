@@ -242,3 +242,35 @@ async def test_a_run_is_handed_no_warm_runner_of_another_revision(runs):
     taken = await pools.claim(ctx, spec.name, revision=2, exact=True)
     assert taken is not None and taken.instance == member
     await runs.backend.stop_viz(member)
+
+
+async def test_a_job_pool_emptied_by_runs_refills_back_to_back_without_the_reaper(
+    settings, s3_server, tmp_path
+):
+    """Runs ask for one refill at a time; each refill that ends with the pool still short
+    asks for the next, so the pool is full again with no reaper pass (none runs here),
+    and not over-full."""
+    kinds = ["run_request", "run_start", "job_update", "pool_refill"]
+    async with running(settings, s3_server, handler_ids=kinds) as runs:
+        spec = model_spec(name="demo/warmchain", pool={"size": 3}, outputs=[])
+        await runs.state.apps.put(spec.name, spec)
+        ctx = Context(
+            state=runs.state, backend=runs.backend, js=runs.js, log=structlog.get_logger("test")
+        )
+        assert await pools.request_refill(ctx, spec, limit=3) == 3  # as a reaper pass would
+        first = await warm_members(runs, spec.name, 3)
+
+        jobs = await asyncio.gather(
+            *(runs.request(app=spec.name, inputs={"marker_dir": str(tmp_path)}) for _ in range(3))
+        )
+        for job in jobs:
+            done = await runs.wait_state(job, "succeeded")
+            assert done["phases"]["warm"] is True
+
+        again = await warm_members(runs, spec.name, 3)
+        assert not set(first) & set(again)
+        await asyncio.sleep(0.5)  # nothing more is asked for once it is full
+        index = await runs.state.pools.get(spec.name)
+        assert len(index.warm) == 3 and not index.starting
+        alive = [i for i in await runs.backend.list_instances() if i.kind == "warm" and i.alive]
+        assert len(alive) == 3
