@@ -35,6 +35,14 @@ runner's answer to the hand-over), in ms.
 Celery (`bench.celery_peer`) does the same with a trivial task; the ratios
 are spinyard / Celery.
 
+The floor (`bench.chain_peer`): a warm start's bus round trips (acceptance's
+KV create beside its spec read, `queued` beside the start event, the pool's
+compare-and-set, a unix-socket hand-over, the record's compare-and-set, the
+`running` status) taken by plain nats-py processes with nothing else, the
+same number of runs one after another; spinyard's warm start over it says
+how much of a warm start is the machine's round trips and how much is
+spinyard's own work (the runner's files, the model's start, the handlers).
+
 The local backend keeps its processes' state under the data dir (on the
 temporary directory's file system) unless `SPINYARD_BENCH_STATE_DIR` names a
 directory (say /dev/shm, a tmpfs) to make a fresh `backend.local.state_dir` in.
@@ -54,8 +62,8 @@ from pathlib import Path
 import msgpack
 import nats
 
-from bench import stats
-from bench.runs_report import format_result, pairs
+from bench import chain_peer, stats
+from bench.runs_report import floor, format_result, pairs
 from bench.stack import BenchError, handlers_process, stop_instances, wait_consumers
 from dispatcher.bus import provision
 from dispatcher.embedded.natsserver import NatsServer
@@ -367,6 +375,12 @@ async def run(sizes: Sizes = FULL, celery: bool = True) -> dict:
         result["spinyard"] = await run_spinyard(sizes)
     except BenchError as exc:
         result["spinyard"] = {"error": str(exc)}
+    try:
+        result["raw_hops"] = {"latency": await chain_peer.measure(sizes.runs, sizes.warmup)}
+    except BenchError as exc:
+        result["raw_hops"] = {"error": str(exc)}
+    if "error" not in result["spinyard"] and "error" not in result["raw_hops"]:
+        result["floor"] = floor(result["spinyard"], result["raw_hops"])
     if celery:
         from bench import celery_peer  # imports celery, which the dev extra does not install
 
@@ -383,7 +397,7 @@ async def run(sizes: Sizes = FULL, celery: bool = True) -> dict:
 
 def failed(result: dict) -> list[str]:
     """The errors of the halves that could not run."""
-    parts = ("spinyard", "celery")
+    parts = ("spinyard", "raw_hops", "celery")
     return [f"{p}: {result[p]['error']}" for p in parts if "error" in result.get(p, {})]
 
 

@@ -35,6 +35,23 @@ def pairs(sp: dict, ce: dict) -> list[dict]:
     return pairs
 
 
+def floor(sp: dict, raw: dict) -> list[dict]:
+    """spinyard's warm start / the same bus round trips in plain nats-py (`bench.chain_peer`)."""
+    mine = {r["name"]: r for r in sp.get("warm", {}).get("latency", [])}
+    theirs = {r["name"]: r for r in raw["latency"]}
+    rows = []
+    for a, b in [
+        ("run request -> queued (warm pool)", "raw hops: request -> queued"),
+        ("run request -> running (warm runs only)", "raw hops: request -> running"),
+    ]:
+        if a in mine and b in theirs and mine[a]["n"]:
+            x, y = mine[a]["p50_ms"], theirs[b]["p50_ms"]
+            rows.append({"name": f"{a} / {b} (p50_ms)", "spinyard": x, "raw": y})
+    for row in rows:
+        row["ratio"] = stats.ratio(row["spinyard"], row["raw"])
+    return rows
+
+
 def format_result(result: dict) -> str:
     lines = ["runs: run request -> running and runs per second, spinyard and Celery (same run)"]
     for part in ("spinyard", "celery"):
@@ -58,6 +75,16 @@ def format_result(result: dict) -> str:
             )
             lines.append(stats.table(warm["latency"], stats.LATENCY_COLUMNS[:4]))
             lines.append(stats.table(warm["rates"], stats.RATE_COLUMNS))
+    if raw := result.get("raw_hops"):
+        lines.append("-- the same bus round trips in plain nats-py (bench.chain_peer)")
+        if "error" in raw:
+            lines.append(f"   FAILED: {raw['error']}")
+        else:
+            lines.append(stats.table(raw["latency"], stats.LATENCY_COLUMNS[:4]))
+    if "floor" in result:
+        lines.append("-- spinyard's warm start / the raw hops")
+        columns = (("figure", "name"), ("spinyard", "spinyard"), ("raw", "raw"))
+        lines.append(stats.table(result["floor"], (*columns, ("ratio", "ratio"))))
     if "ratios" in result:
         lines.append("-- spinyard / celery")
         columns = (("figure", "name"), ("spinyard", "spinyard"), ("celery", "celery"))

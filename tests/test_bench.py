@@ -88,9 +88,22 @@ async def test_runs_bench_spinyard_half_runs_and_reports_rates():
     for row in figures["rates"] + warm["rates"]:
         assert row["n"] == 5
         assert math.isfinite(row["per_s"]) and row["per_s"] > 0, row
+    raw = result["raw_hops"]["latency"]  # the same round trips in plain nats-py
+    assert [row["name"] for row in raw] == [
+        "raw hops: request -> queued",
+        "raw hops: request -> running",
+    ]
+    assert [row["n"] for row in raw] == [3, 3]
+    _check_latency_rows(raw)
+    assert raw[0]["p50_ms"] < raw[1]["p50_ms"]  # queued comes before running
+    floor = {row["name"]: row for row in result["floor"]}
+    warm_over_raw = floor[
+        "run request -> running (warm runs only) / raw hops: request -> running (p50_ms)"
+    ]
+    assert warm_over_raw["ratio"] == warm_over_raw["spinyard"] / raw[1]["p50_ms"]
     assert runs.failed(result) == []
     text = runs.format_result(result)
-    assert "run request -> running" in text and "warm pools" in text
+    assert "run request -> running" in text and "warm pools" in text and "raw hops" in text
     assert stats.percentile([1.0, 2.0, 3.0], 50) == 2.0
 
 
