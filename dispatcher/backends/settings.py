@@ -22,8 +22,10 @@ class LocalBackendSettings(BaseModel):
         10,
         ge=0,
         le=19,
-        description="Niceness added to runs (job runners, warm runners and the models they "
-        "start), so a machine busy with runs still serves events and apps first (0: none)",
+        description="Niceness added to runs (job runners, the models they start, and warm "
+        "runners once they have answered their hand-over) and to their sessions where the "
+        "kernel schedules sessions as groups (autogroup), so a machine busy with runs still "
+        "serves events and apps first (0: none)",
     )
     warm_fork_max_age_s: float = Field(
         300.0,

@@ -86,7 +86,7 @@ class LocalBackend(Backend):
         self._instances = InstanceFiles(paths.instances, self._log)
         self._warm = WarmRunners(
             paths.warm, self._jobs, self._instances, self._python, self._log,
-            nice=settings.run_nice, fork_max_age_s=settings.warm_fork_max_age_s,
+            fork_max_age_s=settings.warm_fork_max_age_s,
         )  # fmt: skip
 
     async def setup(self) -> None:
@@ -320,8 +320,10 @@ class LocalBackend(Backend):
         return "running" if answer == RUNNING else "taken"
 
     def _instructions(self, job: JobDir, launch: JobLaunch, spec: AppSpec) -> dict:
-        """`staging.job_instructions` with this backend's interpreter, grace and socket."""
-        how = {"python": self._python, "stop_grace_s": self._settings.stop_grace_s}
+        """`staging.job_instructions` with this backend's interpreter, grace, niceness and
+        socket."""
+        grace, nice = self._settings.stop_grace_s, self._settings.run_nice
+        how = {"python": self._python, "stop_grace_s": grace, "nice": nice}
         secrets = self._secrets.resolve(spec)
         return job_instructions(job, launch, spec, **how, socket=self._socket, secrets=secrets)
 

@@ -25,7 +25,7 @@ import sys
 import threading
 import traceback
 
-from dispatcher.backends.local import jobrunner
+from dispatcher.backends.local import jobrunner, processes
 
 
 def forks(argv: list[str]) -> bool:
@@ -81,6 +81,7 @@ def child(spec: dict, stdin: int, out: int, closing: tuple[int, ...]) -> None:
     code = 1
     try:
         os.setsid()
+        processes.nice_session(0, spec.get("nice"))  # the run's niceness, session and all
         _reseed()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

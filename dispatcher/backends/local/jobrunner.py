@@ -191,6 +191,13 @@ def set_limits(memory_bytes: int | None, cpu_s: int | None) -> None:
         resource.setrlimit(which, (min(soft, cap), min(soft + extra, cap)))
 
 
+def _model_set_up(limits: tuple[int | None, int | None], nice: int | None) -> None:
+    """In the model's process, in its new session, before exec: its limits, and the run's
+    niceness for it and its session (`processes.nice_session`)."""
+    set_limits(*limits)
+    processes.nice_session(0, nice)
+
+
 def start_exec(job: JobDir, spec: dict) -> tuple[subprocess.Popen, processes.Process, Output]:
     """Start the model by exec'ing its command in a new session: its handle, record and output."""
     limits = (spec.get("memory_bytes"), spec.get("cpu_seconds"))
@@ -208,7 +215,7 @@ def start_exec(job: JobDir, spec: dict) -> tuple[subprocess.Popen, processes.Pro
                 stdout=write,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=lambda: set_limits(*limits),
+                preexec_fn=lambda: _model_set_up(limits, spec.get("nice")),
             )
     except OSError as exc:
         os.close(read)
@@ -255,6 +262,8 @@ def _supervise(
             _reap_adopted(popen.pid)
         if why is None and got & set(STOP):
             why = "cancelled"
+    if why is None and signals.wait(0) & set(STOP):  # told to stop as it ended (the same
+        why = "cancelled"  # SIGTERM to our group, say, before the model had its session)
     # Its group's leftovers, while the model's pid is not free yet; what left the group
     # (setsid) is found below the runner once the model is reaped.
     processes.signal_group(model, signal.SIGKILL)

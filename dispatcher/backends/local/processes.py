@@ -219,7 +219,8 @@ def spawn(
     """Start `argv` in a new session with stderr (and stdout, unless given) appended to `log_path`.
 
     `nice` is added to our niceness (at most 19) right after the start, before the child
-    has got far into its interpreter's start; what it starts inherits it. The handle is
+    has got far into its interpreter's start, and its session is given it
+    (`nice_session`); what it starts inherits it. The handle is
     kept until the child is reaped, so any caller may stop it.
 
     Raises:
@@ -240,13 +241,34 @@ def spawn(
             )
         except OSError as exc:
             raise SpawnError(f"could not run {argv[0]!r}: {exc.strerror or exc}") from exc
-    if nice > 0:
-        ours = os.getpriority(os.PRIO_PROCESS, 0)
-        with contextlib.suppress(OSError):  # it exited already: nothing to lower
+    with contextlib.suppress(OSError):  # it exited already: nothing to lower
+        if nice > 0:
+            ours = os.getpriority(os.PRIO_PROCESS, 0)
             os.setpriority(os.PRIO_PROCESS, popen.pid, min(ours + nice, 19))
+        nice_session(popen.pid)
     proc = current(popen.pid)  # an unreaped child keeps its /proc entry even if it exited
     _children[popen.pid] = (popen, proc.start_time)
     return popen, proc
+
+
+def nice_session(pid: int = 0, nice: int | None = None) -> None:
+    """Lower `pid` (0: us) to niceness `nice` if given (never raising it), and make the
+    session it leads as nice, where the kernel schedules sessions as groups (autogroup:
+    `/proc/sys/kernel/sched_autogroup_enabled`, on by default in many distributions).
+
+    There each session is weighed as one group, and a process's niceness counts only
+    against the processes of its own session: a niced run in a session of its own would
+    take as much CPU as the handlers' whole session (on 2 cores, a nice-0 process got 9 %
+    of a core beside 20 niced runs in sessions of their own, 59 % once their sessions were
+    niced too). Lowering a group's priority needs no privilege. Nothing happens at
+    niceness 0, or on a kernel without autogroup.
+    """
+    with contextlib.suppress(OSError):
+        if nice is not None and os.getpriority(os.PRIO_PROCESS, pid) < nice:
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+        if (nice := os.getpriority(os.PRIO_PROCESS, pid)) > 0:
+            with open(f"/proc/{pid or 'self'}/autogroup", "w") as group:
+                group.write(str(nice))
 
 
 def open_log(path: Path) -> BinaryIO:

@@ -8,6 +8,7 @@
 directory by renaming it into place (`jobrunner.py`).
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -33,13 +34,16 @@ def job_instructions(
     stop_grace_s: float,
     socket: Path,
     secrets: dict[str, str],
+    nice: int = 0,
 ) -> dict:
     """What the job's runner is to do, as job.json holds it; no file is written.
 
     The app, argv, cwd (the spec's workdir, else the job's output dir), the run's
     environment (ours without spinyard's settings, then `launch.job_env`, naming
     `job`'s paths), deadline (counted from now), grace, limits, log cap, the job's
-    directory and the watcher's socket. `secrets` (the values of the secrets the spec
+    directory, the watcher's socket and the niceness the run runs at (ours plus `nice`,
+    at most 19: a warm runner, which waits at ours, lowers itself and its model to it).
+    `secrets` (the values of the secrets the spec
     names) go in the environment, so in job.json: a 0600 file in the 0700 jobs
     directory.
 
@@ -67,6 +71,7 @@ def job_instructions(
         "cpu_seconds": cpu_seconds(cores, launch.deadline_s),
         "max_log_bytes": spec.max_log_bytes,
         "socket": str(socket),
+        "nice": min(os.getpriority(os.PRIO_PROCESS, 0) + nice, 19),
     }
 
 

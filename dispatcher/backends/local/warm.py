@@ -60,14 +60,14 @@ class WarmRunners:
         instances: InstanceFiles,
         python: str,
         log: FilteringBoundLogger,
-        nice: int = 0,
         fork_max_age_s: float = 0.0,
     ) -> None:
-        """`nice` is added to the runners' niceness (`backend.local.run_nice`); a runner is
-        forked from a waiting one whose interpreter is younger than `fork_max_age_s` (0:
-        never)."""
+        """A runner is forked from a waiting one whose interpreter is younger than
+        `fork_max_age_s` (0: never). Runners wait at our niceness: the hand-over is on a
+        start's way; once it has answered, a runner lowers itself and its model to the
+        run's (`backend.local.run_nice`, named in job.json)."""
         self.root, self._jobs, self._instances = root, jobs, instances
-        self._python, self._log, self._nice = python, log, nice
+        self._python, self._log = python, log
         self._fork_max_age_s = fork_max_age_s
 
     def dir(self, instance_id: str) -> Path:
@@ -232,7 +232,7 @@ class WarmRunners:
         try:
             return processes.spawn(
                 [*command, str(directory)], env, CODE_ROOT, directory / "warm.log",
-                stdout=subprocess.PIPE, nice=self._nice,
+                stdout=subprocess.PIPE,
             )  # fmt: skip
         except processes.SpawnError as exc:
             shutil.rmtree(directory, ignore_errors=True)

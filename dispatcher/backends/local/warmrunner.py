@@ -15,7 +15,10 @@ It runs with the app's environment as a cold runner's model would have it
 without the run's own variables: the handler's environment minus every
 SPINYARD_* variable (no credentials), then the spec's `env`. Its address
 space is limited to the app's `resources.memory` (a forked run inherits it,
-so what it preloads counts toward the run's memory). For a Python model
+so what it preloads counts toward the run's memory). It waits at the
+handler's niceness, as its hand-over is on the start's way; once it has
+answered, it lowers itself and its session to the run's niceness (job.json's
+`nice`), as the model does (`processes.nice_session`). For a Python model
 (`fork`: a command of `{python} script.py ...` or `{python} -m module ...`)
 it changes to the app's workdir, puts the script's directory first on
 `sys.path` as Python would, and imports each `preload` module. Then it
@@ -118,6 +121,7 @@ class _Warm:
         self.job_dir: Path | None = None  # the run's, once it is handed one
         self._held: bytes | None = None  # an answer held until the model starts (`answer`)
         self.spare: forkedmodel.Spare | None = None  # its model-to-be, forked ahead
+        self.nice: int | None = None  # the run's niceness (job.json's), once it has a run
 
     def prepare(self) -> None:
         """Lower the memory limit, import the preloads, bind the socket."""
@@ -231,6 +235,7 @@ class _Warm:
         """Turn this fresh fork into the warm runner of `root`: its session, signal pipe,
         log and socket."""
         os.setsid()
+        processes.nice_session()  # a new session: as nice as the runner it was forked from
         if self.spare is not None:  # our parent's: its ends are closed here, it is not ours
             self.spare.drop()
             self.spare = None
@@ -288,6 +293,7 @@ class _Warm:
         with contextlib.suppress(OSError):
             self.conn.sendall(data)
         self.conn.close()
+        processes.nice_session(0, self.nice)  # answered: from now on, as nice as the run
         os.dup2(2, 1)
         shutil.rmtree(self.root, ignore_errors=True)  # no warm runner's any more: ours to remove
 
@@ -341,7 +347,7 @@ def run(root: Path) -> int:
     staging = given and warm.stage(given)
     if not staging:
         return 0
-    warm.job_dir = Path(given["job"]["job_dir"])
+    warm.job_dir, warm.nice = Path(given["job"]["job_dir"]), given["job"].get("nice")
     start = warm.start_forked if warm.config.get("fork") else jobrunner.start_exec
     try:
         return jobrunner.run(

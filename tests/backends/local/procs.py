@@ -44,6 +44,23 @@ def session_of(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2 :].split()[3])
 
 
+def niceness(pid: int) -> tuple[int, int | None]:
+    """`pid`'s niceness, and its session's where the kernel schedules sessions as groups
+    (autogroup; None on a kernel without it)."""
+    try:
+        line = Path(f"/proc/{pid}/autogroup").read_text()  # "/autogroup-7 nice 10"
+    except FileNotFoundError:
+        return os.getpriority(os.PRIO_PROCESS, pid), None
+    return os.getpriority(os.PRIO_PROCESS, pid), int(line.split()[-1])
+
+
+def niced_as_runs(added: int = 10) -> tuple[int, int | None]:
+    """What `niceness` says of a run's process at run_nice's default (10 above ours), or
+    of a process in a session of its own `added` above ours (0: a waiting warm runner)."""
+    niced = min(os.getpriority(os.PRIO_PROCESS, 0) + added, 19)
+    return niced, niced if Path("/proc/self/autogroup").exists() else None
+
+
 def start_time(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_bytes()
     return int(stat[stat.rindex(b")") + 2 :].split()[19])

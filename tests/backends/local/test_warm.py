@@ -122,8 +122,8 @@ async def test_the_hand_over_answers_once_the_models_process_is_there(backend, w
     assert procs.parent_of(model) == runner  # forked by the runner
     assert procs.alive(model)
     await seen_by_model(data_dir, jid)  # the model runs: the fork's set-up is done
-    niced = min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)  # run_nice's default
-    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in (runner, model)] == [niced, niced]
+    # niced (run_nice's default), and so are their sessions where sessions are groups
+    assert [procs.niceness(pid) for pid in (runner, model)] == [procs.niced_as_runs()] * 2
     fds = f"/proc/{model}/fd"
     held = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)]
     assert not [s for s in held if s.startswith("socket:")]  # not the submitter's
@@ -353,6 +353,8 @@ async def test_a_new_runner_is_forked_from_a_waiting_one_and_outlives_it(
     assert born(data_dir, sibling) == born(data_dir, seed)  # no interpreter of its own
     pid = await pid_of(backend, sibling)
     assert procs.session_of(pid) == pid  # stoppable on its own
+    seed_pid = await pid_of(backend, seed)  # waiting at our niceness: a hand-over is a start's
+    assert procs.niceness(pid) == procs.niceness(seed_pid) == procs.niced_as_runs(0)
     assert parent_of(pid) not in (os.getpid(), await pid_of(backend, seed))
     assert (data_dir / "local" / "warm" / sibling / "warm.log").exists()
 
