@@ -15,12 +15,11 @@ those steps, measured in the same run:
     python -m bench.chain_peer start NATS_URL SOCK   # the start
     python -m bench.chain_peer runner NATS_URL SOCK  # answers `running` on SOCK
 
-The consumers pull with nats-py's `fetch` (up to 16, 1 s long-poll), as the
-raw baseline of the handlers bench does. SIGTERM stops each.
+The consumers pull with nats-py's `fetch` (up to 16, 1 s long-poll;
+`bench.nats_peer.pull_loop`, the raw peers' loop). SIGTERM stops each.
 """
 
 import asyncio
-import contextlib
 import signal
 import socket
 import sys
@@ -33,6 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
 from bench import stats
+from bench.nats_peer import pull_loop
 from bench.stack import BenchError, Process, clean_env, wait_consumers
 from dispatcher.embedded.natsserver import NatsServer
 
@@ -78,23 +78,6 @@ async def setup(js: JetStreamContext) -> None:
         await js.add_consumer(EVENTS, config)
 
 
-async def _pull(js: JetStreamContext, role: str, handle, stopping: asyncio.Event) -> None:
-    durable, _ = DURABLES[role]
-    pull = await js.pull_subscribe_bind(durable=durable, stream=EVENTS)
-    try:
-        while not stopping.is_set():
-            try:
-                msgs = await pull.fetch(16, timeout=1.0)
-            except TimeoutError:
-                continue
-            for msg in msgs:
-                await handle(msg)
-                await msg.ack()
-    finally:
-        with contextlib.suppress(Exception):
-            await pull.unsubscribe()
-
-
 async def accept(js: JetStreamContext, stopping: asyncio.Event) -> None:
     """Record the run beside reading the spec; `queued` beside the start event."""
     jobs, apps = await js.key_value("chain-jobs"), await js.key_value("chain-apps")
@@ -108,7 +91,7 @@ async def accept(js: JetStreamContext, stopping: asyncio.Event) -> None:
             js.publish(START, start, headers={"Nats-Msg-Id": f"start-{run}"}),
         )
 
-    await _pull(js, "accept", handle, stopping)
+    await pull_loop(js, EVENTS, DURABLES["accept"][0], handle, stopping)
 
 
 async def start(js: JetStreamContext, sock: str, stopping: asyncio.Event) -> None:
@@ -128,7 +111,7 @@ async def start(js: JetStreamContext, sock: str, stopping: asyncio.Event) -> Non
         await jobs.update(run, RECORD + b"running", last=int(revision))
         await js.publish(status_subject(run), b"running")
 
-    await _pull(js, "start", handle, stopping)
+    await pull_loop(js, EVENTS, DURABLES["start"][0], handle, stopping)
 
 
 def runner(sock: str) -> None:

@@ -57,6 +57,26 @@ async def setup(js: JetStreamContext) -> None:
     )
 
 
+async def pull_loop(
+    js: JetStreamContext, stream: str, durable: str, handle, stopping: asyncio.Event
+) -> None:
+    """Pull `durable` as plain nats-py code would (fetch up to 16, 1 s long-poll), `await
+    handle(msg)` then ack each message, until `stopping` is set."""
+    pull = await js.pull_subscribe_bind(durable=durable, stream=stream)
+    try:
+        while not stopping.is_set():
+            try:
+                msgs = await pull.fetch(16, timeout=1.0)
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                await handle(msg)
+                await msg.ack()
+    finally:
+        with contextlib.suppress(Exception):
+            await pull.unsubscribe()  # before drain, or drain waits on the pull
+
+
 async def serve(url: str) -> None:
     nc = await nats.connect(url, name="bench-peer")
     stopping = asyncio.Event()
@@ -69,19 +89,13 @@ async def serve(url: str) -> None:
 
     await nc.subscribe(RR_SUBJECT, cb=respond)
     js = nc.jetstream()
-    pull = await js.pull_subscribe_bind(durable=JS_DURABLE, stream=JS_STREAM)
+
+    async def forward(msg) -> None:
+        await js.publish(JS_REPLY, msg.data)
+
     try:
-        while not stopping.is_set():
-            try:
-                msgs = await pull.fetch(16, timeout=1.0)
-            except TimeoutError:
-                continue
-            for msg in msgs:
-                await js.publish(JS_REPLY, msg.data)
-                await msg.ack()
+        await pull_loop(js, JS_STREAM, JS_DURABLE, forward, stopping)
     finally:
-        with contextlib.suppress(Exception):
-            await pull.unsubscribe()  # before drain, or drain waits on the pull
         await nc.drain()
 
 
