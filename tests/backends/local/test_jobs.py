@@ -24,6 +24,7 @@ from dispatcher.backends.local.jobfiles import JobDir, Listings
 from dispatcher.backends.settings import LocalBackendSettings
 from dispatcher.store import ObjectStore
 from handlers.errors import StartFailed
+from schemas.spec import AppSpec
 from tests.backends.contract import (
     JOB_MODEL,
     JOB_S,
@@ -295,6 +296,17 @@ async def test_a_cancel_right_after_submit_cancels(backend, watch):
     await backend.cancel_job(jid)
     await watcher.until(jid, "cancelled")
     assert copies(jid) == 0
+
+
+async def test_a_runner_told_to_stop_as_its_model_ends_reports_cancelled(backend, watch):
+    """The runner's SIGTERM came (a cancel's, to its group) but the model had already ended
+    when the runner looked: it was stopped, so `cancelled`, whatever the model's exit."""
+    script = "kill -TERM $PPID; exit 3"  # the model's parent is its runner
+    spec = AppSpec(name="test/stopped", kind="job", command=["sh", "-c", script])
+    jid, watcher = new_job_id(), watch()
+    await backend.submit_job(launch(jid, spec), spec)
+    ended = await watcher.until(jid, "cancelled")
+    assert ended.state == "cancelled"
 
 
 async def test_a_model_killed_by_a_signal_fails(backend, watch, data_dir):
