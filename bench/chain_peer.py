@@ -20,6 +20,8 @@ The consumers pull with nats-py's `fetch` (up to 16, 1 s long-poll;
 """
 
 import asyncio
+import contextlib
+import os
 import signal
 import socket
 import sys
@@ -33,7 +35,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 
 from bench import stats
 from bench.nats_peer import pull_loop
-from bench.stack import BenchError, Process, clean_env, wait_consumers
+from bench.stack import BenchError, Process, clean_env, wait_consumers, wait_until
 from dispatcher.embedded.natsserver import NatsServer
 
 EVENTS, STATUS = "CHAIN_EV", "CHAIN_ST"
@@ -117,8 +119,9 @@ async def start(js: JetStreamContext, sock: str, stopping: asyncio.Event) -> Non
 def runner(sock: str) -> None:
     """Answer each connection's line with `running` (a warm runner's answer, no fork)."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(sock)
+    server.bind(f"{sock}.tmp")
     server.listen(16)
+    os.rename(f"{sock}.tmp", sock)  # there once it listens
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         conn, _ = server.accept()
@@ -142,56 +145,67 @@ async def serve(role: str, url: str, sock: str) -> None:
         await nc.drain()
 
 
+def _listening(sock: str, runner: Process) -> bool:
+    """Whether the runner has bound its socket (BenchError if it exited)."""
+    runner.check()
+    return Path(sock).exists()
+
+
+async def _runs(nc, js: JetStreamContext, procs: list[Process], runs: int, warmup: int) -> dict:
+    """Seconds from each request's publish to its `queued` and its `running`."""
+    seen: dict[str, dict[str, float]] = {}
+    arrived = asyncio.Event()
+
+    async def on_status(msg) -> None:
+        run = msg.subject.rsplit(".", 1)[1]
+        seen.setdefault(run, {})[msg.data.decode()] = time.perf_counter()
+        arrived.set()
+
+    await nc.subscribe(status_subject("*"), cb=on_status)
+    took: dict[str, list[float]] = {"queued": [], "running": []}
+    for i in range(warmup + runs):
+        run = f"r{i}"
+        t0 = time.perf_counter()
+        await js.publish(REQUEST, run.encode(), headers={"Nats-Msg-Id": run})
+        async with asyncio.timeout(TIMEOUT_S):
+            while len(seen.get(run, {})) < len(took):
+                arrived.clear()
+                await arrived.wait()
+        if i >= warmup:
+            for state in took:
+                took[state].append(seen[run][state] - t0)
+        await asyncio.sleep(0.005)
+        for proc in procs:
+            proc.check()
+    return took
+
+
 async def measure(runs: int, warmup: int = 5) -> list[dict]:
     """Latency rows: request -> queued and -> running, `runs` one after another (each
-    waits for its `running`, then 5 ms: the rest of a run's life)."""
+    waits for both statuses, then 5 ms: the rest of a run's life)."""
     with tempfile.TemporaryDirectory(prefix="spinyard-bench-chain-") as tmp:
         tmp_path = Path(tmp)
-        server = NatsServer(tmp_path / "nats").start()
         procs: list[Process] = []
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            server = NatsServer(tmp_path / "nats").start()
+            stack.callback(server.stop)
             nc = await nats.connect(server.url, name="bench-chain")
+            stack.push_async_callback(nc.close)
             js = nc.jetstream()
             await setup(js)
             sock = str(tmp_path / "runner.sock")
             for role in ("runner", "accept", "start"):
                 argv = [sys.executable, "-m", "bench.chain_peer", role, server.url, sock]
                 procs.append(Process(role, argv, clean_env({}), tmp_path / f"{role}.log").start())
+                stack.callback(procs[-1].stop)
+            await wait_until(lambda: _listening(sock, procs[0]), 30.0, "the runner's socket")
             for proc in procs[1:]:
-                durable = DURABLES[proc.name][0]
-                await wait_consumers(js, EVENTS, [durable], proc)
-            seen: dict[str, dict[str, float]] = {}
-            arrived = asyncio.Event()
-
-            async def on_status(msg) -> None:
-                run = msg.subject.rsplit(".", 1)[1]
-                seen.setdefault(run, {})[msg.data.decode()] = time.perf_counter()
-                arrived.set()
-
-            await nc.subscribe(status_subject("*"), cb=on_status)
-            took: dict[str, list[float]] = {"queued": [], "running": []}
-            for i in range(warmup + runs):
-                run = f"r{i}"
-                t0 = time.perf_counter()
-                await js.publish(REQUEST, run.encode(), headers={"Nats-Msg-Id": run})
-                async with asyncio.timeout(TIMEOUT_S):
-                    while "running" not in seen.get(run, {}):
-                        arrived.clear()
-                        await arrived.wait()
-                if i >= warmup:
-                    for state in took:
-                        took[state].append(seen[run][state] - t0)
-                await asyncio.sleep(0.005)
-                for proc in procs:
-                    proc.check()
-            await nc.close()
-        except TimeoutError:
-            tails = "\n".join(f"{p.name}: {p.tail(5)}" for p in procs)
-            raise BenchError(f"the raw chain stalled; its processes' logs:\n{tails}") from None
-        finally:
-            for proc in procs:
-                proc.stop()
-            server.stop()
+                await wait_consumers(js, EVENTS, [DURABLES[proc.name][0]], proc)
+            try:
+                took = await _runs(nc, js, procs, runs, warmup)
+            except TimeoutError:
+                tails = "\n".join(f"{p.name}: {p.tail(5)}" for p in procs)
+                raise BenchError(f"the raw chain stalled; its processes' logs:\n{tails}") from None
     return [
         stats.latency(f"raw hops: request -> {state}", samples) for state, samples in took.items()
     ]

@@ -88,6 +88,7 @@ async def test_runs_bench_spinyard_half_runs_and_reports_rates():
     for row in figures["rates"] + warm["rates"]:
         assert row["n"] == 5
         assert math.isfinite(row["per_s"]) and row["per_s"] > 0, row
+    assert "error" not in result["raw_hops"], result["raw_hops"]["error"]
     raw = result["raw_hops"]["latency"]  # the same round trips in plain nats-py
     assert [row["name"] for row in raw] == [
         "raw hops: request -> queued",
