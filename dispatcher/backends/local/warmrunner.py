@@ -300,39 +300,26 @@ class _Warm:
     def start_forked(
         self, job: JobDir, spec: dict
     ) -> tuple[jobrunner.Forked, processes.Process, jobrunner.Output]:
-        """Fork the model from this runner (`forkedmodel.child`): its handle, record and output."""
+        """Start the model in this runner's spare (`forkedmodel.Spare`; forked now if the one
+        forked ahead died waiting): its handle, record and output."""
         if not Path(spec["cwd"]).is_dir():
             raise processes.SpawnError(f"the app's working directory {spec['cwd']} does not exist")
         if spec["argv"] != self.config["argv"]:  # the app changed since: run what it says now
             return jobrunner.start_exec(job, spec)
         spare, self.spare = self.spare, None
-        if spare is not None and spare.start(spec, str(job.inputs)):  # forked ahead: no fork
-            self.started()
-            return self._supervised(job, spec, spare.pid, spare.out, spare.set_up)
-        read, write = os.pipe2(os.O_CLOEXEC)
-        set_up, setting_up = os.pipe2(os.O_CLOEXEC)  # ends once the child has closed its fds
-        stdin = os.open(job.inputs, os.O_RDONLY | os.O_CLOEXEC)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
+        if spare is None or not spare.start(spec, str(job.inputs)):  # it died waiting
             held = (self.conn.fileno(),) if self.conn is not None else ()  # the submitter's
-            closing = (read, set_up, setting_up, *self.signals.fds, *held)
-            forkedmodel.child(spec, stdin, write, closing)
-        for fd in (write, stdin, setting_up):
-            os.close(fd)
+            spare = forkedmodel.Spare.fork((*self.signals.fds, *held))  # forked now, then
+            if not spare.start(spec, str(job.inputs)):
+                raise processes.SpawnError("the model's process ended before it had its run")
         self.started()  # its process is there: the submitter need not wait for the rest
-        return self._supervised(job, spec, pid, read, set_up)
-
-    def _supervised(
-        self, job: JobDir, spec: dict, pid: int, out: int, set_up: int
-    ) -> tuple[jobrunner.Forked, processes.Process, jobrunner.Output]:
-        """The forked model `pid` once it has its session and signals (it closed `set_up`):
-        a cancel that follows at once then reaches it as it would a cold run's."""
-        os.read(set_up, 1)
-        os.close(set_up)
+        # Supervised once it has its session and signals (it closed `set_up`): a cancel
+        # that follows at once then reaches it as it would a cold run's.
+        os.read(spare.set_up, 1)
+        os.close(spare.set_up)
         log = CappedLog(job.log, int(spec.get("max_log_bytes") or jobrunner.DEFAULT_LOG_BYTES))
-        return jobrunner.Forked(pid), processes.current(pid), jobrunner.Output(out, log)
+        output = jobrunner.Output(spare.out, log)
+        return jobrunner.Forked(spare.pid), processes.current(spare.pid), output
 
 
 def run(root: Path) -> int:
