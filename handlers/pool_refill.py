@@ -15,7 +15,8 @@ short and no other place starting reserves the next place in the same write
 that lists it warm: runs that come faster than one refill each (one after
 another, each taking a runner) find the pool refilling back to back, not
 waiting for the next run or the reaper's pass to ask. A refill that failed
-or was deferred asks for nothing.
+or was deferred asks for nothing. A refill delivered again after it had
+listed its instance warm (its handler died before the ack) leaves it be.
 """
 
 from handlers import capacity, pools
@@ -31,6 +32,8 @@ async def pool_refill(ctx: Context, event: PoolRefill) -> None:
     """Start one reserved warm instance and, once ready, list it as warm."""
     spec = await ctx.state.apps.get(event.app)
     index = await ctx.state.pools.get(event.app)
+    if index is not None and any(m.instance == event.instance for m in index.warm):
+        return  # a redelivery of a refill that listed its instance: it waits, nothing to do
     reserved_at = index.starting.get(event.instance) if index else None
     if spec is None or not pools.keeps_pool(spec) or reserved_at is None:
         # The app went away, or the reservation expired: make sure nothing runs.

@@ -348,6 +348,37 @@ async def test_a_pool_refill_that_fails_or_lost_its_place_leaves_nothing_reserve
         assert not (settings.data_dir / "local" / "instances" / f"{unreserved}.json").exists()
 
 
+async def test_a_pool_refill_delivered_again_after_it_listed_its_instance_leaves_it_warm(
+    settings,
+):
+    """A refill whose handler died after listing its instance warm but before the ack is
+    delivered again: the instance, waiting in the pool, stays there and keeps running."""
+    async with running_stack(settings, ["pool_refill"]) as stack:  # no reaper: no new asks
+        spec = hello_spec(name="demo/redelivered", pool=Pool(size=1))
+        await stack.register(spec)
+        instance = "i-00000000000000e1"
+        await stack.state.pools.put(spec.name, PoolIndex(starting={instance: time.time()}))
+        subject = subjects.event(subjects.POOL_REFILL, spec.name)
+        event = PoolRefill(app=spec.name, instance=instance)
+        await stack.js.publish(subject, encode(event))
+
+        async def warm() -> list[str]:
+            index = await stack.state.pools.get(spec.name)
+            return [m.instance for m in index.warm] if index else []
+
+        await wait_for(lambda: _len_is(warm, 1), timeout=30, what="the instance listed warm")
+        again = await stack.js.publish(subject, encode(event))  # the same event, once more
+
+        async def handled() -> bool:
+            info = await stack.js.consumer_info(subjects.EVENTS_STREAM, subjects.POOL_REFILL)
+            return info.ack_floor.stream_seq >= again.seq
+
+        await wait_for(handled, timeout=15, what="the second delivery handled")
+        assert await warm() == [instance]
+        assert [i.id for i in await stack.viz_instances()] == [instance]
+        assert stack.handled("pool_refill", "ok") == 2
+
+
 async def _len_is(fn, n):
     value = await fn()
     return value if len(value) == n else None
