@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from structlog.typing import FilteringBoundLogger
@@ -69,6 +70,7 @@ class WarmRunners:
         self.root, self._jobs, self._instances = root, jobs, instances
         self._python, self._log = python, log
         self._fork_max_age_s = fork_max_age_s
+        self._last_seed: dict[str, str] = {}  # app -> the runner last forked from
 
     def dir(self, instance_id: str) -> Path:
         return self.root / instance_id
@@ -166,20 +168,30 @@ class WarmRunners:
     def _seed(self, instance_id: str, config: dict) -> tuple[InstanceState, float] | None:
         """A waiting pool runner started for the same `config` as `instance_id` (the cwd
         aside: a spec without a workdir runs in the runner's directory) and young enough to
-        fork from, with its interpreter's start time; None if there is none."""
+        fork from, with its interpreter's start time; None if there is none. The runner
+        last forked from for the app is tried before the others' state files are read."""
         if self._fork_max_age_s <= 0:
             return None
         oldest = time.time() - self._fork_max_age_s
         ours = _comparable(config, self.dir(instance_id))
-        for state in self._instances.all():
-            if state.kind != "warm" or not state.pooled or state.app != config["app"]:
+        for state in self._seed_candidates(config["app"]):
+            if state is None or state.kind != "warm" or not state.pooled:
+                continue
+            if state.app != config["app"] or state.id == instance_id:
                 continue
             theirs = read_json(self.dir(state.id) / "warm.json") or {}
             born = theirs.get("born", 0.0)
             if born > oldest and _comparable(theirs, self.dir(state.id)) == ours:
-                if state.id != instance_id and self.waiting(state):
+                if self.waiting(state):
+                    self._last_seed[config["app"]] = state.id
                     return state, born
         return None
+
+    def _seed_candidates(self, app: str) -> Iterator[InstanceState | None]:
+        """The app's last seed, then every instance (read only if the first will not do)."""
+        if app in self._last_seed:
+            yield self._instances.load(self._last_seed[app])
+        yield from self._instances.all()
 
     async def _fork(
         self, seed: tuple[InstanceState, float], directory: Path, config: dict

@@ -369,6 +369,26 @@ async def test_a_new_runner_is_forked_from_a_waiting_one_and_outlives_it(
     assert seen["cwd"] == str(JOB_MODEL.parent)
 
 
+async def test_once_the_runner_last_forked_from_is_taken_another_waiting_one_is(backend, data_dir):
+    spec = model_spec()
+    first, second = new_id(), new_id()
+    await backend.start_warm(first, spec, READY_S)
+    await backend.start_warm(second, spec, READY_S)  # forked from `first`
+    lineage = born(data_dir, first)
+    assert born(data_dir, second) == lineage
+    assert await backend.claim(first)  # no pool member any more: not to be forked from
+    third = new_id()
+    await backend.start_warm(third, spec, READY_S)
+    assert born(data_dir, third) == lineage  # forked, from `second`
+    await backend.stop_viz(first)
+    assert await backend.claim(second)
+    await backend.stop_viz(second)
+    fourth = new_id()
+    await backend.start_warm(fourth, spec, READY_S)
+    assert born(data_dir, fourth) == lineage  # from `third`
+    assert parent_of(await pid_of(backend, fourth)) != os.getpid()
+
+
 async def test_a_runner_is_forked_only_from_one_of_the_same_spec_and_environment(backend, data_dir):
     spec = model_spec()
     first = new_id()
