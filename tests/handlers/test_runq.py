@@ -1,17 +1,23 @@
 """Run queues: accepted at once, started under the app's, session's and backend's limits,
-fairly across sessions, with positions; cancel while queued; a lost start is healed.
+fairly across sessions, with positions; cancel while queued; a lost start is healed;
+the limits hold with two replicas of run_request and run_start racing for one queue.
 
 The fair order and the picks are pure functions (first tests); the rest runs
 the handlers, the local backend and moto's S3 server (see test_runs).
 """
 
+import asyncio
+import contextlib
 import time
 from pathlib import Path
 
 import pytest
 
+from dispatcher import bus, compose
+from dispatcher.runtime import Handlers
 from handlers import runq
 from handlers.jobs import Job
+from handlers.registry import default_registry
 from handlers.run_request import CARRIED_INPUT_BYTES
 from handlers.runq import Claim, RunQueue, Waiting
 from schemas import codec, subjects
@@ -369,3 +375,79 @@ async def test_a_queued_run_whose_start_was_lost_is_started_by_the_reaper(
         release(tmp_path, "y")
         await runs.wait_state(job.job_id, "succeeded")
         assert started(tmp_path) == [job.job_id]
+
+
+@contextlib.asynccontextmanager
+async def another_replica(settings, runs, ids: list[str]):
+    """A second handler service on its own NATS connection, over the same backend and
+    store (as replicas on one cluster share it), running the handlers `ids`."""
+    nc = await bus.connect(settings.nats, "replica-b")
+    specs = default_registry.select(ids)
+    state = await compose.provision(nc.jetstream(), settings, specs)
+    service = Handlers(settings, ids, nc=nc, state=state, backend=runs.backend, store=runs.store)
+    task = asyncio.create_task(service.run(), name="replica-b")
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        yield service
+    finally:
+        service.stop()
+        await task
+        await nc.close()
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most of the [start, end] spans that overlap at any time."""
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    most = now = 0
+    for _, step in edges:  # at equal times an end (-1) sorts before a start
+        now += step
+        most = max(most, now)
+    return most
+
+
+async def test_limits_hold_with_two_replicas_starting_runs_at_once(settings, s3_server, tmp_path):
+    """Runs requested at once through two replicas of run_request and run_start: the
+    app's and each session's limits hold (kept in KV, changed by compare-and-set, so a
+    replica's claim that raced another's is made again), and every run runs once. The
+    reaper's healing of lost starts is held off: a queue write lost in a race would
+    leave a run waiting for good."""
+    settings.reaper.reconcile_grace_s = 3600
+    async with (
+        running(settings, s3_server) as runs,
+        another_replica(settings, runs, ["run_request", "run_start"]),
+    ):
+        spec = limited_spec(max_concurrent_runs=3, max_runs_per_session=1)
+        await runs.state.apps.put(spec.name, spec)
+        sessions = [f"s-{i}" for i in range(6)]
+        inputs = {"mode": "sleep", "seconds": 0.3, "marker_dir": str(tmp_path)}
+        jobs = []
+        for _ in range(4):  # in waves, so the line empties and claims race on short ones
+            wave = (runs.request(spec.name, inputs, session=s) for s in sessions)
+            jobs += await asyncio.gather(*wave)
+            await asyncio.sleep(0.2)
+        most_alive = 0
+
+        async def sample():
+            nonlocal most_alive
+            while True:
+                most_alive = max(most_alive, len(await runs.jobs_alive()))
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.create_task(sample(), name="job-sampler")
+        try:
+            done = [await runs.wait_state(job, "succeeded", timeout=60) for job in jobs]
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        assert sorted(started(tmp_path)) == sorted(jobs)  # each ran, once
+        queued = [s for job in jobs for s in runs.seen[job] if s["state"] == "queued"]
+        assert max(s.get("position") or 0 for s in queued) >= 10  # a line formed
+        # A run holds its place from its start to its end (its place is given back
+        # only once its end is written), so no more spans than the limit overlap.
+        spans = [(s["phases"]["running"], s["phases"]["finished"]) for s in done]
+        assert most_at_once(spans) == 3 and most_alive <= 3
+        for session in sessions:
+            own = [sp for sp, s in zip(spans, done, strict=True) if s["session"] == session]
+            assert most_at_once(own) == 1, f"{session} ran more than one at a time"
+        await wait_for(lambda: _queue_empty(runs, spec.name), what="the queue emptied")
