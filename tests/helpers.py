@@ -1,14 +1,17 @@
-"""Helpers the tests share that are not fixtures: paths, settings, a bounded wait, a metrics parser.
+"""Helpers the tests share that are not fixtures: paths, settings, a bounded wait, a
+sampled peak, a metrics parser.
 
 Fixtures live in the `conftest.py` of the area that uses them; nothing here
 starts a server.
 """
 
 import asyncio
+import contextlib
 import os
 import re
 import socket
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from dispatcher import waits
@@ -50,6 +53,31 @@ async def wait_for(
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+class Peak:
+    """The most a count was seen at (see `peak`)."""
+
+    most = 0
+
+
+@contextlib.asynccontextmanager
+async def peak(count: Callable[[], Awaitable[int]], every_s: float = 0.01) -> AsyncIterator[Peak]:
+    """Sample `count()` every `every_s` while the block runs; `.most` is the highest seen."""
+    seen = Peak()
+
+    async def sample() -> None:
+        while True:
+            seen.most = max(seen.most, await count())
+            await asyncio.sleep(every_s)
+
+    sampler = asyncio.create_task(sample(), name="peak-sampler")
+    try:
+        yield seen
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
 
 
 def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:

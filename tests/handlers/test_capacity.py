@@ -27,7 +27,7 @@ from handlers.runq import RunQueue
 from schemas import subjects
 from schemas.spec import IdleLimits, Pool
 from tests.handlers.test_viz_lifecycle import Stack, Statuses, hello_spec, running_stack
-from tests.helpers import wait_for
+from tests.helpers import peak, wait_for
 
 CLASS = "demo/class"
 REPLICA_B = ["page_load", "pool_refill"]  # the other replica: all handlers
@@ -124,25 +124,16 @@ async def test_limits_hold_under_fifty_concurrent_page_loads_across_two_replicas
         slow = ["sh", "-c", 'sleep 0.5; exec "$0" app.py', "{python}"]  # starts overlap
         await stack.register(class_spec(max_instances=5, command=slow))
         sessions = [f"s-{i:02d}" for i in range(50)]
-        most_alive = 0
-
-        async def sample():
-            nonlocal most_alive
-            while True:
-                most_alive = max(most_alive, len(await stack.viz_instances()))
-                await asyncio.sleep(0.01)
-
-        sampler = asyncio.create_task(sample(), name="instance-sampler")
         served: dict[str, str] = {}
-        try:
+
+        async def alive_instances() -> int:
+            return len(await stack.viz_instances())
+
+        async with peak(alive_instances) as alive:
             await asyncio.gather(*(stack.page_load(CLASS, session=s) for s in sessions))
             # (ten rounds of five starts and idle reaps: about 30 s on a quiet machine)
             await asyncio.wait_for(viewers_until_ready(stack, CLASS, sessions, served), 180)
-        finally:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
-        assert most_alive == 5  # the limit, reached and never passed
+        assert alive.most == 5  # the limit, reached and never passed
         assert stack.backend.most_starting == 3
         assert len(set(served.values())) == 50  # each session its own instance, once
         queued = {

@@ -26,7 +26,7 @@ from schemas.events import RunCancel, RunStart
 from schemas.spec import AppSpec
 from schemas.status import JobPhases, JobState
 from tests.handlers.test_runs import model_spec, running
-from tests.helpers import wait_for
+from tests.helpers import peak, wait_for
 
 
 def queue(waiting: str, claimed: str = "") -> RunQueue:
@@ -425,28 +425,19 @@ async def test_limits_hold_with_two_replicas_starting_runs_at_once(settings, s3_
             wave = (runs.request(spec.name, inputs, session=s) for s in sessions)
             jobs += await asyncio.gather(*wave)
             await asyncio.sleep(0.2)
-        most_alive = 0
 
-        async def sample():
-            nonlocal most_alive
-            while True:
-                most_alive = max(most_alive, len(await runs.jobs_alive()))
-                await asyncio.sleep(0.01)
+        async def alive_jobs() -> int:
+            return len(await runs.jobs_alive())
 
-        sampler = asyncio.create_task(sample(), name="job-sampler")
-        try:
+        async with peak(alive_jobs) as alive:
             done = [await runs.wait_state(job, "succeeded", timeout=60) for job in jobs]
-        finally:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
         assert sorted(started(tmp_path)) == sorted(jobs)  # each ran, once
         queued = [s for job in jobs for s in runs.seen[job] if s["state"] == "queued"]
         assert max(s.get("position") or 0 for s in queued) >= 10  # a line formed
         # A run holds its place from its start to its end (its place is given back
         # only once its end is written), so no more spans than the limit overlap.
         spans = [(s["phases"]["running"], s["phases"]["finished"]) for s in done]
-        assert most_at_once(spans) == 3 and most_alive <= 3
+        assert most_at_once(spans) == 3 and alive.most <= 3
         for session in sessions:
             own = [sp for sp, s in zip(spans, done, strict=True) if s["session"] == session]
             assert most_at_once(own) == 1, f"{session} ran more than one at a time"
