@@ -15,17 +15,16 @@ import time
 import pytest
 import structlog
 
-from dispatcher import bus, compose
+from dispatcher import bus
 from dispatcher.backends.local.backend import LocalBackend
-from dispatcher.runtime import Handlers
 from handlers import capacity
 from handlers.context import Context
 from handlers.deployments import session_slot, slot_key
 from handlers.gates import Gate, Hold
-from handlers.registry import default_registry
 from handlers.runq import RunQueue
 from schemas import subjects
 from schemas.spec import IdleLimits, Pool
+from tests.handlers.replicas import handler_replica
 from tests.handlers.test_viz_lifecycle import Stack, Statuses, hello_spec, running_stack
 from tests.helpers import peak, wait_for
 
@@ -62,30 +61,20 @@ async def two_replicas(settings):
     watcher = await bus.connect(settings.nats, "test")
     statuses = Statuses()
     await watcher.subscribe(f"{subjects.STATUS}.>", cb=statuses.on_msg)
-    services, tasks, conns = [], [], []
     try:
-        for name, ids in (("a", None), ("b", REPLICA_B)):
-            nc = await bus.connect(settings.nats, f"replica-{name}")
-            conns.append(nc)
-            specs = default_registry.select(ids)
-            state = await compose.provision(nc.jetstream(), settings, specs)
-            service = Handlers(settings, ids, nc=nc, state=state, backend=backend)
-            services.append(service)
-            tasks.append(asyncio.create_task(service.run(), name=f"replica-{name}"))
-            await asyncio.wait_for(service.ready.wait(), 10)
-        stack = Stack(settings, watcher, backend, statuses)
-        stack.state = await bus.ensure_state(watcher.jetstream(), settings.nats)
-        stack.service = services[0]
-        yield stack
+        async with (
+            handler_replica(settings, None, "replica-a", backend=backend) as a,
+            handler_replica(settings, REPLICA_B, "replica-b", backend=backend),
+        ):
+            stack = Stack(settings, watcher, backend, statuses)
+            stack.state = await bus.ensure_state(watcher.jetstream(), settings.nats)
+            stack.service = a
+            yield stack
     finally:
-        for service in services:
-            service.stop()
-        await asyncio.gather(*tasks)
         for instance in await backend.list_instances():
             await backend.stop_viz(instance.id)
         await backend.cleanup()
-        for nc in [*conns, watcher]:
-            await nc.close()
+        await watcher.close()
 
 
 @pytest.fixture

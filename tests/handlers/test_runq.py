@@ -7,17 +7,13 @@ the handlers, the local backend and moto's S3 server (see test_runs).
 """
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 
 import pytest
 
-from dispatcher import bus, compose
-from dispatcher.runtime import Handlers
 from handlers import runq
 from handlers.jobs import Job
-from handlers.registry import default_registry
 from handlers.run_request import CARRIED_INPUT_BYTES
 from handlers.runq import Claim, RunQueue, Waiting
 from schemas import codec, subjects
@@ -25,6 +21,7 @@ from schemas.codec import encode
 from schemas.events import RunCancel, RunStart
 from schemas.spec import AppSpec
 from schemas.status import JobPhases, JobState
+from tests.handlers.replicas import handler_replica
 from tests.handlers.test_runs import model_spec, running
 from tests.helpers import peak, wait_for
 
@@ -377,24 +374,6 @@ async def test_a_queued_run_whose_start_was_lost_is_started_by_the_reaper(
         assert started(tmp_path) == [job.job_id]
 
 
-@contextlib.asynccontextmanager
-async def another_replica(settings, runs, ids: list[str]):
-    """A second handler service on its own NATS connection, over the same backend and
-    store (as replicas on one cluster share it), running the handlers `ids`."""
-    nc = await bus.connect(settings.nats, "replica-b")
-    specs = default_registry.select(ids)
-    state = await compose.provision(nc.jetstream(), settings, specs)
-    service = Handlers(settings, ids, nc=nc, state=state, backend=runs.backend, store=runs.store)
-    task = asyncio.create_task(service.run(), name="replica-b")
-    try:
-        await asyncio.wait_for(service.ready.wait(), 10)
-        yield service
-    finally:
-        service.stop()
-        await task
-        await nc.close()
-
-
 def most_at_once(spans: list[tuple[float, float]]) -> int:
     """The most of the [start, end] spans that overlap at any time."""
     edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
@@ -414,22 +393,28 @@ async def test_limits_hold_with_two_replicas_starting_runs_at_once(settings, s3_
     settings.reaper.reconcile_grace_s = 3600
     async with (
         running(settings, s3_server) as runs,
-        another_replica(settings, runs, ["run_request", "run_start"]),
+        handler_replica(
+            settings,
+            ["run_request", "run_start"],
+            "replica-b",
+            backend=runs.backend,
+            store=runs.store,
+        ),
     ):
         spec = limited_spec(max_concurrent_runs=3, max_runs_per_session=1)
         await runs.state.apps.put(spec.name, spec)
         sessions = [f"s-{i}" for i in range(6)]
         inputs = {"mode": "sleep", "seconds": 0.3, "marker_dir": str(tmp_path)}
-        jobs = []
-        for _ in range(4):  # in waves, so the line empties and claims race on short ones
-            wave = (runs.request(spec.name, inputs, session=s) for s in sessions)
-            jobs += await asyncio.gather(*wave)
-            await asyncio.sleep(0.2)
 
         async def alive_jobs() -> int:
             return len(await runs.jobs_alive())
 
         async with peak(alive_jobs) as alive:
+            jobs = []
+            for _ in range(4):  # in waves, so the line empties and claims race on short ones
+                wave = (runs.request(spec.name, inputs, session=s) for s in sessions)
+                jobs += await asyncio.gather(*wave)
+                await asyncio.sleep(0.2)
             done = [await runs.wait_state(job, "succeeded", timeout=60) for job in jobs]
         assert sorted(started(tmp_path)) == sorted(jobs)  # each ran, once
         queued = [s for job in jobs for s in runs.seen[job] if s["state"] == "queued"]
@@ -437,7 +422,8 @@ async def test_limits_hold_with_two_replicas_starting_runs_at_once(settings, s3_
         # A run holds its place from its start to its end (its place is given back
         # only once its end is written), so no more spans than the limit overlap.
         spans = [(s["phases"]["running"], s["phases"]["finished"]) for s in done]
-        assert most_at_once(spans) == 3 and alive.most <= 3
+        assert most_at_once(spans) == 3
+        assert alive.most <= 3
         for session in sessions:
             own = [sp for sp, s in zip(spans, done, strict=True) if s["session"] == session]
             assert most_at_once(own) == 1, f"{session} ran more than one at a time"
